@@ -1,0 +1,187 @@
+"""``spear.attack``: from the model the server sent and a client's update to its batch.
+
+Flow: find the attackable layer (:mod:`spear.model`), invert it (:mod:`spear.layer`),
+recover the labels (:mod:`spear.labels`) and certify the result
+(:mod:`spear.certificate`). The truth is never seen here.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from spear.certificate import _check, certify, verified_threshold
+from spear.errors import InputError
+from spear.labels import recover_labels
+from spear.layer import invert_layer
+from spear.model import find_target, guess_input_shape
+from spear.results import Reconstruction
+
+__all__ = ["attack"]
+
+
+def attack(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    *,
+    update_kind: str = "gradient",
+    batch_size: int | None = None,
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+    solver: str = "auto",
+    time_budget: float = 120.0,
+    progress: bool | None = None,
+    device: str | torch.device | None = None,
+) -> Reconstruction:
+    """Rebuild a client's batch (inputs and labels) from its update.
+
+    Parameters
+    ----------
+    model:
+        The ``nn.Module`` exactly as the server sent it; never modified.
+    update:
+        What the client returned: parameter name -> tensor, keyed like
+        ``model.named_parameters()``.
+    update_kind:
+        ``"gradient"`` (FedSGD, any loss reduction, clipping allowed) or ``"delta"``
+        (FedAvg: weights after local training minus weights sent; learning rate and step
+        count unknown).
+    batch_size:
+        The number of distinct examples, when known; otherwise read off the update.
+    seed:
+        Seed of every random choice.
+    input_shape:
+        Shape of one model input, e.g. ``(1, 28, 28)``. By default guessed from the
+        attacked layer's width when the model only flattens before it (``784`` ->
+        ``(1, 28, 28)``, ``3072`` -> ``(3, 32, 32)``); see ``.notes``.
+    solver:
+        ``"auto"`` or a name from :func:`spear.solvers.available`.
+    time_budget:
+        Seconds for the layer inversion; partial results are returned when it runs out.
+    progress:
+        Progress bar; default only on a terminal.
+    device:
+        Where the linear algebra runs (``"cuda"`` when available).
+
+    Returns
+    -------
+    Reconstruction
+        ``.inputs`` ``(k, *input_shape)``, ``.labels`` ``(k,)`` or ``None``,
+        ``.certificate``, ``.verified``, ``.batch_size``, ``.notes``.
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
+    if not isinstance(update, dict):
+        raise InputError(
+            f"update must be a mapping parameter-name -> tensor, found {type(update).__name__}."
+        )
+    _check(model, update)
+    if update_kind not in ("gradient", "delta"):
+        raise InputError(
+            f"update_kind must be 'gradient' or 'delta', found {update_kind!r}: use 'delta' "
+            "for FedAvg weight differences."
+        )
+    work = copy.deepcopy(model)
+    target = find_target(work)
+    notes: list[str] = []
+    if len(target.examined) > 1:
+        notes.append("layers examined: " + "; ".join(target.examined))
+    layer = target.layer
+    weight_grad = update[f"{target.name}.weight"]
+    bias_grad = update.get(f"{target.name}.bias") if layer.bias is not None else None
+    if layer.bias is None:
+        notes.append(
+            f"layer {target.name!r} has no bias: examples come out only up to a scale each, "
+            "and labels and the certificate are not available."
+        )
+    result = invert_layer(
+        weight_grad,
+        bias_grad,
+        weight=layer.weight.detach(),
+        bias=layer.bias.detach() if layer.bias is not None else None,
+        batch_size=batch_size,
+        seed=seed,
+        solver=solver,
+        update_kind=update_kind,
+        time_budget=time_budget,
+        progress=progress,
+        device=device,
+    )
+    notes.extend(result.notes)
+    features = result.inputs.cpu()
+    if target.first:
+        shape = input_shape or guess_input_shape(layer.in_features)
+        if input_shape is None and len(shape) > 1:
+            notes.append(
+                f"input shape guessed as {shape} from the {layer.in_features} features the "
+                "first layer takes; pass input_shape= to override."
+            )
+        if int(torch.tensor(shape).prod()) != layer.in_features:
+            raise InputError(
+                f"input_shape {shape} has {int(torch.tensor(shape).prod())} entries but "
+                f"layer {target.name!r} takes {layer.in_features} features."
+            )
+        inputs = features.reshape(features.shape[0], *shape)
+    else:
+        inputs = features
+        notes.append(
+            f"the first layer could not be attacked; layer {target.name!r} was, so .inputs "
+            "are the features entering it, not model inputs."
+        )
+    dtype = layer.weight.dtype
+    labels: torch.Tensor | None = None
+    certificate: float | None = None
+    if layer.bias is not None and result.found and target.tail is not None:
+        if update_kind == "gradient":
+            lab = recover_labels(
+                target.tail, layer, features.to(dtype), result.output_grads.cpu()
+            )
+            labels = lab.labels
+            notes.extend(lab.notes)
+            if lab.reduction in ("mean", "sum"):
+                notes.append(f"loss reduction detected: {lab.reduction}.")
+        else:
+            lab = recover_labels(
+                target.tail, layer, features.to(dtype), result.output_grads.cpu()
+            )
+            labels = lab.labels
+            notes.append(
+                "labels from a FedAvg delta use the Jacobian at the sent weights; they are "
+                "a best estimate, not certified."
+            )
+    elif target.tail is None:
+        notes.append("the model could not be split at the attacked layer: no labels.")
+    if target.first and labels is not None:
+        certificate = certify(work, update, inputs.to(dtype), labels, update_kind=update_kind)
+        if update_kind == "delta":
+            notes.append(
+                "certificate for a FedAvg delta: without the client's learning rate, step "
+                "count and batch order the update cannot be recomputed; it checks that the "
+                "attacked layer's delta lies in the span of the reconstructed inputs, and "
+                "says nothing about labels."
+            )
+        if not result.complete:
+            notes.append(
+                "the certificate is for a partial reconstruction, so it cannot be small: "
+                "missing examples contribute to the update."
+            )
+    elif not target.first:
+        notes.append("no certificate: the reconstruction is not in the model's input space.")
+    verified = certificate is not None and certificate <= verified_threshold(dtype)
+    return Reconstruction(
+        inputs=inputs,
+        labels=labels,
+        certificate=certificate,
+        verified=verified,
+        batch_size=result.batch_size,
+        complete=result.complete,
+        layer=target.name,
+        feature_space=not target.first,
+        layer_result=result,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )

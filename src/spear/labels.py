@@ -1,0 +1,163 @@
+"""Labels from the recovered inputs (ALGORITHM.md, "Labels").
+
+For softmax cross-entropy, example ``i``'s gradient column at the attacked layer's
+pre-activations is ``g_i = J_i^T (p_i - y_i) / B`` with ``J_i`` the Jacobian of the logits
+with respect to those pre-activations (through the ReLU) and ``B`` the reduction's divisor
+(the batch size for mean, 1 for sum). Solving ``J_i^T r_i = g_i`` gives
+``r_i = (p_i - y_i) / B``, whose only negative entry is the label, whatever ``B`` is.
+Comparing ``r_i`` with the softmax ``p_i`` of a forward pass gives ``B`` and, with it, the
+reduction and how many times each example occurred (duplicates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["LabelResult", "recover_labels"]
+
+#: ``r_i`` must match ``(p_i - e_y) / B`` to this relative error for the label (and the
+#: divisor) to count as exact.
+LABEL_FIT_TOL = 1e-6
+
+
+@dataclass
+class LabelResult:
+    """Labels and what the loss's scaling revealed.
+
+    Attributes
+    ----------
+    labels:
+        ``(k,)`` int64 class indices.
+    divisor:
+        ``(k,)`` the per-example divisor ``B_i = B / multiplicity_i`` (or ``B / clip
+        factor`` under DP clipping).
+    fit_error:
+        ``(k,)`` relative error of ``r_i`` against ``(p_i - e_y) / B_i``.
+    reduction:
+        ``"mean"``, ``"sum"`` or ``"unknown"``.
+    multiplicity:
+        ``(k,)`` int64: how many times each example occurred in the batch (1 normally).
+    notes:
+        Plain-language findings.
+    """
+
+    labels: torch.Tensor
+    divisor: torch.Tensor
+    fit_error: torch.Tensor
+    reduction: str
+    multiplicity: torch.Tensor
+    notes: list[str] = field(default_factory=list)
+
+
+def recover_labels(
+    tail: Callable[[torch.Tensor], torch.Tensor],
+    layer: torch.nn.Linear,
+    features: torch.Tensor,
+    output_grads: torch.Tensor,
+) -> LabelResult:
+    """Labels of the recovered examples from their gradient columns.
+
+    Parameters
+    ----------
+    tail:
+        Maps the attacked layer's input features ``(k, n)`` to logits ``(k, C)``.
+    layer:
+        The attacked ``nn.Linear`` (its pre-activations are where ``output_grads`` live).
+    features:
+        ``(k, n)`` recovered inputs of the layer, in the model's dtype.
+    output_grads:
+        ``(m, k)`` float64 gradient columns of the recovered examples.
+
+    Returns
+    -------
+    LabelResult
+    """
+    k = features.shape[0]
+    dtype = next(layer.parameters()).dtype
+    feats = features.to(dtype).detach()
+    with torch.no_grad():
+        pre = layer(feats)  # (k, m)
+    after = _after_layer(tail, layer)
+    labels = torch.zeros(k, dtype=torch.int64)
+    divisor = torch.zeros(k, dtype=torch.float64)
+    fit = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        z = pre[i : i + 1].detach()
+        jac = torch.autograd.functional.jacobian(lambda t: after(t)[0], z)  # (C, 1, m)
+        j = jac[:, 0, :].to(torch.float64)  # (C, m)
+        r = torch.linalg.lstsq(j.T, output_grads[:, i : i + 1]).solution[:, 0]
+        with torch.no_grad():
+            p = torch.softmax(after(z)[0].to(torch.float64), dim=0)
+        y = int(torch.argmin(r))
+        target = p.clone()
+        target[y] -= 1.0
+        scale = float(target @ r) / max(float(r @ r), 1e-300)
+        div = scale
+        labels[i] = y
+        divisor[i] = div
+        denom = float(target.norm()) or 1.0
+        fit[i] = float((r * div - target).norm()) / denom
+    return _interpret(labels, divisor, fit)
+
+
+def _after_layer(
+    tail: Callable[[torch.Tensor], torch.Tensor], layer: torch.nn.Linear
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from the layer's pre-activations to logits: ``tail`` minus the layer.
+
+    ``tail`` starts with the layer itself; a pseudo-inverse is not needed because the
+    layer is linear: feed ``z`` through a stand-in module that returns it unchanged.
+    """
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        handle = layer.register_forward_hook(lambda _m, _i, _o: z)
+        try:
+            features = torch.zeros(z.shape[0], layer.in_features, dtype=z.dtype)
+            return tail(features)
+        finally:
+            handle.remove()
+
+    return run
+
+
+def _interpret(labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor) -> LabelResult:
+    """Reduction and multiplicities from the per-example divisors."""
+    notes: list[str] = []
+    k = labels.numel()
+    ok = fit <= LABEL_FIT_TOL
+    top = float(divisor.max()) if k else 1.0
+    multiplicity = torch.ones(k, dtype=torch.int64)
+    reduction = "unknown"
+    if k and bool(ok.all()):
+        # mean: B_i = total / multiplicity_i; sum: B_i = 1 / multiplicity_i
+        total = round(top) if top >= 1.0 - 1e-6 else 1
+        ratio = total / divisor
+        mult = torch.round(ratio)
+        if bool(((ratio - mult).abs() <= 1e-6 * ratio).all()) and bool((mult >= 1).all()):
+            multiplicity = mult.to(torch.int64)
+            if total == 1:
+                reduction = "sum" if k > 1 or int(multiplicity.sum()) > 1 else "mean or sum"
+            elif total == int(multiplicity.sum()):
+                reduction = "mean"
+    if reduction == "unknown" and k:
+        notes.append(
+            "the per-example loss scales do not fit a plain mean or sum (per-example "
+            "clipping, DP noise or FedAvg): labels come from the sign pattern only."
+        )
+    if bool((multiplicity > 1).any()):
+        dup = [(i, int(c)) for i, c in enumerate(multiplicity.tolist()) if c > 1]
+        notes.append(
+            "duplicates in the batch: "
+            + ", ".join(f"example {i} appears {c} times" for i, c in dup)
+            + f" ({int(multiplicity.sum())} examples in all, {k} distinct)."
+        )
+    bad = int((~ok).sum())
+    if bad:
+        notes.append(
+            f"{bad} of {k} labels did not fit softmax cross-entropy exactly (fit error up to "
+            f"{float(fit.max()):.1e}); is the loss cross-entropy?"
+        )
+    return LabelResult(labels, divisor, fit, reduction, multiplicity, notes)

@@ -1,0 +1,746 @@
+"""Invert one linear layer followed by ReLU: ``(dW, db[, W, c]) -> inputs``.
+
+The driver of the attack (ALGORITHM.md, facts 1-8):
+
+1. the numerical rank of ``dW`` gives ``b``; its truncated SVD gives ``dW = L R``;
+2. with the layer's weights, rows of ``dW`` that only one example turns on give that
+   example directly (``x = dW[j] / db[j]``); each is verified against the ReLU pattern
+   its own ``W x + c`` predicts and peeled off the gradient (fact 8);
+3. a solver (:mod:`spear.solvers`) finds the sparse directions of what is left; when it
+   has all of them, the bias gradient fixes their scales and ``X`` follows; every example
+   is verified again and the verified ones are peeled (facts 5-7);
+4. 2-3 repeat until all ``b`` are found or the budget ends; only verified examples are
+   returned, and a partial answer says how many of ``b`` are missing.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from spear.errors import BatchTooLargeError, InputError, NoReluSparsityError
+from spear.linalg import (
+    Tolerances,
+    factorise,
+    orthonormal_basis,
+    pure_kernel,
+    unit_rows,
+    zero_mask,
+)
+from spear.results import LayerReconstruction, SolverStats
+from spear.solvers import get_solver
+from spear.solvers.base import Budget, Directions, SearchSpec
+from spear.solvers.polish import live_rows
+from spear.solvers.sampling import expected_samples
+
+__all__ = ["invert_layer"]
+
+#: A rank is accepted only when ``s_b / s_{b+1}`` is at least this (exact gradients give
+#: gaps of many orders of magnitude; pass ``batch_size`` for noisy ones).
+MIN_RANK_GAP = 1e3
+#: Default minimal fraction of zero entries for a direction to count as a ReLU column.
+DEFAULT_MIN_ZERO_FRACTION = 0.1
+#: Verification tolerances: fraction of the clear (non-ambiguous) units whose state may
+#: disagree with the gradient's zero pattern. Exact float64 gradients allow none: a
+#: candidate that is off by a few percent flips only a handful of low-margin units, so
+#: any disagreement rejects it. Lower precisions blur the zero test near the tolerance.
+MISMATCH_EXACT = 0.0
+MISMATCH_LOW_PRECISION = 0.005
+#: FedAvg deltas: units off at the sent weights may turn on in later local steps (fact 11),
+#: so this fraction of predicted-off units may carry a non-zero update.
+MAX_OFF_BUT_NONZERO_DELTA = 0.25
+#: Units whose pre-activation is within this many roundoff units of zero are ambiguous and
+#: left out of the comparison.
+AMBIGUITY_ROUNDOFF = 100.0
+#: Two rows give the same candidate example when they agree to this relative distance.
+ROW_AGREEMENT = 1e-9
+#: A direction derived from a row candidate is pooled when the candidate's predicted ReLU
+#: pattern agrees with the direction's zero pattern on this fraction of the units.
+DIRECTION_AGREEMENT = 0.9
+#: Two unit directions are the same when ``|<u, v>| > 1 - SAME_DIRECTION``.
+SAME_DIRECTION = 1e-8
+#: Largest rank the plain sampling solver is asked to handle alone under ``solver="auto"``.
+AUTO_SAMPLING_MAX_RANK = 20
+#: Exponent of the estimated off-rate in the row weights for guided sampling.
+GUIDED_WEIGHT_POWER = 3.0
+#: When no direction at all is found after this many times the samples expected for the
+#: first one, the gradient is declared free of ReLU zeros.
+NO_SPARSITY_FACTOR = 30.0
+
+
+@dataclass
+class _State:
+    """The residual problem and what has been recovered so far (all float64)."""
+
+    left: torch.Tensor  # (m, b) residual left factor: dW_res = left @ right
+    bias: torch.Tensor | None  # (m,) residual bias gradient
+    coords: list[torch.Tensor]  # found examples, (b,) coordinates in the row space
+    grads: list[torch.Tensor]  # their gradient columns, (m,)
+    directions: list[torch.Tensor]  # exact unit gradient directions (m,) not yet peeled
+
+    @property
+    def found(self) -> int:
+        return len(self.coords)
+
+    def peel(self, coord: torch.Tensor, grad: torch.Tensor) -> None:
+        """Remove a verified example's contribution ``grad coord^T``."""
+        self.left = self.left - torch.outer(grad, coord)
+        if self.bias is not None:
+            self.bias = self.bias - grad
+        self.coords.append(coord)
+        self.grads.append(grad)
+
+
+@dataclass
+class _Layer:
+    """The layer as the server knows it, projected on the row space of ``dW``."""
+
+    weight_coords: torch.Tensor  # (m, b) = W @ R^T
+    weight_abs_coords: torch.Tensor  # (m, n) = |W|, for roundoff bounds
+    bias: torch.Tensor | None  # (m,)
+    right: torch.Tensor  # (b, n)
+
+
+def _validate(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> None:
+    """Raise :class:`InputError` when the arguments do not fit together."""
+    if not isinstance(weight_grad, torch.Tensor) or weight_grad.dim() != 2:
+        found = (
+            f"shape {tuple(weight_grad.shape)}"
+            if isinstance(weight_grad, torch.Tensor)
+            else type(weight_grad).__name__
+        )
+        raise InputError(
+            f"weight_grad must be a 2-D tensor (m, n) (out_features x in_features), found "
+            f"{found}. For a convolution or a batched gradient, reshape to the linear "
+            "layer's (out, in) first."
+        )
+    m, n = weight_grad.shape
+    named = {"weight_grad": weight_grad, "bias_grad": bias_grad, "weight": weight, "bias": bias}
+    expected = {"weight_grad": (m, n), "bias_grad": (m,), "weight": (m, n), "bias": (m,)}
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, found {type(tensor).__name__}.")
+        if tuple(tensor.shape) != expected[name]:
+            raise InputError(
+                f"{name} must have shape {expected[name]} to match weight_grad {(m, n)}, "
+                f"found {tuple(tensor.shape)}. Pass the gradient and parameters of the same "
+                "nn.Linear (weight is (out_features, in_features))."
+            )
+        if not tensor.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor, found {tensor.dtype}.")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InputError(
+                f"{name} contains {bad} NaN or infinite entries; the attack needs a finite "
+                "update. Check the client's training (a diverged step) or the file it came "
+                "from."
+            )
+    if weight is not None and bias_grad is not None and bias is None:
+        # a layer with weights given but no bias is fine (bias=False layers); nothing to do
+        pass
+
+
+def _pattern_check(
+    layer: _Layer,
+    coord: torch.Tensor,
+    grad_zero: torch.Tensor,
+    live: torch.Tensor,
+    eps: float,
+    delta: bool,
+) -> tuple[bool, float]:
+    """Compare the ReLU pattern ``W x + c`` predicts with the gradient's zero pattern.
+
+    Parameters
+    ----------
+    layer:
+        The layer's weights in row-space coordinates.
+    coord:
+        ``(b,)`` the example's coordinates (``x = coord @ right``).
+    grad_zero:
+        ``(m,)`` bool, where the example's gradient column is zero.
+    live:
+        ``(m,)`` bool, units that are not dead for the whole batch.
+    eps:
+        Machine epsilon of the data.
+    delta:
+        FedAvg deltas allow predicted-off units to carry updates (fact 11).
+
+    Returns
+    -------
+    ok:
+        Whether the example passes.
+    agreement:
+        Fraction of the clear (non-ambiguous) units whose state agrees.
+    """
+    x = coord @ layer.right
+    z = layer.weight_coords @ coord
+    bound = layer.weight_abs_coords @ x.abs()
+    if layer.bias is not None:
+        z = z + layer.bias
+        bound = bound + layer.bias.abs()
+    clear = z.abs() > AMBIGUITY_ROUNDOFF * eps * bound
+    off = (z <= 0) & clear
+    on = (z > 0) & clear
+    n_clear = max(1, int(clear.sum()))
+    off_but_nonzero = int((off & ~grad_zero).sum())
+    on_but_zero = int((on & grad_zero & live).sum())
+    mismatch = MISMATCH_EXACT if eps <= float(torch.finfo(torch.float64).eps) else (
+        MISMATCH_LOW_PRECISION
+    )
+    off_limit = MAX_OFF_BUT_NONZERO_DELTA if delta else mismatch
+    ok = off_but_nonzero <= off_limit * n_clear and on_but_zero <= mismatch * n_clear
+    agreement = 1.0 - (off_but_nonzero + on_but_zero) / n_clear
+    return ok, agreement
+
+
+def _direction_for(
+    layer: _Layer, basis: torch.Tensor, coord: torch.Tensor, tol: Tolerances, eps: float
+) -> torch.Tensor | None:
+    """The exact gradient direction ``(m,)`` of a candidate example, or ``None``.
+
+    The units the candidate's own ReLU pattern switches off must share a kernel vector
+    of the residual basis (fact 7). Predicted-off units that carry an update anyway
+    (FedAvg) are trimmed by refitting on the rows closest to zero.
+    """
+    z = layer.weight_coords @ coord
+    if layer.bias is not None:
+        z = z + layer.bias
+    off = z <= 0
+    r = basis.shape[1]
+    if int(off.sum()) < r:
+        return None
+    rows = basis[off]
+    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
+    u = vh[-1]
+    for keep in (0.8, 0.6):
+        v = rows @ u
+        k = max(r, int(keep * rows.shape[0]))
+        idx = v.abs().topk(k, largest=False).indices
+        _, _, vh = torch.linalg.svd(rows[idx], full_matrices=False)
+        u = vh[-1]
+    v = basis @ u
+    zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0]
+    if int(zeros.sum()) < r - 1:
+        return None
+    pure = pure_kernel(basis[zeros], tol.degeneracy_tol)
+    if pure is None:
+        return None
+    return basis @ pure
+
+
+def _scaled_grad(
+    state: _State, coord: torch.Tensor, direction: torch.Tensor
+) -> torch.Tensor | None:
+    """Scale a gradient direction so that ``grad coord^T`` is the example's term in ``dW``.
+
+    With ``dW_res = G P`` and ``p_i^T P^+ ... = 1`` (see module notes), the scale is
+    ``1 / (p^T L^+ v)``.
+    """
+    w = torch.linalg.lstsq(state.left, direction[:, None]).solution[:, 0]
+    denom = float(coord @ w)
+    if denom == 0.0 or not math.isfinite(denom):
+        return None
+    return direction / denom
+
+
+def _row_candidates(
+    state: _State, layer: _Layer, tol: Tolerances, eps: float, delta: bool, rank: int,
+    dirty: torch.Tensor, deadline: float,
+) -> int:
+    """Use rows of the residual as example candidates (facts 7-8); returns peeled count.
+
+    Every row ``j`` gives a candidate ``p = L[j] / db[j]``: exactly an example when only
+    that example turns unit ``j`` on, a bias-weighted mixture otherwise. The candidate's
+    own ReLU pattern selects rows whose common kernel is the exact gradient direction of
+    the example nearest to it; such directions are pooled in ``state.directions`` (a
+    near-miss candidate still yields an exact direction). A candidate is taken as an
+    exact example, and peeled, only when at least two rows produce it (two rows that
+    agree to roundoff are both single-example rows of it).
+    """
+    if state.bias is None:
+        return 0
+    remaining = rank - state.found
+    if remaining <= 0:
+        return 0
+    bias = state.bias
+    row_norm = state.left.norm(dim=1)
+    usable = (
+        dirty
+        & (bias.abs() > tol.zero_tol * bias.abs().max())
+        & (row_norm > tol.zero_tol * row_norm.max())
+    )
+    idx = torch.nonzero(usable).flatten()
+    if idx.numel() == 0:
+        return 0
+    cand = state.left[idx] / bias[idx, None]
+    # group rows that give the same candidate (to roundoff): several single-example rows
+    close = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
+    same = close <= ROW_AGREEMENT * cand.norm(dim=1)[:, None]
+    support = same.sum(dim=1)
+    order = torch.argsort(support * 1e6 + row_norm[idx] / row_norm.max(), descending=True)
+    basis = orthonormal_basis(state.left, remaining)
+    live = live_rows(basis, tol.zero_tol)
+    handled = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    exact: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i in order.tolist():
+        if time.perf_counter() > deadline or len(state.directions) >= remaining:
+            break
+        if bool(handled[i]):
+            continue
+        handled |= same[i]
+        coord = cand[i]
+        direction = _direction_for(layer, basis, coord, tol, eps)
+        if direction is None:
+            continue
+        grad_zero = zero_mask(direction[:, None], tol.zero_tol)[:, 0]
+        _, agreement = _pattern_check(layer, coord, grad_zero, live, eps, delta)
+        if agreement < DIRECTION_AGREEMENT:
+            continue
+        unit = direction / direction.norm()
+        if not _pool_add(state.directions, unit):
+            known = True
+        else:
+            known = False
+        if int(support[i]) >= 2 and not known:
+            grad = _scaled_grad(state, coord, unit)
+            if grad is None:
+                continue
+            ok, _ = _pattern_check(layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0],
+                                   live, eps, delta)
+            if ok:
+                exact.append((coord, grad))
+    for coord, grad in exact:
+        _pool_remove(state.directions, grad / grad.norm())
+        state.peel(coord, grad)
+    return len(exact)
+
+
+def _pool_add(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:
+    """Add a unit direction unless it is already there (up to sign); True when added."""
+    if any(abs(float(unit @ d)) > 1 - SAME_DIRECTION for d in pool):
+        return False
+    pool.append(unit)
+    return True
+
+
+def _pool_remove(pool: list[torch.Tensor], unit: torch.Tensor) -> None:
+    """Remove the pooled direction equal to ``unit`` (up to sign), if any."""
+    for i, d in enumerate(pool):
+        if abs(float(unit @ d)) > 1 - SAME_DIRECTION:
+            del pool[i]
+            return
+
+
+def _guided_weights(state: _State, layer: _Layer, tol: Tolerances) -> torch.Tensor:
+    """Row weights for sampling: estimated off-rate of each unit, to a power (fact 10).
+
+    Proxies for the examples are the row ratios ``dW[j] / db[j]`` (bias-weighted mixtures
+    of the examples that turn unit ``j`` on) and the examples already found.
+    """
+    proxies = list(state.coords)
+    if state.bias is not None:
+        usable = state.bias.abs() > tol.zero_tol * state.bias.abs().max()
+        ratios = state.left[usable] / state.bias[usable, None]
+        proxies.extend(ratios[: min(512, ratios.shape[0])])
+    if not proxies:
+        return torch.ones(state.left.shape[0], dtype=torch.float64, device=state.left.device)
+    coords = torch.stack(proxies)  # (k, b)
+    z = layer.weight_coords @ coords.T
+    if layer.bias is not None:
+        z = z + layer.bias[:, None]
+    off_rate = (z <= 0).to(torch.float64).mean(dim=1)
+    return off_rate.clamp(0.02, 1.0) ** GUIDED_WEIGHT_POWER
+
+
+def _solve_complete(
+    state: _State, basis: torch.Tensor, directions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """All remaining directions known: scales from the bias, then the coordinates.
+
+    Parameters
+    ----------
+    basis:
+        ``(m, r)`` residual basis.
+    directions:
+        ``(r, r)`` unit vectors in basis coordinates.
+
+    Returns
+    -------
+    coords:
+        ``(r, b)`` row-space coordinates of the examples.
+    grads:
+        ``(m, r)`` their gradient columns.
+    """
+    cols = basis @ directions.T  # (m, r)
+    if state.bias is None:
+        # no bias gradient: each example only up to scale (unit gradient columns)
+        grads = cols
+    else:
+        scales = torch.linalg.lstsq(cols, state.bias[:, None]).solution[:, 0]
+        if bool((scales == 0).any()):
+            return None
+        grads = cols * scales
+    coords = torch.linalg.lstsq(grads, state.left).solution  # (r, b)
+    return coords, grads
+
+
+def invert_layer(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor | None,
+    *,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    solver: str = "auto",
+    update_kind: str = "gradient",
+    time_budget: float = 120.0,
+    max_samples: int | None = None,
+    zero_tol: float | None = None,
+    min_zero_fraction: float = DEFAULT_MIN_ZERO_FRACTION,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> LayerReconstruction:
+    """Rebuild the ``b`` inputs of a linear layer followed by ReLU from its gradient.
+
+    Parameters
+    ----------
+    weight_grad:
+        ``(m, n)`` gradient (or FedAvg delta) of the layer's weight; any float dtype.
+    bias_grad:
+        ``(m,)`` gradient of its bias, or ``None`` for a layer without bias (inputs then
+        come out only up to a positive scale each; see notes).
+    weight, bias:
+        ``(m, n)`` and ``(m,)``: the layer's parameters as the server sent them. Optional,
+        but they enable peeling and the per-example verification (facts 7-8).
+    batch_size:
+        ``b`` when known; otherwise the numerical rank of ``weight_grad``.
+    seed:
+        Seed of every random choice (the result is deterministic given it).
+    solver:
+        ``"auto"`` (peeling, then sampling or the sparse solver by size), or a name from
+        :func:`spear.solvers.available`.
+    update_kind:
+        ``"gradient"`` (FedSGD, DP clipping) or ``"delta"`` (FedAvg weight differences;
+        the sign is irrelevant). Deltas let ReLU masks move between local steps.
+    time_budget:
+        Seconds after which the search stops and what is verified so far is returned.
+    max_samples:
+        Optional cap on samples drawn by the solvers.
+    zero_tol:
+        Relative zero tolerance; by default derived from the dtype and conditioning.
+    min_zero_fraction:
+        Fraction of zeros a direction needs to count as a ReLU column.
+    device:
+        Where to compute (``"cuda"`` when available); default: the gradient's device.
+    progress:
+        Show a progress bar of examples recovered; default: only on a terminal.
+
+    Returns
+    -------
+    LayerReconstruction
+        ``.inputs`` ``(k, n)`` float64 of verified examples, ``k == b`` when complete.
+
+    Raises
+    ------
+    InputError
+        Shapes do not fit, non-finite values, unknown options.
+    BatchTooLargeError
+        The rank cannot reveal ``b`` (``b >= m`` or ``b > n``).
+    NoReluSparsityError
+        The gradient has no exact zeros where a ReLU would put them.
+    """
+    start = time.perf_counter()
+    _validate(weight_grad, bias_grad, weight, bias)
+    if update_kind not in ("gradient", "delta"):
+        raise InputError(
+            f"update_kind must be 'gradient' or 'delta', found {update_kind!r}: use 'delta' "
+            "for FedAvg weight differences."
+        )
+    dev = torch.device(device) if device is not None else weight_grad.device
+    in_dtype = weight_grad.dtype
+    eps = float(torch.finfo(in_dtype).eps)
+    dw = weight_grad.detach().to(dev, torch.float64)
+    db = bias_grad.detach().to(dev, torch.float64) if bias_grad is not None else None
+    m, n = dw.shape
+    notes: list[str] = []
+    if not bool(dw.any()):
+        raise InputError(
+            "weight_grad is identically zero: there is nothing to invert (every unit of the "
+            "layer is off for every example, or the update was not computed)."
+        )
+    if batch_size is not None and (batch_size >= m or batch_size > n):
+        raise BatchTooLargeError(
+            f"batch_size={batch_size} cannot be recovered from a ({m}, {n}) layer: exact "
+            f"recovery needs b < m={m} and b <= n={n}. Attack a wider layer, or a smaller "
+            "batch."
+        )
+    fac = factorise(dw, eps)
+    rank = fac.rank
+    if batch_size is None:
+        if rank >= min(m, n):
+            raise BatchTooLargeError(
+                f"the weight gradient has full rank {rank} = min(m, n) for a ({m}, {n}) "
+                f"layer, so the batch size cannot be read off it: the batch may have b >= "
+                f"m={m} or b > n={n} examples, or the update is noisy. Pass batch_size= if "
+                "it is known and smaller, or attack a wider layer."
+            )
+        if fac.gap < MIN_RANK_GAP:
+            raise BatchTooLargeError(
+                f"no clear rank gap in the weight gradient (largest ratio of consecutive "
+                f"singular values {fac.gap:.3g} < {MIN_RANK_GAP:g}): the update looks noisy "
+                "(DP-SGD) or the batch fills the layer. Pass batch_size= to truncate at a "
+                "known size."
+            )
+    else:
+        if rank < batch_size:
+            notes.append(
+                f"the weight gradient has rank {rank} < batch_size={batch_size}: some "
+                f"examples are duplicates (or linearly dependent); recovering the {rank} "
+                "distinct ones."
+            )
+        elif rank > batch_size:
+            notes.append(
+                f"the weight gradient's numerical rank is {rank} > batch_size={batch_size}: "
+                "the update is noisy; truncating at the given batch size."
+            )
+            rank = batch_size
+        fac = factorise(dw, eps, rank=rank)
+        rank = fac.rank
+    tol = Tolerances.derive(in_dtype, fac.condition)
+    if zero_tol is not None:
+        tol = Tolerances(eps=tol.eps, zero_tol=zero_tol, degeneracy_tol=zero_tol)
+    delta = update_kind == "delta"
+    layer: _Layer | None = None
+    if weight is not None:
+        w64 = weight.detach().to(dev, torch.float64)
+        layer = _Layer(
+            weight_coords=w64 @ fac.right.T,
+            weight_abs_coords=w64.abs(),
+            bias=bias.detach().to(dev, torch.float64) if bias is not None else None,
+            right=fac.right,
+        )
+    state = _State(left=fac.left.clone(), bias=db, coords=[], grads=[], directions=[])
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(seed)
+    deadline = start + time_budget
+    budget = Budget(deadline=deadline, max_samples=max_samples or 10**12)
+    stats: list[SolverStats] = []
+    show = progress if progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=rank, desc="examples recovered", disable=not show, leave=False)
+
+    def peel_verified(coords: torch.Tensor, grads: torch.Tensor) -> int:
+        """Peel the examples of a complete solve that pass verification."""
+        live = live_rows(orthonormal_basis(state.left, rank - state.found), tol.zero_tol)
+        accepted = []
+        for i in range(coords.shape[0]):
+            grad = grads[:, i]
+            if layer is not None:
+                grad_zero = zero_mask(grad[:, None], tol.zero_tol)[:, 0]
+                ok, _ = _pattern_check(layer, coords[i], grad_zero, live, eps, delta)
+                if not ok:
+                    continue
+            accepted.append(i)
+        for i in accepted:
+            _pool_remove(state.directions, grads[:, i] / grads[:, i].norm())
+            state.peel(coords[i], grads[:, i])
+        bar.update(len(accepted))
+        return len(accepted)
+
+    dirty = torch.ones(m, dtype=torch.bool, device=dev)
+    stalled_rounds = 0
+    while state.found < rank and time.perf_counter() < deadline:
+        progressed = False
+        if layer is not None and state.bias is not None:
+            t0 = time.perf_counter()
+            before, pooled = state.found, len(state.directions)
+            while True:
+                added = _row_candidates(state, layer, tol, eps, delta, rank, dirty, deadline)
+                bar.update(added)
+                if added == 0:
+                    break
+                new = torch.stack(state.grads[-added:], dim=1)
+                dirty = ~zero_mask(new, tol.zero_tol).all(dim=1)
+            dirty = torch.zeros(m, dtype=torch.bool, device=dev)
+            gained = state.found - before + len(state.directions) - pooled
+            if gained > 0:
+                progressed = True
+                stats.append(
+                    SolverStats(
+                        "peeling",
+                        candidates=len(state.directions) - pooled + state.found - before,
+                        found=state.found - before,
+                        seconds=time.perf_counter() - t0,
+                    )
+                )
+        remaining = rank - state.found
+        if remaining == 0 or time.perf_counter() >= deadline:
+            break
+        basis = orthonormal_basis(state.left, remaining)
+        known = (
+            unit_rows(torch.stack(state.directions) @ basis)
+            if state.directions
+            else torch.zeros(0, remaining, dtype=torch.float64, device=dev)
+        )
+        if known.shape[0] < remaining:
+            name = solver
+            if solver == "auto":
+                name = "sampling" if remaining <= AUTO_SAMPLING_MAX_RANK else "sparse"
+            search = get_solver(name)
+            weights = _guided_weights(state, layer, tol) if layer is not None else None
+            spec = SearchSpec(
+                basis=basis,
+                target=remaining - known.shape[0],
+                zero_tol=tol.zero_tol,
+                degeneracy_tol=tol.degeneracy_tol,
+                min_zero_fraction=min_zero_fraction,
+                row_weights=weights,
+                known=known,
+                generator=generator,
+                on_progress=lambda k: bar.set_postfix_str(f"directions {k}"),
+            )
+            t0 = time.perf_counter()
+            dirs: Directions = search(spec, budget)
+            stat = SolverStats(
+                name,
+                samples=dirs.samples,
+                candidates=int(dirs.vectors.shape[0]),
+                seconds=time.perf_counter() - t0,
+            )
+            stats.append(stat)
+            if budget.max_samples < 10**12:
+                budget.max_samples = max(0, budget.max_samples - dirs.samples)
+            added_dirs = sum(
+                _pool_add(state.directions, basis @ v) for v in unit_rows(dirs.vectors)
+            )
+            if added_dirs:
+                progressed = True
+            elif (
+                state.found == 0
+                and not state.directions
+                and name == "sampling"
+                and dirs.samples >= NO_SPARSITY_FACTOR * expected_samples(remaining) / remaining
+            ):
+                bar.close()
+                raise NoReluSparsityError(
+                    f"no sparse direction in {dirs.samples} samples (about "
+                    f"{expected_samples(remaining) / remaining:.0f} find the first one when a "
+                    "ReLU zeroes about half of each example's units): the gradient has no "
+                    "exact zeros where a ReLU after the layer would put them. The attack "
+                    "needs a ReLU (smooth activations such as GELU, tanh or sigmoid leave "
+                    "none) and a noise-free update; for noisy (DP) updates pass batch_size= "
+                    "and a larger zero_tol."
+                )
+        if len(state.directions) >= remaining:
+            dirs_now = torch.stack(state.directions[:remaining]) @ basis  # (r, r)
+            solved = _solve_complete(state, basis, unit_rows(dirs_now))
+            if solved is not None:
+                peeled = peel_verified(*solved)
+                if peeled:
+                    progressed = True
+                    dirty = torch.ones(m, dtype=torch.bool, device=dev)
+                else:
+                    # a wrong pooled direction: drop the least sparse and search again
+                    state.directions = state.directions[: remaining - 1]
+        if not progressed:
+            stalled_rounds += 1
+            if stalled_rounds >= 2:
+                break
+        else:
+            stalled_rounds = 0
+    bar.close()
+    return _finish(state, fac, tol, layer, eps, delta, rank, stats, start, notes, in_dtype)
+
+
+def _finish(
+    state: _State,
+    fac: object,
+    tol: Tolerances,
+    layer: _Layer | None,
+    eps: float,
+    delta: bool,
+    rank: int,
+    stats: list[SolverStats],
+    start: float,
+    notes: list[str],
+    in_dtype: torch.dtype,
+) -> LayerReconstruction:
+    """Assemble the result record from the state."""
+    from spear.linalg import Factorisation
+
+    assert isinstance(fac, Factorisation)
+    dev = fac.left.device
+    m = fac.left.shape[0]
+    n = fac.right.shape[1]
+    k = state.found
+    if k:
+        coords = torch.stack(state.coords)
+        grads = torch.stack(state.grads, dim=1)
+        inputs = coords @ fac.right
+    else:
+        inputs = torch.zeros(0, n, dtype=torch.float64, device=dev)
+        grads = torch.zeros(m, 0, dtype=torch.float64, device=dev)
+        coords = torch.zeros(0, rank, dtype=torch.float64, device=dev)
+    full = fac.left @ fac.right
+    denom = float(full.norm()) or 1.0
+    residual = float((full - grads @ inputs).norm()) / denom
+    zeros = zero_mask(grads, tol.zero_tol) if k else torch.zeros(m, 0, dtype=torch.bool)
+    sparsity = zeros.to(torch.float64).mean(dim=0) if k else torch.zeros(0)
+    consistency: torch.Tensor | None = None
+    if layer is not None and k:
+        live = live_rows(fac.left / fac.left.norm(dim=0).clamp_min(1e-300), tol.zero_tol)
+        consistency = torch.tensor(
+            [
+                _pattern_check(layer, coords[i], zeros[:, i], live, eps, delta)[1]
+                for i in range(k)
+            ],
+            dtype=torch.float64,
+        )
+    complete = k == rank
+    if not complete:
+        notes.append(
+            f"partial recovery: {k} of {rank} examples recovered and verified; {rank - k} "
+            "remain (raise time_budget, or try another solver)."
+        )
+    if layer is None and k:
+        notes.append(
+            "the layer's weight and bias were not given: examples are verified by the "
+            "sparsity of their gradient columns only, not against their own ReLU patterns."
+        )
+    if state.bias is None and k:
+        notes.append(
+            "no bias gradient: each example is recovered only up to a scale factor (and, "
+            "without the layer's weights, a sign); the rows of .inputs are those directions."
+        )
+    if in_dtype != torch.float64:
+        notes.append(
+            f"the gradient arrived as {in_dtype}: exact means to that precision (relative "
+            f"residual of the factorisation {residual:.1e}, machine epsilon {eps:.1e})."
+        )
+    return LayerReconstruction(
+        inputs=inputs,
+        batch_size=rank,
+        complete=complete,
+        output_grads=grads,
+        singular_values=fac.singular_values,
+        rank_gap=fac.gap,
+        sparsity=sparsity,
+        consistency=consistency,
+        residual=residual,
+        precision=eps,
+        solvers=stats,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )

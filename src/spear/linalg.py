@@ -1,0 +1,305 @@
+"""Numerical rank, truncated factorisation, kernels and the tolerances they use.
+
+All linear algebra runs in float64. Tolerances are derived from the dtype the gradient
+arrived in (its machine epsilon) and from the conditioning of the factorisation, never
+hard-coded at the call sites: see :class:`Tolerances`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Factorisation",
+    "Tolerances",
+    "estimate_rank",
+    "factorise",
+    "kernel",
+    "pure_kernel",
+    "orthonormal_basis",
+    "unit_rows",
+    "zero_mask",
+]
+
+#: Largest relative zero tolerance ever used: beyond it zeros and non-zeros of a ReLU
+#: gradient are no longer separable and the attack reports that instead.
+MAX_ZERO_TOL = 1e-3
+#: Smallest relative zero tolerance (float64 roundoff of well-conditioned products).
+MIN_ZERO_TOL = 1e-11
+#: A zero of ``basis @ q`` is roundoff of size about ``eps * cond``; the tolerance leaves
+#: this factor of head room above it.
+ZERO_TOL_HEADROOM = 1e3
+#: Singular values below ``RANK_FLOOR * eps * s_1`` are roundoff of the data's dtype.
+RANK_FLOOR = 10.0
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Tolerances for one problem, derived from its dtype and conditioning.
+
+    Attributes
+    ----------
+    eps:
+        Machine epsilon of the dtype the gradient arrived in.
+    zero_tol:
+        An entry ``v_j`` of a vector ``v`` in the gradient's column space counts as zero
+        when ``|v_j| <= zero_tol * max |v|``.
+    degeneracy_tol:
+        A singular value of a row subset of an orthonormal basis counts as zero below
+        this.
+    """
+
+    eps: float
+    zero_tol: float
+    degeneracy_tol: float
+
+    @classmethod
+    def derive(cls, dtype: torch.dtype, condition: float) -> Tolerances:
+        """Tolerances for data of ``dtype`` whose factorisation has ``condition``.
+
+        Parameters
+        ----------
+        dtype:
+            The dtype the gradient arrived in (float32 gradients carry about 7 digits).
+        condition:
+            ``sigma_1 / sigma_b`` of the weight gradient: roundoff in the basis grows
+            with it.
+
+        Examples
+        --------
+        >>> t64 = Tolerances.derive(torch.float64, 100.0)
+        >>> t32 = Tolerances.derive(torch.float32, 100.0)
+        >>> t64.zero_tol < t32.zero_tol <= MAX_ZERO_TOL
+        True
+        """
+        eps = float(torch.finfo(dtype).eps)
+        cond = max(1.0, float(condition)) if math.isfinite(condition) else 1e12
+        zero_tol = ZERO_TOL_HEADROOM * eps * math.sqrt(cond)
+        if dtype != torch.float64:
+            # float32 and lower: the zero test needs about 1e-4 (ALGORITHM.md, pitfalls)
+            zero_tol = max(zero_tol, 1e-4)
+        zero_tol = min(MAX_ZERO_TOL, max(MIN_ZERO_TOL, zero_tol))
+        return cls(eps=eps, zero_tol=zero_tol, degeneracy_tol=zero_tol)
+
+
+@dataclass
+class Factorisation:
+    """``weight_grad ~= left @ right`` truncated at the numerical rank.
+
+    Attributes
+    ----------
+    left:
+        ``(m, b)`` float64, ``U_b diag(s_b)``.
+    right:
+        ``(b, n)`` float64 with orthonormal rows (``V_b^T``).
+    singular_values:
+        ``(min(m, n),)`` all singular values, descending.
+    rank:
+        ``b``.
+    gap:
+        ``s_b / s_{b+1}`` (``inf`` when ``s_{b+1} == 0`` or ``b == min(m, n)``).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    singular_values: torch.Tensor
+    rank: int
+    gap: float
+
+    @property
+    def condition(self) -> float:
+        """``s_1 / s_b``."""
+        s = self.singular_values
+        return float(s[0] / s[self.rank - 1]) if self.rank > 0 else math.inf
+
+
+def estimate_rank(singular_values: torch.Tensor, eps: float) -> tuple[int, float]:
+    """Numerical rank from the largest gap in the singular values.
+
+    The rank is placed at the largest ratio ``s_k / s_{k+1}`` among the values that stand
+    above the data's roundoff (``s_k > RANK_FLOOR * eps * s_1``); values below are noise of
+    the dtype and never start a gap.
+
+    Parameters
+    ----------
+    singular_values:
+        ``(r,)`` descending, non-negative.
+    eps:
+        Machine epsilon of the dtype the data arrived in.
+
+    Returns
+    -------
+    rank:
+        The numerical rank (0 for a zero matrix).
+    gap:
+        ``s_rank / s_{rank+1}``: ``inf`` when the next value is exactly zero or absent.
+
+    Examples
+    --------
+    >>> estimate_rank(torch.tensor([3.0, 2.0, 1.0, 1e-17, 1e-18], dtype=torch.float64),
+    ...               2.2e-16)
+    (3, 1e+17)
+    """
+    s = singular_values.to(torch.float64)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0, math.inf
+    signal = int((s > RANK_FLOOR * eps * s[0]).sum())
+    if signal == s.numel():
+        nxt = torch.cat([s[1:], s.new_zeros(1)])
+    else:
+        nxt = s[1 : signal + 1]
+    head = s[:signal]
+    ratios = head / nxt.clamp_min(torch.finfo(torch.float64).tiny)
+    rank = int(torch.argmax(ratios)) + 1
+    following = float(nxt[rank - 1])
+    gap = math.inf if following == 0.0 else float(head[rank - 1]) / following
+    return rank, gap
+
+
+def factorise(weight_grad: torch.Tensor, eps: float, rank: int | None = None) -> Factorisation:
+    """Truncated SVD of the weight gradient at its numerical (or given) rank.
+
+    Parameters
+    ----------
+    weight_grad:
+        ``(m, n)`` float64.
+    eps:
+        Machine epsilon of the dtype the gradient arrived in.
+    rank:
+        Use this rank instead of estimating it.
+
+    Returns
+    -------
+    Factorisation
+    """
+    u, s, vh = torch.linalg.svd(weight_grad, full_matrices=False)
+    b, gap = estimate_rank(s, eps)
+    if rank is not None:
+        b = max(0, min(int(rank), s.numel()))
+        nxt = float(s[b]) if b < s.numel() else 0.0
+        gap = math.inf if nxt == 0.0 else float(s[b - 1]) / nxt if b > 0 else 0.0
+    return Factorisation(
+        left=u[:, :b] * s[:b], right=vh[:b], singular_values=s, rank=b, gap=gap
+    )
+
+
+def orthonormal_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """``(m, rank)`` orthonormal basis of the leading column space of ``matrix`` (m, k)."""
+    u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank].contiguous()
+
+
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm with the sign fixed (largest-magnitude entry positive).
+
+    Parameters
+    ----------
+    vectors:
+        ``(k, r)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(k, r)``; rows of zero norm stay zero.
+    """
+    norms = vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
+    out = vectors / norms
+    idx = out.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(out.gather(1, idx))
+    sign[sign == 0] = 1.0
+    return out * sign
+
+
+def zero_mask(values: torch.Tensor, zero_tol: float) -> torch.Tensor:
+    """Which entries are zero relative to each column's largest magnitude.
+
+    Parameters
+    ----------
+    values:
+        ``(m, k)``: one vector per column.
+    zero_tol:
+        Relative tolerance.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(m, k)`` bool.
+    """
+    scale = values.abs().amax(dim=0, keepdim=True)
+    return values.abs() <= zero_tol * scale
+
+
+def kernel(rows: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerical kernel of a row subset of an orthonormal basis.
+
+    Parameters
+    ----------
+    rows:
+        ``(k, r)`` float64, rows of an ``(m, r)`` matrix with orthonormal columns.
+    tol:
+        Singular values at or below ``tol * sqrt(k)`` count as zero (a kernel vector of
+        such a subset has entries of the size of the zero tolerance on each row).
+
+    Returns
+    -------
+    basis:
+        ``(r, d)`` orthonormal basis of the kernel (``d`` may be 0).
+    singular_values:
+        ``(r,)`` the singular values, padded with zeros when ``k < r``, ascending.
+    """
+    k, r = rows.shape
+    if k == 0:
+        return (
+            torch.eye(r, dtype=rows.dtype, device=rows.device),
+            torch.zeros(r, dtype=rows.dtype, device=rows.device),
+        )
+    _, s, vh = torch.linalg.svd(rows, full_matrices=True)
+    full = torch.zeros(r, dtype=rows.dtype, device=rows.device)
+    full[: s.numel()] = s
+    asc = torch.flip(full, dims=[0])
+    d = int((asc <= tol * math.sqrt(max(k, 1))).sum())
+    basis = vh[r - d :].T if d > 0 else torch.zeros(r, 0, dtype=rows.dtype, device=rows.device)
+    return basis, asc
+
+
+#: A row whose leverage in a row subset is within this of 1 is essential to it.
+ESSENTIAL_LEVERAGE = 1e-6
+
+
+def pure_kernel(rows: torch.Tensor, tol: float) -> torch.Tensor | None:
+    """The kernel direction of a zero set, when it is one-dimensional and stable.
+
+    A vector mixing several examples' gradient columns vanishes on their common zero set
+    (whose kernel has the dimension of the mix) and, because it was fitted there, on a few
+    extra rows where the mixed entries happen to cancel. Each such extra row is essential:
+    leaving it out raises the kernel's dimension. A true column's zero set has no
+    essential row. So the kernel is accepted only when it is one-dimensional and no row
+    has leverage (diagonal of the hat matrix of ``rows``' column space) near 1
+    (ALGORITHM.md, fact 10).
+
+    Parameters
+    ----------
+    rows:
+        ``(k, r)`` float64 rows of an orthonormal basis.
+    tol:
+        Degeneracy tolerance as in :func:`kernel`.
+
+    Returns
+    -------
+    torch.Tensor | None
+        ``(r,)`` unit kernel vector, or ``None``.
+    """
+    k, r = rows.shape
+    if k < r:
+        return None
+    u, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    small = s <= tol * math.sqrt(k)
+    if int(small.sum()) != 1 or not bool(small[-1]):
+        return None
+    leverage = (u[:, : r - 1] ** 2).sum(dim=1)
+    if float(leverage.max()) > 1.0 - ESSENTIAL_LEVERAGE:
+        return None
+    return vh[-1]

@@ -1,0 +1,213 @@
+"""Find the attackable layer of a torch model and the part of the model after it.
+
+A layer is attackable when it is an ``nn.Linear`` whose output goes straight into a ReLU
+(ALGORITHM.md, "one linear layer followed by ReLU"). The model is traced with
+``torch.fx`` so that flattening or reshaping inside ``forward`` is seen, not only
+``nn.Flatten`` in an ``nn.Sequential``. The model is never modified: the "tail" (the
+model from the attacked layer's input to the logits) is a new ``GraphModule`` that shares
+the model's submodules.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from spear.errors import NotAttackableError
+
+__all__ = ["AttackTarget", "find_target"]
+
+_RELU_MODULES = (nn.ReLU,)
+_RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.relu_}
+_RESHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "float", "double", "to"}
+_SMOOTH = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus, nn.LeakyReLU, nn.Mish)
+
+
+@dataclass
+class AttackTarget:
+    """The layer the attack inverts.
+
+    Attributes
+    ----------
+    name:
+        Its key in ``model.named_modules()``.
+    layer:
+        The ``nn.Linear`` itself (never modified).
+    first:
+        True when it receives the model input, possibly through reshapes only, so that
+        its inputs are the model's inputs.
+    tail:
+        Maps the layer's input features ``(b, n)`` to the model's output, or ``None`` when
+        the model could not be split there (then labels and the certificate need the
+        model input).
+    examined:
+        One line per layer looked at, with why it was or was not taken.
+    """
+
+    name: str
+    layer: nn.Linear
+    first: bool
+    tail: Callable[[torch.Tensor], torch.Tensor] | None
+    examined: list[str] = field(default_factory=list)
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], _RELU_MODULES)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[str(node.target)]).__name__
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], _RESHAPE_MODULES)
+    if node.op == "call_function":
+        return node.target in _RESHAPE_FUNCTIONS or node.target in (
+            getattr,
+            operator.getitem,
+        )
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS or node.target == "size"
+    return False
+
+
+def _reaches_input_by_reshapes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is the model input passed through reshapes only."""
+    if node.op == "placeholder":
+        return True
+    if not _is_reshape(node, modules):
+        return False
+    tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+    if not tensor_args:
+        return False
+    # the first argument carries the tensor; the others are sizes (x.size(0), ...)
+    return _reaches_input_by_reshapes(tensor_args[0], modules)
+
+
+def _tail(traced: fx.GraphModule, feature_node: fx.Node) -> fx.GraphModule | None:
+    """A GraphModule computing the model output from ``feature_node``'s value."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {feature_node: graph.placeholder("features")}
+    for node in traced.graph.nodes:
+        if node in env or node.op == "placeholder":
+            continue
+        deps = node.all_input_nodes
+        if not all(d in env for d in deps):
+            if node.op == "output":
+                return None
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    if not any(n.op == "output" for n in graph.nodes):
+        return None
+    return fx.GraphModule(traced, graph)
+
+
+def find_target(model: nn.Module) -> AttackTarget:
+    """The first ``nn.Linear`` followed by a ReLU, in the order the model computes.
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module`` that ``torch.fx`` can trace, or an ``nn.Sequential``.
+
+    Returns
+    -------
+    AttackTarget
+
+    Raises
+    ------
+    NotAttackableError
+        When no layer qualifies; the message names every layer examined and why.
+    """
+    modules = dict(model.named_modules())
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds
+        if isinstance(model, nn.Sequential):
+            return _find_in_sequential(model)
+        raise NotAttackableError(
+            f"could not trace {type(model).__name__} with torch.fx ({exc}); make forward() "
+            "traceable (no data-dependent control flow), or pass an nn.Sequential."
+        ) from exc
+    examined: list[str] = []
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[str(node.target)], nn.Linear):
+            continue
+        name = str(node.target)
+        users = list(node.users)
+        if len(users) == 1 and _is_relu(users[0], modules):
+            feature_node = node.args[0]
+            assert isinstance(feature_node, fx.Node)
+            first = _reaches_input_by_reshapes(feature_node, modules)
+            tail = _tail(traced, feature_node)
+            examined.append(f"{name}: Linear followed by ReLU -> attacked")
+            layer = modules[name]
+            assert isinstance(layer, nn.Linear)
+            return AttackTarget(name=name, layer=layer, first=first, tail=tail, examined=examined)
+        after = ", ".join(_describe(u, modules) for u in users) or "nothing"
+        reason = "a smooth activation (no exact zeros)" if any(
+            u.op == "call_module" and isinstance(modules[str(u.target)], _SMOOTH) for u in users
+        ) else "not a ReLU"
+        examined.append(f"{name}: Linear followed by {after}, {reason}")
+    listing = "; ".join(examined) if examined else "no nn.Linear layer at all"
+    raise NotAttackableError(
+        f"no linear layer followed by a ReLU in {type(model).__name__} (examined: "
+        f"{listing}). The attack needs an nn.Linear whose output goes straight into a ReLU."
+    )
+
+
+def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
+    """Fallback for untraceable Sequential models: scan the children in order."""
+    children = list(model.named_children())
+    examined: list[str] = []
+    for i, (name, child) in enumerate(children):
+        if not isinstance(child, nn.Linear):
+            continue
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if isinstance(nxt, _RELU_MODULES):
+            first = all(isinstance(c, _RESHAPE_MODULES) for _, c in children[:i])
+            rest = nn.Sequential(*[c for _, c in children[i:]])
+            examined.append(f"{name}: Linear followed by ReLU -> attacked")
+            return AttackTarget(name=name, layer=child, first=first, tail=rest, examined=examined)
+        examined.append(f"{name}: Linear followed by {type(nxt).__name__}, not a ReLU")
+    raise NotAttackableError(
+        f"no linear layer followed by a ReLU (examined: {'; '.join(examined) or 'none'})."
+    )
+
+
+def guess_input_shape(features: int) -> tuple[int, ...]:
+    """A plausible image shape for ``features`` flattened inputs.
+
+    ``s*s`` -> ``(1, s, s)``; ``3*s*s`` -> ``(3, s, s)``; otherwise ``(features,)``.
+
+    Examples
+    --------
+    >>> guess_input_shape(784), guess_input_shape(3072), guess_input_shape(10)
+    ((1, 28, 28), (3, 32, 32), (10,))
+    """
+    side = math.isqrt(features)
+    if side * side == features and side >= 8:
+        return (1, side, side)
+    if features % 3 == 0:
+        side = math.isqrt(features // 3)
+        if 3 * side * side == features and side >= 8:
+            return (3, side, side)
+    return (features,)

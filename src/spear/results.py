@@ -1,0 +1,153 @@
+"""Plain result records returned by the attacks.
+
+Every attack in the project (SPEAR's solvers and the baselines) returns one of these, so
+that evaluation code can treat them alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["LayerReconstruction", "Reconstruction", "SolverStats"]
+
+
+@dataclass
+class SolverStats:
+    """What a disaggregation solver did.
+
+    Attributes
+    ----------
+    name:
+        The solver's name (``"sampling"``, ``"peeling"``, ``"sparse"``, ...).
+    samples:
+        Kernel samples (row subsets or starting points) it drew.
+    candidates:
+        Candidate directions that passed its sparsity filter.
+    found:
+        Examples it contributed to the answer.
+    seconds:
+        Wall time it used.
+    """
+
+    name: str
+    samples: int = 0
+    candidates: int = 0
+    found: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class LayerReconstruction:
+    """The inputs of one linear+ReLU layer rebuilt from its gradient.
+
+    Attributes
+    ----------
+    inputs:
+        ``(k, n)`` float64: the recovered inputs, one row per example, in some order. Only
+        verified examples are returned: ``k == batch_size`` when :attr:`complete`.
+    batch_size:
+        ``b``, the number of distinct examples in the update (given or from the rank).
+    complete:
+        True when all ``b`` examples were recovered and verified.
+    output_grads:
+        ``(m, k)`` float64: the gradient with respect to the layer's pre-activations for
+        each recovered example (column ``i`` belongs to ``inputs[i]``), scaled so that
+        ``weight_grad ~= output_grads @ inputs`` when complete.
+    singular_values:
+        ``(min(m, n),)`` float64: the singular values of the weight gradient, which
+        revealed the batch size.
+    rank_gap:
+        ``sigma_b / sigma_{b+1}`` (``inf`` when ``sigma_{b+1}`` is zero): how clearly the
+        rank stood out.
+    sparsity:
+        ``(k,)`` fraction of zero entries in each recovered example's column of ``G``.
+    consistency:
+        ``(k,)`` fraction of units whose on/off state, predicted from the layer's weight
+        and bias, agrees with the zero pattern of the example's gradient column (``None``
+        when the weights were not given).
+    residual:
+        Relative Frobenius error ``||dW - G X^T|| / ||dW||`` of the recovered part.
+    precision:
+        The relative precision the data's dtype allows (about ``1e-16`` for float64,
+        ``1e-7`` for float32); exact means agreement to this precision.
+    solvers:
+        One :class:`SolverStats` per solver that ran, in order.
+    seconds:
+        Total wall time.
+    notes:
+        Plain-language findings (partial recovery, duplicates, precision, ...).
+    """
+
+    inputs: torch.Tensor
+    batch_size: int
+    complete: bool
+    output_grads: torch.Tensor
+    singular_values: torch.Tensor
+    rank_gap: float
+    sparsity: torch.Tensor
+    consistency: torch.Tensor | None
+    residual: float
+    precision: float
+    solvers: list[SolverStats] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> int:
+        """Number of verified examples returned."""
+        return int(self.inputs.shape[0])
+
+    @property
+    def samples(self) -> int:
+        """Kernel samples drawn over all solvers."""
+        return sum(s.samples for s in self.solvers)
+
+    @property
+    def candidates(self) -> int:
+        """Candidate directions kept over all solvers."""
+        return sum(s.candidates for s in self.solvers)
+
+
+@dataclass
+class Reconstruction:
+    """A client's batch rebuilt from its update.
+
+    Attributes
+    ----------
+    inputs:
+        ``(k, *input_shape)`` in the model's input space (or in the attacked layer's input
+        feature space when the first layer could not be attacked; see :attr:`notes`).
+    labels:
+        ``(k,)`` int64 class indices, or ``None`` when they could not be recovered.
+    certificate:
+        Relative error of the update recomputed from this reconstruction, or ``None``
+        when it cannot be defined (the reason is in :attr:`notes`).
+    verified:
+        True when :attr:`certificate` is below :data:`spear.certificate.VERIFIED_BELOW`.
+    batch_size:
+        ``b``, the number of distinct examples found in the update.
+    complete:
+        True when all ``b`` examples were recovered.
+    layer:
+        Name of the attacked layer (``model.named_modules()`` key).
+    feature_space:
+        True when :attr:`inputs` are features entering the attacked layer, not model inputs.
+    layer_result:
+        The underlying :class:`LayerReconstruction`.
+    notes:
+        Plain-language findings.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    certificate: float | None
+    verified: bool
+    batch_size: int
+    complete: bool
+    layer: str
+    feature_space: bool = False
+    layer_result: LayerReconstruction | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
