@@ -8,6 +8,7 @@ recover the labels (:mod:`spear.labels`) and certify the result
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -90,10 +91,10 @@ def attack(
     notes: list[str] = []
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
-    layer = target.layer
-    weight_grad = update[f"{target.name}.weight"]
-    bias_grad = update.get(f"{target.name}.bias") if layer.bias is not None else None
-    if layer.bias is None:
+    prefix = f"{target.name}." if target.name else ""
+    weight_grad = update[f"{prefix}weight"]
+    bias_grad = update.get(f"{prefix}bias") if target.bias is not None else None
+    if target.bias is None:
         notes.append(
             f"layer {target.name!r} has no bias: examples come out only up to a scale each, "
             "and labels and the certificate are not available."
@@ -101,8 +102,8 @@ def attack(
     result = invert_layer(
         weight_grad,
         bias_grad,
-        weight=layer.weight.detach(),
-        bias=layer.bias.detach() if layer.bias is not None else None,
+        weight=target.weight.detach(),
+        bias=target.bias.detach() if target.bias is not None else None,
         batch_size=batch_size,
         seed=seed,
         solver=solver,
@@ -114,16 +115,16 @@ def attack(
     notes.extend(result.notes)
     features = result.inputs.cpu()
     if target.first:
-        shape = input_shape or guess_input_shape(layer.in_features)
-        if input_shape is None and len(shape) > 1:
+        shape = input_shape or target.input_shape or guess_input_shape(target.in_features)
+        if input_shape is None and target.input_shape is None and len(shape) > 1:
             notes.append(
-                f"input shape guessed as {shape} from the {layer.in_features} features the "
+                f"input shape guessed as {shape} from the {target.in_features} features the "
                 "first layer takes; pass input_shape= to override."
             )
-        if int(torch.tensor(shape).prod()) != layer.in_features:
+        if math.prod(shape) != target.in_features:
             raise InputError(
-                f"input_shape {shape} has {int(torch.tensor(shape).prod())} entries but "
-                f"layer {target.name!r} takes {layer.in_features} features."
+                f"input_shape {shape} has {math.prod(shape)} entries but layer "
+                f"{target.name!r} takes {target.in_features} features."
             )
         inputs = features.reshape(features.shape[0], *shape)
     else:
@@ -132,28 +133,28 @@ def attack(
             f"the first layer could not be attacked; layer {target.name!r} was, so .inputs "
             "are the features entering it, not model inputs."
         )
-    dtype = layer.weight.dtype
+    dtype = target.weight.dtype
     labels: torch.Tensor | None = None
     certificate: float | None = None
-    if layer.bias is not None and result.found and target.tail is not None:
+    if target.bias is not None and result.found and target.after is not None:
+        lab = recover_labels(
+            target.after,
+            target.weight.detach(),
+            target.bias.detach(),
+            features.to(dtype),
+            result.output_grads.cpu(),
+        )
+        labels = lab.labels
         if update_kind == "gradient":
-            lab = recover_labels(
-                target.tail, layer, features.to(dtype), result.output_grads.cpu()
-            )
-            labels = lab.labels
             notes.extend(lab.notes)
             if lab.reduction in ("mean", "sum"):
                 notes.append(f"loss reduction detected: {lab.reduction}.")
         else:
-            lab = recover_labels(
-                target.tail, layer, features.to(dtype), result.output_grads.cpu()
-            )
-            labels = lab.labels
             notes.append(
                 "labels from a FedAvg delta use the Jacobian at the sent weights; they are "
                 "a best estimate, not certified."
             )
-    elif target.tail is None:
+    elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
     if target.first and labels is not None:
         certificate = certify(work, update, inputs.to(dtype), labels, update_kind=update_kind)

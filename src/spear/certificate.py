@@ -133,6 +133,15 @@ def certify(
     return best / norm
 
 
+def _fill(
+    grads: tuple[torch.Tensor | None, ...], tensors: list[nn.Parameter]
+) -> list[torch.Tensor]:
+    """Gradients with zeros for parameters the loss does not reach."""
+    return [
+        g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors, strict=True)
+    ]
+
+
 def _weighted_grad(
     model: nn.Module,
     tensors: list[nn.Parameter],
@@ -143,7 +152,7 @@ def _weighted_grad(
     """Flattened gradient of ``sum_i weights_i * CE(model(x_i), y_i)``."""
     losses = nn.functional.cross_entropy(model(x), y, reduction="none")
     grads = torch.autograd.grad((losses * weights).sum(), tensors, allow_unused=True)
-    return _flat([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors)])
+    return _flat(_fill(grads, tensors))
 
 
 def _fit_weights(
@@ -169,13 +178,15 @@ def _fit_weights(
     for i in range(k):
         loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        rows.append(_flat([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors)]))
+        rows.append(_flat(_fill(grads, tensors)))
     design = torch.stack(rows, dim=1)  # (size, k)
     target = _flat([update[n] for n, _ in chosen])
     return torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
 
 
-def _certify_delta(model: nn.Module, update: dict[str, torch.Tensor], inputs: torch.Tensor) -> float:
+def _certify_delta(
+    model: nn.Module, update: dict[str, torch.Tensor], inputs: torch.Tensor
+) -> float:
     """Row-space check of the attacked layer's delta (see the module docstring)."""
     from spear.model import find_target
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BatchTooLargeError", "InputError", "NotAttackableError", "NoReluSparsityError"]
+__all__ = ["BatchTooLargeError", "InputError", "NoReluSparsityError", "NotAttackableError"]
 
 
 class InputError(ValueError):

@@ -53,8 +53,9 @@ class LabelResult:
 
 
 def recover_labels(
-    tail: Callable[[torch.Tensor], torch.Tensor],
-    layer: torch.nn.Linear,
+    after: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     features: torch.Tensor,
     output_grads: torch.Tensor,
 ) -> LabelResult:
@@ -62,10 +63,10 @@ def recover_labels(
 
     Parameters
     ----------
-    tail:
-        Maps the attacked layer's input features ``(k, n)`` to logits ``(k, C)``.
-    layer:
-        The attacked ``nn.Linear`` (its pre-activations are where ``output_grads`` live).
+    after:
+        Maps the attacked layer's pre-activations ``(k, m)`` to logits ``(k, C)``.
+    weight, bias:
+        ``(m, n)`` and ``(m,)`` the attacked layer's parameters.
     features:
         ``(k, n)`` recovered inputs of the layer, in the model's dtype.
     output_grads:
@@ -76,21 +77,25 @@ def recover_labels(
     LabelResult
     """
     k = features.shape[0]
-    dtype = next(layer.parameters()).dtype
+    dtype = weight.dtype
+
+    def logits(z: torch.Tensor) -> torch.Tensor:
+        out = after(z)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
     feats = features.to(dtype).detach()
     with torch.no_grad():
-        pre = layer(feats)  # (k, m)
-    after = _after_layer(tail, layer)
+        pre = torch.nn.functional.linear(feats, weight, bias)  # (k, m)
     labels = torch.zeros(k, dtype=torch.int64)
     divisor = torch.zeros(k, dtype=torch.float64)
     fit = torch.zeros(k, dtype=torch.float64)
     for i in range(k):
         z = pre[i : i + 1].detach()
-        jac = torch.autograd.functional.jacobian(lambda t: after(t)[0], z)  # (C, 1, m)
+        jac = torch.autograd.functional.jacobian(lambda t: logits(t)[0], z)  # (C, 1, m)
         j = jac[:, 0, :].to(torch.float64)  # (C, m)
         r = torch.linalg.lstsq(j.T, output_grads[:, i : i + 1]).solution[:, 0]
         with torch.no_grad():
-            p = torch.softmax(after(z)[0].to(torch.float64), dim=0)
+            p = torch.softmax(logits(z)[0].to(torch.float64), dim=0)
         y = int(torch.argmin(r))
         target = p.clone()
         target[y] -= 1.0
@@ -101,26 +106,6 @@ def recover_labels(
         denom = float(target.norm()) or 1.0
         fit[i] = float((r * div - target).norm()) / denom
     return _interpret(labels, divisor, fit)
-
-
-def _after_layer(
-    tail: Callable[[torch.Tensor], torch.Tensor], layer: torch.nn.Linear
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map from the layer's pre-activations to logits: ``tail`` minus the layer.
-
-    ``tail`` starts with the layer itself; a pseudo-inverse is not needed because the
-    layer is linear: feed ``z`` through a stand-in module that returns it unchanged.
-    """
-
-    def run(z: torch.Tensor) -> torch.Tensor:
-        handle = layer.register_forward_hook(lambda _m, _i, _o: z)
-        try:
-            features = torch.zeros(z.shape[0], layer.in_features, dtype=z.dtype)
-            return tail(features)
-        finally:
-            handle.remove()
-
-    return run
 
 
 def _interpret(labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor) -> LabelResult:

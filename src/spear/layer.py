@@ -196,8 +196,8 @@ def _pattern_check(
     n_clear = max(1, int(clear.sum()))
     off_but_nonzero = int((off & ~grad_zero).sum())
     on_but_zero = int((on & grad_zero & live).sum())
-    mismatch = MISMATCH_EXACT if eps <= float(torch.finfo(torch.float64).eps) else (
-        MISMATCH_LOW_PRECISION
+    mismatch = (
+        MISMATCH_EXACT if eps <= float(torch.finfo(torch.float64).eps) else (MISMATCH_LOW_PRECISION)
     )
     off_limit = MAX_OFF_BUT_NONZERO_DELTA if delta else mismatch
     ok = off_but_nonzero <= off_limit * n_clear and on_but_zero <= mismatch * n_clear
@@ -256,8 +256,14 @@ def _scaled_grad(
 
 
 def _row_candidates(
-    state: _State, layer: _Layer, tol: Tolerances, eps: float, delta: bool, rank: int,
-    dirty: torch.Tensor, deadline: float,
+    state: _State,
+    layer: _Layer,
+    tol: Tolerances,
+    eps: float,
+    delta: bool,
+    rank: int,
+    dirty: torch.Tensor,
+    deadline: float,
 ) -> int:
     """Use rows of the residual as example candidates (facts 7-8); returns peeled count.
 
@@ -309,16 +315,14 @@ def _row_candidates(
         if agreement < DIRECTION_AGREEMENT:
             continue
         unit = direction / direction.norm()
-        if not _pool_add(state.directions, unit):
-            known = True
-        else:
-            known = False
+        known = bool(not _pool_add(state.directions, unit))
         if int(support[i]) >= 2 and not known:
             grad = _scaled_grad(state, coord, unit)
             if grad is None:
                 continue
-            ok, _ = _pattern_check(layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0],
-                                   live, eps, delta)
+            ok, _ = _pattern_check(
+                layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0], live, eps, delta
+            )
             if ok:
                 exact.append((coord, grad))
     for coord, grad in exact:
@@ -702,10 +706,7 @@ def _finish(
     if layer is not None and k:
         live = live_rows(fac.left / fac.left.norm(dim=0).clamp_min(1e-300), tol.zero_tol)
         consistency = torch.tensor(
-            [
-                _pattern_check(layer, coords[i], zeros[:, i], live, eps, delta)[1]
-                for i in range(k)
-            ],
+            [_pattern_check(layer, coords[i], zeros[:, i], live, eps, delta)[1] for i in range(k)],
             dtype=torch.float64,
         )
     complete = k == rank

@@ -18,8 +18,8 @@ __all__ = [
     "estimate_rank",
     "factorise",
     "kernel",
-    "pure_kernel",
     "orthonormal_basis",
+    "pure_kernel",
     "unit_rows",
     "zero_mask",
 ]
@@ -147,10 +147,7 @@ def estimate_rank(singular_values: torch.Tensor, eps: float) -> tuple[int, float
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0, math.inf
     signal = int((s > RANK_FLOOR * eps * s[0]).sum())
-    if signal == s.numel():
-        nxt = torch.cat([s[1:], s.new_zeros(1)])
-    else:
-        nxt = s[1 : signal + 1]
+    nxt = torch.cat([s[1:], s.new_zeros(1)]) if signal == s.numel() else s[1 : signal + 1]
     head = s[:signal]
     ratios = head / nxt.clamp_min(torch.finfo(torch.float64).tiny)
     rank = int(torch.argmax(ratios)) + 1
@@ -181,9 +178,7 @@ def factorise(weight_grad: torch.Tensor, eps: float, rank: int | None = None) ->
         b = max(0, min(int(rank), s.numel()))
         nxt = float(s[b]) if b < s.numel() else 0.0
         gap = math.inf if nxt == 0.0 else float(s[b - 1]) / nxt if b > 0 else 0.0
-    return Factorisation(
-        left=u[:, :b] * s[:b], right=vh[:b], singular_values=s, rank=b, gap=gap
-    )
+    return Factorisation(left=u[:, :b] * s[:b], right=vh[:b], singular_values=s, rank=b, gap=gap)
 
 
 def orthonormal_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:

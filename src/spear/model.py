@@ -20,12 +20,27 @@ from torch import fx, nn
 
 from spear.errors import NotAttackableError
 
-__all__ = ["AttackTarget", "find_target"]
+__all__ = ["AttackTarget", "find_target", "guess_input_shape"]
 
 _RELU_MODULES = (nn.ReLU,)
-_RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.relu_}
+_RELU_FUNCTIONS = {
+    torch.relu,
+    torch.nn.functional.relu,
+    torch.relu_,
+    torch.ops.aten.relu.default,
+    torch.ops.aten.relu_.default,
+}
+_LINEAR_FUNCTIONS = {torch.nn.functional.linear, torch.ops.aten.linear.default}
 _RESHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.clone.default,
+}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "float", "double", "to"}
 _SMOOTH = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus, nn.LeakyReLU, nn.Mish)
 
@@ -37,25 +52,35 @@ class AttackTarget:
     Attributes
     ----------
     name:
-        Its key in ``model.named_modules()``.
-    layer:
-        The ``nn.Linear`` itself (never modified).
+        Prefix of its parameters: the update holds ``name + ".weight"`` (and ``".bias"``).
+    weight:
+        ``(m, n)`` the layer's weight as sent (never modified).
+    bias:
+        ``(m,)`` its bias, or ``None`` for a layer without bias.
     first:
         True when it receives the model input, possibly through reshapes only, so that
         its inputs are the model's inputs.
-    tail:
-        Maps the layer's input features ``(b, n)`` to the model's output, or ``None`` when
-        the model could not be split there (then labels and the certificate need the
-        model input).
+    after:
+        Maps the layer's pre-activations ``(b, m)`` to the model's output, or ``None`` when
+        the model could not be split there (then no labels).
+    input_shape:
+        Shape of one model input when the model records it (exported programs).
     examined:
         One line per layer looked at, with why it was or was not taken.
     """
 
     name: str
-    layer: nn.Linear
+    weight: torch.Tensor
+    bias: torch.Tensor | None
     first: bool
-    tail: Callable[[torch.Tensor], torch.Tensor] | None
+    after: Callable[[torch.Tensor], torch.Tensor] | None
+    input_shape: tuple[int, ...] | None = None
     examined: list[str] = field(default_factory=list)
+
+    @property
+    def in_features(self) -> int:
+        """``n``."""
+        return int(self.weight.shape[1])
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -138,40 +163,93 @@ def find_target(model: nn.Module) -> AttackTarget:
         When no layer qualifies; the message names every layer examined and why.
     """
     modules = dict(model.named_modules())
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - fx raises many kinds
-        if isinstance(model, nn.Sequential):
-            return _find_in_sequential(model)
-        raise NotAttackableError(
-            f"could not trace {type(model).__name__} with torch.fx ({exc}); make forward() "
-            "traceable (no data-dependent control flow), or pass an nn.Sequential."
-        ) from exc
+    if isinstance(model, fx.GraphModule):
+        traced = model
+    else:
+        try:
+            traced = fx.symbolic_trace(model)
+        except Exception as exc:
+            if isinstance(model, nn.Sequential):
+                return _find_in_sequential(model)
+            raise NotAttackableError(
+                f"could not trace {type(model).__name__} with torch.fx ({exc}); make "
+                "forward() traceable (no data-dependent control flow), export it with "
+                "torch.export, or pass an nn.Sequential."
+            ) from exc
     examined: list[str] = []
+    input_shape = _recorded_input_shape(traced)
     for node in traced.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[str(node.target)], nn.Linear):
+        found = _as_linear(node, modules, traced)
+        if found is None:
             continue
-        name = str(node.target)
+        name, weight, bias = found
         users = list(node.users)
         if len(users) == 1 and _is_relu(users[0], modules):
             feature_node = node.args[0]
             assert isinstance(feature_node, fx.Node)
             first = _reaches_input_by_reshapes(feature_node, modules)
-            tail = _tail(traced, feature_node)
             examined.append(f"{name}: Linear followed by ReLU -> attacked")
-            layer = modules[name]
-            assert isinstance(layer, nn.Linear)
-            return AttackTarget(name=name, layer=layer, first=first, tail=tail, examined=examined)
+            return AttackTarget(
+                name=name,
+                weight=weight,
+                bias=bias,
+                first=first,
+                after=_tail(traced, node),
+                input_shape=input_shape if first else None,
+                examined=examined,
+            )
         after = ", ".join(_describe(u, modules) for u in users) or "nothing"
-        reason = "a smooth activation (no exact zeros)" if any(
+        smooth = any(
             u.op == "call_module" and isinstance(modules[str(u.target)], _SMOOTH) for u in users
-        ) else "not a ReLU"
+        )
+        reason = "a smooth activation (no exact zeros)" if smooth else "not a ReLU"
         examined.append(f"{name}: Linear followed by {after}, {reason}")
-    listing = "; ".join(examined) if examined else "no nn.Linear layer at all"
+    listing = "; ".join(examined) if examined else "no linear layer at all"
     raise NotAttackableError(
         f"no linear layer followed by a ReLU in {type(model).__name__} (examined: "
-        f"{listing}). The attack needs an nn.Linear whose output goes straight into a ReLU."
+        f"{listing}). The attack needs a linear layer whose output goes straight into a "
+        "ReLU."
     )
+
+
+def _as_linear(
+    node: fx.Node, modules: dict[str, nn.Module], traced: fx.GraphModule
+) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+    """``(name, weight, bias)`` when ``node`` applies a linear layer, else ``None``."""
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        if isinstance(mod, nn.Linear):
+            return str(node.target), mod.weight, mod.bias
+        return None
+    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
+        weight_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+            return None
+        wname = str(weight_node.target)
+        if not wname.endswith("weight"):
+            return None
+        weight = traced.get_parameter(wname)
+        bias = None
+        if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
+            bias = traced.get_parameter(str(bias_node.target))
+        return wname[: -len(".weight")] if "." in wname else "", weight, bias
+    return None
+
+
+def _recorded_input_shape(traced: fx.GraphModule) -> tuple[int, ...] | None:
+    """Shape of one input as recorded by torch.export (placeholder metadata), if any."""
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", None)
+            if shape is not None and len(shape) >= 2:
+                try:
+                    return tuple(int(d) for d in shape[1:])
+                except TypeError:
+                    return None
+            return None
+    return None
 
 
 def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
@@ -184,9 +262,16 @@ def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
         nxt = children[i + 1][1] if i + 1 < len(children) else None
         if isinstance(nxt, _RELU_MODULES):
             first = all(isinstance(c, _RESHAPE_MODULES) for _, c in children[:i])
-            rest = nn.Sequential(*[c for _, c in children[i:]])
+            rest = nn.Sequential(*[c for _, c in children[i + 1 :]])
             examined.append(f"{name}: Linear followed by ReLU -> attacked")
-            return AttackTarget(name=name, layer=child, first=first, tail=rest, examined=examined)
+            return AttackTarget(
+                name=name,
+                weight=child.weight,
+                bias=child.bias,
+                first=first,
+                after=rest,
+                examined=examined,
+            )
         examined.append(f"{name}: Linear followed by {type(nxt).__name__}, not a ReLU")
     raise NotAttackableError(
         f"no linear layer followed by a ReLU (examined: {'; '.join(examined) or 'none'})."

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from spear.errors import InputError
-from spear.solvers.base import Budget, DirectionSolver, Directions, SearchSpec
+from spear.solvers.base import Budget, Directions, DirectionSolver, SearchSpec
 from spear.solvers.sampling import SamplingSolver
 
 __all__ = [

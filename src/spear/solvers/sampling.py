@@ -59,7 +59,7 @@ class SamplingSolver:
     def __call__(self, spec: SearchSpec, budget: Budget) -> Directions:
         """Search until ``spec.target`` directions are found or the budget ends."""
         basis = spec.basis
-        m, r = basis.shape
+        _m, r = basis.shape
         found: list[torch.Tensor] = []
         known = [k for k in spec.known]
         samples = 0
@@ -93,14 +93,15 @@ class SamplingSolver:
                         generator=spec.generator,
                         dtype=torch.float64,
                         device=basis.device,
-                    )
-                    .clamp_min(1e-300)
+                    ).clamp_min(1e-300)
                 )
             )
             pick = live[pool[(log_w[pool] + gumbel).topk(r - 1, dim=1).indices]]
             mats = basis[pick]  # (k, r-1, r)
             sol, info = torch.linalg.solve_ex(mats[:, :, :-1], -mats[:, :, -1:])
-            cand = torch.cat([sol[:, :, 0], torch.ones(k, 1, dtype=basis.dtype, device=basis.device)], dim=1)
+            cand = torch.cat(
+                [sol[:, :, 0], torch.ones(k, 1, dtype=basis.dtype, device=basis.device)], dim=1
+            )
             ok = (info == 0) & torch.isfinite(cand).all(dim=1)
             cand = cand / cand.norm(dim=1, keepdim=True)
             pv = basis[probe] @ cand.T  # (n_probe, k)

@@ -1,0 +1,156 @@
+"""Benchmark the layer inversion on real images: exactness, time, samples, memory.
+
+Prints a Markdown table with medians over seeds. Each case runs in a fresh process so that
+peak memory is per case. Examples::
+
+    python benchmarks/bench_layer.py                       # issue-2 sweep (b 4..24)
+    python benchmarks/bench_layer.py --batch-sizes 25,32,64,128 --widths 1000 --seeds 3
+    python benchmarks/bench_layer.py --data rgb --batch-sizes 32,64 --widths 2000
+    python benchmarks/bench_layer.py --no-weights --solver sampling   # the paper's setting
+
+A case: ``b`` distinct images, a float64 MLP ``n -> m -> 10`` (PyTorch default init, or
+``--trained``: 50 SGD steps on other images first), one FedSGD step with mean
+cross-entropy; the first layer's gradient goes to :func:`spear.invert_layer`. An example is
+exact when its max abs error is below 1e-6 of the batch's scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+
+def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One attack in this process; returns its measurements."""
+    import torch
+
+    import spear
+    from spear import metrics
+    from spear.data import builtin_images, load_fashion_mnist, rgb_patches, sample_batch
+    from spear.solvers.sampling import expected_samples
+
+    torch.set_num_threads(cfg["threads"])
+    b, m, seed = cfg["b"], cfg["m"], cfg["seed"]
+    if cfg["data"] == "rgb":
+        data = rgb_patches(max(1000, 4 * b), seed=0)
+    else:
+        try:
+            data = load_fashion_mnist("test")
+        except FileNotFoundError:
+            data = builtin_images()
+    images, labels = sample_batch(data, b + 200, seed=seed)
+    x = images[:b].reshape(b, -1)
+    y = labels[:b]
+    n = x.shape[1]
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(n, m), torch.nn.ReLU(), torch.nn.Linear(m, 10)
+    ).double()
+    if cfg["trained"]:
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        other = images[b:].reshape(-1, n)
+        other_y = labels[b:]
+        for step in range(50):
+            idx = torch.arange(step * 4, step * 4 + 32) % other.shape[0]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(other[idx]), other_y[idx]).backward()
+            opt.step()
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    gw, gb = torch.autograd.grad(loss, [net[0].weight, net[0].bias])
+    start = time.perf_counter()
+    rec = spear.invert_layer(
+        gw,
+        gb,
+        weight=None if cfg["no_weights"] else net[0].weight.detach(),
+        bias=None if cfg["no_weights"] else net[0].bias.detach(),
+        seed=seed,
+        solver=cfg["solver"],
+        time_budget=cfg["budget"],
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    rate = metrics.exact_rate(rec.inputs, x) if rec.found else 0.0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "b": b,
+        "m": m,
+        "seed": seed,
+        "exact": rate,
+        "seconds": seconds,
+        "samples": rec.samples,
+        "expected": expected_samples(b),
+        "peak_mb": peak_mb,
+        "found": rec.found,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", default="4,8,12,16,20,24")
+    parser.add_argument("--widths", default="200,1000")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--solver", default="auto")
+    parser.add_argument("--data", choices=["fashion", "rgb"], default="fashion")
+    parser.add_argument("--trained", action="store_true")
+    parser.add_argument("--no-weights", action="store_true", help="do not give W and c")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds per case")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    rows = []
+    print(
+        f"data={args.data} trained={args.trained} solver={args.solver} "
+        f"weights={'no' if args.no_weights else 'yes'} seeds={args.seeds}",
+        file=sys.stderr,
+    )
+    header = (
+        "| b | m | exact (median) | all exact | time s (median) | samples (median) "
+        "| H_b 2^(b-1) | peak MB |"
+    )
+    print(header)
+    print("|---|---|---|---|---|---|---|---|")
+    for m in [int(v) for v in args.widths.split(",")]:
+        for b in [int(v) for v in args.batch_sizes.split(",")]:
+            results = []
+            for seed in range(args.seeds):
+                cfg = {
+                    "b": b,
+                    "m": m,
+                    "seed": seed,
+                    "solver": args.solver,
+                    "data": args.data,
+                    "trained": args.trained,
+                    "no_weights": args.no_weights,
+                    "budget": args.budget,
+                    "threads": args.threads,
+                }
+                with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                    res = pool.submit(run_case, cfg).result()
+                results.append(res)
+                print(
+                    f"  b={b} m={m} seed={seed}: exact {res['exact']:.3f} "
+                    f"{res['seconds']:.2f} s samples {res['samples']}",
+                    file=sys.stderr,
+                )
+            rows.append(results)
+            med = statistics.median
+            print(
+                f"| {b} | {m} | {med(r['exact'] for r in results):.3f} "
+                f"| {sum(r['exact'] == 1.0 for r in results)}/{len(results)} "
+                f"| {med(r['seconds'] for r in results):.2f} "
+                f"| {med(r['samples'] for r in results):.0f} "
+                f"| {results[0]['expected']:.3g} "
+                f"| {max(r['peak_mb'] for r in results):.0f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

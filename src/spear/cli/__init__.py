@@ -1,0 +1,52 @@
+"""The ``spear`` command: thin wrappers that parse arguments and call the API.
+
+One module per command (``demo``, ``attack``, ``bench``); each exposes ``add_parser`` and
+``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from spear.cli import attack_cmd, bench, demo
+from spear.errors import (
+    BatchTooLargeError,
+    InputError,
+    NoReluSparsityError,
+    NotAttackableError,
+)
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="spear",
+        description="Exact reconstruction of federated-learning clients' batches (SPEAR).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (demo, attack_cmd, bench):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spear`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.run(args)
+    except (InputError, BatchTooLargeError, NoReluSparsityError, NotAttackableError) as exc:
+        print(f"spear: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"spear: error: {exc}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

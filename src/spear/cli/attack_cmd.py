@@ -1,0 +1,159 @@
+"""``spear attack``: attack a saved model and a client's update from files.
+
+The model is a ``torch.export`` program file (``.pt2``), made with::
+
+    torch.export.save(torch.export.export(model, (example_input,)), "model.pt2")
+
+The update is a safetensors file of parameter name -> tensor (client data is untrusted and
+is never unpickled)::
+
+    update = {k: v.contiguous() for k, v in update.items()}
+    safetensors.torch.save_file(update, "update.safetensors")
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import spear
+from spear import report
+from spear.errors import InputError
+
+__all__ = ["add_parser", "load_model", "load_update", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    """Register the ``attack`` sub-command."""
+    p = sub.add_parser(
+        "attack",
+        help="rebuild a client's batch from a saved model and update",
+        description=(
+            "Loads a torch.export program (.pt2) and a safetensors update, runs "
+            "spear.attack and writes images, labels, certificate and notes."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="torch.export program (.pt2)")
+    p.add_argument("--update", type=Path, required=True, help="update (.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--kind", choices=["gradient", "delta"], default="gradient", help="update kind")
+    p.add_argument("--batch-size", type=int, default=None, help="distinct examples, if known")
+    p.add_argument(
+        "--input-shape", default=None, help="shape of one input, e.g. 1,28,28 (default: auto)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", default="auto")
+    p.add_argument("--time-budget", type=float, default=120.0)
+    p.set_defaults(run=run)
+
+
+def load_model(path: Path) -> torch.nn.Module:
+    """Load a ``torch.export`` program and return its module.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file is missing.
+    InputError
+        When it is not an exported program.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist.")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise InputError(
+            f"{path} is not a torch.export program ({exc}). Make one with "
+            "torch.export.save(torch.export.export(model, (example_input,)), 'model.pt2')."
+        ) from exc
+    module: torch.nn.Module = program.module()
+    return module
+
+
+def load_update(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors update (never unpickled)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"update file {path} does not exist.")
+    try:
+        return dict(load_file(str(path)))
+    except Exception as exc:
+        raise InputError(
+            f"{path} is not a safetensors file ({exc}). Save the update with "
+            "safetensors.torch.save_file(update, 'update.safetensors'); pickled files are "
+            "refused because client data is untrusted."
+        ) from exc
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    """One ``(C, H, W)`` image in [0, 1] as PNG (values outside are clipped)."""
+    array = image.detach().cpu().to(torch.float64).clamp(0, 1).numpy()
+    array = np.round(array * 255).astype(np.uint8)
+    mode_array = array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
+    Image.fromarray(mode_array).save(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``spear attack`` with parsed arguments."""
+    model = load_model(args.model)
+    update = load_update(args.update)
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(","))
+        except ValueError as exc:
+            raise InputError(
+                f"--input-shape must be integers separated by commas such as 1,28,28, found "
+                f"{args.input_shape!r}."
+            ) from exc
+    rec = spear.attack(
+        model,
+        update,
+        update_kind=args.kind,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        input_shape=shape,
+        solver=args.solver,
+        time_budget=args.time_budget,
+    )
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"inputs": rec.inputs.contiguous()}
+    if rec.labels is not None:
+        tensors["labels"] = rec.labels.contiguous()
+    save_file(tensors, str(out / "reconstruction.safetensors"))
+    images = rec.inputs
+    if images.dim() == 4 and images.shape[1] in (1, 3) and not rec.feature_space:
+        for i in range(images.shape[0]):
+            _save_png(images[i], out / f"example_{i:03d}.png")
+        report.image_grid(images, images, out / "grid.png", captions=False)
+    summary = {
+        "batch_size": rec.batch_size,
+        "found": int(rec.inputs.shape[0]),
+        "complete": rec.complete,
+        "labels": rec.labels.tolist() if rec.labels is not None else None,
+        "certificate": rec.certificate,
+        "verified": rec.verified,
+        "layer": rec.layer,
+        "feature_space": rec.feature_space,
+        "seconds": rec.seconds,
+        "notes": rec.notes,
+    }
+    report.write_json(summary, out / "reconstruction.json")
+    cert = "-" if rec.certificate is None else f"{rec.certificate:.1e}"
+    print(
+        f"recovered {summary['found']} of {rec.batch_size} examples from layer {rec.layer!r}"
+        f" in {rec.seconds:.2f} s; certificate {cert} "
+        f"({'verified' if rec.verified else 'not verified'})"
+    )
+    if rec.labels is not None:
+        print(f"labels: {rec.labels.tolist()}")
+    for note in rec.notes:
+        print(f"note: {note}")
+    print(f"written to {out}/ (reconstruction.safetensors, reconstruction.json, PNGs)")
+    return 0
