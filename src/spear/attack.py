@@ -142,7 +142,8 @@ def attack(
             target.weight.detach(),
             target.bias.detach(),
             features.to(dtype),
-            result.output_grads.cpu(),
+            # a delta is minus the learning rate times the summed gradients
+            result.output_grads.cpu() * (-1.0 if update_kind == "delta" else 1.0),
         )
         labels = lab.labels
         if update_kind == "gradient":

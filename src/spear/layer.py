@@ -52,8 +52,11 @@ DEFAULT_MIN_ZERO_FRACTION = 0.1
 MISMATCH_EXACT = 0.0
 MISMATCH_LOW_PRECISION = 0.005
 #: FedAvg deltas: units off at the sent weights may turn on in later local steps (fact 11),
-#: so this fraction of predicted-off units may carry a non-zero update.
+#: so this fraction of predicted-off units may carry a non-zero update; and units on at the
+#: sent weights may be off at every step that used the example (its first use can already
+#: see updated weights), so this fraction of predicted-on units may carry none.
 MAX_OFF_BUT_NONZERO_DELTA = 0.25
+MAX_ON_BUT_ZERO_DELTA = 0.1
 #: Units whose pre-activation is within this many roundoff units of zero are ambiguous and
 #: left out of the comparison.
 AMBIGUITY_ROUNDOFF = 100.0
@@ -200,7 +203,8 @@ def _pattern_check(
         MISMATCH_EXACT if eps <= float(torch.finfo(torch.float64).eps) else (MISMATCH_LOW_PRECISION)
     )
     off_limit = MAX_OFF_BUT_NONZERO_DELTA if delta else mismatch
-    ok = off_but_nonzero <= off_limit * n_clear and on_but_zero <= mismatch * n_clear
+    on_limit = MAX_ON_BUT_ZERO_DELTA if delta else mismatch
+    ok = off_but_nonzero <= off_limit * n_clear and on_but_zero <= on_limit * n_clear
     agreement = 1.0 - (off_but_nonzero + on_but_zero) / n_clear
     return ok, agreement
 
@@ -652,6 +656,8 @@ def invert_layer(
             solved = _solve_complete(state, basis, unit_rows(dirs_now))
             if solved is not None:
                 peeled = peel_verified(*solved)
+                if stats and stats[-1].name != "peeling":
+                    stats[-1].found += peeled
                 if peeled:
                     progressed = True
                     dirty = torch.ones(m, dtype=torch.bool, device=dev)

@@ -20,10 +20,10 @@ from spear.solvers.base import SearchSpec
 __all__ = ["live_rows", "purify"]
 
 #: Largest kernel dimension that is split into its pure directions.
-MAX_SUBPROBLEM_DIM = 8
+MAX_SUBPROBLEM_DIM = 5
 #: Samples per sought direction when splitting a subproblem of dimension d: this many
 #: times 2^(d-1) (the chance that d-1 random rows are all zero for one example).
-SUBPROBLEM_SAMPLES_PER_DIRECTION = 16
+SUBPROBLEM_SAMPLES_PER_DIRECTION = 8
 #: Rounds of "zero set -> kernel -> zero set" before a direction is taken as settled.
 POLISH_ROUNDS = 3
 

@@ -28,6 +28,10 @@ PROBE_ROWS = 64
 #: A sampled direction survives the probe test when at least this fraction of the probe
 #: rows is zero (true directions have about half; non-kernel directions have none).
 PROBE_ZERO_FRACTION = 0.2
+#: At most this many sampled directions per chunk go on to the (costly) purification.
+MAX_PURIFY_PER_CHUNK = 64
+#: A unit vector lies in a span when its distance to it is below this.
+SPAN_TOL = 1e-8
 
 
 def expected_samples(rank: int) -> float:
@@ -61,7 +65,8 @@ class SamplingSolver:
         basis = spec.basis
         _m, r = basis.shape
         found: list[torch.Tensor] = []
-        known = [k for k in spec.known]
+        known = list(spec.known)
+        rejected: list[torch.Tensor] = []
         samples = 0
         if r == 0:
             return _pack(basis, found, samples, spec)
@@ -111,18 +116,34 @@ class SamplingSolver:
             nz = (pv.abs() <= spec.zero_tol * scale).sum(dim=0)
             keep = ok & (nz >= max(2, math.ceil(PROBE_ZERO_FRACTION * n_probe)))
             samples += k
-            for idx in torch.nonzero(keep).flatten().tolist():
+            order = torch.argsort(nz * keep, descending=True)[: int(keep.sum())]
+            tried = 0
+            for idx in order.tolist():
+                if tried >= MAX_PURIFY_PER_CHUNK or len(found) >= spec.target:
+                    break
                 q = cand[idx]
-                if _seen(q, found) or _seen(q, known):
+                # skip what is already explained: a direction found before, or a mixture of
+                # found directions (it lies in their span), or one that failed before
+                if _in_span(q, found + known) or _seen(q, rejected):
                     continue
-                for p in purify(basis, q, spec):
+                tried += 1
+                pure = purify(basis, q, spec)
+                if not pure:
+                    rejected.append(q)
+                for p in pure:
                     if not _seen(p, found) and not _seen(p, known):
                         found.append(p)
                         if spec.on_progress is not None:
                             spec.on_progress(len(found))
-                if len(found) >= spec.target:
-                    break
         return _pack(basis, found, samples, spec)
+
+
+def _in_span(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
+    """Whether unit ``q`` lies in the span of ``among`` (to roundoff)."""
+    if not among:
+        return False
+    basis = torch.linalg.qr(torch.stack(among, dim=1)).Q
+    return float((q - basis @ (basis.T @ q)).norm()) <= SPAN_TOL
 
 
 def _seen(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
