@@ -238,9 +238,9 @@ class Case:
     local_steps:
         FedAvg full-batch local steps (0: FedSGD, the client sends its gradient).
     dp_noise:
-        DP-SGD noise multiplier; 0 means no DP-SGD (no clipping, no noise).
+        DP-SGD noise multiplier (0 with a ``dp_clip``: clipping only).
     dp_clip:
-        DP-SGD per-example clipping norm, ``None`` when ``dp_noise == 0``.
+        DP-SGD per-example clipping norm; ``None``: no DP-SGD (no clipping, no noise).
     clients:
         Clients whose updates are summed by secure aggregation (each its own images).
     seed:
@@ -297,9 +297,10 @@ class BenchConfig:
     Two small extra sweeps vary one thing from the *reference setting* (the smallest batch
     size and the first value of every other list): ``dp_sweep`` (DP-SGD noise multipliers,
     for the ``spear`` attack only when it is selected) and ``clients_sweep`` (numbers of
-    clients, every attack). Empty tuples turn them off. DP-SGD is simulated as one
-    clipped, noised gradient, so DP noise is never combined with FedAvg local steps (such
-    combinations of the main grid are left out; the DP sweep uses FedSGD).
+    clients, every attack). Empty tuples turn them off. In the main grid a noise of 0 means
+    no DP-SGD; in the DP sweep every case is DP-SGD (noise 0: clipping only). DP-SGD is
+    simulated as one clipped, noised gradient, so it is never combined with FedAvg local
+    steps (such combinations of the main grid are left out; the DP sweep uses FedSGD).
 
     Attributes
     ----------
@@ -392,7 +393,7 @@ def plan_cases(config: BenchConfig) -> list[Case]:
     _check_config(config)
     seeds = range(config.seeds)
 
-    def make(values: tuple[Any, ...], attack: str, sweep: str) -> Case:
+    def make(values: tuple[Any, ...], attack: str, sweep: str, dp: bool) -> Case:
         b, width, depth, trained, local, noise, clients, seed = values
         return Case(
             data=config.data,
@@ -402,7 +403,7 @@ def plan_cases(config: BenchConfig) -> list[Case]:
             trained=int(trained),
             local_steps=int(local),
             dp_noise=float(noise),
-            dp_clip=float(config.dp_clip) if noise > 0 else None,
+            dp_clip=float(config.dp_clip) if dp else None,
             clients=int(clients),
             seed=int(seed),
             attack=attack,
@@ -423,7 +424,7 @@ def plan_cases(config: BenchConfig) -> list[Case]:
     for values in grid:
         if values[4] > 0 and values[5] > 0:
             continue  # DP-SGD is one clipped, noised gradient: no FedAvg local steps
-        cases.extend(make(values, attack, "main") for attack in config.attacks)
+        cases.extend(make(values, attack, "main", values[5] > 0) for attack in config.attacks)
     reference = (
         min(config.batch_sizes),
         config.widths[0],
@@ -431,13 +432,13 @@ def plan_cases(config: BenchConfig) -> list[Case]:
         config.trained[0],
     )
     dp_attacks = ("spear",) if "spear" in config.attacks else config.attacks
-    for noise, seed in itertools.product(config.dp_sweep, seeds):
-        local = config.local_steps[0] if noise == 0 else 0
-        values = (*reference, local, noise, config.clients[0], seed)
-        cases.extend(make(values, attack, "dp") for attack in dp_attacks)
+    for noise, seed in itertools.product(config.dp_sweep, seeds):  # DP-SGD even at noise 0
+        values = (*reference, 0, noise, config.clients[0], seed)
+        cases.extend(make(values, attack, "dp", True) for attack in dp_attacks)
     for clients, seed in itertools.product(config.clients_sweep, seeds):
         values = (*reference, config.local_steps[0], config.dp_noise[0], clients, seed)
-        cases.extend(make(values, attack, "clients") for attack in config.attacks)
+        dp = config.dp_noise[0] > 0
+        cases.extend(make(values, attack, "clients", dp) for attack in config.attacks)
     unique: dict[tuple[str, ...], Case] = {}
     for case in cases:
         unique.setdefault(case_key(case), case)
@@ -543,8 +544,7 @@ def _prepare(case: Case, pools: tuple[ImageData, ImageData], config: BenchConfig
     for number, index in enumerate(parts):
         x, y = images[index], labels[index]
         client_seed = case.seed * 1000 + number
-        if case.dp_noise > 0:
-            assert case.dp_clip is not None
+        if case.dp_clip is not None:
             dp = client.dp_sgd_update(
                 model,
                 x,
@@ -735,6 +735,7 @@ TABLE_COLUMNS = (
     "trained",
     "local_steps",
     "dp_noise",
+    "dp_clip",
     "clients",
     "seeds",
     "b_found",
@@ -749,31 +750,48 @@ TABLE_COLUMNS = (
     "errors",
 )
 
-_SETTING_FIELDS = ("width", "depth", "trained", "local_steps", "dp_noise", "clients")
+_SETTING_FIELDS = ("width", "depth", "trained", "local_steps", "dp_noise", "dp_clip", "clients")
 _SHORT = {
     "width": "w",
     "depth": "depth",
     "trained": "trained",
     "local_steps": "local",
     "dp_noise": "noise",
+    "dp_clip": "clip",
     "clients": "clients",
     "batch_size": "b",
 }
 
 
+def _describe(name: str, value: Any) -> str:
+    if name == "dp_clip" and value is None:
+        return "no DP-SGD"
+    return f"{_SHORT[name]}={value}"
+
+
 def _series(
-    rows: Sequence[Mapping[str, Any]], x_name: str, y_name: str, cap_inf: float | None = None
+    rows: Sequence[Mapping[str, Any]],
+    x_name: str,
+    y_name: str,
+    cap_inf: float | None = None,
+    nothing_found: float | None = None,
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """Line series ``attack (+ varying settings) -> (xs, ys)`` sorted by x."""
+    """Line series ``attack (+ varying settings) -> (xs, ys)`` sorted by x.
+
+    ``cap_inf`` replaces an infinite y; ``nothing_found`` is the y of a row whose attack
+    returned no example (whose metric is therefore missing).
+    """
     others = [name for name in ("batch_size", *_SETTING_FIELDS) if name != x_name]
     varying = [n for n in others if len({_key_text(r.get(n)) for r in rows}) > 1]
     groups: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         label = str(row["attack"])
         if varying:
-            label += " (" + ", ".join(f"{_SHORT[n]}={row.get(n)}" for n in varying) + ")"
+            label += " (" + ", ".join(_describe(n, row.get(n)) for n in varying) + ")"
         y = row.get(y_name)
         value = math.nan if y is None else float(y)
+        if y is None and nothing_found is not None and row.get("found") == 0:
+            value = nothing_found
         if cap_inf is not None and math.isinf(value):
             value = cap_inf
         groups.setdefault(label, []).append((float(row[x_name]), value))
@@ -813,26 +831,27 @@ def _write_plots(
             logy=True,
         ),
     ]
-    reference = plan[0] if plan else None
-    noise_rows = []
-    if reference is not None:
-        fixed = ("batch_size", "width", "depth", "trained", "local_steps", "clients")
-        target = min(c.batch_size for c in plan)
+    # PSNR vs noise: the smallest b at the reference setting, DP-SGD rows (any local steps
+    # are 0 there) and the rows without DP-SGD (drawn as their own series)
+    noise_rows: list[Mapping[str, Any]] = []
+    if plan:
+        reference, smallest = plan[0], min(c.batch_size for c in plan)
         for row in summary:
-            if _key_text(row.get("batch_size")) != _key_text(target):
-                continue
-            if all(
+            same = all(
                 _key_text(row.get(n)) == _key_text(getattr(reference, n))
-                for n in fixed
-                if n != "batch_size"
-            ):
+                for n in ("data", "width", "depth", "trained", "clients")
+            )
+            local_ok = row.get("dp_clip") is not None or _key_text(
+                row.get("local_steps")
+            ) == _key_text(reference.local_steps)
+            if same and local_ok and _key_text(row.get("batch_size")) == _key_text(smallest):
                 noise_rows.append(row)
     paths.append(
         report.plot_lines(
-            _series(noise_rows, "dp_noise", "psnr_mean", cap_inf=PSNR_PLOT_CAP),
+            _series(noise_rows, "dp_noise", "psnr_mean", cap_inf=PSNR_PLOT_CAP, nothing_found=0.0),
             out / "psnr_vs_noise.png",
-            "DP-SGD noise multiplier (0: no DP-SGD)",
-            f"mean PSNR (dB; exact drawn at {PSNR_PLOT_CAP:g})",
+            "DP-SGD noise multiplier",
+            f"mean PSNR (dB; exact at {PSNR_PLOT_CAP:g}, nothing found at 0)",
             "Reconstruction quality vs DP noise",
         )
     )

@@ -620,7 +620,16 @@ def invert_layer(
                 on_progress=lambda k: bar.set_postfix_str(f"directions {k}"),
             )
             t0 = time.perf_counter()
-            dirs: Directions = search(spec, budget)
+            search_budget = budget
+            if name == "sampling" and state.found == 0 and not state.directions:
+                # a first, capped search: enough samples to find a direction many times
+                # over when ReLU zeros exist; none found means there are none
+                evidence = int(NO_SPARSITY_FACTOR * expected_samples(remaining) / remaining)
+                search_budget = Budget(
+                    deadline=budget.deadline,
+                    max_samples=min(budget.max_samples, max(evidence, 4 * 8192)),
+                )
+            dirs: Directions = search(spec, search_budget)
             stat = SolverStats(
                 name,
                 samples=dirs.samples,
@@ -630,16 +639,18 @@ def invert_layer(
             stats.append(stat)
             if budget.max_samples < 10**12:
                 budget.max_samples = max(0, budget.max_samples - dirs.samples)
-            added_dirs = sum(
-                _pool_add(state.directions, basis @ v) for v in unit_rows(dirs.vectors)
-            )
+            usable = dirs.vectors
+            if layer is None and dirs.weak:
+                # weak directions need the layer's ReLU patterns to be confirmed
+                usable = dirs.vectors[: dirs.vectors.shape[0] - dirs.weak]
+            added_dirs = sum(_pool_add(state.directions, basis @ v) for v in unit_rows(usable))
             if added_dirs:
                 progressed = True
             elif (
                 state.found == 0
                 and not state.directions
                 and name == "sampling"
-                and dirs.samples >= NO_SPARSITY_FACTOR * expected_samples(remaining) / remaining
+                and dirs.samples >= search_budget.max_samples
             ):
                 bar.close()
                 raise NoReluSparsityError(

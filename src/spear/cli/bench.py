@@ -128,7 +128,8 @@ def add_parser(sub: Any) -> None:
         "--dp-sweep",
         type=_comma_list(float, "numbers", allow_empty=True),
         default=d.dp_sweep,
-        help="extra DP noise multipliers for spear at the smallest b; 'none' to skip "
+        help="extra DP-SGD noise multipliers for spear at the smallest b, clipped at "
+        "--dp-clip (0 = clipping only); 'none' to skip "
         f"({_show(d.dp_sweep)})",
     )
     p.add_argument(

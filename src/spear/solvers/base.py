@@ -99,11 +99,17 @@ class Directions:
         ``(k,)`` fraction of zero entries of ``basis @ vectors[i]``.
     samples:
         How many samples the solver drew.
+    weak:
+        How many of the last rows of ``vectors`` are weak: sparse with a one-dimensional
+        kernel, but with an essential row, so only the layer's ReLU patterns can confirm
+        them (see :func:`spear.solvers.polish.purify`). They are offered only when the
+        strong ones fall short of the target.
     """
 
     vectors: torch.Tensor
     zero_fraction: torch.Tensor
     samples: int
+    weak: int = 0
 
 
 class DirectionSolver(Protocol):

@@ -24,6 +24,8 @@ MAX_SUBPROBLEM_DIM = 5
 #: Samples per sought direction when splitting a subproblem of dimension d: this many
 #: times 2^(d-1) (the chance that d-1 random rows are all zero for one example).
 SUBPROBLEM_SAMPLES_PER_DIRECTION = 8
+#: At most this many candidates per sought direction are purified inside a subproblem.
+SPLIT_ATTEMPTS_PER_DIRECTION = 3
 #: Rounds of "zero set -> kernel -> zero set" before a direction is taken as settled.
 POLISH_ROUNDS = 3
 
@@ -76,7 +78,11 @@ def _settle(
 
 
 def purify(
-    basis: torch.Tensor, q: torch.Tensor, spec: SearchSpec, depth: int = 0
+    basis: torch.Tensor,
+    q: torch.Tensor,
+    spec: SearchSpec,
+    depth: int = 0,
+    weak: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Exact pure directions obtainable from an approximate direction ``q``.
 
@@ -90,6 +96,11 @@ def purify(
         Tolerances, sparsity threshold and random generator.
     depth:
         Recursion depth (internal).
+    weak:
+        When given, receives directions whose zero set has a one-dimensional kernel but
+        an essential row: a true column whose zero set barely differs from another
+        example's (common in small residual problems) or a mixture fitted to cancel on
+        that row. Sparsity alone cannot tell them apart; the layer's ReLU patterns can.
 
     Returns
     -------
@@ -105,10 +116,12 @@ def purify(
     d = ker.shape[1]
     if d == 1:
         pure = pure_kernel(basis[zeros], spec.degeneracy_tol)
+        if pure is None and weak is not None:
+            weak.append(ker[:, 0])
         return [pure] if pure is not None else []
-    if d > MAX_SUBPROBLEM_DIM or depth > 2:
+    if d > MAX_SUBPROBLEM_DIM or depth > 1:
         return []
-    return _split(basis, ker, zeros, spec, live, depth)
+    return _split(basis, ker, zeros, spec, live, depth, weak)
 
 
 def _split(
@@ -118,6 +131,7 @@ def _split(
     spec: SearchSpec,
     live: torch.Tensor,
     depth: int,
+    weak: list[torch.Tensor] | None,
 ) -> list[torch.Tensor]:
     """Pure directions inside a ``d``-dimensional kernel ``ker`` (r, d)."""
     d = ker.shape[1]
@@ -139,15 +153,17 @@ def _split(
     nz = (zero_mask(vals, spec.zero_tol) & live[:, None]).sum(dim=0)
     order = torch.argsort(nz, descending=True)
     found: list[torch.Tensor] = []
+    tried: list[torch.Tensor] = []
     for idx in order.tolist():
-        if len(found) >= d:
+        if len(found) >= d or len(tried) >= SPLIT_ATTEMPTS_PER_DIRECTION * d:
             break
         if int(nz[idx]) < spec.min_zero_fraction * int(live.sum()):
             break
         q = ker @ cand[idx]
-        if any(abs(float(q @ f)) > 1 - 1e-8 for f in found):
+        if any(abs(float(q @ f)) > 1 - 1e-8 for f in found + tried):
             continue
-        for p in purify(basis, q, spec, depth + 1):
+        tried.append(q / q.norm())
+        for p in purify(basis, q, spec, depth + 1, weak):
             if all(abs(float(p @ f)) <= 1 - 1e-8 for f in found):
                 found.append(p)
     return found

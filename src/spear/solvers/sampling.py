@@ -28,6 +28,8 @@ PROBE_ROWS = 64
 #: A sampled direction survives the probe test when at least this fraction of the probe
 #: rows is zero (true directions have about half; non-kernel directions have none).
 PROBE_ZERO_FRACTION = 0.2
+#: Fewer probe rows than this make the probe test meaningless: check in full instead.
+MIN_PROBE_ROWS = 16
 #: At most this many sampled directions per chunk go on to the (costly) purification.
 MAX_PURIFY_PER_CHUNK = 64
 #: A unit vector lies in a span when its distance to it is below this.
@@ -67,6 +69,7 @@ class SamplingSolver:
         found: list[torch.Tensor] = []
         known = list(spec.known)
         rejected: list[torch.Tensor] = []
+        weak: list[torch.Tensor] = []
         samples = 0
         if r == 0:
             return _pack(basis, found, samples, spec)
@@ -81,7 +84,11 @@ class SamplingSolver:
         if spec.row_weights is not None:
             weights = spec.row_weights[live].to(torch.float64).clamp_min(1e-6)
         log_w = weights.log()
-        n_probe = min(PROBE_ROWS, live.numel() - (r - 1))
+        # probe rows must leave enough rows to draw subsets from; with few rows the
+        # probe test is skipped (n_probe == 0) and every sample is checked in full
+        n_probe = min(PROBE_ROWS, (live.numel() - (r - 1)) // 2)
+        if n_probe < MIN_PROBE_ROWS:
+            n_probe = 0
         while len(found) < spec.target and samples < budget.max_samples:
             if budget.expired():
                 break
@@ -109,17 +116,26 @@ class SamplingSolver:
             )
             ok = (info == 0) & torch.isfinite(cand).all(dim=1)
             cand = cand / cand.norm(dim=1, keepdim=True)
-            pv = basis[probe] @ cand.T  # (n_probe, k)
-            scale = pv.abs().amax(dim=0, keepdim=True)
-            # the probe maximum stands in for the column's maximum (a lower bound of it);
-            # the zero tolerance keeps orders of magnitude of head room for that
-            nz = (pv.abs() <= spec.zero_tol * scale).sum(dim=0)
-            keep = ok & (nz >= max(2, math.ceil(PROBE_ZERO_FRACTION * n_probe)))
+            if n_probe:
+                pv = basis[probe] @ cand.T  # (n_probe, k)
+                scale = pv.abs().amax(dim=0, keepdim=True)
+                # the probe maximum stands in for the column's maximum (a lower bound of
+                # it); the zero tolerance keeps orders of magnitude of head room for that
+                nz = (pv.abs() <= spec.zero_tol * scale).sum(dim=0)
+                keep = ok & (nz >= max(2, math.ceil(PROBE_ZERO_FRACTION * n_probe)))
+            else:
+                full = basis[live] @ cand.T
+                zeros = (full.abs() <= spec.zero_tol * full.abs().amax(dim=0, keepdim=True)).sum(0)
+                nz = zeros
+                need = max(r, math.ceil(spec.min_zero_fraction * live.numel()))
+                keep = ok & (zeros >= need)
             samples += k
             order = torch.argsort(nz * keep, descending=True)[: int(keep.sum())]
             tried = 0
             for idx in order.tolist():
                 if tried >= MAX_PURIFY_PER_CHUNK or len(found) >= spec.target:
+                    break
+                if budget.expired():
                     break
                 q = cand[idx]
                 # skip what is already explained: a direction found before, or a mixture of
@@ -127,7 +143,7 @@ class SamplingSolver:
                 if _in_span(q, found + known) or _seen(q, rejected):
                     continue
                 tried += 1
-                pure = purify(basis, q, spec)
+                pure = purify(basis, q, spec, weak=weak)
                 if not pure:
                     rejected.append(q)
                 for p in pure:
@@ -135,7 +151,15 @@ class SamplingSolver:
                         found.append(p)
                         if spec.on_progress is not None:
                             spec.on_progress(len(found))
-        return _pack(basis, found, samples, spec)
+        extra: list[torch.Tensor] = []
+        for q in weak:
+            if len(found) + len(extra) >= spec.target:
+                break
+            if not _in_span(q, found + known + extra):
+                extra.append(q)
+        packed = _pack(basis, found + extra, samples, spec)
+        packed.weak = len(extra)
+        return packed
 
 
 def _in_span(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
