@@ -27,16 +27,19 @@ from typing import Any
 
 
 def _warm_up() -> None:
-    """One tiny inversion so that library start-up is not timed (fresh process per case)."""
+    """One small inversion so that library start-up is not timed (fresh process per case)."""
     import torch
 
     import spear
+    from spear.data import builtin_images
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 20, generator=gen, dtype=torch.float64)
-    w = torch.randn(30, 20, generator=gen, dtype=torch.float64)
-    g = torch.randn(30, 3, generator=gen, dtype=torch.float64) * (w @ x.T > 0)
-    spear.invert_layer(g @ x, g.sum(1), weight=w, bias=torch.zeros(30, dtype=torch.float64))
+    x = builtin_images(4).images.reshape(4, -1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    net = net.double()
+    loss = torch.nn.functional.cross_entropy(net(x), torch.arange(4))
+    gw, gb = torch.autograd.grad(loss, [net[0].weight, net[0].bias])
+    spear.invert_layer(gw, gb, weight=net[0].weight.detach(), bias=net[0].bias.detach())
 
 
 def run_case(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,8 @@ ROW_AGREEMENT = 1e-9
 DIRECTION_AGREEMENT = 0.9
 #: Two unit directions are the same when ``|<u, v>| > 1 - SAME_DIRECTION``.
 SAME_DIRECTION = 1e-8
+#: Complete solves that verify nothing before the search gives up on the rest.
+MAX_FAILED_SOLVES = 3
 #: Largest rank the plain sampling solver is asked to handle alone under ``solver="auto"``.
 AUTO_SAMPLING_MAX_RANK = 20
 #: Exponent of the estimated off-rate in the row weights for guided sampling.
@@ -569,6 +571,7 @@ def invert_layer(
 
     dirty = torch.ones(m, dtype=torch.bool, device=dev)
     stalled_rounds = 0
+    failed_solves = 0
     while state.found < rank and time.perf_counter() < deadline:
         progressed = False
         if layer is not None and state.bias is not None:
@@ -673,8 +676,15 @@ def invert_layer(
                     progressed = True
                     dirty = torch.ones(m, dtype=torch.bool, device=dev)
                 else:
-                    # a wrong pooled direction: drop the least sparse and search again
+                    # a wrong pooled direction: drop the newest and search again, a few times
+                    failed_solves += 1
                     state.directions = state.directions[: remaining - 1]
+                    if failed_solves >= MAX_FAILED_SOLVES:
+                        notes.append(
+                            "the directions found did not yield verifiable examples for the "
+                            f"last {remaining}; the sparsity pattern is ambiguous there."
+                        )
+                        break
         if not progressed:
             stalled_rounds += 1
             if stalled_rounds >= 2:

@@ -28,6 +28,8 @@ PROBE_ROWS = 64
 #: A sampled direction survives the probe test when at least this fraction of the probe
 #: rows is zero (true directions have about half; non-kernel directions have none).
 PROBE_ZERO_FRACTION = 0.2
+#: Enumerate every row subset instead of sampling when there are at most this many.
+EXHAUSTIVE_LIMIT = 50_000
 #: Fewer probe rows than this make the probe test meaningless: check in full instead.
 MIN_PROBE_ROWS = 16
 #: At most this many sampled directions per chunk go on to the (costly) purification.
@@ -89,26 +91,36 @@ class SamplingSolver:
         n_probe = min(PROBE_ROWS, (live.numel() - (r - 1)) // 2)
         if n_probe < MIN_PROBE_ROWS:
             n_probe = 0
+        # small problems: every subset once, in order, instead of random draws
+        every: torch.Tensor | None = None
+        if math.comb(live.numel(), r - 1) <= EXHAUSTIVE_LIMIT:
+            every = torch.combinations(torch.arange(live.numel(), device=basis.device), r - 1)
+            every = every.reshape(-1, r - 1)
+            n_probe = 0
         while len(found) < spec.target and samples < budget.max_samples:
             if budget.expired():
                 break
             k = min(self.chunk, budget.max_samples - samples)
-            # probe rows: uniform, excluded from the subsets of this chunk
-            perm = torch.randperm(live.numel(), generator=spec.generator, device=basis.device)
-            probe = live[perm[:n_probe]]
-            pool = perm[n_probe:]
-            gumbel = -torch.log(
-                -torch.log(
-                    torch.rand(
-                        k,
-                        pool.numel(),
-                        generator=spec.generator,
-                        dtype=torch.float64,
-                        device=basis.device,
-                    ).clamp_min(1e-300)
+            if every is not None:
+                if samples >= every.shape[0]:
+                    break
+                pick = live[every[samples : samples + k]]
+                k = pick.shape[0]
+                probe = live[:0]
+            else:
+                # probe rows: uniform, excluded from the subsets of this chunk
+                perm = torch.randperm(live.numel(), generator=spec.generator, device=basis.device)
+                probe = live[perm[:n_probe]]
+                pool = perm[n_probe:]
+                uniform = torch.rand(
+                    k,
+                    pool.numel(),
+                    generator=spec.generator,
+                    dtype=torch.float64,
+                    device=basis.device,
                 )
-            )
-            pick = live[pool[(log_w[pool] + gumbel).topk(r - 1, dim=1).indices]]
+                gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+                pick = live[pool[(log_w[pool] + gumbel).topk(r - 1, dim=1).indices]]
             mats = basis[pick]  # (k, r-1, r)
             sol, info = torch.linalg.solve_ex(mats[:, :, :-1], -mats[:, :, -1:])
             cand = torch.cat(
