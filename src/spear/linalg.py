@@ -262,6 +262,9 @@ def kernel(rows: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 #: A row whose leverage in a row subset is within this of 1 is essential to it.
 ESSENTIAL_LEVERAGE = 1e-6
+#: A kernel is clearly one-dimensional when the next singular value is this many times
+#: above the degeneracy threshold.
+KERNEL_GAP = 100.0
 
 
 def pure_kernel(rows: torch.Tensor, tol: float) -> torch.Tensor | None:
@@ -294,6 +297,8 @@ def pure_kernel(rows: torch.Tensor, tol: float) -> torch.Tensor | None:
     small = s <= tol * math.sqrt(k)
     if int(small.sum()) != 1 or not bool(small[-1]):
         return None
+    if r > 1 and float(s[-2]) <= KERNEL_GAP * tol * math.sqrt(k):
+        return None  # a second direction nearly in the kernel: not clearly one-dimensional
     leverage = (u[:, : r - 1] ** 2).sum(dim=1)
     if float(leverage.max()) > 1.0 - ESSENTIAL_LEVERAGE:
         return None

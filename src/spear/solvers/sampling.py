@@ -76,8 +76,9 @@ class SamplingSolver:
         if r == 0:
             return _pack(basis, found, samples, spec)
         if r == 1:
-            for q in purify(basis, torch.ones(1, dtype=basis.dtype, device=basis.device), spec):
-                found.append(q)
+            # one direction left: it is the whole space (its zeros may all be rows that are
+            # zero for every example, so there is nothing to test it against)
+            found.append(torch.ones(1, dtype=basis.dtype, device=basis.device))
             return _pack(basis, found, 1, spec)
         live = torch.nonzero(live_rows(basis, spec.zero_tol)).flatten()
         if live.numel() < r + 1:

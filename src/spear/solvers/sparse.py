@@ -45,18 +45,22 @@ import torch
 from spear.linalg import pure_kernel, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows, purify
-from spear.solvers.sampling import SamplingSolver
+from spear.solvers.sampling import SamplingSolver, expected_samples
 
 __all__ = ["SparseSolver"]
 
 #: Residual ranks up to this are finished by sampling.
 MAX_SAMPLING_RANK = 16
+#: Samples granted to that sampling, in units of its coupon-collector estimate.
+RESIDUAL_SAMPLING_FACTOR = 8.0
 #: Two unit rows count as parallel when they differ (after fixing the sign) by at most
 #: ``max(PARALLEL_FLOOR, PARALLEL_FACTOR * zero_tol)``.
 PARALLEL_FLOOR = 1e-9
-PARALLEL_FACTOR = 10.0
-#: Relative agreement of two coefficient proposals in the back-substitution.
+PARALLEL_FACTOR = 1.0
+#: Relative agreement of two coefficient proposals in the back-substitution:
+#: ``max(AGREE_TOL, AGREE_FACTOR * zero_tol)``.
 AGREE_TOL = 1e-7
+AGREE_FACTOR = 1.0
 #: Rows tried per cascade round in the search for two-example groups.
 PAIR_SEARCH_ROWS = 200
 #: Largest dimension (group plus missing later directions) of a round's subproblem.
@@ -143,7 +147,8 @@ class SparseSolver:
             generator=spec.generator,
         )
         left = max(0, state.budget.max_samples - state.samples)
-        found = SamplingSolver()(sub, Budget(state.budget.deadline, left))
+        cap = math.ceil(RESIDUAL_SAMPLING_FACTOR * expected_samples(d))
+        found = SamplingSolver()(sub, Budget(state.budget.deadline, min(left, cap)))
         state.samples += found.samples
         out: list[torch.Tensor] = []
         for v in found.vectors:
@@ -558,7 +563,8 @@ def _coefficients(
             rest = v[usable] - cols[usable] @ gamma
             coef = cols[usable, which]
             cand = rest / coef
-            err = AGREE_TOL * (cand.abs() + vmax / coef.abs())
+            agree = max(AGREE_TOL, AGREE_FACTOR * state.spec.zero_tol)
+            err = agree * (cand.abs() + vmax / coef.abs())
             order = torch.argsort(cand)
             which, cand, err = which[order], cand[order], err[order]
             for c in torch.unique(which).tolist():
@@ -571,6 +577,8 @@ def _coefficients(
                     known[c] = True
                     progress = True
         if not progress:
+            progress = _pairs(v, cols, gamma, known, unknown, count, agree_of(state, vmax))
+        if not progress:
             left = torch.nonzero(~known).flatten()
             rest = v - cols[:, known] @ gamma[known]
             rows = live & (sup[:, left].any(dim=1))
@@ -582,6 +590,61 @@ def _coefficients(
             gamma[left] = sol
             known[left] = True
     return gamma
+
+
+def agree_of(state: _State, vmax: float) -> float:
+    """Absolute agreement tolerance for residuals of size ``vmax``."""
+    return max(AGREE_TOL, AGREE_FACTOR * state.spec.zero_tol) * vmax
+
+
+def _pairs(
+    v: torch.Tensor,
+    cols: torch.Tensor,
+    gamma: torch.Tensor,
+    known: torch.Tensor,
+    unknown: torch.Tensor,
+    count: torch.Tensor,
+    tol: float,
+) -> bool:
+    """Fix two coefficients from rows with exactly two unknowns (three rows concurring).
+
+    Rows in the target's zero set give lines through the true pair of values; three
+    concurrent lines from rows sharing the two unknowns fix them. Updates ``gamma`` and
+    ``known`` in place; returns whether anything was fixed.
+    """
+    rows = torch.nonzero(count == 2).flatten()
+    if rows.numel() < 3:
+        return False
+    n = cols.shape[1]
+    idx = torch.nonzero(unknown[rows]).view(-1, 2)  # (k, 2): (row position, column) pairs
+    pair = idx[:, 1].view(-1, 2)  # (k, 2) the two unknown columns of each row
+    key = pair[:, 0] * n + pair[:, 1]
+    rest = v[rows] - cols[rows] @ gamma
+    coef = torch.stack([cols[rows, pair[:, 0]], cols[rows, pair[:, 1]]], dim=1)  # (k, 2)
+    progress = False
+    for kv in torch.unique(key).tolist():
+        sel = torch.nonzero(key == kv).flatten()
+        if sel.numel() < 3:
+            continue
+        s1, s2 = divmod(int(kv), n)
+        if bool(known[s1]) or bool(known[s2]):
+            continue
+        a, r = coef[sel], rest[sel]
+        i, j = torch.triu_indices(sel.numel(), sel.numel(), 1)
+        mats = torch.stack([a[i], a[j]], dim=1)  # (p, 2, 2)
+        rhs = torch.stack([r[i], r[j]], dim=1)
+        sol, info = torch.linalg.solve_ex(mats, rhs[:, :, None])
+        sol = sol[:, :, 0]
+        ok = (info == 0) & torch.isfinite(sol).all(dim=1)
+        res = (r[:, None] - a @ sol.T).abs()  # (rows, p)
+        hits = (res <= tol).sum(dim=0)
+        hits[~ok] = 0
+        best = int(torch.argmax(hits))
+        if int(hits[best]) >= 3:
+            gamma[s1], gamma[s2] = sol[best, 0], sol[best, 1]
+            known[s1] = known[s2] = True
+            progress = True
+    return progress
 
 
 def _ransac(v: torch.Tensor, a: torch.Tensor, state: _State) -> torch.Tensor | None:
@@ -615,7 +678,8 @@ def _ransac(v: torch.Tensor, a: torch.Tensor, state: _State) -> torch.Tensor | N
     state.samples += n_draw
     res = v[:, None] - a @ sol.T  # (k, n_draw)
     scale = v.abs().max().clamp_min(torch.finfo(v.dtype).tiny)
-    hits = (res.abs() <= AGREE_TOL * scale).sum(dim=0)
+    agree = max(AGREE_TOL, AGREE_FACTOR * state.spec.zero_tol)
+    hits = (res.abs() <= agree * scale).sum(dim=0)
     hits[~ok] = 0
     best = int(torch.argmax(hits))
     if int(hits[best]) < u + 1:

@@ -1,0 +1,250 @@
+"""End-to-end tests of spear.attack, the labels and the certificate on real images."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from tests.conftest import (
+    EXACT,
+    assert_exact,
+    assert_same_state,
+    fashion,
+    fashion_by_class,
+    fedsgd_update,
+    layer_io,
+    match_rows,
+    mlp,
+    state_snapshot,
+)
+from torch import nn
+
+import spear
+from spear.certificate import VERIFIED_BELOW
+from spear.errors import InputError, NotAttackableError
+
+SIZES = (784, 256, 128, 10)
+
+
+def _check_full(rec: spear.Reconstruction, x: torch.Tensor, y: torch.Tensor) -> None:
+    b = x.shape[0]
+    assert rec.complete and rec.batch_size == b, rec.notes
+    assert not rec.feature_space
+    assert rec.inputs.shape == x.shape
+    matching = assert_exact(rec.inputs, x)
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
+    assert rec.certificate is not None and rec.certificate < 1e-9
+    assert rec.verified
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_attack_fashion_mnist_mlp(reduction: str) -> None:
+    model = mlp(SIZES, seed=0)
+    x, y = fashion(16, seed=1)
+    update = fedsgd_update(model, x, y, reduction)
+    before = state_snapshot(model)
+    rec = spear.attack(model, update, time_budget=60.0)
+    assert_same_state(model, before)
+    _check_full(rec, x, y)
+    assert rec.layer == "1"
+    assert any(reduction in note for note in rec.notes if "reduction" in note), rec.notes
+    # the layer result's gradient columns are the true ones
+    true_in, true_g = layer_io(model, model[1], x, y, reduction)
+    lr = rec.layer_result
+    assert lr is not None
+    m = match_rows(lr.inputs, true_in)
+    g = lr.output_grads[:, m.rec_index]
+    assert float((g - true_g[:, m.truth_index]).abs().max()) < EXACT * float(true_g.abs().max())
+
+
+def test_attack_label_homogeneous_batch() -> None:
+    model = mlp(SIZES, seed=2)
+    x, y = fashion_by_class(3, 10)
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=60.0)
+    _check_full(rec, x, y)
+    assert bool((rec.labels == 3).all())
+
+
+def test_attack_batch_larger_than_the_number_of_classes() -> None:
+    model = mlp(SIZES, seed=3)
+    x, y = fashion(24, seed=3)
+    t0 = time.perf_counter()
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=60.0)
+    elapsed = time.perf_counter() - t0
+    _check_full(rec, x, y)
+    assert elapsed < 60.0
+
+
+def test_attack_trained_weights() -> None:
+    model = mlp(SIZES, seed=4)
+    train_x, train_y = fashion(64, seed=4, offset=100)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(5):
+        sl = slice(16 * (step % 4), 16 * (step % 4) + 16)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(train_x[sl]), train_y[sl]).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    x, y = fashion(12, seed=4, offset=0)
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=60.0)
+    _check_full(rec, x, y)
+
+
+def test_attack_duplicates_reports_multiplicity() -> None:
+    model = mlp(SIZES, seed=5)
+    distinct, labels = fashion(6, seed=5)
+    x = torch.cat([distinct, distinct[:1]])
+    y = torch.cat([labels, labels[:1]])
+    rec = spear.attack(model, fedsgd_update(model, x, y), batch_size=7, time_budget=60.0)
+    assert rec.complete and rec.batch_size == 6
+    matching = assert_exact(rec.inputs, distinct)
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[matching.rec_index], labels[matching.truth_index])
+    assert any("duplicate" in note and "2 times" in note for note in rec.notes), rec.notes
+    # duplicates counted twice reproduce the update
+    assert rec.certificate is not None and rec.certificate < 1e-9
+
+
+# ---------------------------------------------------------------- other layers
+
+
+class ConvFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 5, stride=3)
+        self.fc = nn.Linear(2 * 8 * 8, 200)
+        self.out = nn.Linear(200, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.out(torch.relu(self.fc(h)))
+
+
+class GeluFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(784, 100)
+        self.b = nn.Linear(100, 200)
+        self.c = nn.Linear(200, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.a(x.flatten(1)))
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize(("cls", "layer"), [(ConvFirst, "fc"), (GeluFirst, "b")])
+def test_attack_deeper_layer_gives_exact_features(cls: type[nn.Module], layer: str) -> None:
+    torch.manual_seed(0)
+    model = cls().double()
+    x, y = fashion(8, seed=6)
+    update = fedsgd_update(model, x, y)
+    before = state_snapshot(model)
+    rec = spear.attack(model, update, time_budget=30.0)
+    assert_same_state(model, before)
+    assert rec.layer == layer and rec.feature_space
+    assert rec.complete and rec.batch_size == 8
+    assert any("features entering it" in note for note in rec.notes), rec.notes
+    true_features, _ = layer_io(model, model.get_submodule(layer), x, y)
+    assert rec.inputs.shape == true_features.shape
+    assert_exact(rec.inputs, true_features)
+
+
+def test_attack_layer_without_bias() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 200, bias=False), nn.ReLU(), nn.Linear(200, 10)
+    ).double()
+    x, y = fashion(4, seed=7)
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=20.0)
+    assert rec.labels is None and rec.certificate is None and not rec.verified
+    assert any("no bias" in note for note in rec.notes)
+    assert rec.batch_size == 4
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_update_with_missing_extra_and_misshaped_keys() -> None:
+    model = mlp((784, 30, 10))
+    x, y = fashion(3)
+    update = fedsgd_update(model, x, y)
+    bad = dict(update)
+    del bad["3.bias"]
+    bad["extra.weight"] = torch.zeros(2)
+    bad["1.weight"] = bad["1.weight"].T
+    with pytest.raises(InputError) as err:
+        spear.attack(model, bad)
+    msg = str(err.value)
+    assert "missing ['3.bias']" in msg
+    assert "unexpected ['extra.weight']" in msg
+    assert "1.weight: expected (30, 784), found (784, 30)" in msg
+
+
+def test_model_without_linear_relu() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 20), nn.Tanh(), nn.Linear(20, 10)).double()
+    x, y = fashion(3)
+    with pytest.raises(NotAttackableError) as err:
+        spear.attack(model, fedsgd_update(model, x, y))
+    msg = str(err.value)
+    assert "1: Linear followed by Tanh" in msg and "3:" in msg
+
+
+def test_attack_unknown_solver_name() -> None:
+    model = mlp((784, 200, 10))
+    x, y = fashion(4)
+    with pytest.raises(InputError, match="'nope'"):
+        spear.attack(model, fedsgd_update(model, x, y), solver="nope")
+
+
+# ---------------------------------------------------------------- certificate
+
+
+@pytest.fixture(scope="module")
+def certified_case() -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    model = mlp((784, 64, 32, 10), seed=8)
+    x, y = fashion(10, seed=8)
+    return model, fedsgd_update(model, x, y), x, y
+
+
+def test_certificate_of_the_truth_is_tiny(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    before = state_snapshot(model)
+    assert spear.certify(model, update, x, y) < 1e-9
+    assert_same_state(model, before)
+    # order does not matter
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    assert spear.certify(model, update, x[perm], y[perm]) < 1e-9
+
+
+def test_certificate_rejects_one_example_off_by_one_percent(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    noisy = x.clone()
+    gen = torch.Generator().manual_seed(1)
+    noisy[4] += 0.01 * x[4].abs().max() * torch.randn(x[4].shape, generator=gen, dtype=x.dtype)
+    cert = spear.certify(model, update, noisy, y)
+    assert cert > 1e3 * VERIFIED_BELOW[torch.float64]
+
+
+def test_certificate_rejects_swapped_labels(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    i, j = 0, int(torch.nonzero(y != y[0])[0])
+    swapped = y.clone()
+    swapped[i], swapped[j] = y[j], y[i]
+    assert spear.certify(model, update, x, swapped) > 1e-2
+
+
+def test_certificate_rejects_a_missing_example(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    assert spear.certify(model, update, x[:-1], y[:-1]) > 1e-3
+    assert spear.certify(model, update, x[:0], y[:0]) == float("inf")
+
+
+def test_certificate_input_errors(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    with pytest.raises(InputError, match="10 examples but labels 9"):
+        spear.certify(model, update, x, y[:-1])

@@ -1,0 +1,183 @@
+"""Tests for spear.linalg: rank, factorisation, kernels, tolerances."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.conftest import layer_case
+
+from spear.linalg import (
+    MAX_ZERO_TOL,
+    MIN_ZERO_TOL,
+    Tolerances,
+    estimate_rank,
+    factorise,
+    kernel,
+    orthonormal_basis,
+    pure_kernel,
+    unit_rows,
+    zero_mask,
+)
+
+EPS64 = float(torch.finfo(torch.float64).eps)
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+def _low_rank(m: int, n: int, r: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(
+        r, n, generator=g, dtype=torch.float64
+    )
+
+
+# ---------------------------------------------------------------- rank
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    m=st.integers(2, 60),
+    n=st.integers(2, 60),
+    r=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_factorise_finds_the_exact_rank_and_reproduces_the_matrix(
+    m: int, n: int, r: int, seed: int
+) -> None:
+    r = min(r, m - 1, n - 1) if min(m, n) > 1 else 1
+    r = max(r, 1)
+    a = _low_rank(m, n, r, seed)
+    fac = factorise(a, EPS64)
+    assert fac.rank == r
+    assert fac.left.shape == (m, r) and fac.right.shape == (r, n)
+    assert float((fac.left @ fac.right - a).abs().max()) <= 1e-12 * float(a.abs().max())
+    # right has orthonormal rows
+    eye = fac.right @ fac.right.T
+    assert torch.allclose(eye, torch.eye(r, dtype=torch.float64), atol=1e-12)
+    assert fac.gap > 1e6
+    assert fac.condition >= 1.0
+
+
+def test_estimate_rank_zero_matrix_and_full_rank() -> None:
+    assert estimate_rank(torch.zeros(5, dtype=torch.float64), EPS64) == (0, math.inf)
+    s = torch.tensor([4.0, 3.0, 2.0], dtype=torch.float64)
+    rank, gap = estimate_rank(s, EPS64)
+    assert rank == 3 and gap == math.inf
+
+
+def test_estimate_rank_ignores_gaps_inside_the_roundoff_floor() -> None:
+    # a huge ratio between two values that are both roundoff must not set the rank
+    s = torch.tensor([1.0, 0.5, 1e-15, 1e-30], dtype=torch.float64)
+    rank, _ = estimate_rank(s, EPS64)
+    assert rank == 2
+
+
+def test_estimate_rank_float32_floor_is_coarser() -> None:
+    # 1e-9 relative is signal for float64 but roundoff for float32
+    s = torch.tensor([1.0, 0.9, 1e-9, 1e-20], dtype=torch.float64)
+    assert estimate_rank(s, EPS64)[0] == 3
+    assert estimate_rank(s, EPS32)[0] == 2
+
+
+def test_factorise_with_given_rank_truncates() -> None:
+    a = _low_rank(20, 15, 6, 0)
+    fac = factorise(a, EPS64, rank=4)
+    assert fac.rank == 4 and fac.left.shape == (20, 4)
+    s = torch.linalg.svdvals(a)
+    assert fac.gap == pytest.approx(float(s[3] / s[4]), rel=1e-12)
+
+
+def test_factorise_float32_gradient_rank() -> None:
+    case = layer_case(80, 40, 7, seed=3, dtype=torch.float32)
+    fac = factorise(case.weight_grad.to(torch.float64), EPS32)
+    assert fac.rank == 7
+
+
+# ---------------------------------------------------------------- tolerances
+
+
+def test_tolerances_scale_with_dtype_and_condition() -> None:
+    t64 = Tolerances.derive(torch.float64, 10.0)
+    t64_bad = Tolerances.derive(torch.float64, 1e8)
+    t32 = Tolerances.derive(torch.float32, 10.0)
+    assert MIN_ZERO_TOL <= t64.zero_tol < t32.zero_tol <= MAX_ZERO_TOL
+    assert t64.zero_tol <= t64_bad.zero_tol
+    assert t32.zero_tol >= 1e-4
+    assert t64.eps == EPS64 and t32.eps == EPS32
+    # infinite condition does not blow up the tolerance
+    assert Tolerances.derive(torch.float64, math.inf).zero_tol <= MAX_ZERO_TOL
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def test_unit_rows_fixes_norm_and_sign() -> None:
+    v = torch.tensor([[3.0, -4.0], [0.0, 0.0], [-1.0, 0.5]], dtype=torch.float64)
+    u = unit_rows(v)
+    assert torch.allclose(u[0], torch.tensor([-0.6, 0.8], dtype=torch.float64))
+    assert torch.equal(u[1], torch.zeros(2, dtype=torch.float64))
+    assert float(u[2].norm()) == pytest.approx(1.0)
+    assert float(u[2, 0]) > 0  # largest-magnitude entry made positive
+    # same direction up to sign and scale gives the same unit row
+    assert torch.allclose(unit_rows(-7 * v[:1]), u[:1])
+
+
+def test_zero_mask_is_relative_to_each_column() -> None:
+    v = torch.tensor([[1.0, 1e-6], [1e-12, 1e-18], [0.5, 1e-7]], dtype=torch.float64)
+    mask = zero_mask(v, 1e-10)
+    assert mask.tolist() == [[False, False], [True, True], [False, False]]
+
+
+def test_orthonormal_basis_spans_the_columns() -> None:
+    a = _low_rank(30, 8, 5, 1)
+    basis = orthonormal_basis(a, 5)
+    assert torch.allclose(basis.T @ basis, torch.eye(5, dtype=torch.float64), atol=1e-12)
+    proj = basis @ (basis.T @ a)
+    assert float((proj - a).abs().max()) < 1e-10 * float(a.abs().max())
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_kernel_of_true_zero_sets_is_the_true_direction() -> None:
+    case = layer_case(120, 50, 8, seed=5)
+    fac = factorise(case.weight_grad, EPS64)
+    basis = orthonormal_basis(fac.left, fac.rank)
+    g = case.output_grads
+    coords = torch.linalg.lstsq(basis, g).solution  # (r, b) true directions
+    coords = coords / coords.norm(dim=0)
+    tol = Tolerances.derive(torch.float64, fac.condition)
+    for i in range(g.shape[1]):
+        zeros = g[:, i] == 0
+        ker, sv = kernel(basis[zeros], tol.degeneracy_tol)
+        assert ker.shape == (8, 1)
+        assert abs(float(ker[:, 0] @ coords[:, i])) == pytest.approx(1.0, abs=1e-10)
+        assert sv.shape == (8,) and bool((sv[1:] >= sv[:-1]).all())
+        pure = pure_kernel(basis[zeros], tol.degeneracy_tol)
+        assert pure is not None
+        assert abs(float(pure @ coords[:, i])) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_kernel_of_a_shared_zero_set_is_multidimensional_and_not_pure() -> None:
+    case = layer_case(120, 50, 8, seed=6)
+    fac = factorise(case.weight_grad, EPS64)
+    basis = orthonormal_basis(fac.left, fac.rank)
+    g = case.output_grads
+    both = (g[:, 0] == 0) & (g[:, 1] == 0)
+    assert int(both.sum()) >= 8
+    ker, _ = kernel(basis[both], 1e-10)
+    assert ker.shape[1] == 2
+    assert pure_kernel(basis[both], 1e-10) is None
+
+
+def test_kernel_empty_and_too_few_rows() -> None:
+    ker, sv = kernel(torch.zeros(0, 4, dtype=torch.float64), 1e-10)
+    assert ker.shape == (4, 4) and bool((sv == 0).all())
+    rows = torch.randn(2, 4, dtype=torch.float64)
+    ker, _ = kernel(rows, 1e-10)
+    assert ker.shape == (4, 2)
+    assert float((rows @ ker).abs().max()) < 1e-12
+    assert pure_kernel(rows, 1e-10) is None  # fewer rows than r - 1 is never pure
