@@ -92,12 +92,6 @@ def test_single_example_without_weights(real: bool) -> None:
     _check_complete(rec, case)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: found by the property test: with the layer's weights only 3 of 6 real "
-    "images come back (gives up after 0.03 s: exhaustive sampling of the residual after "
-    "peeling finds nothing), although without the weights all 6 do",
-)
 def test_weights_never_make_recovery_worse() -> None:
     case = layer_case(80, 168, 6, seed=78, real=True)
     assert _invert(case, weights=False, seed=78).complete
