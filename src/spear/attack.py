@@ -14,7 +14,8 @@ import time
 import torch
 from torch import nn
 
-from spear.certificate import _check, certify, verified_threshold
+from spear.certificate import certify, verified_threshold
+from spear.client import check_update
 from spear.errors import InputError
 from spear.labels import recover_labels
 from spear.layer import invert_layer
@@ -80,7 +81,7 @@ def attack(
         raise InputError(
             f"update must be a mapping parameter-name -> tensor, found {type(update).__name__}."
         )
-    _check(model, update)
+    check_update(model, update)
     if update_kind not in ("gradient", "delta"):
         raise InputError(
             f"update_kind must be 'gradient' or 'delta', found {update_kind!r}: use 'delta' "

@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from spear.client import check_update
 from spear.errors import InputError
 
 __all__ = ["VERIFIED_BELOW", "certify", "verified_threshold"]
@@ -44,33 +45,6 @@ def verified_threshold(dtype: torch.dtype) -> float:
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-
-
-def _check(model: nn.Module, update: dict[str, torch.Tensor]) -> list[tuple[str, nn.Parameter]]:
-    params = list(model.named_parameters())
-    names = {n for n, _ in params}
-    missing = sorted(names - set(update))
-    extra = sorted(set(update) - names)
-    shapes = [
-        f"{n}: expected {tuple(p.shape)}, found {tuple(update[n].shape)}"
-        for n, p in params
-        if n in update and tuple(update[n].shape) != tuple(p.shape)
-    ]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if extra:
-            parts.append(f"unexpected {extra}")
-        if shapes:
-            parts.append("mis-shaped " + "; ".join(shapes))
-        raise InputError(
-            "the update does not match model.named_parameters(): "
-            + ", ".join(parts)
-            + ". Pass the client's update keyed by the parameter names of the model the "
-            "server sent."
-        )
-    return params
 
 
 def certify(
@@ -101,7 +75,7 @@ def certify(
     float
         The relative error (0 is perfect); ``inf`` when the candidate is empty.
     """
-    _check(model, update)
+    check_update(model, update)
     model = copy.deepcopy(model)  # a forward pass may touch buffers (BatchNorm statistics)
     params = list(model.named_parameters())
     if inputs.shape[0] != labels.shape[0]:

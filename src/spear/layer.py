@@ -78,6 +78,9 @@ NOISY_MAX_ZERO_TOL = 0.2
 MAX_FAILED_SOLVES = 3
 #: Largest rank the plain sampling solver is asked to handle alone under ``solver="auto"``.
 AUTO_SAMPLING_MAX_RANK = 20
+#: Largest rank sampling still takes on when the sparse solver stalls (about H_r 2^(r-1)
+#: samples: some 10^8 at 28, minutes on a laptop CPU).
+SAMPLING_AFFORDABLE_RANK = 28
 #: Exponent of the estimated off-rate in the row weights for guided sampling.
 GUIDED_WEIGHT_POWER = 3.0
 #: When no direction at all is found after this many times the samples expected for the
@@ -606,6 +609,7 @@ def invert_layer(
     dirty = torch.ones(m, dtype=torch.bool, device=dev)
     stalled_rounds = 0
     failed_solves = 0
+    sparse_stalled = False
     while state.found < rank and time.perf_counter() < deadline:
         progressed = False
         if layer is not None and state.bias is not None and search_with_weights:
@@ -642,7 +646,11 @@ def invert_layer(
         if known.shape[0] < remaining:
             name = solver
             if solver == "auto":
-                name = "sampling" if remaining <= AUTO_SAMPLING_MAX_RANK else "sparse"
+                # sampling for small residuals, the sparse solver beyond; when the sparse
+                # solver stalls on a residual that sampling can still afford, sample
+                small = remaining <= AUTO_SAMPLING_MAX_RANK
+                affordable = remaining <= SAMPLING_AFFORDABLE_RANK and sparse_stalled
+                name = "sampling" if small or affordable else "sparse"
             search = get_solver(name)
             weights = (
                 _guided_weights(state, layer, tol)
@@ -685,6 +693,8 @@ def invert_layer(
                 # weak directions need the layer's ReLU patterns to be confirmed
                 usable = dirs.vectors[: dirs.vectors.shape[0] - dirs.weak]
             added_dirs = sum(_pool_add(state.directions, basis @ v) for v in unit_rows(usable))
+            if name == "sparse" and not added_dirs:
+                sparse_stalled = True
             if added_dirs:
                 progressed = True
             elif (
@@ -736,7 +746,7 @@ def invert_layer(
         and layer is not None
         and search_with_weights
         and not noisy
-        and rank <= AUTO_SAMPLING_MAX_RANK
+        and rank <= SAMPLING_AFFORDABLE_RANK
         and time.perf_counter() < deadline
     ):
         # the weight-guided search can stall where plain sampling does not (narrow
