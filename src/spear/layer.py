@@ -558,8 +558,9 @@ def invert_layer(
         tol = Tolerances(eps=tol.eps, zero_tol=loose, degeneracy_tol=loose)
         eps = max(eps, loose)
         notes.append(
-            f"noisy update (rank gap {fac.gap:.3g}): zeros tested to {loose:.2g} relative; the "
-            "reconstruction is a best estimate, not exact (compare PSNR, not exactness)."
+            f"noisy update (rank gap {fac.gap:.3g}): zeros tested to {loose:.2g} relative and "
+            "ReLU patterns allowed 10% disagreement; anything returned is an estimate, not "
+            "exact (compare PSNR). Noise destroys the exact zeros the attack relies on."
         )
     if zero_tol is not None:
         tol = Tolerances(eps=tol.eps, zero_tol=zero_tol, degeneracy_tol=zero_tol)
