@@ -3,9 +3,10 @@
 A layer is attackable when it is an ``nn.Linear`` whose output goes straight into a ReLU
 (ALGORITHM.md, "one linear layer followed by ReLU"). The model is traced with
 ``torch.fx`` so that flattening or reshaping inside ``forward`` is seen, not only
-``nn.Flatten`` in an ``nn.Sequential``. The model is never modified: the "tail" (the
-model from the attacked layer's input to the logits) is a new ``GraphModule`` that shares
-the model's submodules.
+``nn.Flatten`` in an ``nn.Sequential``, and ``torch.export`` programs (whose linear layers
+are ``aten.linear`` calls) are read the same way. The model is never modified: the part
+after the layer (from its pre-activations to the logits) is a new ``GraphModule`` that
+shares the model's submodules.
 """
 
 from __future__ import annotations
@@ -127,10 +128,10 @@ def _reaches_input_by_reshapes(node: fx.Node, modules: dict[str, nn.Module]) -> 
     return _reaches_input_by_reshapes(tensor_args[0], modules)
 
 
-def _tail(traced: fx.GraphModule, feature_node: fx.Node) -> fx.GraphModule | None:
-    """A GraphModule computing the model output from ``feature_node``'s value."""
+def _tail(traced: fx.GraphModule, start: fx.Node) -> fx.GraphModule | None:
+    """A GraphModule computing the model output from ``start``'s value (its one input)."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {feature_node: graph.placeholder("features")}
+    env: dict[fx.Node, fx.Node] = {start: graph.placeholder("value")}
     for node in traced.graph.nodes:
         if node in env or node.op == "placeholder":
             continue
