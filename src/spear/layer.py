@@ -3,9 +3,10 @@
 The driver of the attack (ALGORITHM.md, facts 1-8):
 
 1. the numerical rank of ``dW`` gives ``b``; its truncated SVD gives ``dW = L R``;
-2. with the layer's weights, rows of ``dW`` that only one example turns on give that
-   example directly (``x = dW[j] / db[j]``); each is verified against the ReLU pattern
-   its own ``W x + c`` predicts and peeled off the gradient (fact 8);
+2. with the layer's weights, every row of ``dW`` gives a candidate (``dW[j] / db[j]``)
+   whose own ReLU pattern yields the exact gradient direction of the nearest example;
+   candidates two rows agree on are exact examples and are peeled off the gradient
+   (fact 8; :mod:`spear.candidates`, verified by :mod:`spear.verify`);
 3. a solver (:mod:`spear.solvers`) finds the sparse directions of what is left; when it
    has all of them, the bias gradient fixes their scales and ``X`` follows; every example
    is verified again and the verified ones are peeled (facts 5-7);
@@ -15,20 +16,24 @@ The driver of the attack (ALGORITHM.md, facts 1-8):
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from spear.candidates import (
+    Residual,
+    guided_weights,
+    pool_add,
+    pool_remove,
+    row_candidates,
+)
 from spear.errors import BatchTooLargeError, InputError, NoReluSparsityError
 from spear.linalg import (
     Tolerances,
     factorise,
     orthonormal_basis,
-    pure_kernel,
     unit_rows,
     zero_mask,
 )
@@ -37,6 +42,7 @@ from spear.solvers import get_solver
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows
 from spear.solvers.sampling import expected_samples
+from spear.verify import LayerView, pattern_check
 
 __all__ = ["invert_layer"]
 
@@ -45,32 +51,6 @@ __all__ = ["invert_layer"]
 MIN_RANK_GAP = 1e3
 #: Default minimal fraction of zero entries for a direction to count as a ReLU column.
 DEFAULT_MIN_ZERO_FRACTION = 0.1
-#: Verification tolerances: fraction of the clear (non-ambiguous) units whose state may
-#: disagree with the gradient's zero pattern. Exact float64 gradients allow none: a
-#: candidate that is off by a few percent flips only a handful of low-margin units, so
-#: any disagreement rejects it. Lower precisions blur the zero test near the tolerance.
-MISMATCH_EXACT = 0.0
-MISMATCH_LOW_PRECISION = 0.005
-#: Noisy updates (the effective precision is the noise level, at least this): a best
-#: estimate is kept when at most this fraction of units disagree.
-NOISY_MISMATCH_FROM = 1e-4
-MISMATCH_NOISY = 0.1
-#: FedAvg deltas: units off at the sent weights may turn on in later local steps (fact 11),
-#: so this fraction of predicted-off units may carry a non-zero update; and units on at the
-#: sent weights may be off at every step that used the example (its first use can already
-#: see updated weights), so this fraction of predicted-on units may carry none.
-MAX_OFF_BUT_NONZERO_DELTA = 0.25
-MAX_ON_BUT_ZERO_DELTA = 0.1
-#: Units whose pre-activation is within this many roundoff units of zero are ambiguous and
-#: left out of the comparison.
-AMBIGUITY_ROUNDOFF = 100.0
-#: Two rows give the same candidate example when they agree to this relative distance.
-ROW_AGREEMENT = 1e-9
-#: A direction derived from a row candidate is pooled when the candidate's predicted ReLU
-#: pattern agrees with the direction's zero pattern on this fraction of the units.
-DIRECTION_AGREEMENT = 0.9
-#: Two unit directions are the same when ``|<u, v>| > 1 - SAME_DIRECTION``.
-SAME_DIRECTION = 1e-8
 #: Noisy updates (DP noise): zero tolerance = this times sigma_{b+1} / sigma_b, capped.
 NOISY_ZERO_FACTOR = 3.0
 NOISY_MAX_ZERO_TOL = 0.2
@@ -81,44 +61,9 @@ AUTO_SAMPLING_MAX_RANK = 20
 #: Largest rank sampling still takes on when the sparse solver stalls (about H_r 2^(r-1)
 #: samples: some 10^8 at 28, minutes on a laptop CPU).
 SAMPLING_AFFORDABLE_RANK = 28
-#: Exponent of the estimated off-rate in the row weights for guided sampling.
-GUIDED_WEIGHT_POWER = 3.0
 #: When no direction at all is found after this many times the samples expected for the
 #: first one, the gradient is declared free of ReLU zeros.
 NO_SPARSITY_FACTOR = 30.0
-
-
-@dataclass
-class _State:
-    """The residual problem and what has been recovered so far (all float64)."""
-
-    left: torch.Tensor  # (m, b) residual left factor: dW_res = left @ right
-    bias: torch.Tensor | None  # (m,) residual bias gradient
-    coords: list[torch.Tensor]  # found examples, (b,) coordinates in the row space
-    grads: list[torch.Tensor]  # their gradient columns, (m,)
-    directions: list[torch.Tensor]  # exact unit gradient directions (m,) not yet peeled
-
-    @property
-    def found(self) -> int:
-        return len(self.coords)
-
-    def peel(self, coord: torch.Tensor, grad: torch.Tensor) -> None:
-        """Remove a verified example's contribution ``grad coord^T``."""
-        self.left = self.left - torch.outer(grad, coord)
-        if self.bias is not None:
-            self.bias = self.bias - grad
-        self.coords.append(coord)
-        self.grads.append(grad)
-
-
-@dataclass
-class _Layer:
-    """The layer as the server knows it, projected on the row space of ``dW``."""
-
-    weight_coords: torch.Tensor  # (m, b) = W @ R^T
-    weight_abs_coords: torch.Tensor  # (m, n) = |W|, for roundoff bounds
-    bias: torch.Tensor | None  # (m,)
-    right: torch.Tensor  # (b, n)
 
 
 def _validate(
@@ -167,225 +112,8 @@ def _validate(
         pass
 
 
-def _pattern_check(
-    layer: _Layer,
-    coord: torch.Tensor,
-    grad_zero: torch.Tensor,
-    live: torch.Tensor,
-    eps: float,
-    delta: bool,
-) -> tuple[bool, float]:
-    """Compare the ReLU pattern ``W x + c`` predicts with the gradient's zero pattern.
-
-    Parameters
-    ----------
-    layer:
-        The layer's weights in row-space coordinates.
-    coord:
-        ``(b,)`` the example's coordinates (``x = coord @ right``).
-    grad_zero:
-        ``(m,)`` bool, where the example's gradient column is zero.
-    live:
-        ``(m,)`` bool, units that are not dead for the whole batch.
-    eps:
-        Machine epsilon of the data.
-    delta:
-        FedAvg deltas allow predicted-off units to carry updates (fact 11).
-
-    Returns
-    -------
-    ok:
-        Whether the example passes.
-    agreement:
-        Fraction of the clear (non-ambiguous) units whose state agrees.
-    """
-    x = coord @ layer.right
-    z = layer.weight_coords @ coord
-    bound = layer.weight_abs_coords @ x.abs()
-    if layer.bias is not None:
-        z = z + layer.bias
-        bound = bound + layer.bias.abs()
-    clear = z.abs() > AMBIGUITY_ROUNDOFF * eps * bound
-    off = (z <= 0) & clear
-    on = (z > 0) & clear
-    n_clear = max(1, int(clear.sum()))
-    off_but_nonzero = int((off & ~grad_zero).sum())
-    on_but_zero = int((on & grad_zero & live).sum())
-    mismatch = (
-        MISMATCH_EXACT if eps <= float(torch.finfo(torch.float64).eps) else (MISMATCH_LOW_PRECISION)
-    )
-    off_limit = MAX_OFF_BUT_NONZERO_DELTA if delta else mismatch
-    on_limit = MAX_ON_BUT_ZERO_DELTA if delta else mismatch
-    ok = off_but_nonzero <= off_limit * n_clear and on_but_zero <= on_limit * n_clear
-    agreement = 1.0 - (off_but_nonzero + on_but_zero) / n_clear
-    return ok, agreement
-
-
-def _direction_for(
-    layer: _Layer, basis: torch.Tensor, coord: torch.Tensor, tol: Tolerances, eps: float
-) -> torch.Tensor | None:
-    """The exact gradient direction ``(m,)`` of a candidate example, or ``None``.
-
-    The units the candidate's own ReLU pattern switches off must share a kernel vector
-    of the residual basis (fact 7). Predicted-off units that carry an update anyway
-    (FedAvg) are trimmed by refitting on the rows closest to zero.
-    """
-    z = layer.weight_coords @ coord
-    if layer.bias is not None:
-        z = z + layer.bias
-    off = z <= 0
-    r = basis.shape[1]
-    if int(off.sum()) < r:
-        return None
-    rows = basis[off]
-    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
-    u = vh[-1]
-    for keep in (0.8, 0.6):
-        v = rows @ u
-        k = max(r, int(keep * rows.shape[0]))
-        idx = v.abs().topk(k, largest=False).indices
-        _, _, vh = torch.linalg.svd(rows[idx], full_matrices=False)
-        u = vh[-1]
-    v = basis @ u
-    zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0]
-    if int(zeros.sum()) < r - 1:
-        return None
-    pure = pure_kernel(basis[zeros], tol.degeneracy_tol)
-    if pure is None:
-        return None
-    return basis @ pure
-
-
-def _scaled_grad(
-    state: _State, coord: torch.Tensor, direction: torch.Tensor
-) -> torch.Tensor | None:
-    """Scale a gradient direction so that ``grad coord^T`` is the example's term in ``dW``.
-
-    With ``dW_res = G P`` and ``p_i^T P^+ ... = 1`` (see module notes), the scale is
-    ``1 / (p^T L^+ v)``.
-    """
-    w = torch.linalg.lstsq(state.left, direction[:, None]).solution[:, 0]
-    denom = float(coord @ w)
-    if denom == 0.0 or not math.isfinite(denom):
-        return None
-    return direction / denom
-
-
-def _row_candidates(
-    state: _State,
-    layer: _Layer,
-    tol: Tolerances,
-    eps: float,
-    delta: bool,
-    rank: int,
-    dirty: torch.Tensor,
-    deadline: float,
-) -> int:
-    """Use rows of the residual as example candidates (facts 7-8); returns peeled count.
-
-    Every row ``j`` gives a candidate ``p = L[j] / db[j]``: exactly an example when only
-    that example turns unit ``j`` on, a bias-weighted mixture otherwise. The candidate's
-    own ReLU pattern selects rows whose common kernel is the exact gradient direction of
-    the example nearest to it; such directions are pooled in ``state.directions`` (a
-    near-miss candidate still yields an exact direction). A candidate is taken as an
-    exact example, and peeled, only when at least two rows produce it (two rows that
-    agree to roundoff are both single-example rows of it).
-    """
-    if state.bias is None:
-        return 0
-    remaining = rank - state.found
-    if remaining <= 0:
-        return 0
-    bias = state.bias
-    row_norm = state.left.norm(dim=1)
-    usable = (
-        dirty
-        & (bias.abs() > tol.zero_tol * bias.abs().max())
-        & (row_norm > tol.zero_tol * row_norm.max())
-    )
-    idx = torch.nonzero(usable).flatten()
-    if idx.numel() == 0:
-        return 0
-    cand = state.left[idx] / bias[idx, None]
-    # group rows that give the same candidate (to roundoff): several single-example rows
-    close = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
-    same = close <= ROW_AGREEMENT * cand.norm(dim=1)[:, None]
-    support = same.sum(dim=1)
-    order = torch.argsort(support * 1e6 + row_norm[idx] / row_norm.max(), descending=True)
-    basis = orthonormal_basis(state.left, remaining)
-    live = live_rows(basis, tol.zero_tol)
-    handled = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
-    exact: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for i in order.tolist():
-        if time.perf_counter() > deadline or len(state.directions) >= remaining:
-            break
-        if bool(handled[i]):
-            continue
-        handled |= same[i]
-        coord = cand[i]
-        direction = _direction_for(layer, basis, coord, tol, eps)
-        if direction is None:
-            continue
-        grad_zero = zero_mask(direction[:, None], tol.zero_tol)[:, 0]
-        _, agreement = _pattern_check(layer, coord, grad_zero, live, eps, delta)
-        if agreement < DIRECTION_AGREEMENT:
-            continue
-        unit = direction / direction.norm()
-        known = bool(not _pool_add(state.directions, unit))
-        if int(support[i]) >= 2 and not known:
-            grad = _scaled_grad(state, coord, unit)
-            if grad is None:
-                continue
-            ok, _ = _pattern_check(
-                layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0], live, eps, delta
-            )
-            if ok:
-                exact.append((coord, grad))
-    for coord, grad in exact:
-        _pool_remove(state.directions, grad / grad.norm())
-        state.peel(coord, grad)
-    return len(exact)
-
-
-def _pool_add(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:
-    """Add a unit direction unless it is already there (up to sign); True when added."""
-    if any(abs(float(unit @ d)) > 1 - SAME_DIRECTION for d in pool):
-        return False
-    pool.append(unit)
-    return True
-
-
-def _pool_remove(pool: list[torch.Tensor], unit: torch.Tensor) -> None:
-    """Remove the pooled direction equal to ``unit`` (up to sign), if any."""
-    for i, d in enumerate(pool):
-        if abs(float(unit @ d)) > 1 - SAME_DIRECTION:
-            del pool[i]
-            return
-
-
-def _guided_weights(state: _State, layer: _Layer, tol: Tolerances) -> torch.Tensor:
-    """Row weights for sampling: estimated off-rate of each unit, to a power (fact 10).
-
-    Proxies for the examples are the row ratios ``dW[j] / db[j]`` (bias-weighted mixtures
-    of the examples that turn unit ``j`` on) and the examples already found.
-    """
-    proxies = list(state.coords)
-    if state.bias is not None:
-        usable = state.bias.abs() > tol.zero_tol * state.bias.abs().max()
-        ratios = state.left[usable] / state.bias[usable, None]
-        proxies.extend(ratios[: min(512, ratios.shape[0])])
-    if not proxies:
-        return torch.ones(state.left.shape[0], dtype=torch.float64, device=state.left.device)
-    coords = torch.stack(proxies)  # (k, b)
-    z = layer.weight_coords @ coords.T
-    if layer.bias is not None:
-        z = z + layer.bias[:, None]
-    off_rate = (z <= 0).to(torch.float64).mean(dim=1)
-    return off_rate.clamp(0.02, 1.0) ** GUIDED_WEIGHT_POWER
-
-
 def _solve_complete(
-    state: _State, basis: torch.Tensor, directions: torch.Tensor
+    state: Residual, basis: torch.Tensor, directions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """All remaining directions known: scales from the bias, then the coordinates.
 
@@ -565,16 +293,16 @@ def invert_layer(
     if zero_tol is not None:
         tol = Tolerances(eps=tol.eps, zero_tol=zero_tol, degeneracy_tol=zero_tol)
     delta = update_kind == "delta"
-    layer: _Layer | None = None
+    layer: LayerView | None = None
     if weight is not None:
         w64 = weight.detach().to(dev, torch.float64)
-        layer = _Layer(
+        layer = LayerView(
             weight_coords=w64 @ fac.right.T,
             weight_abs_coords=w64.abs(),
             bias=bias.detach().to(dev, torch.float64) if bias is not None else None,
             right=fac.right,
         )
-    state = _State(left=fac.left.clone(), bias=db, coords=[], grads=[], directions=[])
+    state = Residual(left=fac.left.clone(), bias=db, coords=[], grads=[], directions=[])
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed)
     deadline = start + time_budget
@@ -591,10 +319,10 @@ def invert_layer(
             grad = grads[:, i]
             if layer is not None:
                 grad_zero = zero_mask(grad[:, None], tol.zero_tol)[:, 0]
-                ok, _ = _pattern_check(layer, coords[i], grad_zero, live, eps, delta)
+                ok, _ = pattern_check(layer, coords[i], grad_zero, live, eps, delta)
                 if not ok and state.bias is None:
                     # without a bias gradient the sign is free: the pattern decides it
-                    ok, _ = _pattern_check(layer, -coords[i], grad_zero, live, eps, delta)
+                    ok, _ = pattern_check(layer, -coords[i], grad_zero, live, eps, delta)
                     if ok:
                         coords[i] = -coords[i]
                         grads[:, i] = -grads[:, i]
@@ -602,7 +330,7 @@ def invert_layer(
                     continue
             accepted.append(i)
         for i in accepted:
-            _pool_remove(state.directions, grads[:, i] / grads[:, i].norm())
+            pool_remove(state.directions, grads[:, i] / grads[:, i].norm())
             state.peel(coords[i], grads[:, i])
         bar.update(len(accepted))
         return len(accepted)
@@ -617,7 +345,7 @@ def invert_layer(
             t0 = time.perf_counter()
             before, pooled = state.found, len(state.directions)
             while True:
-                added = _row_candidates(state, layer, tol, eps, delta, rank, dirty, deadline)
+                added = row_candidates(state, layer, tol, eps, delta, rank, dirty, deadline)
                 bar.update(added)
                 if added == 0:
                     break
@@ -654,7 +382,7 @@ def invert_layer(
                 name = "sampling" if small or affordable else "sparse"
             search = get_solver(name)
             weights = (
-                _guided_weights(state, layer, tol)
+                guided_weights(state, layer, tol)
                 if layer is not None and search_with_weights
                 else None
             )
@@ -693,7 +421,7 @@ def invert_layer(
             if layer is None and dirs.weak:
                 # weak directions need the layer's ReLU patterns to be confirmed
                 usable = dirs.vectors[: dirs.vectors.shape[0] - dirs.weak]
-            added_dirs = sum(_pool_add(state.directions, basis @ v) for v in unit_rows(usable))
+            added_dirs = sum(pool_add(state.directions, basis @ v) for v in unit_rows(usable))
             if name == "sparse" and not added_dirs:
                 sparse_stalled = True
             if added_dirs:
@@ -778,10 +506,10 @@ def invert_layer(
 
 
 def _finish(
-    state: _State,
+    state: Residual,
     fac: object,
     tol: Tolerances,
-    layer: _Layer | None,
+    layer: LayerView | None,
     eps: float,
     delta: bool,
     rank: int,
@@ -815,7 +543,7 @@ def _finish(
     if layer is not None and k:
         live = live_rows(fac.left / fac.left.norm(dim=0).clamp_min(1e-300), tol.zero_tol)
         consistency = torch.tensor(
-            [_pattern_check(layer, coords[i], zeros[:, i], live, eps, delta)[1] for i in range(k)],
+            [pattern_check(layer, coords[i], zeros[:, i], live, eps, delta)[1] for i in range(k)],
             dtype=torch.float64,
         )
     complete = k == rank

@@ -1,0 +1,190 @@
+"""Examples and gradient directions from single rows of the weight gradient (fact 8).
+
+Row ``j`` of ``dW`` divided by ``db[j]`` is an example when only that example turns unit
+``j`` on, and a bias-weighted mixture otherwise. :func:`row_candidates` turns every row into
+the exact gradient direction of the nearest example (pooled) and peels the examples that
+two rows agree on. The residual problem and what has been found are kept in
+:class:`Residual`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from spear.linalg import Tolerances, orthonormal_basis, zero_mask
+from spear.solvers.polish import live_rows
+from spear.verify import LayerView, direction_for, pattern_check
+
+__all__ = [
+    "Residual",
+    "guided_weights",
+    "pool_add",
+    "pool_remove",
+    "row_candidates",
+    "scaled_grad",
+]
+
+#: Two rows give the same candidate example when they agree to this relative distance.
+ROW_AGREEMENT = 1e-9
+#: A direction derived from a row candidate is pooled when the candidate's predicted ReLU
+#: pattern agrees with the direction's zero pattern on this fraction of the units.
+DIRECTION_AGREEMENT = 0.9
+#: Two unit directions are the same when ``|<u, v>| > 1 - SAME_DIRECTION``.
+SAME_DIRECTION = 1e-8
+#: Exponent of the estimated off-rate in the row weights for guided sampling.
+GUIDED_WEIGHT_POWER = 3.0
+
+
+@dataclass
+class Residual:
+    """The residual problem and what has been recovered so far (all float64)."""
+
+    left: torch.Tensor  # (m, b) residual left factor: dW_res = left @ right
+    bias: torch.Tensor | None  # (m,) residual bias gradient
+    coords: list[torch.Tensor]  # found examples, (b,) coordinates in the row space
+    grads: list[torch.Tensor]  # their gradient columns, (m,)
+    directions: list[torch.Tensor]  # exact unit gradient directions (m,) not yet peeled
+
+    @property
+    def found(self) -> int:
+        return len(self.coords)
+
+    def peel(self, coord: torch.Tensor, grad: torch.Tensor) -> None:
+        """Remove a verified example's contribution ``grad coord^T``."""
+        self.left = self.left - torch.outer(grad, coord)
+        if self.bias is not None:
+            self.bias = self.bias - grad
+        self.coords.append(coord)
+        self.grads.append(grad)
+
+
+def scaled_grad(
+    state: Residual, coord: torch.Tensor, direction: torch.Tensor
+) -> torch.Tensor | None:
+    """Scale a gradient direction so that ``grad coord^T`` is the example's term in ``dW``.
+
+    With ``dW_res = G P`` and ``p_i^T P^+ ... = 1`` (see module notes), the scale is
+    ``1 / (p^T L^+ v)``.
+    """
+    w = torch.linalg.lstsq(state.left, direction[:, None]).solution[:, 0]
+    denom = float(coord @ w)
+    if denom == 0.0 or not math.isfinite(denom):
+        return None
+    return direction / denom
+
+
+def row_candidates(
+    state: Residual,
+    layer: LayerView,
+    tol: Tolerances,
+    eps: float,
+    delta: bool,
+    rank: int,
+    dirty: torch.Tensor,
+    deadline: float,
+) -> int:
+    """Use rows of the residual as example candidates (facts 7-8); returns peeled count.
+
+    Every row ``j`` gives a candidate ``p = L[j] / db[j]``: exactly an example when only
+    that example turns unit ``j`` on, a bias-weighted mixture otherwise. The candidate's
+    own ReLU pattern selects rows whose common kernel is the exact gradient direction of
+    the example nearest to it; such directions are pooled in ``state.directions`` (a
+    near-miss candidate still yields an exact direction). A candidate is taken as an
+    exact example, and peeled, only when at least two rows produce it (two rows that
+    agree to roundoff are both single-example rows of it).
+    """
+    if state.bias is None:
+        return 0
+    remaining = rank - state.found
+    if remaining <= 0:
+        return 0
+    bias = state.bias
+    row_norm = state.left.norm(dim=1)
+    usable = (
+        dirty
+        & (bias.abs() > tol.zero_tol * bias.abs().max())
+        & (row_norm > tol.zero_tol * row_norm.max())
+    )
+    idx = torch.nonzero(usable).flatten()
+    if idx.numel() == 0:
+        return 0
+    cand = state.left[idx] / bias[idx, None]
+    # group rows that give the same candidate (to roundoff): several single-example rows
+    close = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
+    same = close <= ROW_AGREEMENT * cand.norm(dim=1)[:, None]
+    support = same.sum(dim=1)
+    order = torch.argsort(support * 1e6 + row_norm[idx] / row_norm.max(), descending=True)
+    basis = orthonormal_basis(state.left, remaining)
+    live = live_rows(basis, tol.zero_tol)
+    handled = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    exact: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i in order.tolist():
+        if time.perf_counter() > deadline or len(state.directions) >= remaining:
+            break
+        if bool(handled[i]):
+            continue
+        handled |= same[i]
+        coord = cand[i]
+        direction = direction_for(layer, basis, coord, tol, eps)
+        if direction is None:
+            continue
+        grad_zero = zero_mask(direction[:, None], tol.zero_tol)[:, 0]
+        _, agreement = pattern_check(layer, coord, grad_zero, live, eps, delta)
+        if agreement < DIRECTION_AGREEMENT:
+            continue
+        unit = direction / direction.norm()
+        known = bool(not pool_add(state.directions, unit))
+        if int(support[i]) >= 2 and not known:
+            grad = scaled_grad(state, coord, unit)
+            if grad is None:
+                continue
+            ok, _ = pattern_check(
+                layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0], live, eps, delta
+            )
+            if ok:
+                exact.append((coord, grad))
+    for coord, grad in exact:
+        pool_remove(state.directions, grad / grad.norm())
+        state.peel(coord, grad)
+    return len(exact)
+
+
+def pool_add(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:
+    """Add a unit direction unless it is already there (up to sign); True when added."""
+    if any(abs(float(unit @ d)) > 1 - SAME_DIRECTION for d in pool):
+        return False
+    pool.append(unit)
+    return True
+
+
+def pool_remove(pool: list[torch.Tensor], unit: torch.Tensor) -> None:
+    """Remove the pooled direction equal to ``unit`` (up to sign), if any."""
+    for i, d in enumerate(pool):
+        if abs(float(unit @ d)) > 1 - SAME_DIRECTION:
+            del pool[i]
+            return
+
+
+def guided_weights(state: Residual, layer: LayerView, tol: Tolerances) -> torch.Tensor:
+    """Row weights for sampling: estimated off-rate of each unit, to a power (fact 10).
+
+    Proxies for the examples are the row ratios ``dW[j] / db[j]`` (bias-weighted mixtures
+    of the examples that turn unit ``j`` on) and the examples already found.
+    """
+    proxies = list(state.coords)
+    if state.bias is not None:
+        usable = state.bias.abs() > tol.zero_tol * state.bias.abs().max()
+        ratios = state.left[usable] / state.bias[usable, None]
+        proxies.extend(ratios[: min(512, ratios.shape[0])])
+    if not proxies:
+        return torch.ones(state.left.shape[0], dtype=torch.float64, device=state.left.device)
+    coords = torch.stack(proxies)  # (k, b)
+    z = layer.weight_coords @ coords.T
+    if layer.bias is not None:
+        z = z + layer.bias[:, None]
+    off_rate = (z <= 0).to(torch.float64).mean(dim=1)
+    return off_rate.clamp(0.02, 1.0) ** GUIDED_WEIGHT_POWER

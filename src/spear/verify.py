@@ -1,0 +1,136 @@
+"""Verify a candidate example against the ReLU pattern its own pre-activation predicts.
+
+The server knows the attacked layer's weight ``W`` and bias ``c``. For a candidate example
+``x``, ``W x + c`` predicts which units are off; those must be exactly the zero entries of
+the example's gradient column (ALGORITHM.md, fact 7). For FedAvg deltas the masks may move
+between local steps (fact 11), which the tolerances below allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spear.linalg import Tolerances, pure_kernel, zero_mask
+
+__all__ = ["LayerView", "direction_for", "pattern_check"]
+
+#: Verification tolerances: fraction of the clear (non-ambiguous) units whose state may
+#: disagree with the gradient's zero pattern. Exact float64 gradients allow none: a
+#: candidate that is off by a few percent flips only a handful of low-margin units, so
+#: any disagreement rejects it. Lower precisions blur the zero test near the tolerance.
+MISMATCH_EXACT = 0.0
+MISMATCH_LOW_PRECISION = 0.005
+#: Noisy updates (the effective precision is the noise level, at least this): a best
+#: estimate is kept when at most this fraction of units disagree.
+NOISY_MISMATCH_FROM = 1e-4
+MISMATCH_NOISY = 0.1
+#: FedAvg deltas: units off at the sent weights may turn on in later local steps (fact 11),
+#: so this fraction of predicted-off units may carry a non-zero update; and units on at the
+#: sent weights may be off at every step that used the example (its first use can already
+#: see updated weights), so this fraction of predicted-on units may carry none.
+MAX_OFF_BUT_NONZERO_DELTA = 0.25
+MAX_ON_BUT_ZERO_DELTA = 0.1
+#: Units whose pre-activation is within this many roundoff units of zero are ambiguous and
+#: left out of the comparison.
+AMBIGUITY_ROUNDOFF = 100.0
+
+
+@dataclass
+class LayerView:
+    """The layer as the server knows it, projected on the row space of ``dW``."""
+
+    weight_coords: torch.Tensor  # (m, b) = W @ R^T
+    weight_abs_coords: torch.Tensor  # (m, n) = |W|, for roundoff bounds
+    bias: torch.Tensor | None  # (m,)
+    right: torch.Tensor  # (b, n)
+
+
+def pattern_check(
+    layer: LayerView,
+    coord: torch.Tensor,
+    grad_zero: torch.Tensor,
+    live: torch.Tensor,
+    eps: float,
+    delta: bool,
+) -> tuple[bool, float]:
+    """Compare the ReLU pattern ``W x + c`` predicts with the gradient's zero pattern.
+
+    Parameters
+    ----------
+    layer:
+        The layer's weights in row-space coordinates.
+    coord:
+        ``(b,)`` the example's coordinates (``x = coord @ right``).
+    grad_zero:
+        ``(m,)`` bool, where the example's gradient column is zero.
+    live:
+        ``(m,)`` bool, units that are not dead for the whole batch.
+    eps:
+        Machine epsilon of the data.
+    delta:
+        FedAvg deltas allow predicted-off units to carry updates (fact 11).
+
+    Returns
+    -------
+    ok:
+        Whether the example passes.
+    agreement:
+        Fraction of the clear (non-ambiguous) units whose state agrees.
+    """
+    x = coord @ layer.right
+    z = layer.weight_coords @ coord
+    bound = layer.weight_abs_coords @ x.abs()
+    if layer.bias is not None:
+        z = z + layer.bias
+        bound = bound + layer.bias.abs()
+    clear = z.abs() > AMBIGUITY_ROUNDOFF * eps * bound
+    off = (z <= 0) & clear
+    on = (z > 0) & clear
+    n_clear = max(1, int(clear.sum()))
+    off_but_nonzero = int((off & ~grad_zero).sum())
+    on_but_zero = int((on & grad_zero & live).sum())
+    mismatch = (
+        MISMATCH_EXACT if eps <= float(torch.finfo(torch.float64).eps) else (MISMATCH_LOW_PRECISION)
+    )
+    off_limit = MAX_OFF_BUT_NONZERO_DELTA if delta else mismatch
+    on_limit = MAX_ON_BUT_ZERO_DELTA if delta else mismatch
+    ok = off_but_nonzero <= off_limit * n_clear and on_but_zero <= on_limit * n_clear
+    agreement = 1.0 - (off_but_nonzero + on_but_zero) / n_clear
+    return ok, agreement
+
+
+def direction_for(
+    layer: LayerView, basis: torch.Tensor, coord: torch.Tensor, tol: Tolerances, eps: float
+) -> torch.Tensor | None:
+    """The exact gradient direction ``(m,)`` of a candidate example, or ``None``.
+
+    The units the candidate's own ReLU pattern switches off must share a kernel vector
+    of the residual basis (fact 7). Predicted-off units that carry an update anyway
+    (FedAvg) are trimmed by refitting on the rows closest to zero.
+    """
+    z = layer.weight_coords @ coord
+    if layer.bias is not None:
+        z = z + layer.bias
+    off = z <= 0
+    r = basis.shape[1]
+    if int(off.sum()) < r:
+        return None
+    rows = basis[off]
+    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
+    u = vh[-1]
+    for keep in (0.8, 0.6):
+        v = rows @ u
+        k = max(r, int(keep * rows.shape[0]))
+        idx = v.abs().topk(k, largest=False).indices
+        _, _, vh = torch.linalg.svd(rows[idx], full_matrices=False)
+        u = vh[-1]
+    v = basis @ u
+    zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0]
+    if int(zeros.sum()) < r - 1:
+        return None
+    pure = pure_kernel(basis[zeros], tol.degeneracy_tol)
+    if pure is None:
+        return None
+    return basis @ pure
