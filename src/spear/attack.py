@@ -18,11 +18,14 @@ from spear.certificate import certify, verified_threshold
 from spear.client import check_update
 from spear.errors import InputError
 from spear.labels import recover_labels
-from spear.layer import invert_layer
+from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.model import find_target, guess_input_shape
 from spear.results import Reconstruction
 
 __all__ = ["attack"]
+
+#: Iterations of the gradient-matching estimate returned for noisy updates.
+NOISY_ESTIMATE_ITERATIONS = 200
 
 
 def attack(
@@ -137,6 +140,29 @@ def attack(
     dtype = target.weight.dtype
     labels: torch.Tensor | None = None
     certificate: float | None = None
+    estimate: Reconstruction | None = None
+    noisy = batch_size is not None and result.rank_gap < MIN_RANK_GAP
+    if noisy and result.found == 0 and target.first:
+        # noise removed the exact zeros: fall back to the best estimate an optimisation
+        # attack gives (gradient matching is insensitive to the noise's scale)
+        from spear.baselines.gradient_matching import gradient_matching_attack
+
+        estimate = gradient_matching_attack(
+            work,
+            update,
+            batch_size=result.batch_size,
+            input_shape=tuple(inputs.shape[1:]),
+            update_kind=update_kind,
+            seed=seed,
+            time_budget=max(1.0, time_budget - (time.perf_counter() - start)),
+            iterations=NOISY_ESTIMATE_ITERATIONS,
+        )
+        inputs, labels = estimate.inputs, estimate.labels
+        notes.append(
+            "noisy update, nothing exact: .inputs and .labels are a best estimate by "
+            f"gradient matching ({NOISY_ESTIMATE_ITERATIONS} iterations), not a verified "
+            "reconstruction."
+        )
     if target.bias is not None and result.found and target.after is not None:
         lab = recover_labels(
             target.after,
@@ -167,7 +193,7 @@ def attack(
                 "attacked layer's delta lies in the span of the reconstructed inputs, and "
                 "says nothing about labels."
             )
-        if not result.complete:
+        if not result.complete and estimate is None:
             notes.append(
                 "the certificate is for a partial reconstruction, so it cannot be small: "
                 "missing examples contribute to the update."
