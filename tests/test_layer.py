@@ -457,3 +457,12 @@ def test_partial_recovery_on_time_budget() -> None:
     assert any("partial" in note for note in rec.notes)
     assert_exact(rec.inputs, case.inputs)
     assert rec.seconds < 5.0
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_verified_says_whether_relu_patterns_backed_the_examples(weights: bool) -> None:
+    case = layer_case(200, 60, 6, seed=1, real=True)
+    rec = _invert(case, weights=weights, seed=1)
+    assert rec.verified is weights
+    if not weights:
+        assert any("sparsity" in note for note in rec.notes)

@@ -554,8 +554,9 @@ def _finish(
         )
     if layer is None and k:
         notes.append(
-            "the layer's weight and bias were not given: examples are verified by the "
-            "sparsity of their gradient columns only, not against their own ReLU patterns."
+            "the layer's weight and bias were not given: examples are backed by the sparsity "
+            "of their gradient columns only, not checked against their own ReLU patterns "
+            "(.verified is False); on real images sparsity alone can accept mixtures."
         )
     if state.bias is None and k:
         notes.append(
@@ -571,6 +572,7 @@ def _finish(
         inputs=inputs,
         batch_size=rank,
         complete=complete,
+        verified=layer is not None,
         output_grads=grads,
         singular_values=fac.singular_values,
         rank_gap=fac.gap,

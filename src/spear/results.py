@@ -50,7 +50,12 @@ class LayerReconstruction:
     batch_size:
         ``b``, the number of distinct examples in the update (given or from the rank).
     complete:
-        True when all ``b`` examples were recovered and verified.
+        True when all ``b`` examples were recovered.
+    verified:
+        True when every returned example was checked against the ReLU pattern its own
+        ``W x + c`` predicts (the layer's weights were given). Without the weights only the
+        sparsity of the gradient columns backs them, which narrow layers, correlated real
+        images or float32 gradients can fool: treat such rows as candidates.
     output_grads:
         ``(m, k)`` float64: the gradient with respect to the layer's pre-activations for
         each recovered example (column ``i`` belongs to ``inputs[i]``), scaled so that
@@ -83,6 +88,7 @@ class LayerReconstruction:
     inputs: torch.Tensor
     batch_size: int
     complete: bool
+    verified: bool
     output_grads: torch.Tensor
     singular_values: torch.Tensor
     rank_gap: float
