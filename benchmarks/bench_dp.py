@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(
-        "| b | noise multiplier | epsilon (delta 1e-5) | found | exact | PSNR dB (median) "
+        "| b | noise multiplier | epsilon (delta 1e-5) | returned | exact | PSNR dB (median) "
         "| labels correct | seconds |"
     )
     print("|---|---|---|---|---|---|---|---|")
