@@ -26,6 +26,8 @@ __all__ = [
     "pool_remove",
     "row_candidates",
     "scaled_grad",
+    "subspace_candidates",
+    "unknown_subspace",
 ]
 
 #: Two rows give the same candidate example when they agree to this relative distance.
@@ -151,6 +153,89 @@ def row_candidates(
         pool_remove(state.directions, grad / grad.norm())
         state.peel(coord, grad)
     return len(exact)
+
+
+def unknown_subspace(state: Residual, rank: int) -> torch.Tensor:
+    """Row-space coordinates where the examples of the missing directions must lie.
+
+    The residual is ``L = sum_i g_i p_i^T`` over the ``r`` examples not peeled yet, and
+    ``g_i = L q_i`` with ``P Q = I``: an example's coordinates ``p_u`` are orthogonal to the
+    ``q_k`` of every other example. The pooled directions give those ``q_k`` exactly, so
+    the examples whose directions are missing lie in the orthogonal complement of the
+    pooled ``q_k`` within the residual's row space: a subspace of dimension ``r - k``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(b, d)`` orthonormal columns, ``d = r - len(state.directions)``, in the
+        example coordinates (those of ``state.left``'s rows).
+    """
+    r = rank - state.found
+    u, s, vh = torch.linalg.svd(state.left, full_matrices=False)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    if not state.directions:
+        return vh.T.contiguous()
+    dirs = torch.stack(state.directions, dim=1)  # (m, k)
+    duals = (u.T @ dirs) / s[:, None]  # (r, k): q_k in the coordinates y = vh p
+    _, _, wh = torch.linalg.svd(duals.T, full_matrices=True)
+    comp = wh[duals.shape[1] :]  # (r - k, r), orthonormal, orthogonal to every q_k
+    return (comp @ vh).T.contiguous()
+
+
+def subspace_candidates(
+    state: Residual,
+    layer: LayerView,
+    tol: Tolerances,
+    eps: float,
+    delta: bool,
+    rank: int,
+    deadline: float,
+) -> int:
+    """Pool missing directions from row candidates projected on the unknown subspace.
+
+    When most directions are pooled, the examples still missing lie in a small known
+    subspace of the row space (:func:`unknown_subspace`). Projecting each row candidate
+    ``dW[j] / db[j]`` (a mixture of the examples that turn unit ``j`` on) on it removes
+    most of the found examples from the mixture; the projection's own ReLU pattern then
+    yields the exact direction of a missing example (:func:`spear.verify.direction_for`,
+    which accepts only a one-dimensional kernel on the zero set). The subspace shrinks
+    with every direction found. Returns the number of directions pooled.
+    """
+    if state.bias is None or not state.directions:
+        return 0
+    remaining = rank - state.found
+    if len(state.directions) >= remaining:
+        return 0
+    bias = state.bias
+    row_norm = state.left.norm(dim=1)
+    usable = (bias.abs() > tol.zero_tol * bias.abs().max()) & (
+        row_norm > tol.zero_tol * row_norm.max()
+    )
+    idx = torch.nonzero(usable).flatten()
+    if idx.numel() == 0:
+        return 0
+    cand = state.left[idx] / bias[idx, None]  # (k, b)
+    basis = orthonormal_basis(state.left, remaining)
+    live = live_rows(basis, tol.zero_tol)
+    span = unknown_subspace(state, rank)
+    added = 0
+    for i in range(idx.numel()):
+        if time.perf_counter() > deadline or len(state.directions) >= remaining:
+            break
+        coord = span @ (span.T @ cand[i])
+        if float(coord.norm()) <= tol.zero_tol * float(cand[i].norm()):
+            continue
+        direction = direction_for(layer, basis, coord, tol, eps)
+        if direction is None:
+            continue
+        grad_zero = zero_mask(direction[:, None], tol.zero_tol)[:, 0]
+        _, agreement = pattern_check(layer, coord, grad_zero, live, eps, delta)
+        if agreement < DIRECTION_AGREEMENT:
+            continue
+        if pool_add(state.directions, direction / direction.norm()):
+            added += 1
+            span = unknown_subspace(state, rank)
+    return added
 
 
 def pool_add(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:

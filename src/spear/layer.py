@@ -28,6 +28,7 @@ from spear.candidates import (
     pool_add,
     pool_remove,
     row_candidates,
+    subspace_candidates,
 )
 from spear.errors import BatchTooLargeError, InputError, NoReluSparsityError
 from spear.linalg import (
@@ -442,6 +443,22 @@ def invert_layer(
                     "needs a ReLU (smooth activations such as GELU, tanh or sigmoid leave "
                     "none) and a noise-free update; for noisy (DP) updates pass batch_size= "
                     "and a larger zero_tol."
+                )
+        if (
+            layer is not None
+            and search_with_weights
+            and state.directions
+            and len(state.directions) < remaining
+            and time.perf_counter() < deadline
+        ):
+            t0 = time.perf_counter()
+            pooled = subspace_candidates(state, layer, tol, eps, delta, rank, deadline)
+            if pooled:
+                progressed = True
+                stats.append(
+                    SolverStats(
+                        "subspace", candidates=pooled, seconds=time.perf_counter() - t0
+                    )
                 )
         if len(state.directions) >= remaining:
             dirs_now = torch.stack(state.directions[:remaining]) @ basis  # (r, r)

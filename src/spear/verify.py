@@ -118,14 +118,18 @@ def direction_for(
     if int(off.sum()) < r:
         return None
     rows = basis[off]
-    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
-    u = vh[-1]
+    # the first fits only choose rows (the Gram matrix's eigenvector is cheap and accurate
+    # enough for that); the last one, which the zero test reads, is an SVD
+    u = torch.linalg.eigh(rows.T @ rows).eigenvectors[:, 0]
     for keep in (0.8, 0.6):
         v = rows @ u
         k = max(r, int(keep * rows.shape[0]))
         idx = v.abs().topk(k, largest=False).indices
-        _, _, vh = torch.linalg.svd(rows[idx], full_matrices=False)
-        u = vh[-1]
+        if keep > 0.6:
+            sub = rows[idx]
+            u = torch.linalg.eigh(sub.T @ sub).eigenvectors[:, 0]
+        else:
+            u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
     v = basis @ u
     zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0]
     if int(zeros.sum()) < r - 1:

@@ -1,0 +1,63 @@
+"""Row candidates and the unknown subspace (fact 8 and the completion step)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from spear.candidates import Residual, subspace_candidates, unknown_subspace
+from spear.linalg import Tolerances, factorise
+from spear.verify import LayerView
+from tests.conftest import LayerCase, layer_case
+
+EPS = float(torch.finfo(torch.float64).eps)
+
+
+def _setup(case: LayerCase, missing: list[int]) -> tuple[Residual, LayerView, Tolerances, int]:
+    """A residual with the true directions of every example but ``missing`` pooled."""
+    fac = factorise(case.weight_grad, EPS)
+    state = Residual(left=fac.left.clone(), bias=case.bias_grad.clone(), coords=[], grads=[],
+                     directions=[])
+    cols = case.output_grads / case.output_grads.norm(dim=0)
+    state.directions = [cols[:, i] for i in range(cols.shape[1]) if i not in missing]
+    layer = LayerView(
+        weight_coords=case.weight @ fac.right.T,
+        weight_abs_coords=case.weight.abs(),
+        bias=case.bias,
+        right=fac.right,
+    )
+    return state, layer, Tolerances.derive(torch.float64, fac.condition), fac.rank
+
+
+def test_unknown_subspace_holds_exactly_the_missing_examples() -> None:
+    case = layer_case(300, 784, 20, real=True, seed=3)
+    missing = [2, 7, 11, 19]
+    state, layer, _, rank = _setup(case, missing)
+    span = unknown_subspace(state, rank)
+    assert span.shape == (rank, len(missing))
+    torch.testing.assert_close(span.T @ span, torch.eye(len(missing), dtype=torch.float64))
+    coords = case.inputs @ layer.right.T  # (b, b) every example's row-space coordinates
+    inside = (coords - coords @ span @ span.T).norm(dim=1) / coords.norm(dim=1)
+    assert float(inside[missing].max()) < 1e-10
+    found = [i for i in range(20) if i not in missing]
+    assert float(inside[found].min()) > 1e-3  # the pooled examples are not in it
+
+
+def test_subspace_candidates_pool_exactly_the_missing_directions() -> None:
+    case = layer_case(1000, 784, 40, real=True, seed=1)
+    missing = [0, 5, 9, 22, 31, 39]
+    state, layer, tol, rank = _setup(case, missing)
+    added = subspace_candidates(state, layer, tol, EPS, False, rank, time.perf_counter() + 60)
+    assert added == len(missing)
+    cols = case.output_grads / case.output_grads.norm(dim=0)
+    for d in state.directions[-added:]:
+        cos = (cols.T @ d).abs()
+        assert float(cos.max()) > 1 - 1e-10
+        assert int(cos.argmax()) in missing
+
+
+def test_subspace_candidates_need_some_pooled_directions() -> None:
+    case = layer_case(200, 100, 8, real=True)
+    state, layer, tol, rank = _setup(case, list(range(8)))
+    assert subspace_candidates(state, layer, tol, EPS, False, rank, time.perf_counter() + 5) == 0
