@@ -7,6 +7,7 @@ peak memory is per case. Examples::
     python benchmarks/bench_layer.py --batch-sizes 25,32,64,128 --widths 1000 --seeds 3
     python benchmarks/bench_layer.py --data rgb --batch-sizes 32,64 --widths 2000
     python benchmarks/bench_layer.py --no-weights --solver sampling   # the paper's setting
+    python benchmarks/bench_layer.py --attack --batch-sizes 64 --widths 1000  # spear.attack
 
 A case: ``b`` distinct images, a float64 MLP ``n -> m -> 10`` (PyTorch default init, or
 ``--trained``: 50 SGD steps on other images first), one FedSGD step with mean
@@ -77,9 +78,40 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(other[idx]), other_y[idx]).backward()
             opt.step()
+    _warm_up()
+    if cfg["attack"]:
+        # the whole model, as a server has it: spear.attack picks the layer and the solver
+        from spear.client import fedsgd_update
+
+        model = torch.nn.Sequential(torch.nn.Flatten(), *net)
+        shaped = images[:b]
+        update = fedsgd_update(model, shaped, y)
+        start = time.perf_counter()
+        out = spear.attack(model, update, seed=seed, time_budget=cfg["budget"], progress=False)
+        seconds = time.perf_counter() - start
+        found = out.inputs.shape[0]
+        match = metrics.match(out.inputs, shaped) if found else None
+        return {
+            "b": b,
+            "m": m,
+            "seed": seed,
+            "exact": metrics.exact_rate(out.inputs, shaped) if found else 0.0,
+            "seconds": seconds,
+            "samples": out.layer_result.samples,
+            "expected": expected_samples(b),
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "found": found,
+            "labels": (
+                metrics.label_accuracy(out.labels, y, match)
+                if match is not None and out.labels is not None
+                else 0.0
+            ),
+            "certificate": (
+                float(out.certificate) if out.certificate is not None else float("nan")
+            ),
+        }
     loss = torch.nn.functional.cross_entropy(net(x), y)
     gw, gb = torch.autograd.grad(loss, [net[0].weight, net[0].bias])
-    _warm_up()
     start = time.perf_counter()
     rec = spear.invert_layer(
         gw,
@@ -118,20 +150,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-weights", action="store_true", help="do not give W and c")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per case")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--attack",
+        action="store_true",
+        help="run spear.attack on the whole model (labels, certificate) instead of the layer",
+    )
     args = parser.parse_args(argv)
     ctx = mp.get_context("spawn")
     rows = []
     print(
         f"data={args.data} trained={args.trained} solver={args.solver} "
-        f"weights={'no' if args.no_weights else 'yes'} seeds={args.seeds}",
+        f"weights={'no' if args.no_weights else 'yes'} seeds={args.seeds} "
+        f"attack={args.attack}",
         file=sys.stderr,
     )
     header = (
         "| b | m | exact (median) | all exact | time s (median) | samples (median) "
         "| H_b 2^(b-1) | peak MB |"
     )
+    if args.attack:
+        header += " labels (median) | certificate (max) |"
     print(header)
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---" * header.count(" | ") + "|---|")
     for m in [int(v) for v in args.widths.split(",")]:
         for b in [int(v) for v in args.batch_sizes.split(",")]:
             results = []
@@ -146,13 +186,19 @@ def main(argv: list[str] | None = None) -> int:
                     "no_weights": args.no_weights,
                     "budget": args.budget,
                     "threads": args.threads,
+                    "attack": args.attack,
                 }
                 with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                     res = pool.submit(run_case, cfg).result()
                 results.append(res)
+                extra = (
+                    f" labels {res['labels']:.3f} certificate {res['certificate']:.1e}"
+                    if args.attack
+                    else ""
+                )
                 print(
                     f"  b={b} m={m} seed={seed}: exact {res['exact']:.3f} "
-                    f"{res['seconds']:.2f} s samples {res['samples']}",
+                    f"{res['seconds']:.2f} s samples {res['samples']}{extra}",
                     file=sys.stderr,
                 )
             rows.append(results)
@@ -163,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {med(r['seconds'] for r in results):.2f} "
                 f"| {med(r['samples'] for r in results):.0f} "
                 f"| {results[0]['expected']:.3g} "
-                f"| {max(r['peak_mb'] for r in results):.0f} |",
+                f"| {max(r['peak_mb'] for r in results):.0f} |"
+                + (
+                    f" {med(r['labels'] for r in results):.3f} "
+                    f"| {max(r['certificate'] for r in results):.1e} |"
+                    if args.attack
+                    else ""
+                ),
                 flush=True,
             )
     return 0

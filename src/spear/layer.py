@@ -7,10 +7,13 @@ The driver of the attack (ALGORITHM.md, facts 1-8):
    whose own ReLU pattern yields the exact gradient direction of the nearest example;
    candidates two rows agree on are exact examples and are peeled off the gradient
    (fact 8; :mod:`spear.candidates`, verified by :mod:`spear.verify`);
-3. a solver (:mod:`spear.solvers`) finds the sparse directions of what is left; when it
-   has all of them, the bias gradient fixes their scales and ``X`` follows; every example
-   is verified again and the verified ones are peeled (facts 5-7);
-4. 2-3 repeat until all ``b`` are found or the budget ends; only verified examples are
+3. a solver (:mod:`spear.solvers`) finds the sparse directions of what is left;
+4. when some directions are still missing, row candidates projected on the subspace where
+   the missing examples must lie give them
+   (:func:`spear.candidates.subspace_candidates`); with all of them, the bias gradient
+   fixes their scales and ``X`` follows; every example is verified again and the verified
+   ones are peeled (facts 5-7);
+5. 2-4 repeat until all ``b`` are found or the budget ends; only verified examples are
    returned, and a partial answer says how many of ``b`` are missing.
 """
 
@@ -456,9 +459,7 @@ def invert_layer(
             if pooled:
                 progressed = True
                 stats.append(
-                    SolverStats(
-                        "subspace", candidates=pooled, seconds=time.perf_counter() - t0
-                    )
+                    SolverStats("subspace", candidates=pooled, seconds=time.perf_counter() - t0)
                 )
         if len(state.directions) >= remaining:
             dirs_now = torch.stack(state.directions[:remaining]) @ basis  # (r, r)
