@@ -34,6 +34,7 @@ from spear.candidates import (
     subspace_candidates,
 )
 from spear.errors import BatchTooLargeError, InputError, NoReluSparsityError
+from spear.focused import focused_sampling
 from spear.linalg import (
     Tolerances,
     factorise,
@@ -461,6 +462,26 @@ def invert_layer(
                 stats.append(
                     SolverStats("subspace", candidates=pooled, seconds=time.perf_counter() - t0)
                 )
+        if (
+            layer is not None
+            and search_with_weights
+            and not noisy
+            and state.directions
+            and len(state.directions) < remaining
+            and remaining > AUTO_SAMPLING_MAX_RANK
+            and time.perf_counter() < deadline
+        ):
+            t0 = time.perf_counter()
+            pooled, draws = focused_sampling(
+                state, layer, tol, rank, generator, deadline, min_zero_fraction
+            )
+            stats.append(
+                SolverStats(
+                    "focused", samples=draws, candidates=pooled, seconds=time.perf_counter() - t0
+                )
+            )
+            if pooled:
+                progressed = True
         if len(state.directions) >= remaining:
             dirs_now = torch.stack(state.directions[:remaining]) @ basis  # (r, r)
             solved = _solve_complete(state, basis, unit_rows(dirs_now))
