@@ -10,7 +10,9 @@ The driver of the attack (ALGORITHM.md, facts 1-8):
 3. a solver (:mod:`spear.solvers`) finds the sparse directions of what is left;
 4. when some directions are still missing, row candidates projected on the subspace where
    the missing examples must lie give them
-   (:func:`spear.candidates.subspace_candidates`); with all of them, the bias gradient
+   (:func:`spear.candidates.subspace_candidates`), and row subsets steered by their
+   predicted ReLU patterns find the rest (:func:`spear.focused.focused_sampling`); with
+   all of them, the bias gradient
    fixes their scales and ``X`` follows; every example is verified again and the verified
    ones are peeled (facts 5-7);
 5. 2-4 repeat until all ``b`` are found or the budget ends; only verified examples are
