@@ -24,10 +24,12 @@ __all__ = [
     "guided_weights",
     "pool_add",
     "pool_remove",
+    "residual_svd",
     "row_candidates",
     "scaled_grad",
     "subspace_candidates",
     "unknown_subspace",
+    "unknown_subspace_from",
 ]
 
 #: Two rows give the same candidate example when they agree to this relative distance.
@@ -104,17 +106,10 @@ def row_candidates(
     remaining = rank - state.found
     if remaining <= 0:
         return 0
-    bias = state.bias
     row_norm = state.left.norm(dim=1)
-    usable = (
-        dirty
-        & (bias.abs() > tol.zero_tol * bias.abs().max())
-        & (row_norm > tol.zero_tol * row_norm.max())
-    )
-    idx = torch.nonzero(usable).flatten()
+    idx, cand = _row_ratios(state, tol, dirty)
     if idx.numel() == 0:
         return 0
-    cand = state.left[idx] / bias[idx, None]
     # group rows that give the same candidate (to roundoff): several single-example rows
     close = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
     same = close <= ROW_AGREEMENT * cand.norm(dim=1)[:, None]
@@ -131,14 +126,9 @@ def row_candidates(
             continue
         handled |= same[i]
         coord = cand[i]
-        direction = direction_for(layer, basis, coord, tol, eps)
-        if direction is None:
+        unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
+        if unit is None:
             continue
-        grad_zero = zero_mask(direction[:, None], tol.zero_tol)[:, 0]
-        _, agreement = pattern_check(layer, coord, grad_zero, live, eps, delta)
-        if agreement < DIRECTION_AGREEMENT:
-            continue
-        unit = direction / direction.norm()
         known = bool(not pool_add(state.directions, unit))
         if int(support[i]) >= 2 and not known:
             grad = scaled_grad(state, coord, unit)
@@ -170,12 +160,24 @@ def unknown_subspace(state: Residual, rank: int) -> torch.Tensor:
         ``(b, d)`` orthonormal columns, ``d = r - len(state.directions)``, in the
         example coordinates (those of ``state.left``'s rows).
     """
+    return unknown_subspace_from(residual_svd(state, rank), state.directions)
+
+
+def residual_svd(state: Residual, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD ``(u (m, r), s (r,), vh (r, b))`` of the residual ``state.left``."""
     r = rank - state.found
     u, s, vh = torch.linalg.svd(state.left, full_matrices=False)
-    u, s, vh = u[:, :r], s[:r], vh[:r]
-    if not state.directions:
+    return u[:, :r], s[:r], vh[:r]
+
+
+def unknown_subspace_from(
+    row_space: tuple[torch.Tensor, torch.Tensor, torch.Tensor], directions: list[torch.Tensor]
+) -> torch.Tensor:
+    """``(b, r - k)``: the row space orthogonal to the ``q_k`` of ``k`` pooled directions."""
+    u, s, vh = row_space
+    if not directions:
         return vh.T.contiguous()
-    dirs = torch.stack(state.directions, dim=1)  # (m, k)
+    dirs = torch.stack(directions, dim=1)  # (m, k)
     duals = (u.T @ dirs) / s[:, None]  # (r, k): q_k in the coordinates y = vh p
     _, _, wh = torch.linalg.svd(duals.T, full_matrices=True)
     comp = wh[duals.shape[1] :]  # (r - k, r), orthonormal, orthogonal to every q_k
@@ -206,36 +208,69 @@ def subspace_candidates(
     remaining = rank - state.found
     if len(state.directions) >= remaining:
         return 0
+    _, cand = _row_ratios(state, tol)
+    if cand.shape[0] == 0:
+        return 0
+    basis = orthonormal_basis(state.left, remaining)
+    live = live_rows(basis, tol.zero_tol)
+    row_space = residual_svd(state, rank)
+    span = unknown_subspace_from(row_space, state.directions)
+    added = 0
+    for ratio in cand:
+        if time.perf_counter() > deadline or len(state.directions) >= remaining:
+            break
+        coord = span @ (span.T @ ratio)
+        if float(coord.norm()) <= tol.zero_tol * float(ratio.norm()):
+            continue
+        unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
+        if unit is not None and pool_add(state.directions, unit):
+            added += 1
+            span = unknown_subspace_from(row_space, state.directions)
+    return added
+
+
+def _row_ratios(
+    state: Residual, tol: Tolerances, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row candidates ``L[j] / db[j]`` of the rows with a usable bias and norm.
+
+    Returns the row indices ``(k,)`` and the candidates ``(k, b)``; ``rows`` (``(m,)``
+    bool) restricts the rows considered. Needs ``state.bias``.
+    """
+    assert state.bias is not None
     bias = state.bias
     row_norm = state.left.norm(dim=1)
     usable = (bias.abs() > tol.zero_tol * bias.abs().max()) & (
         row_norm > tol.zero_tol * row_norm.max()
     )
+    if rows is not None:
+        usable &= rows
     idx = torch.nonzero(usable).flatten()
-    if idx.numel() == 0:
-        return 0
-    cand = state.left[idx] / bias[idx, None]  # (k, b)
-    basis = orthonormal_basis(state.left, remaining)
-    live = live_rows(basis, tol.zero_tol)
-    span = unknown_subspace(state, rank)
-    added = 0
-    for i in range(idx.numel()):
-        if time.perf_counter() > deadline or len(state.directions) >= remaining:
-            break
-        coord = span @ (span.T @ cand[i])
-        if float(coord.norm()) <= tol.zero_tol * float(cand[i].norm()):
-            continue
-        direction = direction_for(layer, basis, coord, tol, eps)
-        if direction is None:
-            continue
-        grad_zero = zero_mask(direction[:, None], tol.zero_tol)[:, 0]
-        _, agreement = pattern_check(layer, coord, grad_zero, live, eps, delta)
-        if agreement < DIRECTION_AGREEMENT:
-            continue
-        if pool_add(state.directions, direction / direction.norm()):
-            added += 1
-            span = unknown_subspace(state, rank)
-    return added
+    return idx, state.left[idx] / bias[idx, None]
+
+
+def _agreeing_direction(
+    layer: LayerView,
+    basis: torch.Tensor,
+    coord: torch.Tensor,
+    live: torch.Tensor,
+    tol: Tolerances,
+    eps: float,
+    delta: bool,
+) -> torch.Tensor | None:
+    """The exact unit direction ``(m,)`` a candidate ``coord`` ``(b,)`` yields, or ``None``.
+
+    ``None`` also when the candidate's own ReLU pattern agrees with the direction's zero
+    pattern on less than :data:`DIRECTION_AGREEMENT` of the units.
+    """
+    direction = direction_for(layer, basis, coord, tol, eps)
+    if direction is None:
+        return None
+    grad_zero = zero_mask(direction[:, None], tol.zero_tol)[:, 0]
+    _, agreement = pattern_check(layer, coord, grad_zero, live, eps, delta)
+    if agreement < DIRECTION_AGREEMENT:
+        return None
+    return direction / direction.norm()
 
 
 def pool_add(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:

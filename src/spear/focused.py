@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from spear.candidates import Residual, pool_add, unknown_subspace
+from spear.candidates import Residual, pool_add, residual_svd, unknown_subspace_from
 from spear.linalg import Tolerances, orthonormal_basis, zero_mask
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
@@ -41,8 +41,6 @@ POOL_EXTRA = 25
 MAX_SPLIT_DIM = 8
 #: Subsets drawn inside a ``k``-dimensional kernel, times ``k 2^(k-1)``.
 SPLIT_SAMPLES = 8
-#: The unknown subspace is recomputed after this many draws (or a new direction).
-REFRESH_EVERY = 20
 #: Stop after this many draws in a row that pool nothing new.
 PATIENCE = 400
 #: Hand back to the driver once this few directions are missing: the subspace step
@@ -109,13 +107,12 @@ def focused_sampling(
         generator=generator,
     )
     pooled = draws = idle = 0
-    span = unknown_subspace(state, rank)
+    svd = residual_svd(state, rank)  # fixed: nothing is peeled in here
+    span = unknown_subspace_from(svd, state.directions)
     known = _known_basis(state, basis)
     while len(state.directions) < remaining and idle < PATIENCE:
         if time.perf_counter() > deadline:
             break
-        if draws % REFRESH_EVERY == 0:
-            span = unknown_subspace(state, rank)
         pick = int(torch.randint(cand.shape[0], (1,), generator=generator))
         p = span @ (span.T @ cand[pick])
         scale = float(p @ s)
@@ -143,7 +140,7 @@ def focused_sampling(
                     if remaining - len(state.directions) <= HANDOFF_MISSING:
                         return pooled, draws
                     known = _known_basis(state, basis)
-                    span = unknown_subspace(state, rank)
+                    span = unknown_subspace_from(svd, state.directions)
     return pooled, draws
 
 

@@ -119,6 +119,15 @@ def _validate(
         pass
 
 
+def _directions_missing(state: Residual, remaining: int, deadline: float) -> bool:
+    """Some directions pooled but not all ``remaining``, and time left (weight-guided steps)."""
+    return (
+        bool(state.directions)
+        and len(state.directions) < remaining
+        and time.perf_counter() < deadline
+    )
+
+
 def _solve_complete(
     state: Residual, basis: torch.Tensor, directions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -450,12 +459,11 @@ def invert_layer(
                     "none) and a noise-free update; for noisy (DP) updates pass batch_size= "
                     "and a larger zero_tol."
                 )
+
         if (
             layer is not None
             and search_with_weights
-            and state.directions
-            and len(state.directions) < remaining
-            and time.perf_counter() < deadline
+            and _directions_missing(state, remaining, deadline)
         ):
             t0 = time.perf_counter()
             pooled = subspace_candidates(state, layer, tol, eps, delta, rank, deadline)
@@ -468,10 +476,8 @@ def invert_layer(
             layer is not None
             and search_with_weights
             and not noisy
-            and state.directions
-            and len(state.directions) < remaining
             and remaining > AUTO_SAMPLING_MAX_RANK
-            and time.perf_counter() < deadline
+            and _directions_missing(state, remaining, deadline)
         ):
             t0 = time.perf_counter()
             pooled, draws = focused_sampling(
