@@ -9,15 +9,19 @@ units its ``W x + c`` puts furthest below zero are off for most of those example
 ``r - 1`` rows drawn from the ``r - 1 + extra`` most negative ones often lie in the zero
 sets of one or several missing examples at once. The kernel of those rows then has
 dimension ``k >= 1`` and contains their exact directions; ``k = 1`` gives one at once,
-small ``k`` are split by sampling ``k - 1`` rows inside the kernel. Every direction goes
-through :func:`spear.solvers.polish.purify` (a pure one-dimensional kernel on its zero
-set) before it is pooled, and the examples are verified against their own ReLU patterns
-after the complete solve, as always.
+larger ``k`` (up to 32) are split by ``k - 1`` more units drawn the same way, from the
+candidate's next most negative ones. Units are added to a subset until no direction
+already found is zero on all of it, so found examples do not fill the kernel again. Every
+direction goes through :func:`spear.solvers.polish.purify` (a pure one-dimensional kernel
+on its zero set) and, for exact float64 patterns, :func:`spear.verify.zero_set_realizable`
+(some input switches off exactly that zero set: sparse combinations of several examples
+that a softmax output creates fail it) before it is pooled; the examples are verified
+against their own ReLU patterns after the complete solve, as always.
 
-Measured on Fashion-MNIST, ``784 -> 1000`` untrained, b = 128 (where peeling, the sparse
-solver and the subspace step stall at about 20 of 125 directions): all 125 directions in
-about 1,100 subsets (35 s), of which 2 were mixtures that the
-complete solve's verification set aside.
+Measured on Fashion-MNIST, ``784 -> 1000``, b = 128 (where peeling, the sparse solver and
+the subspace step stall at about 20 of 125 directions): all missing directions in 600-900
+subsets (37-47 s) untrained, about 1,250 (60-70 s) after 50 SGD steps; no wrong direction
+pooled.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import time
 import torch
 
 from spear.candidates import Residual, pool_add, residual_svd, unknown_subspace_from
-from spear.linalg import Tolerances, orthonormal_basis, zero_mask
+from spear.linalg import Tolerances, orthonormal_basis, pure_kernel, zero_mask
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
-from spear.verify import LayerView
+from spear.verify import LayerView, zero_set_realizable
 
 __all__ = ["focused_sampling"]
 
@@ -41,6 +45,12 @@ POOL_EXTRA = 25
 MAX_SPLIT_DIM = 8
 #: Subsets drawn inside a ``k``-dimensional kernel, times ``k 2^(k-1)``.
 SPLIT_SAMPLES = 8
+#: Largest kernel dimension split by subsets steered like the outer draw.
+MAX_STEERED_SPLIT_DIM = 32
+#: Units beyond ``k - 1`` that steered subsets inside a kernel are drawn from.
+SPLIT_POOL_EXTRA = 8
+#: Steered subsets drawn inside a ``k``-dimensional kernel, times ``k``.
+SPLIT_STEERED = 16
 #: Stop after this many draws in a row that pool nothing new.
 PATIENCE = 400
 #: Hand back to the driver once this few directions are missing: the subspace step
@@ -56,6 +66,7 @@ def focused_sampling(
     generator: torch.Generator,
     deadline: float,
     min_zero_fraction: float,
+    exact_patterns: bool = True,
 ) -> tuple[int, int]:
     """Pool missing directions by steered row subsets (module docstring).
 
@@ -75,6 +86,11 @@ def focused_sampling(
         ``time.perf_counter()`` value at which to stop.
     min_zero_fraction:
         Fraction of zeros a direction needs.
+    exact_patterns:
+        The gradient's zero pattern is exactly the ReLU pattern (float64, one step):
+        a direction is pooled only when some input realizes its zero set
+        (:func:`spear.verify.zero_set_realizable`), which rejects the sparse
+        combinations of several examples that a softmax output creates.
 
     Returns
     -------
@@ -110,6 +126,7 @@ def focused_sampling(
     svd = residual_svd(state, rank)  # fixed: nothing is peeled in here
     span = unknown_subspace_from(svd, state.directions)
     known = _known_basis(state, basis)
+    known_zero = _zero_sets(state, tol)  # (m, k) where each pooled direction is zero
     while len(state.directions) < remaining and idle < PATIENCE:
         if time.perf_counter() > deadline:
             break
@@ -124,60 +141,175 @@ def focused_sampling(
         if layer.bias is not None:
             z = z + layer.bias
         z = torch.where(live, z, torch.full_like(z, math.inf))
-        pool = torch.argsort(z)[:pool_size]
+        order = torch.argsort(z)
+        pool = order[:pool_size]
         rows = pool[torch.randperm(pool_size, generator=generator, device=pool.device)[: r - 1]]
+        rows = _break_known(rows, order, known_zero, r)
         draws += 1
         idle += 1
-        for q in _kernel_candidates(basis, basis[rows], tol, generator):
+        for q in _kernel_candidates(basis, basis[rows], order, tol, generator):
             if _in_span(q, known):
                 continue
             for pure in purify(basis, q, spec):
                 if _in_span(pure, known):
                     continue
-                if pool_add(state.directions, basis @ pure):
+                unit = basis @ pure
+                if exact_patterns and not _realizable(layer, unit, live, tol, generator):
+                    continue
+                if pool_add(state.directions, unit):
                     pooled += 1
                     idle = 0
                     if remaining - len(state.directions) <= HANDOFF_MISSING:
                         return pooled, draws
                     known = _known_basis(state, basis)
+                    known_zero = _zero_sets(state, tol)
                     span = unknown_subspace_from(svd, state.directions)
     return pooled, draws
 
 
 def _kernel_candidates(
-    basis: torch.Tensor, rows: torch.Tensor, tol: Tolerances, generator: torch.Generator
+    basis: torch.Tensor,
+    rows: torch.Tensor,
+    order: torch.Tensor,
+    tol: Tolerances,
+    generator: torch.Generator,
 ) -> list[torch.Tensor]:
-    """Candidate directions ``(r,)`` in the kernel of ``rows`` ``(r - 1, r)``."""
+    """Candidate directions ``(r,)`` in the kernel of ``rows`` ``(r - 1 + e, r)``.
+
+    ``order`` ``(m,)`` ranks the units by the steering candidate's pre-activation, most
+    negative first; a ``k``-dimensional kernel is split with ``(k - 1)``-unit subsets of
+    its first useful units (and uniform ones for ``k <= MAX_SPLIT_DIM``), each candidate
+    kept when its zero set has a pure one-dimensional kernel inside the ``k`` dimensions.
+    """
     r = basis.shape[1]
     _, sv, vh = torch.linalg.svd(rows, full_matrices=True)
     rank = int((sv > tol.degeneracy_tol * math.sqrt(r)).sum())
     ker = vh[rank:].T  # (r, k)
     k = ker.shape[1]
+    if k == 0:
+        return []
     if k == 1:
         return [ker[:, 0]]
-    if k > MAX_SPLIT_DIM:
+    if k > MAX_STEERED_SPLIT_DIM:
         return []
     sub = basis @ ker  # (m, k) orthonormal columns; rows zero for all k are useless
     norms = sub.norm(dim=1)
-    useful = torch.nonzero(norms > tol.zero_tol * norms.max()).flatten()
+    is_useful = norms > tol.zero_tol * norms.max()
+    useful = torch.nonzero(is_useful).flatten()
     if useful.numel() < k - 1:
         return []
-    draws = SPLIT_SAMPLES * k * 2 ** (k - 1)
-    keys = torch.rand(
-        draws, useful.numel(), generator=generator, dtype=basis.dtype, device=basis.device
-    )
-    pick = useful[keys.topk(k - 1, dim=1).indices]  # (draws, k - 1)
+    picks = []
+    if k <= MAX_SPLIT_DIM:
+        # uniform (k - 1)-row subsets: each lies in one example's zero set with odds ~2^-(k-1)
+        draws = SPLIT_SAMPLES * k * 2 ** (k - 1)
+        keys = torch.rand(
+            draws, useful.numel(), generator=generator, dtype=basis.dtype, device=basis.device
+        )
+        picks.append(useful[keys.topk(k - 1, dim=1).indices])
+    # steered ones: the steering candidate's next most negative units are off for most of
+    # the k examples (the same reasoning as the outer draw, one level down)
+    ranked = order[is_useful[order]][: k - 1 + SPLIT_POOL_EXTRA]
+    if ranked.numel() >= k - 1:
+        keys = torch.rand(
+            SPLIT_STEERED * k,
+            ranked.numel(),
+            generator=generator,
+            dtype=basis.dtype,
+            device=basis.device,
+        )
+        picks.append(ranked[keys.topk(k - 1, dim=1).indices])
+    if not picks:
+        return []
+    pick = torch.cat(picks)  # (draws, k - 1)
     _, _, vv = torch.linalg.svd(sub[pick], full_matrices=True)
     w = vv[:, -1, :]  # (draws, k)
-    zeros = zero_mask(sub @ w.T, tol.zero_tol).sum(dim=0)
+    vals = zero_mask(sub @ w.T, tol.zero_tol)  # (m, draws)
+    zeros = vals.sum(dim=0)
     out: list[torch.Tensor] = []
+    tried = 0
     for i in torch.argsort(zeros, descending=True).tolist():
-        if len(out) >= 3 * k or int(zeros[i]) < basis.shape[0] // 10:
+        if len(out) >= k or tried >= 3 * k or int(zeros[i]) < basis.shape[0] // 10:
             break
         q = ker @ w[i]
+        q = q / q.norm()
+        if any(abs(float(q @ f)) > 1 - 1e-8 for f in out):
+            continue
+        tried += 1
+        # one example inside the kernel: a pure one-dimensional kernel on its zero set
+        # (cheap, k columns); mixtures fitted to cancel on a few rows fail here
+        pure = pure_kernel(sub[vals[:, i]], tol.degeneracy_tol)
+        if pure is None:
+            continue
+        q = ker @ pure
         if all(abs(float(q @ f)) <= 1 - 1e-8 for f in out):
             out.append(q / q.norm())
     return out
+
+
+def _zero_sets(state: Residual, tol: Tolerances) -> torch.Tensor:
+    """``(m, k)`` bool: where each pooled direction is zero."""
+    if not state.directions:
+        return torch.zeros(state.left.shape[0], 0, dtype=torch.bool, device=state.left.device)
+    return zero_mask(torch.stack(state.directions, dim=1), tol.zero_tol)
+
+
+def _break_known(
+    rows: torch.Tensor, order: torch.Tensor, known_zero: torch.Tensor, r: int
+) -> torch.Tensor:
+    """Add rows so that no pooled direction is zero on all of ``rows``.
+
+    A subset inside a found example's zero set puts that example's direction in the
+    kernel again. For each such direction, the first unit in ``order`` (the steering
+    candidate's most negative units) where it is not zero is added, so the kernel keeps
+    only examples not found yet. At most ``r // 2`` rows are added.
+
+    Parameters
+    ----------
+    rows:
+        ``(r - 1,)`` the drawn units.
+    order:
+        ``(m,)`` all units, most promising first.
+    known_zero:
+        ``(m, k)`` zero sets of the pooled directions.
+    r:
+        Residual rank.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(r - 1 + e,)`` the units to take the kernel of.
+    """
+    if known_zero.shape[1] == 0:
+        return rows
+    chosen = torch.zeros(known_zero.shape[0], dtype=torch.bool, device=rows.device)
+    chosen[rows] = True
+    covering = known_zero[rows].all(dim=0)
+    extra: list[int] = []
+    while bool(covering.any()) and len(extra) < r // 2:
+        k = int(torch.nonzero(covering)[0])
+        free = ~known_zero[order, k] & ~chosen[order]
+        hits = torch.nonzero(free).flatten()
+        if hits.numel() == 0:
+            break
+        j = int(order[hits[0]])
+        chosen[j] = True
+        extra.append(j)
+        covering &= known_zero[j]
+    if not extra:
+        return rows
+    return torch.cat([rows, torch.tensor(extra, dtype=rows.dtype, device=rows.device)])
+
+
+def _realizable(
+    layer: LayerView,
+    unit: torch.Tensor,
+    live: torch.Tensor,
+    tol: Tolerances,
+    generator: torch.Generator,
+) -> bool:
+    """Whether the zero set of a direction ``(m,)`` is some input's off-set."""
+    zeros = zero_mask(unit[:, None], tol.zero_tol)[:, 0]
+    return zero_set_realizable(layer, zeros, live, generator)
 
 
 def _known_basis(state: Residual, basis: torch.Tensor) -> torch.Tensor:

@@ -480,8 +480,9 @@ def invert_layer(
             and _directions_missing(state, remaining, deadline)
         ):
             t0 = time.perf_counter()
+            exact_patterns = not delta and eps <= float(torch.finfo(torch.float64).eps)
             pooled, draws = focused_sampling(
-                state, layer, tol, rank, generator, deadline, min_zero_fraction
+                state, layer, tol, rank, generator, deadline, min_zero_fraction, exact_patterns
             )
             stats.append(
                 SolverStats(
