@@ -159,11 +159,12 @@ def zero_set_realizable(
     A true gradient column is zero exactly where its own example turns the unit off
     (fact 7), so its zero set is the off-set of a point ``x = p @ right``. A sparse vector
     of the gradient's column space that is not a column is not bound to that: with a
-    softmax output, ``g_i = D_i (W_2^T delta_i)`` and the ``delta_i`` of any ten examples
-    are linearly dependent, so one of their combinations vanishes on every unit that is off
-    for all ten *and* on every unit that is on for all ten. That is a large zero set with a
-    one-dimensional kernel (it passes :func:`spear.linalg.pure_kernel`), yet no input is
-    off on the second kind and on elsewhere. The linear programme
+    softmax output over ``C`` classes, ``g_i = D_i (W_2^T delta_i)`` and the ``delta_i``
+    (``C`` entries summing to zero) of any ``C`` examples are linearly dependent, so one of
+    their combinations vanishes on every unit that is off for all of them *and* on every
+    unit that is on for all of them. That is a large zero set with a one-dimensional
+    kernel (it passes :func:`spear.linalg.pure_kernel`), yet no input is off on the second
+    kind and on elsewhere. The linear programme
 
         maximise t  subject to  (w_j . p + c_j) + t |w_j| <= 0   for units j in zeros,
                                 -(w_j . p + c_j) + t |w_j| <= 0  for the other live units,
