@@ -31,7 +31,13 @@ import time
 
 import torch
 
-from spear.candidates import Residual, pool_add, residual_svd, unknown_subspace_from
+from spear.candidates import (
+    SAME_DIRECTION,
+    Residual,
+    pool_add,
+    residual_svd,
+    unknown_subspace_from,
+)
 from spear.linalg import Tolerances, orthonormal_basis, pure_kernel, zero_mask
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
@@ -232,7 +238,7 @@ def _kernel_candidates(
             break
         q = ker @ w[i]
         q = q / q.norm()
-        if any(abs(float(q @ f)) > 1 - 1e-8 for f in out):
+        if any(abs(float(q @ f)) > 1 - SAME_DIRECTION for f in out):
             continue
         tried += 1
         # one example inside the kernel: a pure one-dimensional kernel on its zero set
@@ -241,8 +247,7 @@ def _kernel_candidates(
         if pure is None:
             continue
         q = ker @ pure
-        if all(abs(float(q @ f)) <= 1 - 1e-8 for f in out):
-            out.append(q / q.norm())
+        pool_add(out, q / q.norm())
     return out
 
 

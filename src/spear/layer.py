@@ -12,9 +12,8 @@ The driver of the attack (ALGORITHM.md, facts 1-8):
    the missing examples must lie give them
    (:func:`spear.candidates.subspace_candidates`), and row subsets steered by their
    predicted ReLU patterns find the rest (:func:`spear.focused.focused_sampling`); with
-   all of them, the bias gradient
-   fixes their scales and ``X`` follows; every example is verified again and the verified
-   ones are peeled (facts 5-7);
+   all of them, the bias gradient fixes their scales and ``X`` follows; every example is
+   verified again and the verified ones are peeled (facts 5-7);
 5. 2-4 repeat until all ``b`` are found or the budget ends; only verified examples are
    returned, and a partial answer says how many of ``b`` are missing.
 """
@@ -49,7 +48,7 @@ from spear.solvers import get_solver
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows
 from spear.solvers.sampling import expected_samples
-from spear.verify import LayerView, pattern_check
+from spear.verify import LayerView, exact_precision, pattern_check
 
 __all__ = ["invert_layer"]
 
@@ -480,7 +479,7 @@ def invert_layer(
             and _directions_missing(state, remaining, deadline)
         ):
             t0 = time.perf_counter()
-            exact_patterns = not delta and eps <= float(torch.finfo(torch.float64).eps)
+            exact_patterns = not delta and exact_precision(eps)
             pooled, draws = focused_sampling(
                 state, layer, tol, rank, generator, deadline, min_zero_fraction, exact_patterns
             )

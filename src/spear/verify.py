@@ -16,7 +16,13 @@ from scipy.optimize import linprog
 
 from spear.linalg import Tolerances, pure_kernel, zero_mask
 
-__all__ = ["LayerView", "direction_for", "pattern_check", "zero_set_realizable"]
+__all__ = [
+    "LayerView",
+    "direction_for",
+    "exact_precision",
+    "pattern_check",
+    "zero_set_realizable",
+]
 
 #: Verification tolerances: fraction of the clear (non-ambiguous) units whose state may
 #: disagree with the gradient's zero pattern. Exact float64 gradients allow none: a
@@ -43,6 +49,11 @@ REALIZABLE_ROWS_PER_COORD = 3
 #: Geometric margin (relative to each unit's weight norm) above which a pattern counts as
 #: realizable; wrong zero sets come out clearly negative (about -0.1 measured).
 REALIZABLE_MARGIN = 1e-7
+
+
+def exact_precision(eps: float) -> bool:
+    """Whether data of machine epsilon ``eps`` is float64 (or finer): exact zero patterns."""
+    return eps <= float(torch.finfo(torch.float64).eps)
 
 
 @dataclass
@@ -99,9 +110,7 @@ def pattern_check(
     n_clear = max(1, int(clear.sum()))
     off_but_nonzero = int((off & ~grad_zero).sum())
     on_but_zero = int((on & grad_zero & live).sum())
-    mismatch = (
-        MISMATCH_EXACT if eps <= float(torch.finfo(torch.float64).eps) else (MISMATCH_LOW_PRECISION)
-    )
+    mismatch = MISMATCH_EXACT if exact_precision(eps) else MISMATCH_LOW_PRECISION
     off_limit = MAX_OFF_BUT_NONZERO_DELTA if delta else mismatch
     on_limit = MAX_ON_BUT_ZERO_DELTA if delta else mismatch
     ok = off_but_nonzero <= off_limit * n_clear and on_but_zero <= on_limit * n_clear
