@@ -9,8 +9,8 @@ from tests.conftest import LayerCase, layer_case
 
 from spear.candidates import Residual
 from spear.focused import _break_known, focused_sampling
-from spear.linalg import Factorisation, Tolerances, factorise, zero_mask
-from spear.verify import LayerView, zero_set_realizable
+from spear.linalg import Factorisation, Tolerances, factorise
+from spear.verify import LayerView
 
 EPS = float(torch.finfo(torch.float64).eps)
 
@@ -60,31 +60,6 @@ def test_focused_sampling_needs_a_bias_and_pooled_directions() -> None:
     state.bias = None
     state.directions = [case.output_grads[:, 0] / case.output_grads[:, 0].norm()]
     assert focused_sampling(state, layer, tol, 30, gen, time.perf_counter() + 5, 0.1) == (0, 0)
-
-
-def test_zero_set_realizable_accepts_true_columns_and_rejects_softmax_mixtures() -> None:
-    """The deltas of any 5 examples (5 classes) are dependent: one of their combinations
-    vanishes where all 5 are off and where all 5 are on, yet no input has that pattern."""
-    case = layer_case(300, 100, 30, real=True, seed=1)
-    _fac, layer, tol = _problem(case)
-    g = case.output_grads  # (m, b)
-    gen = torch.Generator().manual_seed(0)
-    live = ~(g == 0).all(dim=1)
-    for i in range(5):
-        assert zero_set_realizable(layer, g[:, i] == 0, live, gen)
-    on = g != 0
-    rejected = 0
-    for start in range(0, 25, 5):
-        group = torch.arange(start, start + 5)
-        all_on = on[:, group].all(dim=1)
-        assert int(all_on.sum()) >= 5
-        coef = torch.linalg.svd(g[all_on][:, group]).Vh[-1]  # (5,) the dependent delta mix
-        mix = g[:, group] @ coef
-        zeros = zero_mask(mix[:, None], tol.zero_tol)[:, 0]
-        # sparser than the intersection of the five zero sets: the all-on units cancel
-        assert int(zeros.sum()) > int((~on[:, group]).all(dim=1).sum())
-        rejected += not zero_set_realizable(layer, zeros, live, gen)
-    assert rejected == 5
 
 
 def test_break_known_leaves_no_pooled_direction_on_all_rows() -> None:

@@ -13,7 +13,7 @@ larger ``k`` (up to 32) are split by ``k - 1`` more units drawn the same way, fr
 candidate's next most negative ones. Units are added to a subset until no direction
 already found is zero on all of it, so found examples do not fill the kernel again. Every
 direction goes through :func:`spear.solvers.polish.purify` (a pure one-dimensional kernel
-on its zero set) and, for exact float64 patterns, :func:`spear.verify.zero_set_realizable`
+on its zero set) and, for exact float64 patterns, :class:`spear.realizable.RealizabilityTest`
 (some input switches off exactly that zero set: sparse combinations of several examples
 that a softmax output creates fail it) before it is pooled; the examples are verified
 against their own ReLU patterns after the complete solve, as always.
@@ -39,9 +39,10 @@ from spear.candidates import (
     unknown_subspace_from,
 )
 from spear.linalg import Tolerances, orthonormal_basis, pure_kernel, zero_mask
+from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
-from spear.verify import LayerView, zero_set_realizable
+from spear.verify import LayerView
 
 __all__ = ["focused_sampling"]
 
@@ -95,7 +96,7 @@ def focused_sampling(
     exact_patterns:
         The gradient's zero pattern is exactly the ReLU pattern (float64, one step):
         a direction is pooled only when some input realizes its zero set
-        (:func:`spear.verify.zero_set_realizable`), which rejects the sparse
+        (:class:`spear.realizable.RealizabilityTest`), which rejects the sparse
         combinations of several examples that a softmax output creates.
 
     Returns
@@ -133,6 +134,7 @@ def focused_sampling(
     span = unknown_subspace_from(svd, state.directions)
     known = _known_basis(state, basis)
     known_zero = _zero_sets(state, tol)  # (m, k) where each pooled direction is zero
+    realizable = RealizabilityTest(layer, live, generator) if exact_patterns else None
     while len(state.directions) < remaining and idle < PATIENCE:
         if time.perf_counter() > deadline:
             break
@@ -160,7 +162,9 @@ def focused_sampling(
                 if _in_span(pure, known):
                     continue
                 unit = basis @ pure
-                if exact_patterns and not _realizable(layer, unit, live, tol, generator):
+                if realizable is not None and not realizable(
+                    zero_mask(unit[:, None], tol.zero_tol)[:, 0]
+                ):
                     continue
                 if pool_add(state.directions, unit):
                     pooled += 1
@@ -303,18 +307,6 @@ def _break_known(
     if not extra:
         return rows
     return torch.cat([rows, torch.tensor(extra, dtype=rows.dtype, device=rows.device)])
-
-
-def _realizable(
-    layer: LayerView,
-    unit: torch.Tensor,
-    live: torch.Tensor,
-    tol: Tolerances,
-    generator: torch.Generator,
-) -> bool:
-    """Whether the zero set of a direction ``(m,)`` is some input's off-set."""
-    zeros = zero_mask(unit[:, None], tol.zero_tol)[:, 0]
-    return zero_set_realizable(layer, zeros, live, generator)
 
 
 def _known_basis(state: Residual, basis: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.optimize import linprog
 
 from spear.linalg import Tolerances, pure_kernel, zero_mask
 
@@ -21,7 +19,6 @@ __all__ = [
     "direction_for",
     "exact_precision",
     "pattern_check",
-    "zero_set_realizable",
 ]
 
 #: Verification tolerances: fraction of the clear (non-ambiguous) units whose state may
@@ -43,12 +40,6 @@ MAX_ON_BUT_ZERO_DELTA = 0.1
 #: Units whose pre-activation is within this many roundoff units of zero are ambiguous and
 #: left out of the comparison.
 AMBIGUITY_ROUNDOFF = 100.0
-#: :func:`zero_set_realizable` keeps at most this many units of each kind (off / on),
-#: times the number of coordinates: enough to rule out a wrong zero set, cheaper than all.
-REALIZABLE_ROWS_PER_COORD = 3
-#: Geometric margin (relative to each unit's weight norm) above which a pattern counts as
-#: realizable; wrong zero sets come out clearly negative (about -0.1 measured).
-REALIZABLE_MARGIN = 1e-7
 
 
 def exact_precision(eps: float) -> bool:
@@ -155,82 +146,3 @@ def direction_for(
     if pure is None:
         return None
     return basis @ pure
-
-
-def zero_set_realizable(
-    layer: LayerView,
-    zeros: torch.Tensor,
-    live: torch.Tensor,
-    generator: torch.Generator,
-) -> bool:
-    """Whether some input in the row space switches off exactly the units in ``zeros``.
-
-    A true gradient column is zero exactly where its own example turns the unit off
-    (fact 7), so its zero set is the off-set of a point ``x = p @ right``. A sparse vector
-    of the gradient's column space that is not a column is not bound to that: with a
-    softmax output over ``C`` classes, ``g_i = D_i (W_2^T delta_i)`` and the ``delta_i``
-    (``C`` entries summing to zero) of any ``C`` examples are linearly dependent, so one of
-    their combinations vanishes on every unit that is off for all of them *and* on every
-    unit that is on for all of them. That is a large zero set with a one-dimensional
-    kernel (it passes :func:`spear.linalg.pure_kernel`), yet no input is off on the second
-    kind and on elsewhere. The linear programme
-
-        maximise t  subject to  (w_j . p + c_j) + t |w_j| <= 0   for units j in zeros,
-                                -(w_j . p + c_j) + t |w_j| <= 0  for the other live units,
-                                t <= 1
-
-    has a positive optimum exactly when the pattern is realizable with a margin. Up to
-    ``REALIZABLE_ROWS_PER_COORD * b`` units of each kind (drawn with ``generator``) enter.
-
-    Parameters
-    ----------
-    layer:
-        The layer's weights in row-space coordinates.
-    zeros:
-        ``(m,)`` bool, the zero set of the gradient direction.
-    live:
-        ``(m,)`` bool, units not dead for the whole batch.
-    generator:
-        Random source for the unit subsample.
-
-    Returns
-    -------
-    bool
-        ``True`` when the pattern is realizable (or there is too little to decide).
-    """
-    coords = layer.weight_coords  # (m, b)
-    b = coords.shape[1]
-    keep = REALIZABLE_ROWS_PER_COORD * b
-    off = torch.nonzero(zeros & live).flatten()
-    on = torch.nonzero(~zeros & live).flatten()
-    if off.numel() == 0 or on.numel() == 0:
-        return True
-
-    def subsample(rows: torch.Tensor) -> torch.Tensor:
-        if rows.numel() <= keep:
-            return rows
-        perm = torch.randperm(rows.numel(), generator=generator, device=rows.device)
-        return rows[perm[:keep]]
-
-    off, on = subsample(off), subsample(on)
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(coords[:, 0])
-    norms = coords.norm(dim=1)
-    a_ub = torch.cat(
-        [
-            torch.cat([coords[off], norms[off, None]], dim=1),
-            torch.cat([-coords[on], norms[on, None]], dim=1),
-        ]
-    )
-    b_ub = torch.cat([-bias[off], bias[on]])
-    cost = np.zeros(b + 1)
-    cost[-1] = -1.0
-    res = linprog(
-        cost,
-        A_ub=a_ub.cpu().numpy(),
-        b_ub=b_ub.cpu().numpy(),
-        bounds=[(None, None)] * b + [(None, 1.0)],
-        method="highs",
-    )
-    if res.status != 0:
-        return True  # the solver could not decide: do not reject on that
-    return bool(-res.fun > REALIZABLE_MARGIN)
