@@ -39,6 +39,11 @@ ROW_AGREEMENT = 1e-9
 DIRECTION_AGREEMENT = 0.9
 #: Two unit directions are the same when ``|<u, v>| > 1 - SAME_DIRECTION``.
 SAME_DIRECTION = 1e-8
+#: The row scans stop after this many rows in a row that give nothing new (directions come
+#: from rows on for few examples, which are scanned first; measured on Fashion-MNIST,
+#: b = 256, m = 2000: the first scan's 20 hits came within its first 600 of 1,987 rows, 19 of
+#: them within the first 40).
+ROW_PATIENCE = 200
 #: Exponent of the estimated off-rate in the row weights for guided sampling.
 GUIDED_WEIGHT_POWER = 3.0
 
@@ -114,22 +119,32 @@ def row_candidates(
     close = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
     same = close <= ROW_AGREEMENT * cand.norm(dim=1)[:, None]
     support = same.sum(dim=1)
-    order = torch.argsort(support * 1e6 + row_norm[idx] / row_norm.max(), descending=True)
+    # rows several agree on first (exact examples), then rows on for few examples (small
+    # norm): they are the ones whose candidates are (nearly) single examples
+    order = torch.argsort(support * 1e6 - row_norm[idx] / row_norm.max(), descending=True)
     basis = orthonormal_basis(state.left, remaining)
     live = live_rows(basis, tol.zero_tol)
     handled = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
     exact: list[tuple[torch.Tensor, torch.Tensor]] = []
+    idle = 0
     for i in order.tolist():
-        if time.perf_counter() > deadline or len(state.directions) >= remaining:
+        if (
+            time.perf_counter() > deadline
+            or len(state.directions) >= remaining
+            or idle >= ROW_PATIENCE
+        ):
             break
         if bool(handled[i]):
             continue
         handled |= same[i]
         coord = cand[i]
+        idle += 1
         unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
         if unit is None:
             continue
         known = bool(not pool_add(state.directions, unit))
+        if not known:
+            idle = 0
         if int(support[i]) >= 2 and not known:
             grad = scaled_grad(state, coord, unit)
             if grad is None:
@@ -208,23 +223,32 @@ def subspace_candidates(
     remaining = rank - state.found
     if len(state.directions) >= remaining:
         return 0
-    _, cand = _row_ratios(state, tol)
+    idx, cand = _row_ratios(state, tol)
     if cand.shape[0] == 0:
         return 0
+    # rows on for few examples (small norm) first: their projections are the nearest to
+    # single missing examples (measured: most hits within the first few hundred rows)
+    cand = cand[torch.argsort(state.left[idx].norm(dim=1))]
     basis = orthonormal_basis(state.left, remaining)
     live = live_rows(basis, tol.zero_tol)
     row_space = residual_svd(state, rank)
     span = unknown_subspace_from(row_space, state.directions)
-    added = 0
+    added = idle = 0
     for ratio in cand:
-        if time.perf_counter() > deadline or len(state.directions) >= remaining:
+        if (
+            time.perf_counter() > deadline
+            or len(state.directions) >= remaining
+            or idle >= ROW_PATIENCE
+        ):
             break
+        idle += 1
         coord = span @ (span.T @ ratio)
         if float(coord.norm()) <= tol.zero_tol * float(ratio.norm()):
             continue
         unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
         if unit is not None and pool_add(state.directions, unit):
             added += 1
+            idle = 0
             span = unknown_subspace_from(row_space, state.directions)
     return added
 
