@@ -88,7 +88,8 @@ class RealizabilityTest:
         tau[0, -1] = 1.0  # the row that asks for tau > 0
         self.rows = torch.cat([rows, tau])  # (k + 1, b + 1)
         self.pinv = torch.linalg.pinv(self.rows)  # (b + 1, k + 1)
-        #: How the last call was decided: "witness", "refuted" or "lp".
+        #: How the last call was decided: "witness", "refuted", "lp" or "trivial" (no live
+        #: unit of one kind).
         self.last = ""
 
     def __call__(self, zeros: torch.Tensor) -> bool:
