@@ -17,6 +17,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from spear.linalg import Factorisation, Tolerances, factorise
+from spear.verify import LayerView
+
 # two CPU cores are shared with other workers: keep every test single-threaded
 torch.set_num_threads(1)
 
@@ -155,6 +158,19 @@ def layer_case(
         inputs=x.detach().to(torch.float64),
         output_grads=z.grad.detach().T.to(torch.float64).clone(),
     )
+
+
+def server_view(case: LayerCase) -> tuple[Factorisation, LayerView, Tolerances]:
+    """What the server computes from a float64 case: ``dW = L R``, the layer in row-space
+    coordinates, and the derived tolerances."""
+    fac = factorise(case.weight_grad, float(torch.finfo(torch.float64).eps))
+    layer = LayerView(
+        weight_coords=case.weight @ fac.right.T,
+        weight_abs_coords=case.weight.abs(),
+        bias=case.bias,
+        right=fac.right,
+    )
+    return fac, layer, Tolerances.derive(torch.float64, fac.condition)
 
 
 @dataclass

@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
-from tests.conftest import LayerCase, layer_case
+from tests.conftest import LayerCase, layer_case, server_view
 
 from spear.candidates import Residual, row_candidates, subspace_candidates, unknown_subspace
-from spear.linalg import Tolerances, factorise
+from spear.linalg import Tolerances
 from spear.verify import LayerView
 
 EPS = float(torch.finfo(torch.float64).eps)
@@ -17,19 +17,13 @@ EPS = float(torch.finfo(torch.float64).eps)
 
 def _setup(case: LayerCase, missing: list[int]) -> tuple[Residual, LayerView, Tolerances, int]:
     """A residual with the true directions of every example but ``missing`` pooled."""
-    fac = factorise(case.weight_grad, EPS)
+    fac, layer, tol = server_view(case)
     state = Residual(
         left=fac.left.clone(), bias=case.bias_grad.clone(), coords=[], grads=[], directions=[]
     )
     cols = case.output_grads / case.output_grads.norm(dim=0)
     state.directions = [cols[:, i] for i in range(cols.shape[1]) if i not in missing]
-    layer = LayerView(
-        weight_coords=case.weight @ fac.right.T,
-        weight_abs_coords=case.weight.abs(),
-        bias=case.bias,
-        right=fac.right,
-    )
-    return state, layer, Tolerances.derive(torch.float64, fac.condition), fac.rank
+    return state, layer, tol, fac.rank
 
 
 def test_unknown_subspace_holds_exactly_the_missing_examples() -> None:

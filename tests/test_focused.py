@@ -5,32 +5,16 @@ from __future__ import annotations
 import time
 
 import torch
-from tests.conftest import LayerCase, layer_case
+from tests.conftest import layer_case, server_view
 
 from spear.candidates import Residual
 from spear.focused import _break_known, focused_sampling
-from spear.linalg import Factorisation, Tolerances, factorise
-from spear.verify import LayerView
-
-EPS = float(torch.finfo(torch.float64).eps)
-
-
-def _problem(case: LayerCase) -> tuple[Factorisation, LayerView, Tolerances]:
-    """The factorisation, the layer as the server sees it, and the tolerances."""
-    fac = factorise(case.weight_grad, EPS)
-    layer = LayerView(
-        weight_coords=case.weight @ fac.right.T,
-        weight_abs_coords=case.weight.abs(),
-        bias=case.bias,
-        right=fac.right,
-    )
-    return fac, layer, Tolerances.derive(torch.float64, fac.condition)
 
 
 def test_focused_sampling_pools_true_missing_directions() -> None:
     """20 of 64 directions known: the steered subsets find most of the other 44 exactly."""
     case = layer_case(1000, 784, 64, real=True, seed=2)
-    fac, layer, tol = _problem(case)
+    fac, layer, tol = server_view(case)
     cols = case.output_grads / case.output_grads.norm(dim=0)
     state = Residual(
         left=fac.left.clone(),
@@ -53,7 +37,7 @@ def test_focused_sampling_pools_true_missing_directions() -> None:
 
 def test_focused_sampling_needs_a_bias_and_pooled_directions() -> None:
     case = layer_case(300, 100, 30, real=True)
-    fac, layer, tol = _problem(case)
+    fac, layer, tol = server_view(case)
     state = Residual(left=fac.left, bias=case.bias_grad, coords=[], grads=[], directions=[])
     gen = torch.Generator().manual_seed(0)
     assert focused_sampling(state, layer, tol, 30, gen, time.perf_counter() + 5, 0.1) == (0, 0)

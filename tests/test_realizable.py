@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import layer_case
+from tests.conftest import layer_case, server_view
 
 import spear.realizable as realizable
-from spear.linalg import Tolerances, factorise, zero_mask
+from spear.linalg import Tolerances, zero_mask
 from spear.realizable import RealizabilityTest, margin_by_lp, zero_set_realizable
 from spear.verify import LayerView
-
-EPS = float(torch.finfo(torch.float64).eps)
 
 
 def _hand_layer() -> LayerView:
@@ -47,14 +45,7 @@ def _mixture_case() -> tuple[LayerView, Tolerances, torch.Tensor, list[torch.Ten
     all 5 are off and where all 5 are on, yet no input has that pattern.
     """
     case = layer_case(300, 100, 30, real=True, seed=1)
-    fac = factorise(case.weight_grad, EPS)
-    layer = LayerView(
-        weight_coords=case.weight @ fac.right.T,
-        weight_abs_coords=case.weight.abs(),
-        bias=case.bias,
-        right=fac.right,
-    )
-    tol = Tolerances.derive(torch.float64, fac.condition)
+    _fac, layer, tol = server_view(case)
     g = case.output_grads  # (m, b)
     on = g != 0
     mixtures = []
