@@ -22,6 +22,7 @@ from spear.verify import LayerView, direction_for, pattern_check
 __all__ = [
     "Residual",
     "guided_weights",
+    "in_pool",
     "pool_add",
     "pool_remove",
     "residual_svd",
@@ -297,9 +298,14 @@ def _agreeing_direction(
     return direction / direction.norm()
 
 
+def in_pool(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:
+    """Whether the unit direction is already in ``pool`` (up to sign)."""
+    return any(abs(float(unit @ d)) > 1 - SAME_DIRECTION for d in pool)
+
+
 def pool_add(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:
     """Add a unit direction unless it is already there (up to sign); True when added."""
-    if any(abs(float(unit @ d)) > 1 - SAME_DIRECTION for d in pool):
+    if in_pool(pool, unit):
         return False
     pool.append(unit)
     return True

@@ -33,8 +33,8 @@ import time
 import torch
 
 from spear.candidates import (
-    SAME_DIRECTION,
     Residual,
+    in_pool,
     pool_add,
     residual_svd,
     unknown_subspace_from,
@@ -243,7 +243,7 @@ def _kernel_candidates(
             break
         q = ker @ w[i]
         q = q / q.norm()
-        if any(abs(float(q @ f)) > 1 - SAME_DIRECTION for f in out):
+        if in_pool(out, q):
             continue
         tried += 1
         # one example inside the kernel: a pure one-dimensional kernel on its zero set
