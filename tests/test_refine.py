@@ -8,9 +8,12 @@ from tests.conftest import EXACT, layer_case, match_rows, server_view
 from torch import nn
 
 import spear
+import spear.layer as layer_mod
 from spear.data import rgb_patches, sample_batch
 from spear.layer import _refine_columns
 from spear.linalg import orthonormal_basis, zero_mask
+from spear.solvers.base import Budget, Directions, SearchSpec
+from spear.solvers.sampling import SamplingSolver
 
 
 def test_refine_columns_restores_exact_zeros_and_keeps_mixtures() -> None:
@@ -56,3 +59,39 @@ def test_rgb_batch_exact_after_many_peels() -> None:
     )
     assert rec.complete, rec.notes
     assert match_rows(rec.inputs, x).worst_relative < EXACT
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_wrong_direction_in_a_complete_solve_damages_nothing_returned(
+    monkeypatch: pytest.MonkeyPatch, strict: bool
+) -> None:
+    """The sampling solver's first answer has one direction tilted by 1e-3 towards another:
+    the complete solve then damages the example mixed into it by about that much, less
+    than its units' margins. Strict solves peel none of that solve and search again;
+    every example returned is exact."""
+    case = layer_case(800, 300, 24, real=True, seed=5)
+    original = SamplingSolver.__call__
+    calls = []
+
+    def corrupting(self: SamplingSolver, spec: SearchSpec, budget: Budget) -> Directions:
+        out = original(self, spec, budget)
+        calls.append(out.vectors.shape[0])
+        if len(calls) == 1 and out.vectors.shape[0] >= 2:
+            mix = out.vectors[0] + 1e-3 * out.vectors[1]
+            out.vectors[0] = mix / mix.norm()
+        return out
+
+    monkeypatch.setattr(SamplingSolver, "__call__", corrupting)
+    monkeypatch.setattr(layer_mod, "STRICT_COMPLETE_SOLVES", strict)
+    rec = spear.invert_layer(
+        case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias, time_budget=60
+    )
+    assert calls and calls[0] >= 2, "the case must reach the sampling solver with 2+ directions"
+    worst = match_rows(rec.inputs, case.inputs).worst_relative
+    if strict:
+        assert rec.complete, rec.notes
+        assert worst < EXACT
+    else:
+        # the injection bites: peeling the verified part returns an example 1e-3 off
+        # that its own ReLU pattern does not reject
+        assert worst > 1e-6
