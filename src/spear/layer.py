@@ -61,7 +61,7 @@ DEFAULT_MIN_ZERO_FRACTION = 0.1
 #: Noisy updates (DP noise): zero tolerance = this times sigma_{b+1} / sigma_b, capped.
 NOISY_ZERO_FACTOR = 3.0
 NOISY_MAX_ZERO_TOL = 0.2
-#: Complete solves that verify nothing before the search gives up on the rest.
+#: Complete solves in a row that peel nothing before the search gives up on the rest.
 MAX_FAILED_SOLVES = 3
 #: Refinement of solved directions (:func:`_refine_columns`): a direction is replaced by its
 #: projection on the kernel of its zero set when that keeps all but this much of it (the
@@ -437,7 +437,7 @@ def invert_layer(
         verifies, that solve replaces everything found. Otherwise (a wrong direction
         among these damages the examples mixed into it, fact 5, and may spoil the
         others' coordinates slightly) the residual is solved again with the refined
-        directions, and the solve that verifies more examples is peeled.
+        directions, and the solve that verifies more examples is kept.
 
         Exact float64 one-step gradients are all or nothing: a wrong direction in the
         solve damages the coordinates of the examples mixed into it, and a damage smaller
@@ -644,10 +644,11 @@ def invert_layer(
                 stats[-1].found += peeled
             if peeled:
                 progressed = True
+                failed_solves = 0
                 dirty = torch.ones(m, dtype=torch.bool, device=dev)
             else:
                 # a wrong pooled direction: drop it (strict: the failed examples' ones;
-                # otherwise the newest) and search again, a few times
+                # otherwise the newest) and search again, a few times in a row
                 failed_solves += 1
                 state.directions = state.directions[: remaining - 1]
                 if failed_solves >= MAX_FAILED_SOLVES:
