@@ -1,4 +1,5 @@
-"""Complete solves are refined against the original factorisation (peel error drift)."""
+"""Complete solves: directions refined against the original factorisation (peel roundoff),
+and on exact gradients peeled only when every example verifies (damaged examples)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_refine_columns_restores_exact_zeros_and_keeps_mixtures() -> None:
 
 @pytest.mark.slow
 def test_rgb_batch_exact_after_many_peels() -> None:
-    """32x32 RGB patches, b = 25, m = 2000 (the benchmark's case): the row scans peel 17
+    """32x32 RGB patches, b = 25, m = 2000, as in the benchmark: the row scans peel 17
     examples, whose roundoff left the last ones' columns non-zero above the zero tolerance
     on their off-units; without the refinement 20 of 25 came out (measured)."""
     images, labels = sample_batch(rgb_patches(1000, seed=0), 25, seed=0)
