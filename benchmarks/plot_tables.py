@@ -33,8 +33,14 @@ def main(argv: list[str]) -> int:
             xs, ys = series.setdefault(f"{label}, m={m}", ([], []))
             xs.append(b)
             ys.append(exact)
+    # tables may list a width's batch sizes out of order (rows appended later)
+    ordered = {
+        label: ([x for x, _ in pts], [y for _, y in pts])
+        for label, (xs, ys) in series.items()
+        for pts in [sorted(zip(xs, ys, strict=True))]
+    }
     plot_lines(
-        series,
+        ordered,
         out,
         xlabel="batch size b",
         ylabel="exact fraction (median over seeds)",
