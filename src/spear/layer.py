@@ -20,6 +20,7 @@ The driver of the attack (ALGORITHM.md, facts 1-8):
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -49,7 +50,7 @@ from spear.solvers import get_solver
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows
 from spear.solvers.sampling import expected_samples
-from spear.verify import LayerView, exact_precision, pattern_check
+from spear.verify import LayerView, exact_precision, pattern_check, pre_activations
 
 __all__ = ["invert_layer"]
 
@@ -208,16 +209,11 @@ def _refine_columns(
     """
     out = cols.clone()
     b = full_basis.shape[1]
-    z = coords @ layer.weight_coords.T  # (r, m) pre-activations without the bias
-    x_abs = (coords @ layer.right).abs()
-    bound = x_abs @ layer.weight_abs_coords.T
-    if layer.bias is not None:
-        z = z + layer.bias
-        bound = bound + layer.bias.abs()
-    clear_off = z < -REFINE_MARGIN * bound  # (r, m)
+    z, bound = pre_activations(layer, coords)  # (m, r) each
+    clear_off = z < -REFINE_MARGIN * bound
     small = cols.abs() <= REFINE_SMALL * cols.abs().amax(dim=0, keepdim=True)  # (m, r)
     for i in range(coords.shape[0]):
-        rows = full_basis[clear_off[i] & small[:, i]]
+        rows = full_basis[clear_off[:, i] & small[:, i]]
         if rows.shape[0] < b - 1:
             continue
         kern, _ = kernel(rows, tol.degeneracy_tol)  # (b, d)
@@ -404,7 +400,12 @@ def invert_layer(
         and not noisy
         and exact_precision(eps)
     )
-    full_basis_cache: list[torch.Tensor] = []  # (m, b) basis of the original dW, lazily
+
+    @functools.cache
+    def original() -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, b)`` orthonormal basis of the original ``dW`` and its live rows (lazily)."""
+        full = orthonormal_basis(fac.left, rank)
+        return full, live_rows(full, tol.zero_tol)
 
     def verified(coords: torch.Tensor, grads: torch.Tensor, live: torch.Tensor) -> list[int]:
         """Indices of a solve's examples that pass verification (``live``: ``(m,)`` bool).
@@ -452,9 +453,7 @@ def invert_layer(
         live = live_rows(orthonormal_basis(state.left, r), tol.zero_tol)
         accepted = verified(*solved, live) if solved is not None else []
         if layer is not None and len(accepted) < r:
-            if not full_basis_cache:
-                full_basis_cache.append(orthonormal_basis(fac.left, rank))
-            full_basis = full_basis_cache[0]
+            full_basis, full_live = original()
             old = state.found
             if solved is None:
                 coords_new = torch.linalg.lstsq(cols, state.left).solution  # (r, b), unscaled
@@ -468,7 +467,7 @@ def invert_layer(
             refined = _refine_columns(layer, full_basis, coords_all, cols_all, tol)
             joint = _solve_complete(fac.left, db, refined) if db is not None else None
             if joint is not None and db is not None:
-                ok = verified(*joint, live_rows(full_basis, tol.zero_tol))
+                ok = verified(*joint, full_live)
                 if len(ok) == rank:
                     coords, grads = joint
                     state.left, state.bias = fac.left.clone(), db.clone()

@@ -19,6 +19,7 @@ __all__ = [
     "direction_for",
     "exact_precision",
     "pattern_check",
+    "pre_activations",
 ]
 
 #: Verification tolerances: fraction of the clear (non-ambiguous) units whose state may
@@ -57,6 +58,29 @@ class LayerView:
     right: torch.Tensor  # (b, n)
 
 
+def pre_activations(layer: LayerView, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-activations ``W x + c`` of examples and their roundoff bounds ``|W| |x| + |c|``.
+
+    Parameters
+    ----------
+    coords:
+        ``(b,)`` one example's row-space coordinates, or ``(r, b)`` several.
+
+    Returns
+    -------
+    z, bound:
+        ``(m,)`` each for one example, ``(m, r)`` for several.
+    """
+    x = coords @ layer.right
+    z = layer.weight_coords @ coords.mT if coords.dim() == 2 else layer.weight_coords @ coords
+    bound = layer.weight_abs_coords @ (x.abs().mT if x.dim() == 2 else x.abs())
+    if layer.bias is not None:
+        bias = layer.bias[:, None] if coords.dim() == 2 else layer.bias
+        z = z + bias
+        bound = bound + bias.abs()
+    return z, bound
+
+
 def pattern_check(
     layer: LayerView,
     coord: torch.Tensor,
@@ -89,12 +113,7 @@ def pattern_check(
     agreement:
         Fraction of the clear (non-ambiguous) units whose state agrees.
     """
-    x = coord @ layer.right
-    z = layer.weight_coords @ coord
-    bound = layer.weight_abs_coords @ x.abs()
-    if layer.bias is not None:
-        z = z + layer.bias
-        bound = bound + layer.bias.abs()
+    z, bound = pre_activations(layer, coord)
     clear = z.abs() > AMBIGUITY_ROUNDOFF * eps * bound
     off = (z <= 0) & clear
     on = (z > 0) & clear
