@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +37,12 @@ from spear.candidates import (
     subspace_candidates,
 )
 from spear.errors import BatchTooLargeError, InputError, NoReluSparsityError
+from spear.exhaustive import (
+    EXHAUSTIVE_MAX_SUBSETS,
+    candidate_directions,
+    exhaustive_subsets,
+    verified_combination,
+)
 from spear.focused import focused_sampling
 from spear.linalg import (
     Tolerances,
@@ -45,6 +52,7 @@ from spear.linalg import (
     unit_rows,
     zero_mask,
 )
+from spear.realizable import RealizabilityTest
 from spear.results import LayerReconstruction, SolverStats
 from spear.solvers import get_solver
 from spear.solvers.base import Budget, Directions, SearchSpec
@@ -223,6 +231,11 @@ def _refine_columns(
         if float(u.norm()) > 1.0 - REFINE_AGREEMENT:
             out[:, i] = full_basis @ (u / u.norm())
     return out
+
+
+def _not_refuted(test: RealizabilityTest) -> Callable[[torch.Tensor], bool]:
+    """A zero-set filter that drops only the sets the test refutes outright."""
+    return lambda zeros: not test.refutes(zeros)
 
 
 def invert_layer(
@@ -496,6 +509,69 @@ def invert_layer(
         bar.update(len(accepted))
         return len(accepted)
 
+    def solve_exhaustively() -> int:
+        """Small layers: every row subset, then verified combinations (all or nothing)."""
+        full_basis, full_live = original()
+        if db is None or layer is None or noisy:
+            return 0
+        if exhaustive_subsets(int(full_live.sum()), rank) > EXHAUSTIVE_MAX_SUBSETS:
+            return 0
+        t0 = time.perf_counter()
+        directions, _ = candidate_directions(
+            full_basis,
+            full_live,
+            tol.zero_tol,
+            tol.degeneracy_tol,
+            None if delta else _not_refuted(RealizabilityTest(layer, full_live, generator)),
+        )
+
+        def solve_and_verify(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+            solved = _solve_complete(fac.left, db, cols)
+            if solved is None or len(verified(*solved, full_live)) < rank:
+                return None
+            return solved
+
+        def last_example(cols: torch.Tensor) -> torch.Tensor | None:
+            solved = _solve_complete(fac.left, db, cols)
+            if solved is None or layer is None:
+                return None
+            z, _ = pre_activations(layer, solved[0][-1])
+            off = (z <= 0) & full_live
+            if int(off.sum()) < rank - 1:
+                return None
+            ker, _ = kernel(full_basis[off], tol.degeneracy_tol)
+            return ker[:, 0] if ker.shape[1] == 1 else None
+
+        solved = verified_combination(
+            full_basis,
+            fac.left,
+            db,
+            layer,
+            full_live,
+            directions,
+            tol.zero_tol,
+            last_example,
+            solve_and_verify,
+            deadline,
+        )
+        stats.append(
+            SolverStats(
+                "exhaustive",
+                candidates=int(directions.shape[0]),
+                found=rank if solved is not None else 0,
+                seconds=time.perf_counter() - t0,
+            )
+        )
+        if solved is None:
+            return 0
+        coords, grads = solved
+        state.directions = []
+        for i in range(rank):
+            state.peel(coords[i], grads[:, i])
+        bar.update(rank)
+        return rank
+
+    solve_exhaustively()
     dirty = torch.ones(m, dtype=torch.bool, device=dev)
     stalled_rounds = 0
     failed_solves = 0

@@ -110,6 +110,19 @@ class RealizabilityTest:
         self.last = "lp"
         return margin_by_lp(self.layer, zeros, self.live, self.generator) > LP_MARGIN
 
+    def refutes(self, zeros: torch.Tensor) -> bool:
+        """Whether the Ho-Kashyap procedure proves that no input is off exactly on ``zeros``.
+
+        A cheap one-sided test: ``False`` also when it cannot decide (no linear programme
+        is run). ``zeros`` is ``(m,)`` bool.
+        """
+        off = zeros[self.live]
+        if not bool(off.any()) or bool(off.all()):
+            return False
+        sign = torch.ones(self.rows.shape[0], dtype=self.rows.dtype, device=self.rows.device)
+        sign[:-1][off] = -1.0
+        return self._ho_kashyap(sign) is False
+
     def _ho_kashyap(self, sign: torch.Tensor) -> bool | None:
         """Witness (True), refutation (False) or undecided (None) for signs ``(k + 1,)``."""
         beta = torch.ones_like(sign)
