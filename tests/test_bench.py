@@ -204,3 +204,39 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         "continue",
     ):
         assert option in text
+
+
+def test_ctrl_c_keeps_the_rows_measured_so_far(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = bench._run_case
+    calls: list[str] = []
+
+    def interrupted_second(case: bench.Case, *args: Any) -> Any:
+        calls.append(case.attack)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, *args)
+
+    monkeypatch.setattr(bench, "_run_case", interrupted_second)
+    out = tmp_path / "out"
+    argv = ["bench", "--batch-sizes", "2,4", "--widths", "64", "--attacks", "analytic"]
+    argv += ["--dp-sweep", "none", "--clients-sweep", "none", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "interrupted; 1 case(s) measured so far" in err and "results.csv" in err
+    rows = read_results(out / "results.csv")
+    assert len(rows) == 1 and rows[0]["batch_size"] == 2
+    # the same command continues the sweep
+    monkeypatch.setattr(bench, "_run_case", real)
+    assert main(argv) == 0
+    assert [row["batch_size"] for row in read_results(out / "results.csv")] == [2, 4]
+
+
+def test_out_naming_a_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "taken").write_text("a file")
+    assert main(["bench", "--out", str(tmp_path / "taken")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err

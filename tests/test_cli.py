@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import spear
 from spear import client
-from spear.cli import main
+from spear.cli import attack_cmd, demo, main
 from spear.cli.demo import build_model, run_demo
 from spear.data import builtin_images, sample_batch
 
@@ -83,3 +84,102 @@ def test_attack_command_missing_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     status = main(["attack", "--model", str(tmp_path / "nope.pt2"), "--update", "u", "--out", "o"])
     assert status == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _files(tmp_path: Path, batch: int, *, export_batch: int = 4, seed: int = 3) -> list[str]:
+    """A model exported at ``export_batch`` and the update of a batch of ``batch``."""
+    x, y = sample_batch(builtin_images(), batch, seed=seed)
+    model = build_model(160, seed=seed)
+    example = torch.zeros(export_batch, 1, 28, 28, dtype=torch.float64)
+    torch.export.save(torch.export.export(model, (example,)), str(tmp_path / "model.pt2"))
+    update = client.fedsgd_update(model, x, y, reduction="sum")
+    save_file({k: v.contiguous() for k, v in update.items()}, str(tmp_path / "update.safetensors"))
+    return [
+        "--model",
+        str(tmp_path / "model.pt2"),
+        "--update",
+        str(tmp_path / "update.safetensors"),
+    ]
+
+
+def test_attack_a_batch_other_than_the_exported_one(tmp_path: Path) -> None:
+    files = _files(tmp_path, 8)  # exported at batch 4, client batch 8
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("example_000.png", "example_099.png", "grid.png"):
+        (out / stale).write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert main(["attack", *files, "--out", str(out)]) == 0
+    report = json.loads((out / "reconstruction.json").read_text())
+    assert report["found"] == 8 and report["verified"] is True
+    names = sorted(p.name for p in out.glob("example_*.png"))
+    assert names == [f"example_{i:03d}.png" for i in range(8)]  # example_099 removed
+    assert (out / "example_000.png").read_bytes() != b"old"
+    assert (out / "notes.txt").read_text() == "mine"  # not ours: kept
+
+
+def test_attack_duplicates_certify_fewer_examples_than_exported(tmp_path: Path) -> None:
+    x, y = sample_batch(builtin_images(), 3, seed=5)
+    x, y = torch.cat([x, x[:1]]), torch.cat([y, y[:1]])  # 4 examples, 3 distinct
+    model = build_model(160, seed=5)
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "model.pt2"))
+    update = client.fedsgd_update(model, x, y, reduction="sum")
+    save_file({k: v.contiguous() for k, v in update.items()}, str(tmp_path / "update.safetensors"))
+    out = tmp_path / "out"
+    argv = ["attack", "--model", str(tmp_path / "model.pt2")]
+    assert main([*argv, "--update", str(tmp_path / "update.safetensors"), "--out", str(out)]) == 0
+    report = json.loads((out / "reconstruction.json").read_text())
+    assert report["found"] == 3 and report["verified"] is True  # model run on 3, not 4
+
+
+def test_attack_out_naming_a_file_fails_before_the_attack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the attack ran")
+
+    monkeypatch.setattr(spear, "attack", never)
+    monkeypatch.setattr(attack_cmd, "load_model", never)
+    (tmp_path / "taken").write_text("a file")
+    argv = ["attack", "--model", "m.pt2", "--update", "u.safetensors"]
+    assert main([*argv, "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a folder" in err and "--out" in err
+
+
+def test_attack_folders_given_as_files_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _files(tmp_path, 4)
+    out = str(tmp_path / "out")
+    assert main(["attack", "--model", str(tmp_path), *files[2:], "--out", out]) == 2
+    assert "is a directory, expected a .pt2 file" in capsys.readouterr().err
+    assert main(["attack", *files[:2], "--update", str(tmp_path), "--out", out]) == 2
+    assert "is a directory, expected a .safetensors file" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_attack_is_one_line_and_status_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _files(tmp_path, 4)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spear, "attack", interrupted)
+    out = tmp_path / "out"
+    assert main(["attack", *files, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+    assert not (out / "reconstruction.json").exists()
+
+
+def test_ctrl_c_elsewhere_is_one_line_and_status_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "spear demo: interrupted\n"

@@ -1,7 +1,8 @@
 """The ``spear`` command: thin wrappers that parse arguments and call the API.
 
 One module per command (``demo``, ``attack``, ``bench``); each exposes ``add_parser`` and
-``run``.
+``run``. Errors the user can act on end the command with one line on stderr and status 2;
+Ctrl-C ends it with one line and status 130 (``attack`` and ``bench`` say what was kept).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"spear: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"spear {args.command}: interrupted", file=sys.stderr)
+        return 130
     return status
 
 

@@ -2,10 +2,14 @@
 
 The model is a ``torch.export`` program file (``.pt2``), made with::
 
-    torch.export.save(torch.export.export(model, (example_input,)), "model.pt2")
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, "model.pt2")
 
-The update is a safetensors file of parameter name -> tensor (client data is untrusted and
-is never unpickled)::
+(a program exported for a fixed batch size works too). It is read without unpickling or
+running anything from it (:mod:`spear.files`); ``--trust-model`` uses
+``torch.export.load`` instead. The update is a safetensors file of parameter name ->
+tensor (client data is untrusted and is never unpickled)::
 
     update = {k: v.contiguous() for k, v in update.items()}
     safetensors.torch.save_file(update, "update.safetensors")
@@ -14,17 +18,20 @@ is never unpickled)::
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import spear
 from spear import report
 from spear.errors import InputError
+from spear.files import check_output_folder, load_model, load_update
 
 __all__ = ["add_parser", "load_model", "load_update", "run"]
 
@@ -36,7 +43,10 @@ def add_parser(sub: Any) -> None:
         help="rebuild a client's batch from a saved model and update",
         description=(
             "Loads a torch.export program (.pt2) and a safetensors update, runs "
-            "spear.attack and writes images, labels, certificate and notes."
+            "spear.attack and writes images, labels, certificate and notes. The program is "
+            "read without unpickling anything: archives with pickled members (tensor "
+            "subclasses, custom objects), compiled code or anything but ATen operators are "
+            "refused. Programs exported for a fixed batch size run any batch size."
         ),
     )
     p.add_argument("--model", type=Path, required=True, help="torch.export program (.pt2)")
@@ -50,44 +60,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solver", default="auto")
     p.add_argument("--time-budget", type=float, default=120.0)
+    p.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="load the model with torch.export.load, which unpickles parts of the file and "
+        "can run code from it: only for files from a trusted source",
+    )
     p.set_defaults(run=run)
-
-
-def load_model(path: Path) -> torch.nn.Module:
-    """Load a ``torch.export`` program and return its module.
-
-    Raises
-    ------
-    FileNotFoundError
-        When the file is missing.
-    InputError
-        When it is not an exported program.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist.")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise InputError(
-            f"{path} is not a torch.export program ({exc}). Make one with "
-            "torch.export.save(torch.export.export(model, (example_input,)), 'model.pt2')."
-        ) from exc
-    module: torch.nn.Module = program.module()
-    return module
-
-
-def load_update(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors update (never unpickled)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"update file {path} does not exist.")
-    try:
-        return dict(load_file(str(path)))
-    except Exception as exc:
-        raise InputError(
-            f"{path} is not a safetensors file ({exc}). Save the update with "
-            "safetensors.torch.save_file(update, 'update.safetensors'); pickled files are "
-            "refused because client data is untrusted."
-        ) from exc
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -98,9 +77,22 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(mode_array).save(path)
 
 
+#: Names of the per-example images this command writes (stale ones are removed).
+_OWN_IMAGES = re.compile(r"example_\d{3,}\.png")
+
+
+def _remove_stale_images(out: Path) -> None:
+    """Delete images an earlier run left in ``out`` (only names this command writes)."""
+    for path in out.iterdir():
+        if path.is_file() and (_OWN_IMAGES.fullmatch(path.name) or path.name == "grid.png"):
+            path.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``spear attack`` with parsed arguments."""
-    model = load_model(args.model)
+    out: Path = args.out
+    check_output_folder(out)
+    model = load_model(args.model, trust=args.trust_model)
     update = load_update(args.update)
     shape = None
     if args.input_shape:
@@ -111,18 +103,26 @@ def run(args: argparse.Namespace) -> int:
                 f"--input-shape must be integers separated by commas such as 1,28,28, found "
                 f"{args.input_shape!r}."
             ) from exc
-    rec = spear.attack(
-        model,
-        update,
-        update_kind=args.kind,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        input_shape=shape,
-        solver=args.solver,
-        time_budget=args.time_budget,
-    )
-    out: Path = args.out
+    try:
+        rec = spear.attack(
+            model,
+            update,
+            update_kind=args.kind,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            input_shape=shape,
+            solver=args.solver,
+            time_budget=args.time_budget,
+        )
+    except KeyboardInterrupt:
+        print(
+            "spear attack: interrupted; nothing written (an interrupted attack keeps no "
+            "result: bound it with --time-budget, which returns what was found by then)",
+            file=sys.stderr,
+        )
+        return 130
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_images(out)
     tensors = {"inputs": rec.inputs.contiguous()}
     if rec.labels is not None:
         tensors["labels"] = rec.labels.contiguous()

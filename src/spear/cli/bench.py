@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from spear.bench import BENCH_ATTACKS, DATASETS, BenchConfig, run_bench
+from spear.bench import BENCH_ATTACKS, DATASETS, BenchConfig, read_results, run_bench
+from spear.files import check_output_folder
 
 __all__ = ["add_parser", "run"]
 
@@ -178,8 +180,19 @@ def run(args: argparse.Namespace) -> int:
         gm_iterations=args.gm_iterations,
         client_lr=args.lr,
     )
+    check_output_folder(args.out)
     start = time.perf_counter()
-    result = run_bench(config, args.out)
+    try:
+        result = run_bench(config, args.out)
+    except KeyboardInterrupt:
+        csv_path = args.out / "results.csv"
+        rows = len(read_results(csv_path))
+        print(
+            f"spear bench: interrupted; {rows} case(s) measured so far are in {csv_path} "
+            "(run the same command again to continue)",
+            file=sys.stderr,
+        )
+        return 130
     seconds = time.perf_counter() - start
     print(result.table)
     print(

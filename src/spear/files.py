@@ -1,0 +1,791 @@
+"""Load model and update files without running code from them.
+
+A model file is a ``torch.export`` archive (``.pt2``): a zip file whose members are
+
+* ``models/model.json``, the program: its graph, signature and symbolic shapes as JSON;
+* ``data/weights/weight_<i>`` and ``data/constants/tensor_<i>``, the raw bytes of plain
+  tensors, described by ``data/weights/model_weights_config.json`` and
+  ``data/constants/model_constants_config.json`` (dtype, sizes, strides);
+* ``data/sample_inputs/model.pt``, the example inputs, as a ``torch.save`` pickle;
+* small text members (``archive_format``, ``archive_version``, ``byteorder``, ...).
+
+``torch.export.load`` unpickles the example inputs (retrying with ``weights_only=False``),
+weights and constants saved as pickles (tensor subclasses), and custom or opaque objects;
+it runs compiled AOTInductor code when the archive has some; it evaluates the program's
+symbolic-shape strings with ``sympy.sympify`` (``eval``), imports modules named in its
+input and output specs, and ``ExportedProgram.module()`` executes the program's guard
+strings and compiles Python source made from the names in the graph. Any of these runs
+code chosen by whoever made the file.
+
+:func:`load_model` reads the archive itself instead. It refuses every member that is not
+part of a plain archive (pickles, compiled code), reads weights and constants from their
+raw bytes (no unpickler at all), never reads the example inputs (it only scans their pickle
+opcodes, without running them, and refuses them when they name anything but tensors), and
+checks the program's JSON before torch sees it: every operator must be an ATen operator or
+symbolic-size arithmetic, every name an identifier, every symbolic expression plain
+arithmetic over size symbols, every input and output spec a tuple, list or dict of names.
+Guard strings and debugging metadata are dropped (they do not change what the program
+computes). ``trust=True`` uses ``torch.export.load`` instead, for files from a trusted
+source only.
+
+:func:`load_update` reads a safetensors file (a JSON header and raw bytes; never
+unpickled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import logging
+import pickletools
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from safetensors.torch import load_file
+from torch import fx
+
+from spear.errors import InputError
+
+__all__ = ["check_output_folder", "free_batch", "load_model", "load_update", "read_program"]
+
+#: The name ``torch.export.save`` gives the one program of an archive.
+_MODEL = "model"
+
+#: Members of a plain archive, relative to its root folder.
+_PLAIN_MEMBERS = frozenset(
+    {
+        "archive_format",
+        "archive_version",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+        f"models/{_MODEL}.json",
+        f"data/weights/{_MODEL}_weights_config.json",
+        f"data/constants/{_MODEL}_constants_config.json",
+    }
+)
+_SAMPLE_INPUTS = f"data/sample_inputs/{_MODEL}.pt"
+_WEIGHTS_CONFIG = f"data/weights/{_MODEL}_weights_config.json"
+_CONSTANTS_CONFIG = f"data/constants/{_MODEL}_constants_config.json"
+_RAW_MEMBER = re.compile(r"data/(weights/weight|constants/tensor)_\d+")
+
+#: Members that ``torch.export.load`` would unpickle or run, and why they are refused.
+_REFUSED_MEMBERS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"data/aotinductor/.*"), "compiled native code (AOTInductor)"),
+    (re.compile(r"data/constants/custom_obj_\d+"), "a TorchScript object, stored as a pickle"),
+    (re.compile(r"data/constants/opaque_obj_\d+"), "a Python object, stored as a pickle"),
+    (re.compile(r"data/(weights|constants)/[^/]+\.pt"), "tensors stored as a pickle"),
+    (re.compile(r"serialized_.*\.pt"), "tensors stored as a pickle (older archive format)"),
+    (re.compile(r".*\.pkl"), "a pickle"),
+)
+
+#: Non-ATen call targets a program may use: symbolic-size arithmetic.
+_SYM_TARGETS = frozenset(
+    {
+        *(f"_operator.{op}" for op in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos")),
+        *(f"_operator.{op}" for op in ("mul", "add", "sub", "floordiv", "mod", "pow")),
+        *(f"_operator.{op}" for op in ("truediv", "and_", "or_")),
+        "math.trunc",
+        *(f"torch.sym_{op}" for op in ("not", "int", "float", "ite", "max", "min", "sqrt")),
+    }
+)
+_ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")
+#: ATen operators that read files named in the program.
+_REFUSED_ATEN = frozenset({"from_file"})
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_SYMBOL = re.compile(r"[a-z]+[0-9]+")
+
+#: Tokens of a symbolic expression: numbers, names, quoted symbol names, operators.
+_EXPR_TOKEN = re.compile(
+    r"\s+|[0-9]+(\.[0-9]+)?|'[a-z]+[0-9]+'|[A-Za-z_][A-Za-z0-9_]*|\*\*|//|[<>=!]=|[-+*/%(),<>=]"
+)
+#: Names a symbolic expression may use besides size symbols (``s0``, ``u1``): sympy
+#: constructors and the functions torch's deserializer puts in scope.
+_EXPR_NAMES = frozenset(
+    {
+        *("Symbol", "Integer", "Rational", "Float", "True", "False", "oo"),
+        *("positive", "integer", "nonnegative", "real", "finite"),
+        *("Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not"),
+        *("Max", "Min", "Abs", "Add", "Mul", "Pow"),
+        *("FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv"),
+        *("CeilToInt", "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural"),
+        *("FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator"),
+        *("TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity"),
+    }
+)
+
+#: Container types an input or output spec may use (``None`` is a leaf).
+_TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
+
+#: Globals a ``torch.save`` of tensors names (checked without unpickling): tensor and
+#: storage rebuilders, and the containers of a tensor's attributes.
+_TENSOR_PICKLE_GLOBALS = frozenset(
+    {
+        "torch._utils _rebuild_tensor_v2",
+        "torch._utils _rebuild_parameter",
+        "torch._utils _rebuild_parameter_with_state",
+        "torch._tensor _rebuild_from_type_v2",
+        "torch Tensor",
+        "torch._tensor Tensor",
+        "torch.nn.parameter Parameter",
+        "collections OrderedDict",
+        "__builtin__ set",
+        "__builtin__ frozenset",
+        "builtins set",
+        "builtins frozenset",
+    }
+)
+_STORAGE_GLOBAL = re.compile(r"torch [A-Za-z0-9]*Storage")
+_PICKLE_CALLS = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
+
+_EXPORT_RECIPE = (
+    "torch.export.save(torch.export.export(model, (example_input,)), 'model.pt2') from a "
+    "plain nn.Module whose weights are plain tensors"
+)
+
+
+def _refusal(path: Path, member: str, reason: str) -> InputError:
+    return InputError(
+        f"{path}: member {member!r} is {reason}; refused because loading it could run code "
+        f"from the file. Expected a plain torch.export archive: make one with {_EXPORT_RECIPE}, "
+        "or load the file with trust=True (spear attack --trust-model) if you trust whoever "
+        "made it."
+    )
+
+
+def _check_file(path: Path, what: str, suffix: str) -> None:
+    """A missing file or a folder: ``FileNotFoundError`` or ``InputError`` naming it."""
+    if path.is_dir():
+        raise InputError(
+            f"{what} {path} is a directory, expected a {suffix} file; pass the file itself."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist.")
+
+
+def check_output_folder(path: Path) -> None:
+    """Refuse an output folder that exists as something else than a folder.
+
+    Raises
+    ------
+    InputError
+        When ``path`` is an existing file (or anything but a directory).
+    """
+    if path.exists() and not path.is_dir():
+        raise InputError(
+            f"output folder {path} exists and is not a folder; expected a folder (it is "
+            "created when missing). Pass another --out or move the file away."
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# the archive
+
+
+@dataclass
+class _Archive:
+    """The members of a zip file read into memory, by name relative to the root folder."""
+
+    path: Path
+    root: str
+    members: dict[str, bytes]
+
+    def name(self, member: str) -> str:
+        """The member's full name in the zip file."""
+        return f"{self.root}/{member}"
+
+    def text(self, member: str) -> str:
+        try:
+            return self.members[member].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{self.path}: member {self.name(member)!r} is not UTF-8 text ({exc})."
+            ) from exc
+
+    def json(self, member: str) -> Any:
+        try:
+            return json.loads(self.text(member))
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{self.path}: member {self.name(member)!r} is not valid JSON ({exc})."
+            ) from exc
+
+
+def _open_archive(path: Path, data: bytes) -> _Archive:
+    """Read and sort the members of a ``.pt2`` archive; refuse anything not plain."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        if data[:1] == b"\x80" or data[:1] in (b"(", b"}", b"]"):
+            raise InputError(
+                f"{path} is a pickle file, not a torch.export archive; refused because "
+                f"unpickling runs code from the file. Make the model file with {_EXPORT_RECIPE}."
+            )
+        raise InputError(
+            f"{path} is not a torch.export archive (not a zip file). Make one with "
+            f"{_EXPORT_RECIPE}."
+        )
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        roots = {name.split("/", 1)[0] for name in names}
+        for name in names:
+            if name.endswith(".pkl"):
+                raise _refusal(path, name, "a pickle (a torch.save file is not an archive)")
+        if len(roots) != 1 or any("/" not in name for name in names):
+            raise InputError(
+                f"{path} is not a torch.export archive: its members {sorted(names)[:5]} do "
+                f"not share one root folder. Make one with {_EXPORT_RECIPE}."
+            )
+        root = roots.pop()
+        members = {name.split("/", 1)[1]: archive.read(name) for name in names}
+    result = _Archive(path, root, members)
+    if members.get("archive_format", b"").strip() != b"pt2":
+        raise InputError(
+            f"{path} is not a torch.export archive (no member {root + '/archive_format'!r} "
+            f"saying 'pt2'). Make one with {_EXPORT_RECIPE}."
+        )
+    for member in members:
+        if member in _PLAIN_MEMBERS or member == _SAMPLE_INPUTS:
+            continue
+        if _RAW_MEMBER.fullmatch(member) or member.startswith("extra/"):
+            continue
+        for pattern, reason in _REFUSED_MEMBERS:
+            if pattern.fullmatch(member):
+                raise _refusal(path, result.name(member), reason)
+        raise _refusal(path, result.name(member), "not part of a plain torch.export archive")
+    for member in (f"models/{_MODEL}.json", _WEIGHTS_CONFIG, _CONSTANTS_CONFIG):
+        if member not in members:
+            raise InputError(
+                f"{path}: the archive has no member {result.name(member)!r}; expected an "
+                f"archive written by torch.export.save. Make one with {_EXPORT_RECIPE}."
+            )
+    version = result.text("archive_version").strip() if "archive_version" in members else ""
+    if version != "0":
+        raise InputError(
+            f"{path}: archive version {version!r}, expected '0' (torch.export.save of torch "
+            "2.7 or later); save the program again with this torch."
+        )
+    order = result.text("byteorder").strip() if "byteorder" in members else sys.byteorder
+    if order != sys.byteorder:
+        raise InputError(
+            f"{path}: the weights are stored {order}-endian but this machine is "
+            f"{sys.byteorder}-endian; save the program on a {sys.byteorder}-endian machine."
+        )
+    if _SAMPLE_INPUTS in members:
+        _check_tensor_pickle(result, _SAMPLE_INPUTS)
+    return result
+
+
+def _check_tensor_pickle(archive: _Archive, member: str) -> None:
+    """Refuse a ``torch.save`` member whose pickle names anything but tensors.
+
+    The pickle is never unpickled: its opcodes are listed with ``pickletools.genops``, which
+    only parses them.
+    """
+    data = archive.members[member]
+    where = archive.name(member)
+    try:
+        inner = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise _refusal(archive.path, where, "a pickle that is not a torch.save file") from None
+    with inner:
+        pickles = [name for name in inner.namelist() if name.endswith(".pkl")]
+        if not pickles:
+            raise _refusal(archive.path, where, "not a torch.save file (no data.pkl)")
+        for name in pickles:
+            try:
+                ops = list(pickletools.genops(inner.read(name)))
+            except Exception as exc:
+                raise _refusal(archive.path, where, f"a malformed pickle ({exc})") from exc
+            for opcode, arg, _ in ops:
+                if opcode.name in _PICKLE_CALLS:
+                    raise _refusal(
+                        archive.path, where, f"a pickle that builds objects ({opcode.name})"
+                    )
+                if opcode.name == "GLOBAL":
+                    text = str(arg)
+                    if text not in _TENSOR_PICKLE_GLOBALS and not _STORAGE_GLOBAL.fullmatch(text):
+                        raise _refusal(
+                            archive.path, where, f"a pickle that calls {text.replace(' ', '.')}"
+                        )
+
+
+# ---------------------------------------------------------------------------------------
+# weights and constants
+
+
+def _serde() -> Any:
+    try:
+        return importlib.import_module("torch._export.serde.serialize")
+    except ImportError as exc:  # pragma: no cover - torch too old
+        raise InputError(
+            f"this torch ({torch.__version__}) cannot read torch.export archives; install "
+            "torch 2.7 or later."
+        ) from exc
+
+
+def _ints(values: Any, what: str) -> list[int]:
+    if not isinstance(values, list) or not all(
+        isinstance(v, dict) and isinstance(v.get("as_int"), int) for v in values
+    ):
+        raise ValueError(f"{what} must be a list of integers")
+    return [int(v["as_int"]) for v in values]
+
+
+def _raw_tensors(archive: _Archive, config_member: str, folder: str) -> dict[str, torch.Tensor]:
+    """Tensors described by a payload config, read from their raw bytes."""
+    config = archive.json(config_member)
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise InputError(
+            f"{archive.path}: member {archive.name(config_member)!r} has no 'config' mapping; "
+            "expected a torch.export.save archive."
+        )
+    dtypes: dict[int, torch.dtype] = _serde()._SERIALIZE_TO_TORCH_DTYPE
+    bases: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for fqn, entry in entries.items():
+        member = f"{folder}{entry.get('path_name', '')}" if isinstance(entry, dict) else "?"
+        if not isinstance(entry, dict) or not _FQN.fullmatch(str(fqn)):
+            raise InputError(
+                f"{archive.path}: entry {fqn!r} of {archive.name(config_member)!r} is not a "
+                "tensor description; expected a torch.export.save archive."
+            )
+        if entry.get("use_pickle"):
+            raise _refusal(
+                archive.path,
+                archive.name(member),
+                f"{fqn!r} stored as a pickle (a tensor subclass, not a plain tensor)",
+            )
+        if not _RAW_MEMBER.fullmatch(member) or member not in archive.members:
+            raise InputError(
+                f"{archive.path}: {fqn!r} points to member {archive.name(member)!r}, which "
+                "is not a raw tensor member of the archive."
+            )
+        try:
+            meta = entry["tensor_meta"]
+            dtype = dtypes[meta["dtype"]]
+            sizes = _ints(meta["sizes"], "sizes")
+            strides = _ints(meta["strides"], "strides")
+            offset = _ints([meta["storage_offset"]], "storage_offset")[0]
+            if meta.get("layout") not in (None, 7):  # 7: torch.strided
+                raise ValueError(f"layout {meta.get('layout')} is not strided")
+            if member not in bases:
+                blob = archive.members[member]
+                size = torch.empty(0, dtype=dtype).element_size()
+                if len(blob) % size:
+                    raise ValueError(f"{len(blob)} bytes is not a whole number of {dtype}")
+                bases[member] = (
+                    torch.frombuffer(bytearray(blob), dtype=dtype)
+                    if blob
+                    else torch.zeros(0, dtype=dtype)
+                )
+            base = bases[member]
+            if base.numel() == 0:  # torch.export.save writes empty tensors as no bytes
+                tensor = torch.zeros(sizes, dtype=dtype)
+            else:
+                tensor = torch.as_strided(base, sizes, strides, offset)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"{archive.path}: {fqn!r} in member {archive.name(member)!r} cannot be read as "
+                f"a plain tensor ({exc}); expected a torch.export.save archive."
+            ) from exc
+        requires_grad = bool(meta.get("requires_grad", False))
+        if entry.get("is_param"):
+            tensors[fqn] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
+        else:
+            tensors[fqn] = (
+                tensor.requires_grad_(requires_grad) if tensor.is_floating_point() else tensor
+            )
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------
+# the program's JSON
+
+
+class _ProgramCheck:
+    """Checks (and trims) the JSON of a program before torch's deserializer sees it."""
+
+    def __init__(self, archive: _Archive, member: str) -> None:
+        self.path = archive.path
+        self.member = archive.name(member)
+
+    def refuse(self, what: str) -> InputError:
+        return _refusal(self.path, self.member, what)
+
+    def run(self, doc: Any) -> None:
+        if not isinstance(doc, dict) or not isinstance(doc.get("graph_module"), dict):
+            raise InputError(
+                f"{self.path}: member {self.member!r} is not a serialized program (no "
+                f"'graph_module'). Make the file with {_EXPORT_RECIPE}."
+            )
+        # guard strings are executed by ExportedProgram.module(check_guards=True) and only
+        # restate input shapes; metadata is for debugging (stack traces, module paths)
+        doc["guards_code"] = []
+        doc["graph_module"]["metadata"] = {}
+        for key in doc.get("range_constraints") or {}:
+            self.symbol(key)
+        fields = doc["graph_module"].get("treespec_namedtuple_fields")
+        if fields:
+            self.refuse_value("a program whose inputs or outputs are namedtuples")
+        self.walk(doc, "")
+
+    def refuse_value(self, what: str) -> NoReturn:
+        raise self.refuse(what)
+
+    def walk(self, value: Any, key: str) -> None:
+        if isinstance(value, list):
+            for item in value:
+                self.walk(item, key)
+            return
+        if not isinstance(value, dict):
+            return
+        for name, item in value.items():
+            if name == "nodes" and isinstance(item, list):
+                for node in item:
+                    self.node(node)
+            elif name == "expr_str":
+                self.expression(item)
+            elif name in ("as_operator", "as_custom_obj", "custom_obj"):
+                self.refuse_value(f"a program with a custom object or operator argument ({name})")
+            elif name == "custom_obj_values" and item:
+                self.refuse_value("a program with custom objects (custom_obj_values)")
+            elif name in ("name", "as_name", "user_input_name") and item is not None:
+                self.identifier(item)
+            elif name in ("parameter_name", "buffer_name", "tensor_constant_name", "fqn"):
+                if item != "":
+                    self.fqn(item)
+            elif name == "forward_arg_names" and item is not None:
+                for arg in item:
+                    self.identifier(arg)
+            elif name in ("tensor_values", "sym_int_values", "sym_float_values", "sym_bool_values"):
+                for arg in item or {}:
+                    self.identifier(arg)
+            elif name in ("in_spec", "out_spec") and isinstance(item, str):
+                self.treespec(item)
+            self.walk(item, name)
+
+    def node(self, node: Any) -> None:
+        if not isinstance(node, dict):
+            self.refuse_value("a program with a malformed node")
+        target = node.get("target")
+        if not isinstance(target, str):
+            self.refuse_value("a program with a node without a target")
+        if target not in _SYM_TARGETS:
+            match = _ATEN_TARGET.fullmatch(target)
+            op = None
+            if match is not None and match.group(1) not in _REFUSED_ATEN:
+                packet = getattr(torch.ops.aten, match.group(1), None)
+                op = getattr(packet, match.group(2), None) if packet is not None else None
+            if not isinstance(op, torch._ops.OpOverload):
+                self.refuse_value(
+                    f"a program calling {target!r}, which is not an ATen operator (only ATen "
+                    "operators and size arithmetic are loaded)"
+                )
+        node["metadata"] = {}
+
+    def identifier(self, value: Any) -> None:
+        if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+            self.refuse_value(f"a program with the name {value!r}, which is not an identifier")
+
+    def fqn(self, value: Any) -> None:
+        if (
+            not isinstance(value, str)
+            or not _FQN.fullmatch(value)
+            or any(part.startswith("__") for part in value.split("."))
+        ):
+            self.refuse_value(f"a program with the attribute path {value!r}")
+
+    def symbol(self, value: Any) -> None:
+        if not isinstance(value, str) or not _SYMBOL.fullmatch(value):
+            self.refuse_value(f"a program with the size symbol {value!r}")
+
+    def expression(self, value: Any) -> None:
+        """Plain arithmetic over size symbols (evaluated by ``sympy.sympify``)."""
+        if not isinstance(value, str) or len(value) > 10_000:
+            self.refuse_value("a program with a malformed symbolic expression")
+        position = 0
+        while position < len(value):
+            match = _EXPR_TOKEN.match(value, position)
+            if match is None:
+                self.refuse_value(
+                    f"a program with the symbolic expression {value[:80]!r}, which is not "
+                    "plain arithmetic over size symbols"
+                )
+            token = match.group(0)
+            named = token[0].isalpha() or token[0] == "_"
+            if named and token not in _EXPR_NAMES and not _SYMBOL.fullmatch(token):
+                self.refuse_value(
+                    f"a program with the symbolic expression {value[:80]!r}, which uses "
+                    f"the name {token!r}"
+                )
+            position = match.end()
+
+    def treespec(self, text: str) -> None:
+        """Input and output specs: tuples, lists and dicts keyed by identifiers."""
+        try:
+            protocol, spec = json.loads(text)
+        except (ValueError, TypeError):
+            self.refuse_value("a program with a malformed input or output spec")
+        if protocol != 1:
+            self.refuse_value(f"a program with an input or output spec of protocol {protocol!r}")
+        self.treespec_node(spec)
+
+    def treespec_node(self, spec: Any) -> None:
+        if not isinstance(spec, dict) or spec.get("type") not in _TREESPEC_TYPES:
+            kind = spec.get("type") if isinstance(spec, dict) else spec
+            self.refuse_value(f"a program whose inputs or outputs hold {kind!r}")
+        context = spec.get("context")
+        if context is not None:
+            try:
+                decoded = json.loads(context) if isinstance(context, str) else context
+            except ValueError:
+                self.refuse_value("a program with a malformed input or output spec")
+            keys = decoded if isinstance(decoded, list) else [decoded]
+            for key in keys:
+                if key is not None:
+                    self.identifier(key)
+        for child in spec.get("children_spec") or []:
+            self.treespec_node(child)
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def read_program(path: str | Path, *, trust: bool = False) -> torch.export.ExportedProgram:
+    """Read a ``torch.export`` archive without unpickling or running anything from it.
+
+    Parameters
+    ----------
+    path:
+        The ``.pt2`` file written by ``torch.export.save``.
+    trust:
+        Use ``torch.export.load`` instead (it unpickles members of the archive: only for
+        files from a trusted source).
+
+    Returns
+    -------
+    torch.export.ExportedProgram
+        The program, without its example inputs (``example_inputs`` is ``None``) and
+        without guard strings.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file is missing.
+    InputError
+        When it is a folder, not an archive, or has a member that loading could run (the
+        message names the member and why).
+    """
+    path = Path(path)
+    _check_file(path, "model", ".pt2")
+    data = path.read_bytes()
+    if trust:
+        try:
+            with _quiet():
+                return torch.export.load(io.BytesIO(data))
+        except Exception as exc:
+            raise InputError(
+                f"{path} is not a torch.export program ({exc}). Make one with {_EXPORT_RECIPE}."
+            ) from exc
+    archive = _open_archive(path, data)
+    member = f"models/{_MODEL}.json"
+    doc = archive.json(member)
+    _ProgramCheck(archive, member).run(doc)
+    state_dict = _raw_tensors(archive, _WEIGHTS_CONFIG, "data/weights/")
+    constants = _raw_tensors(archive, _CONSTANTS_CONFIG, "data/constants/")
+    serde = _serde()
+    schema = importlib.import_module("torch._export.serde.schema")
+    try:
+        with _quiet():
+            serialized = serde._dict_to_dataclass(schema.ExportedProgram, doc)
+            program: torch.export.ExportedProgram = serde.ExportedProgramDeserializer().deserialize(
+                serialized, state_dict, constants, None
+            )
+    except Exception as exc:
+        raise InputError(
+            f"{path}: member {archive.name(member)!r} is not a program this torch "
+            f"({torch.__version__}) can read ({str(exc).splitlines()[0][:300]}). Save it "
+            "again with this torch version."
+        ) from exc
+    return program
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch's log records and warnings (failed traces log whole tracebacks)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _size_ops() -> frozenset[Any]:
+    """ATen operators whose second argument is a size list that may repeat the batch size."""
+    aten = torch.ops.aten
+    return frozenset(
+        {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+    )
+
+
+def free_batch(program: torch.export.ExportedProgram, path: str | Path = "") -> fx.GraphModule:
+    """The program's module, runnable on any batch size with the same computation.
+
+    A program exported with a dynamic batch dimension (``torch.export.Dim``) runs any batch
+    as it is; its module is returned without input guards. A program exported with a fixed
+    batch ``N`` records ``N`` in its input's shape, in its guards and in size arguments such
+    as ``view(h, [N, -1])`` (``h.view(h.size(0), -1)`` traced at batch ``N``): those size
+    arguments become ``h.size(0)`` (equal to ``N`` at batch ``N``, so the computation is
+    unchanged) and the module is exported again with a dynamic batch dimension, which
+    proves to torch that no other part of the graph depends on the batch size.
+
+    Parameters
+    ----------
+    program:
+        The exported program.
+    path:
+        The file it came from, for messages.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        Parameters named as in the original model.
+
+    Raises
+    ------
+    InputError
+        When the graph depends on its batch size in a way that cannot be undone.
+    """
+    try:
+        with _quiet():
+            module = program.module(check_guards=False)
+    except Exception as exc:
+        raise InputError(
+            f"{path or 'the program'}: torch cannot build a module from the program "
+            f"({str(exc).splitlines()[0][:300]}). Export it again with {_EXPORT_RECIPE}."
+        ) from exc
+    placeholders = list(module.graph.find_nodes(op="placeholder"))
+    value = placeholders[0].meta.get("val") if len(placeholders) == 1 else None
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return module  # not one tensor input: torch's input checks stay
+    # the input checks refuse batch sizes outside the exported range (which starts at 2
+    # for Dim.AUTO); a dynamic graph runs them all
+    module.validate_inputs = False  # type: ignore[assignment]
+    batch = value.shape[0]
+    if not isinstance(batch, int):
+        return module
+    changed = _unpin_batch(module, batch)
+    example = torch.zeros((2, *(int(d) for d in value.shape[1:])), dtype=value.dtype)
+    try:
+        with _quiet():
+            dim = torch.export.Dim("batch", min=1)
+            again = torch.export.export(module, (example,), dynamic_shapes=({0: dim},))
+            free: fx.GraphModule = again.module(check_guards=False)
+    except Exception as exc:
+        pinned = f" ({changed} size argument(s) were freed)" if changed else ""
+        raise InputError(
+            f"{path or 'the program'} was exported for batch size {batch} only and its graph "
+            f"depends on that size beyond size arguments{pinned}: "
+            f"{str(exc).splitlines()[0][:300]}. Export it with a dynamic batch dimension: "
+            "torch.export.export(model, (example_input,), dynamic_shapes=({0: "
+            "torch.export.Dim('batch')},))."
+        ) from exc
+    free.validate_inputs = False  # type: ignore[assignment]
+    return free
+
+
+def _unpin_batch(module: fx.GraphModule, batch: int) -> int:
+    """Replace size arguments ``[batch, ...]`` of reshapes by the tensor's own ``size(0)``."""
+    ops = _size_ops()
+    changed = 0
+    for node in list(module.graph.nodes):
+        if node.op != "call_function" or node.target not in ops or len(node.args) < 2:
+            continue
+        source, sizes = node.args[0], node.args[1]
+        source_value = source.meta.get("val") if isinstance(source, fx.Node) else None
+        if (
+            not isinstance(source_value, torch.Tensor)
+            or source_value.dim() == 0
+            or source_value.shape[0] != batch
+            or not isinstance(sizes, (list, tuple))
+            or not sizes
+            or sizes[0] != batch
+        ):
+            continue
+        with module.graph.inserting_before(node):
+            size = module.graph.call_function(torch.ops.aten.sym_size.int, (source, 0))
+        node.args = (source, [size, *sizes[1:]], *node.args[2:])
+        changed += 1
+    if changed:
+        module.graph.lint()
+        module.recompile()
+    return changed
+
+
+def load_model(path: str | Path, *, trust: bool = False) -> fx.GraphModule:
+    """Load a ``torch.export`` program file as a module that runs any batch size.
+
+    Parameters
+    ----------
+    path:
+        The ``.pt2`` file written by ``torch.export.save``.
+    trust:
+        Load with ``torch.export.load``, which unpickles members of the archive (only for
+        files from a trusted source).
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        See :func:`read_program` (what is read and refused) and :func:`free_batch`.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file is missing.
+    InputError
+        When it is a folder, not an archive, would run code when loaded (the message names
+        the member and why), or cannot run other batch sizes.
+    """
+    program = read_program(path, trust=trust)
+    return free_batch(program, path)
+
+
+def load_update(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load an update from a safetensors file (never unpickled).
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file is missing.
+    InputError
+        When it is a folder or not a safetensors file (pickles are refused).
+    """
+    path = Path(path)
+    _check_file(path, "update", ".safetensors")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    kind = "a pickle (torch.save) file" if head[:1] == b"\x80" or head[:2] == b"PK" else ""
+    try:
+        return dict(load_file(str(path)))
+    except Exception as exc:
+        found = kind or f"not a safetensors file ({exc})"
+        raise InputError(
+            f"{path} is {found}. Save the update with "
+            "safetensors.torch.save_file(update, 'update.safetensors'); pickled files are "
+            "refused because unpickling runs code and client data is untrusted."
+        ) from exc
