@@ -14,6 +14,7 @@ import time
 import torch
 from torch import nn
 
+from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.client import check_update
 from spear.errors import InputError
@@ -76,6 +77,15 @@ def attack(
     Reconstruction
         ``.inputs`` ``(k, *input_shape)``, ``.labels`` ``(k,)`` or ``None``,
         ``.certificate``, ``.verified``, ``.batch_size``, ``.notes``.
+
+    Raises
+    ------
+    InputError
+        The update does not fit the model; ``batch_size`` is not a positive integer;
+        ``time_budget`` is not a finite number of seconds above 0; ``device`` is unknown
+        or not available (``"cuda"`` on a CPU-only torch build).
+    NotAttackableError
+        No linear layer followed by a ReLU.
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -90,6 +100,9 @@ def attack(
             f"update_kind must be 'gradient' or 'delta', found {update_kind!r}: use 'delta' "
             "for FedAvg weight differences."
         )
+    validate.batch_size(batch_size)
+    validate.time_budget(time_budget)
+    validate.device(device)
     work = copy.deepcopy(model)
     target = find_target(work)
     notes: list[str] = []
