@@ -20,7 +20,7 @@ from spear.client import check_update
 from spear.errors import InputError
 from spear.labels import recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
-from spear.model import find_target, guess_input_shape
+from spear.model import check_batch_norm, find_target, guess_input_shape
 from spear.results import Reconstruction
 
 __all__ = ["attack"]
@@ -85,7 +85,8 @@ def attack(
         ``time_budget`` is not a finite number of seconds above 0; ``device`` is unknown
         or not available (``"cuda"`` on a CPU-only torch build).
     NotAttackableError
-        No linear layer followed by a ReLU.
+        No linear layer followed by a ReLU, or a BatchNorm that normalises with the
+        batch's own statistics (training mode).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -103,6 +104,7 @@ def attack(
     validate.batch_size(batch_size)
     validate.time_budget(time_budget)
     validate.device(device)
+    check_batch_norm(model)
     work = copy.deepcopy(model)
     target = find_target(work)
     notes: list[str] = []
