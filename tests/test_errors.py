@@ -215,6 +215,16 @@ def test_batch_norm_after_the_relu_in_training_mode_the_layer_still_inverts() ->
     assert_exact(result.inputs, x.reshape(6, -1))
 
 
+def test_certify_with_batch_norm_in_training_mode_recomputes_the_whole_batch() -> None:
+    # per-example weights are not fitted: one example alone cannot be normalised with
+    # the batch's statistics (BatchNorm1d refuses a batch of one in training mode)
+    model = _bn_model("after", train=True)
+    x, y = fashion(6, seed=2)
+    update = fedsgd_update(model, x, y)
+    assert spear.certify(model, update, x, y) < 1e-9
+    assert spear.certify(model, update, x[:-1], y[:-1]) > 1e-3
+
+
 def test_batch_norm_after_the_relu_in_eval_mode_is_attacked_exactly() -> None:
     model = _bn_model("after", train=False)
     x, y = fashion(6, seed=2)
