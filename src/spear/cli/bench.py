@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from spear import validate
 from spear.bench import BENCH_ATTACKS, DATASETS, BenchConfig, run_bench
 
 __all__ = ["add_parser", "run"]
@@ -141,7 +142,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--time-budget",
-        type=float,
+        type=validate.time_budget_arg,
         default=d.time_budget,
         help=f"seconds per attack run ({d.time_budget})",
     )
