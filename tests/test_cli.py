@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import spear
 from spear import client
-from spear.cli import main
+from spear.cli import main, version
 from spear.cli.demo import build_model, max_batch_size, run_demo
 from spear.data import builtin_images, sample_batch
 from spear.errors import InputError
@@ -158,3 +161,20 @@ def test_time_budget_must_be_finite_and_positive(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "argument --time-budget" in err and expected in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"spear {version()}"
+    assert re.fullmatch(r"spear \d+\.\d+\S*", out)
+
+
+def test_version_falls_back_to_the_package_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert version() == spear.__version__
