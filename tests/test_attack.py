@@ -248,3 +248,67 @@ def test_certificate_input_errors(certified_case) -> None:  # type: ignore[no-un
     model, update, x, y = certified_case
     with pytest.raises(InputError, match="10 examples but labels 9"):
         spear.certify(model, update, x, y[:-1])
+
+
+def test_certificate_accepts_numpy_arrays(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    assert spear.certify(model, update, x.numpy(), y.numpy()) < 1e-9
+    off = x.clone()
+    off[0] += 0.01
+    assert spear.certify(model, update, off.numpy(), y.numpy()) > 1e-3
+    with pytest.raises(InputError, match="10 examples but labels 9"):
+        spear.certify(model, update, x.numpy(), y.numpy()[:-1])
+    with pytest.raises(InputError, match=r"torch\.as_tensor"):
+        spear.certify(model, update, x, "cat")
+
+
+def test_certificate_accepts_exact_one_hot_labels(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    one_hot = nn.functional.one_hot(y, 10)
+    assert spear.certify(model, update, x, one_hot) < 1e-9
+    assert spear.certify(model, update, x, one_hot.double().numpy()) < 1e-9
+    # the rows are read, not ignored: a wrong one-hot label gives a large error
+    wrong = one_hot.roll(1, dims=1)
+    assert spear.certify(model, update, x, wrong) > 1e-2
+
+
+def test_certificate_refuses_soft_and_misshaped_one_hot_labels(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    soft = torch.full((10, 10), 0.1, dtype=torch.float64)
+    with pytest.raises(InputError, match="exact one-hot rows") as err:
+        spear.certify(model, update, x, soft)
+    assert "argmax" in str(err.value)
+    with pytest.raises(InputError, match="12 columns but the model has 10 outputs"):
+        spear.certify(model, update, x, nn.functional.one_hot(y, 12))
+    with pytest.raises(InputError, match="shape"):
+        spear.certify(model, update, x, y.reshape(10, 1, 1))
+
+
+def test_certificate_refuses_labels_outside_the_classes(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    shifted = y + 1
+    shifted[0] = 10  # one past the last class
+    with pytest.raises(InputError, match=r"in \[0, 10\) for a model with 10 outputs") as err:
+        spear.certify(model, update, x, shifted)
+    assert "subtract 1" in str(err.value)
+    with pytest.raises(InputError, match="from -1 to"):
+        spear.certify(model, update, x, y - 1 - y.min())
+    with pytest.raises(InputError, match=r"non-integer values \(e\.g\. \d+\.5\)"):
+        spear.certify(model, update, x, y.double() + 0.5)
+    # integral floats are class indices
+    assert spear.certify(model, update, x, y.double()) < 1e-9
+
+
+def test_certificate_refuses_inputs_the_model_cannot_take(certified_case) -> None:  # type: ignore[no-untyped-def]
+    model, update, x, y = certified_case
+    rgb = torch.zeros(10, 3, 28, 28, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"inputs of shape \(10, 3, 28, 28\)") as err:
+        spear.certify(model, update, rgb, y)
+    msg = str(err.value)
+    assert "takes 784 features per example" in msg and "(k, 1, 28, 28)" in msg
+    bad = x.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="1 NaN or infinite"):
+        spear.certify(model, update, bad, y)
+    with pytest.raises(InputError, match=r"torch\.nn\.Module"):
+        spear.certify(update, update, x, y)  # type: ignore[arg-type]

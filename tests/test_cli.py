@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,10 @@ from safetensors.torch import save_file
 
 import spear
 from spear import client
-from spear.cli import attack_cmd, demo, main
-from spear.cli.demo import build_model, run_demo
+from spear.cli import attack_cmd, demo, main, version
+from spear.cli.demo import build_model, max_batch_size, run_demo
 from spear.data import builtin_images, sample_batch
+from spear.errors import InputError
 
 
 def test_demo_end_to_end_small_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,3 +186,94 @@ def test_ctrl_c_elsewhere_is_one_line_and_status_130(
     monkeypatch.setattr(demo, "run", interrupted)
     assert main(["demo"]) == 130
     assert capsys.readouterr().err == "spear demo: interrupted\n"
+
+
+# ---------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "expected"),
+    [
+        ("5000", "No width allows more than 784: use --batch-size 784 or less"),
+        ("300", "Use --batch-size 255 or less, or --width 301 or more."),
+    ],
+)
+def test_demo_refuses_a_batch_larger_than_it_supports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], batch_size: str, expected: str
+) -> None:
+    status = main(["demo", "--batch-size", batch_size, "--out", str(tmp_path)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"a batch of {batch_size} is more than the demo supports" in err
+    assert "at most 255 examples" in err and expected in err
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_demo_largest_batch_follows_the_width() -> None:
+    assert max_batch_size(256, 1000) == 255
+    assert max_batch_size(2000, 1000) == 784
+    assert max_batch_size(2000, 100) == 100
+    with pytest.raises(InputError, match="at most 9 examples"):
+        run_demo(10, 10)
+    with pytest.raises(InputError, match="batch_size must be a positive integer, found 0"):
+        run_demo(0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--batch-size", "0"],
+        ["demo", "--batch-size", "-3"],
+        ["demo", "--batch-size", "2.5"],
+        ["demo", "--width", "0"],
+        ["attack", "--model", "m", "--update", "u", "--out", "o", "--batch-size", "-1"],
+    ],
+)
+def test_non_positive_sizes_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "expected a positive integer, found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "attack", "bench"])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("inf", "found inf: a budget is required"),
+        ("nan", "found nan"),
+        ("-1", "found -1.0"),
+        ("0", "found 0.0"),
+        ("soon", "expected a number of seconds, found 'soon'"),
+    ],
+)
+def test_time_budget_must_be_finite_and_positive(
+    command: str, value: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "--time-budget", value]
+    if command == "attack":
+        argv += ["--model", "m", "--update", "u", "--out", "o"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --time-budget" in err and expected in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"spear {version()}"
+    assert re.fullmatch(r"spear \d+\.\d+\S*", out)
+
+
+def test_version_falls_back_to_the_package_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert version() == spear.__version__

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +236,23 @@ def test_summarize_reports_everything() -> None:
     assert flat["ssim_mean"] is None and flat["label_accuracy"] is None
     none = summarize(torch.zeros(0, 1, 10, 10), truth)
     assert none["exact_rate"] == 0.0 and none["psnr_mean"] is None and none["matched"] == 0
+
+
+def test_metrics_available_after_a_plain_import_spear() -> None:
+    # a fresh interpreter, as in the README: `import spear` then `spear.metrics.match`
+    import spear
+
+    src = str(Path(spear.__file__).resolve().parents[1])
+    code = (
+        "import sys, torch, spear\n"
+        "assert 'spear.metrics' in sys.modules\n"
+        "truth = torch.eye(3)\n"
+        "m = spear.metrics.match(truth[[2, 0]], truth)\n"
+        "print(m.rec_index.tolist(), m.truth_index.tolist())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1, 0] [0, 2]"

@@ -5,10 +5,12 @@ The public API::
     rec = spear.attack(model, update)              # model + client update -> batch
     err = spear.certify(model, update, inputs, labels)
     layer = spear.invert_layer(weight_grad, bias_grad, weight=W, bias=c)
+    m = spear.metrics.match(rec.inputs, truth)     # pair with the truth, errors, PSNR
 
 See the README for the command line (``spear demo``, ``spear attack``, ``spear bench``).
 """
 
+from spear import metrics
 from spear.attack import attack
 from spear.certificate import VERIFIED_BELOW, certify
 from spear.errors import (
@@ -34,4 +36,5 @@ __all__ = [
     "attack",
     "certify",
     "invert_layer",
+    "metrics",
 ]

@@ -14,12 +14,13 @@ import time
 import torch
 from torch import nn
 
+from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.client import check_update
 from spear.errors import InputError
 from spear.labels import recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
-from spear.model import find_target, guess_input_shape
+from spear.model import check_batch_norm, find_target, guess_input_shape
 from spear.results import Reconstruction
 
 __all__ = ["attack"]
@@ -76,6 +77,16 @@ def attack(
     Reconstruction
         ``.inputs`` ``(k, *input_shape)``, ``.labels`` ``(k,)`` or ``None``,
         ``.certificate``, ``.verified``, ``.batch_size``, ``.notes``.
+
+    Raises
+    ------
+    InputError
+        The update does not fit the model; ``batch_size`` is not a positive integer;
+        ``time_budget`` is not a finite number of seconds above 0; ``device`` is unknown
+        or not available (``"cuda"`` on a CPU-only torch build).
+    NotAttackableError
+        No linear layer followed by a ReLU, or a BatchNorm that normalises with the
+        batch's own statistics (training mode).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -90,6 +101,10 @@ def attack(
             f"update_kind must be 'gradient' or 'delta', found {update_kind!r}: use 'delta' "
             "for FedAvg weight differences."
         )
+    validate.batch_size(batch_size)
+    validate.time_budget(time_budget)
+    validate.device(device)
+    check_batch_norm(model)
     work = copy.deepcopy(model)
     target = find_target(work)
     notes: list[str] = []

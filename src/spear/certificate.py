@@ -23,6 +23,7 @@ import copy
 import math
 
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 from spear.client import check_update
@@ -34,6 +35,8 @@ __all__ = ["VERIFIED_BELOW", "certify", "verified_threshold"]
 #: reproduces the update to about 1e-12 on real data; float32 to about 1e-5. A
 #: reconstruction with one example off by 1% gives about 1e-2.
 VERIFIED_BELOW: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 1e-3}
+#: Integer dtypes accepted for candidate inputs (converted to the model's dtype).
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 #: Largest number of parameter entries used to fit the per-example weights ``c_i``.
 FIT_PARAMETER_BUDGET = 200_000
 
@@ -50,8 +53,8 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def certify(
     model: nn.Module,
     update: dict[str, torch.Tensor],
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
+    inputs: torch.Tensor | ArrayLike,
+    labels: torch.Tensor | ArrayLike,
     *,
     update_kind: str = "gradient",
 ) -> float:
@@ -64,9 +67,12 @@ def certify(
     update:
         Parameter name -> tensor, as the client returned it.
     inputs:
-        ``(k, *input_shape)`` candidate inputs in the model's input space.
+        ``(k, *input_shape)`` candidate inputs in the model's input space: a tensor, or
+        anything ``torch.as_tensor`` takes (a NumPy array, nested lists).
     labels:
-        ``(k,)`` candidate class indices.
+        ``(k,)`` candidate class indices in ``[0, classes)``, or ``(k, classes)`` exact
+        one-hot rows (read with ``argmax``); a tensor or an array. Soft labels
+        (probabilities) are refused.
     update_kind:
         ``"gradient"`` or ``"delta"``.
 
@@ -74,24 +80,57 @@ def certify(
     -------
     float
         The relative error (0 is perfect); ``inf`` when the candidate is empty.
+
+    Raises
+    ------
+    InputError
+        The update does not fit the model; inputs or labels are not arrays, have
+        non-finite entries, differ in length, or do not fit the model (input shape,
+        class indices outside ``[0, classes)``, one-hot rows of the wrong width).
+
+    Notes
+    -----
+    When the model has a BatchNorm that normalises with batch statistics (training
+    mode), the update is recomputed on the whole candidate batch only (mean and sum
+    reductions); per-example weights (duplicates, DP-SGD clipping) are not fitted, since
+    one example alone cannot be normalised with the batch's statistics.
     """
+    from spear.model import batch_statistics_layers
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
     check_update(model, update)
-    model = copy.deepcopy(model)  # a forward pass may touch buffers (BatchNorm statistics)
-    params = list(model.named_parameters())
-    if inputs.shape[0] != labels.shape[0]:
+    x = _as_tensor(inputs, "inputs")
+    y = _as_tensor(labels, "labels")
+    if x.dim() == 0 or y.dim() == 0 or y.dim() > 2:
         raise InputError(
-            f"inputs hold {inputs.shape[0]} examples but labels {labels.shape[0]}; pass one "
+            f"inputs must be (k, *input_shape) and labels (k,) class indices or (k, classes) "
+            f"one-hot rows; found inputs of shape {tuple(x.shape)} and labels of shape "
+            f"{tuple(y.shape)}. Stack the examples along the first dimension."
+        )
+    if x.shape[0] != y.shape[0]:
+        raise InputError(
+            f"inputs hold {x.shape[0]} examples but labels {y.shape[0]}; pass one "
             "label per example."
         )
-    if inputs.shape[0] == 0:
+    if x.shape[0] == 0:
         return math.inf
+    if not (x.is_floating_point() or x.dtype in _INTEGER_DTYPES):
+        raise InputError(f"inputs must be real numbers, found dtype {x.dtype}.")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"inputs contain {bad} NaN or infinite entries; pass a finite candidate.")
+    model = copy.deepcopy(model)  # a forward pass may touch buffers (BatchNorm statistics)
+    params = list(model.named_parameters())
     if update_kind == "delta":
-        return _certify_delta(model, update, inputs)
+        _class_indices(y, None)
+        return _certify_delta(model, update, x)
     if update_kind != "gradient":
         raise InputError(f"update_kind must be 'gradient' or 'delta', found {update_kind!r}.")
     dtype = params[0][1].dtype
-    x = inputs.detach().to(dtype)
-    y = labels.detach().to(torch.int64)
+    x = x.detach().to(dtype)
+    classes = _classes(model, x)
+    y = _class_indices(y, classes)
     observed = _flat([update[n] for n, _ in params])
     norm = float(observed.norm()) or 1.0
     tensors = [p for _, p in params]
@@ -99,12 +138,106 @@ def certify(
     best = math.inf
     for weights in (torch.full((k,), 1.0 / k, dtype=dtype), torch.ones(k, dtype=dtype)):
         best = min(best, float((_weighted_grad(model, tensors, x, y, weights) - observed).norm()))
-    if best / norm > verified_threshold(dtype):
+    if best / norm > verified_threshold(dtype) and not batch_statistics_layers(model):
         fitted = _fit_weights(model, params, x, y, update)
         if fitted is not None:
             grad = _weighted_grad(model, tensors, x, y, fitted.to(dtype))
             best = min(best, float((grad - observed).norm()))
     return best / norm
+
+
+def _as_tensor(value: object, name: str) -> torch.Tensor:
+    """``value`` as a tensor (NumPy arrays and nested lists are converted)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(
+            f"{name} must be a torch.Tensor or an array torch.as_tensor can convert, found "
+            f"{type(value).__name__} ({exc}); pass a tensor or a NumPy array."
+        ) from exc
+
+
+def _input_hint(model: nn.Module) -> str:
+    """What inputs the model's attacked layer expects, when that can be told."""
+    from spear.errors import NotAttackableError
+    from spear.model import find_target, guess_input_shape
+
+    try:
+        target = find_target(model)
+    except NotAttackableError:
+        return ""
+    if not target.first:
+        return ""
+    shape = target.input_shape or guess_input_shape(target.in_features)
+    return (
+        f" Its first layer {target.name!r} takes {target.in_features} features per example, "
+        f"e.g. inputs of shape (k, {', '.join(str(d) for d in shape)})."
+    )
+
+
+def _classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes: the width of the logits ``model(x)`` (checked ``(k, c)``)."""
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise InputError(
+            f"the model could not be run on inputs of shape {tuple(x.shape)} ({exc})."
+            f"{_input_hint(model)} Pass inputs shaped like a batch the model takes, "
+            "(k, *input_shape), in its input space."
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(
+            f"certify needs a classifier whose output is logits (k, classes); for "
+            f"{x.shape[0]} inputs the model returned {found}."
+        )
+    return int(out.shape[1])
+
+
+def _class_indices(labels: torch.Tensor, classes: int | None) -> torch.Tensor:
+    """``(k,)`` int64 class indices from indices or exact one-hot rows, range-checked."""
+    if labels.dim() == 2:
+        values = labels.to(torch.float64)
+        one_hot = bool(((values == 0) | (values == 1)).all()) and bool(
+            (values.sum(dim=1) == 1).all()
+        )
+        if not one_hot:
+            raise InputError(
+                f"labels of shape {tuple(labels.shape)} must be exact one-hot rows (one 1, "
+                "the rest 0), but some rows are not: soft labels (probabilities) are not "
+                "supported. Pass class indices (k,), e.g. labels.argmax(dim=1) if that is "
+                "what you mean."
+            )
+        if classes is not None and labels.shape[1] != classes:
+            raise InputError(
+                f"one-hot labels have {labels.shape[1]} columns but the model has {classes} "
+                "outputs; pass one column per class, or class indices (k,)."
+            )
+        return values.argmax(dim=1)
+    if labels.is_complex():
+        raise InputError(f"labels must be integer class indices, found dtype {labels.dtype}.")
+    if labels.is_floating_point():
+        integral = torch.isfinite(labels) & (labels == labels.round())
+        if not bool(integral.all()):
+            example = float(labels[~integral][0])
+            raise InputError(
+                f"labels must be integer class indices, found non-integer values (e.g. "
+                f"{example!r}); pass the class index of each example."
+            )
+    indices = labels.to(torch.int64)
+    if classes is not None and indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= classes:
+            outside = int(((indices < 0) | (indices >= classes)).sum())
+            raise InputError(
+                f"labels must be class indices in [0, {classes}) for a model with {classes} "
+                f"outputs, found values from {low} to {high} ({outside} outside). Pass "
+                "0-based indices (labels numbered from 1: subtract 1)."
+            )
+    return indices
 
 
 def _fill(

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from spear import validate
 from spear.candidates import (
     Residual,
     guided_weights,
@@ -310,6 +311,9 @@ def invert_layer(
     NoReluSparsityError
         The gradient has no exact zeros where a ReLU would put them.
     """
+    validate.batch_size(batch_size)
+    validate.time_budget(time_budget)
+    validate.device(device)
     start = time.perf_counter()
     _validate(weight_grad, bias_grad, weight, bias)
     if solver != "auto":

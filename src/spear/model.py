@@ -21,7 +21,13 @@ from torch import fx, nn
 
 from spear.errors import NotAttackableError
 
-__all__ = ["AttackTarget", "find_target", "guess_input_shape"]
+__all__ = [
+    "AttackTarget",
+    "batch_statistics_layers",
+    "check_batch_norm",
+    "find_target",
+    "guess_input_shape",
+]
 
 _RELU_MODULES = (nn.ReLU,)
 _RELU_FUNCTIONS = {
@@ -43,6 +49,18 @@ _RESHAPE_FUNCTIONS = {
     torch.ops.aten.clone.default,
 }
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "float", "double", "to"}
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BATCH_NORM_FUNCTIONS = {torch.nn.functional.batch_norm, torch.ops.aten.batch_norm.default}
+#: Added to the error when a BatchNorm sits between a linear layer and its ReLU.
+_FOLD_HINT = (
+    " A BatchNorm between a linear layer and its ReLU is not folded by spear.attack. In eval"
+    " mode it is a fixed affine map per unit, so the layer's own gradient still has the"
+    " exact structure: with W, c the linear layer's weight and bias, gamma, beta, eps and"
+    " the running mean and variance the BatchNorm's, and s = gamma / sqrt(running_var + eps),"
+    " spear.invert_layer(update['<layer>.weight'], update['<layer>.bias'],"
+    " weight=s[:, None] * W, bias=s * (c - running_mean) + beta) recovers its inputs. In"
+    " training mode (batch statistics) the exact zeros are lost."
+)
 _SMOOTH = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus, nn.LeakyReLU, nn.Mish)
 
 
@@ -84,6 +102,67 @@ class AttackTarget:
         return int(self.weight.shape[1])
 
 
+def batch_statistics_layers(model: nn.Module) -> list[str]:
+    """The BatchNorm layers of ``model`` that normalise with the batch's own statistics.
+
+    A BatchNorm module does so in training mode, and in eval mode when it keeps no
+    running statistics (``track_running_stats=False``). In a ``torch.fx`` graph (a
+    ``torch.export`` program's module) a ``batch_norm`` call with ``training=True`` counts.
+
+    Returns
+    -------
+    list of str
+        One description per layer, e.g. ``"BatchNorm1d '4'"``; empty when there is none.
+    """
+    found = [
+        f"{type(mod).__name__} {name!r}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, _BATCH_NORMS) and (mod.training or mod.running_mean is None)
+    ]
+    graph = model.graph if isinstance(model, fx.GraphModule) else None
+    for node in graph.nodes if graph is not None else ():
+        if node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS:
+            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
+            if training is True:
+                found.append(f"batch_norm call {node.name!r}")
+    return found
+
+
+def check_batch_norm(model: nn.Module) -> None:
+    """Refuse a model whose BatchNorm layers mix the examples of a batch.
+
+    In training mode BatchNorm normalises every example with the mean and variance of the
+    whole batch, so the update is no longer a sum of one term per example and the labels
+    cannot be read off it one example at a time; a BatchNorm before the attacked layer
+    (or between it and its ReLU) also changes that layer's inputs (centred on the batch,
+    so the weight gradient's rank undercounts the examples) or removes its exact zeros.
+    In eval mode (running statistics) BatchNorm is a fixed affine map per feature and is
+    accepted.
+
+    Raises
+    ------
+    NotAttackableError
+        When :func:`batch_statistics_layers` finds any, naming them and what to try.
+    """
+    layers = batch_statistics_layers(model)
+    if not layers:
+        return
+    verb = "normalises" if len(layers) == 1 else "normalise"
+    raise NotAttackableError(
+        f"{', '.join(layers)} {verb} with the statistics of the batch itself (training "
+        "mode): each example's output then depends on the whole batch, so the update is no "
+        "longer a sum of per-example terms and the labels cannot be read off it; a "
+        "BatchNorm before the attacked layer, or between it and its ReLU, also changes that "
+        "layer's inputs (centred on the batch) or removes its exact zeros. If the client "
+        "computed its update with running statistics (BatchNorm frozen), pass the model in "
+        "eval mode: model.eval(). If the BatchNorm comes after the attacked layer's ReLU, "
+        "that layer's gradient keeps its exact structure: "
+        "spear.invert_layer(update['<layer>.weight'], update['<layer>.bias'], weight=..., "
+        "bias=...) recovers the layer's inputs, and spear.certify checks a whole candidate "
+        "batch."
+    )
+
+
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[str(node.target)], _RELU_MODULES)
@@ -92,6 +171,12 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return node.target in ("relu", "relu_")
     return False
+
+
+def _is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], _BATCH_NORMS)
+    return node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -178,6 +263,7 @@ def find_target(model: nn.Module) -> AttackTarget:
                 "torch.export, or pass an nn.Sequential."
             ) from exc
     examined: list[str] = []
+    batch_norm = False
     input_shape = _recorded_input_shape(traced)
     for node in traced.graph.nodes:
         found = _as_linear(node, modules, traced)
@@ -203,13 +289,16 @@ def find_target(model: nn.Module) -> AttackTarget:
         smooth = any(
             u.op == "call_module" and isinstance(modules[str(u.target)], _SMOOTH) for u in users
         )
-        reason = "a smooth activation (no exact zeros)" if smooth else "not a ReLU"
+        if any(_is_batch_norm(u, modules) for u in users):
+            reason, batch_norm = "BatchNorm between the layer and its activation", True
+        else:
+            reason = "a smooth activation (no exact zeros)" if smooth else "not a ReLU"
         examined.append(f"{name}: Linear followed by {after}, {reason}")
     listing = "; ".join(examined) if examined else "no linear layer at all"
     raise NotAttackableError(
         f"no linear layer followed by a ReLU in {type(model).__name__} (examined: "
         f"{listing}). The attack needs a linear layer whose output goes straight into a "
-        "ReLU."
+        f"ReLU.{_FOLD_HINT if batch_norm else ''}"
     )
 
 
@@ -257,6 +346,7 @@ def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
     """Fallback for untraceable Sequential models: scan the children in order."""
     children = list(model.named_children())
     examined: list[str] = []
+    batch_norm = False
     for i, (name, child) in enumerate(children):
         if not isinstance(child, nn.Linear):
             continue
@@ -273,9 +363,11 @@ def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
                 after=rest,
                 examined=examined,
             )
+        batch_norm = batch_norm or isinstance(nxt, _BATCH_NORMS)
         examined.append(f"{name}: Linear followed by {type(nxt).__name__}, not a ReLU")
     raise NotAttackableError(
         f"no linear layer followed by a ReLU (examined: {'; '.join(examined) or 'none'})."
+        f"{_FOLD_HINT if batch_norm else ''}"
     )
 
 

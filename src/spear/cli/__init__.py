@@ -8,6 +8,7 @@ Ctrl-C ends it with one line and status 130 (``attack`` and ``bench`` say what w
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +20,17 @@ from spear.errors import (
     NotAttackableError,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "version"]
+
+
+def version() -> str:
+    """The installed distribution's version, or ``spear.__version__`` when not installed."""
+    try:
+        return importlib.metadata.version("spear")
+    except importlib.metadata.PackageNotFoundError:
+        import spear
+
+        return spear.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spear",
         description="Exact reconstruction of federated-learning clients' batches (SPEAR).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"spear {version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo, attack_cmd, bench):

@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import spear
-from spear import report
+from spear import report, validate
 from spear.errors import InputError
 from spear.files import check_output_folder, load_model, load_update
 
@@ -53,13 +53,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--update", type=Path, required=True, help="update (.safetensors)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--kind", choices=["gradient", "delta"], default="gradient", help="update kind")
-    p.add_argument("--batch-size", type=int, default=None, help="distinct examples, if known")
+    p.add_argument(
+        "--batch-size",
+        type=validate.positive_int_arg,
+        default=None,
+        help="distinct examples, if known",
+    )
     p.add_argument(
         "--input-shape", default=None, help="shape of one input, e.g. 1,28,28 (default: auto)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solver", default="auto")
-    p.add_argument("--time-budget", type=float, default=120.0)
+    p.add_argument("--time-budget", type=validate.time_budget_arg, default=120.0)
     p.add_argument(
         "--trust-model",
         action="store_true",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from spear import validate
 from spear.bench import BENCH_ATTACKS, DATASETS, BenchConfig, read_results, run_bench
 from spear.files import check_output_folder
 
@@ -143,7 +144,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--time-budget",
-        type=float,
+        type=validate.time_budget_arg,
         default=d.time_budget,
         help=f"seconds per attack run ({d.time_budget})",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ import torch
 from torch import nn
 
 import spear
-from spear import client, metrics, report
+from spear import client, metrics, report, validate
 from spear.data import builtin_images, sample_batch
+from spear.errors import InputError
 
-__all__ = ["add_parser", "build_model", "run", "run_demo"]
+__all__ = ["add_parser", "build_model", "max_batch_size", "run", "run_demo"]
 
 INPUT_SHAPE = (1, 28, 28)
 
@@ -30,8 +32,15 @@ def add_parser(sub: Any) -> None:
             "and writes an image grid (originals on top, reconstructions below)."
         ),
     )
-    p.add_argument("--batch-size", type=int, default=16, help="examples in the batch (16)")
-    p.add_argument("--width", type=int, default=256, help="first layer's width (256)")
+    p.add_argument(
+        "--batch-size",
+        type=validate.positive_int_arg,
+        default=16,
+        help="examples in the batch, fewer than --width (16)",
+    )
+    p.add_argument(
+        "--width", type=validate.positive_int_arg, default=256, help="first layer's width (256)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of data, model and attack (0)")
     p.add_argument("--out", type=Path, default=Path("spear-out"), help="output folder")
     p.add_argument("--fedavg", action="store_true", help="FedAvg client: local epochs")
@@ -42,8 +51,24 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--noise", type=float, default=0.0, help="DP noise multiplier (0)")
     p.add_argument("--clip", type=float, default=1.0, help="DP clipping norm (1.0)")
     p.add_argument("--solver", default="auto", help="solver name (auto)")
-    p.add_argument("--time-budget", type=float, default=120.0, help="seconds (120)")
+    p.add_argument(
+        "--time-budget", type=validate.time_budget_arg, default=120.0, help="seconds (120)"
+    )
     p.set_defaults(run=run)
+
+
+def max_batch_size(width: int, images: int) -> int:
+    """The largest batch the demo can rebuild exactly with a first layer of ``width`` units.
+
+    Exact recovery needs ``b < width`` and ``b <= 784`` (the input pixels), and the batch
+    is drawn from the ``images`` shipped images.
+
+    Examples
+    --------
+    >>> max_batch_size(256, 1000), max_batch_size(2000, 1000)
+    (255, 784)
+    """
+    return max(0, min(width - 1, math.prod(INPUT_SHAPE), images))
 
 
 def build_model(width: int, seed: int, classes: int = 10) -> nn.Module:
@@ -83,8 +108,35 @@ def run_demo(
     dict
         ``exact``, ``batch_size``, ``labels_correct``, ``certificate``, ``verified``,
         ``seconds``, ``rows`` (one dict per true example), ``grid`` (path) and ``notes``.
+
+    Raises
+    ------
+    InputError
+        ``batch_size`` or ``width`` is not a positive integer, the batch is larger than
+        :func:`max_batch_size` allows, or ``time_budget`` is not a finite number above 0.
     """
+    validate.positive_int(batch_size, "batch_size", hint="pass e.g. --batch-size 16")
+    validate.positive_int(width, "width", hint="pass e.g. --width 256")
+    validate.time_budget(time_budget)
     data = builtin_images()
+    largest = max_batch_size(width, len(data))
+    if batch_size > largest:
+        cap = max_batch_size(batch_size + 1, len(data))
+        if batch_size <= cap:
+            options = [f"--batch-size {largest} or less"] if largest >= 1 else []
+            options.append(f"--width {batch_size + 1} or more")
+            what_to_try = "Use " + ", or ".join(options) + "."
+        else:
+            what_to_try = (
+                f"No width allows more than {cap}: use --batch-size {cap} or less (with "
+                f"--width {cap + 1} or more)."
+            )
+        raise InputError(
+            f"a batch of {batch_size} is more than the demo supports with a first layer of "
+            f"width {width}: at most {largest} examples (exact recovery needs fewer examples "
+            f"than the layer's units and no more than its {math.prod(INPUT_SHAPE)} input "
+            f"pixels; {len(data)} images ship with spear). {what_to_try}"
+        )
     images, labels = sample_batch(data, batch_size, seed=seed)
     model = build_model(width, seed)
     kind = "gradient"
