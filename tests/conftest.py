@@ -8,6 +8,7 @@ computed with ``torch.autograd``, the true gradient at a layer's pre-activations
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from importlib import resources
 
@@ -17,7 +18,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from spear.linalg import Factorisation, Tolerances, factorise
+from spear.linalg import Factorisation, Tolerances, factorise, orthonormal_basis
 from spear.verify import LayerView
 
 # two CPU cores are shared with other workers: keep every test single-threaded
@@ -226,3 +227,29 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
         assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
     for p in model.parameters():
         assert p.grad is None, "the attack left gradients on the model's parameters"
+
+
+def reference_directions(weight_grad: torch.Tensor, b: int) -> torch.Tensor:
+    """All sparse kernel directions of (b-1)-row subsets, by enumeration (unit, sign-fixed)."""
+    fac = factorise(weight_grad, float(torch.finfo(torch.float64).eps), rank=b)
+    basis = orthonormal_basis(fac.left, b)
+    m = basis.shape[0]
+    found: list[torch.Tensor] = []
+    for rows in itertools.combinations(range(m), b - 1):
+        sub = basis[list(rows)]
+        _, s, vh = torch.linalg.svd(sub, full_matrices=True)
+        full = torch.zeros(b, dtype=torch.float64)
+        full[: s.numel()] = s
+        if b > 1 and float(full[-2]) < 1e-9:  # multi-dimensional kernel: skip
+            continue
+        q = vh[-1]
+        v = basis @ q
+        zeros = int((v.abs() <= 1e-9 * v.abs().max()).sum())
+        # sparse: zero on more rows than the b-1 sampled ones (a generous filter: with
+        # m <= 12 some mixtures pass it too, so the reference is a superset of the truth)
+        if zeros >= b:
+            col = v / v.norm()
+            col = col * torch.sign(col[col.abs().argmax()])
+            if not any(float(col @ f) > 1 - 1e-9 for f in found):
+                found.append(col)
+    return torch.stack(found, dim=1) if found else torch.zeros(m, 0, dtype=torch.float64)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.conftest import EXACT, assert_exact, layer_case, match_rows
+from tests.conftest import EXACT, assert_exact, layer_case, match_rows, reference_directions
 from torch import nn
 
 import spear
 from spear.errors import BatchTooLargeError, InputError, NoReluSparsityError
-from spear.linalg import factorise, orthonormal_basis
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 
@@ -185,32 +182,6 @@ def test_diagnostics_are_consistent() -> None:
 # ---------------------------------------------------------------- brute-force reference
 
 
-def _reference_directions(weight_grad: torch.Tensor, b: int) -> torch.Tensor:
-    """All sparse kernel directions of (b-1)-row subsets, by enumeration (unit, sign-fixed)."""
-    fac = factorise(weight_grad, EPS64, rank=b)
-    basis = orthonormal_basis(fac.left, b)
-    m = basis.shape[0]
-    found: list[torch.Tensor] = []
-    for rows in itertools.combinations(range(m), b - 1):
-        sub = basis[list(rows)]
-        _, s, vh = torch.linalg.svd(sub, full_matrices=True)
-        full = torch.zeros(b, dtype=torch.float64)
-        full[: s.numel()] = s
-        if b > 1 and float(full[-2]) < 1e-9:  # multi-dimensional kernel: skip
-            continue
-        q = vh[-1]
-        v = basis @ q
-        zeros = int((v.abs() <= 1e-9 * v.abs().max()).sum())
-        # sparse: zero on more rows than the b-1 sampled ones (a generous filter: with
-        # m <= 12 some mixtures pass it too, so the reference is a superset of the truth)
-        if zeros >= b:
-            col = v / v.norm()
-            col = col * torch.sign(col[col.abs().argmax()])
-            if not any(float(col @ f) > 1 - 1e-9 for f in found):
-                found.append(col)
-    return torch.stack(found, dim=1) if found else torch.zeros(m, 0, dtype=torch.float64)
-
-
 _TINY_BUG = pytest.mark.xfail(
     strict=True,
     reason="BUG: on tiny layers (m=12, b=4) the driver recovers 0 of 4 although the true "
@@ -235,7 +206,7 @@ def test_solver_agrees_with_brute_force_reference(
 ) -> None:
     case = layer_case(m, n, b, seed=seed)
     true_dirs = case.output_grads / case.output_grads.norm(dim=0)
-    reference = _reference_directions(case.weight_grad, b)
+    reference = reference_directions(case.weight_grad, b)
     # the reference contains every true column (its own sanity check)
     assert reference.shape[1] >= b
     assert bool(((reference.T @ true_dirs).abs().amax(dim=0) > 1 - 1e-9).all())
