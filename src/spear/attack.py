@@ -18,10 +18,11 @@ from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.client import check_update
 from spear.errors import InputError
-from spear.labels import recover_labels
+from spear.labels import LabelResult, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
-from spear.model import check_batch_norm, find_target, guess_input_shape
-from spear.results import Reconstruction
+from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
+from spear.results import LayerReconstruction, Reconstruction
+from spear.validate import UpdateKind
 
 __all__ = ["attack"]
 
@@ -96,11 +97,7 @@ def attack(
             f"update must be a mapping parameter-name -> tensor, found {type(update).__name__}."
         )
     check_update(model, update)
-    if update_kind not in ("gradient", "delta"):
-        raise InputError(
-            f"update_kind must be 'gradient' or 'delta', found {update_kind!r}: use 'delta' "
-            "for FedAvg weight differences."
-        )
+    kind = validate.update_kind(update_kind)
     validate.batch_size(batch_size)
     validate.time_budget(time_budget)
     validate.device(device)
@@ -178,24 +175,27 @@ def attack(
             f"gradient matching ({NOISY_ESTIMATE_ITERATIONS} iterations), not a verified "
             "reconstruction."
         )
+    label_result: LabelResult | None = None
+    kind_mismatch = False
     if target.bias is not None and result.found and target.after is not None:
-        lab = recover_labels(
-            target.after,
-            target.weight.detach(),
-            target.bias.detach(),
-            features.to(dtype),
-            # a delta is minus the learning rate times the summed gradients
-            result.output_grads.cpu() * (-1.0 if update_kind == "delta" else 1.0),
-        )
-        labels = lab.labels
-        if update_kind == "gradient":
-            notes.extend(lab.notes)
-            if lab.reduction in ("mean", "sum"):
-                notes.append(f"loss reduction detected: {lab.reduction}.")
+        label_result, kind_mismatch = _labels(target, features.to(dtype), result, kind)
+        labels = label_result.labels
+        if kind_mismatch:
+            other = "gradient" if update_kind == "delta" else "delta"
+            notes.append(
+                f"the update looks like a {other}, not a {update_kind}: its labels fit only "
+                f"with the sign of a {other} (the labels returned use it). Pass "
+                f"update_kind={other!r}; nothing is verified under the wrong kind."
+            )
+        elif update_kind == "gradient":
+            notes.extend(label_result.notes)
+            if label_result.reduction in ("mean", "sum"):
+                notes.append(f"loss reduction detected: {label_result.reduction}.")
         else:
             notes.append(
                 "labels from a FedAvg delta use the Jacobian at the sent weights; they are "
-                "a best estimate, not certified."
+                "a best estimate, not certified, so .verified is False (see "
+                ".examples_verified)."
             )
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
@@ -215,12 +215,27 @@ def attack(
             )
     elif not target.first:
         notes.append("no certificate: the reconstruction is not in the model's input space.")
-    verified = certificate is not None and certificate <= verified_threshold(dtype)
+    certified = (
+        certificate is not None
+        and math.isfinite(certificate)
+        and certificate <= verified_threshold(dtype)
+        and estimate is None
+        and not kind_mismatch
+    )
+    examples_verified = certified and result.verified and result.complete
+    labels_certified = update_kind == "gradient" and label_result is not None and label_result.exact
+    verified = examples_verified and labels_certified
+    if examples_verified and not verified and update_kind == "gradient":
+        notes.append(
+            "the examples are certified but not every label fits softmax cross-entropy "
+            "exactly, so .verified is False."
+        )
     return Reconstruction(
         inputs=inputs,
         labels=labels,
         certificate=certificate,
         verified=verified,
+        examples_verified=examples_verified,
         batch_size=result.batch_size,
         complete=result.complete,
         layer=target.name,
@@ -229,3 +244,37 @@ def attack(
         seconds=time.perf_counter() - start,
         notes=notes,
     )
+
+
+def _labels(
+    target: AttackTarget,
+    features: torch.Tensor,
+    result: LayerReconstruction,
+    update_kind: UpdateKind,
+) -> tuple[LabelResult, bool]:
+    """Labels of the recovered examples, and whether the update's sign contradicts its kind.
+
+    A gradient's columns give ``r_i = (p_i - e_y) / B`` with one negative entry; a FedAvg
+    delta is minus a learning rate times gradients, so its ``r_i`` has one positive entry
+    (:attr:`spear.labels.LabelResult.sign`). When most examples vote for the other kind,
+    the labels are taken with the other sign and the mismatch is reported.
+    """
+    assert target.after is not None
+    sign = -1.0 if update_kind == "delta" else 1.0
+    grads = result.output_grads.cpu()
+
+    def recover(s: float) -> LabelResult:
+        assert target.after is not None
+        return recover_labels(
+            target.after,
+            target.weight.detach(),
+            target.bias.detach() if target.bias is not None else None,
+            features,
+            grads * s,
+        )
+
+    found = recover(sign)
+    against = int((found.sign < 0).sum())
+    if against > int((found.sign > 0).sum()) and 2 * against >= found.sign.numel():
+        return recover(-sign), True
+    return found, False

@@ -29,7 +29,7 @@ from torch import nn
 from spear.client import check_update
 from spear.errors import InputError
 
-__all__ = ["VERIFIED_BELOW", "certify", "verified_threshold"]
+__all__ = ["VERIFIED_BELOW", "certify", "relative_error", "verified_threshold"]
 
 #: ``.verified`` is true when the certificate is below this, by the model's dtype: float64
 #: reproduces the update to about 1e-12 on real data; float32 to about 1e-5. A
@@ -132,18 +132,40 @@ def certify(
     classes = _classes(model, x)
     y = _class_indices(y, classes)
     observed = _flat([update[n] for n, _ in params])
-    norm = float(observed.norm()) or 1.0
     tensors = [p for _, p in params]
     k = x.shape[0]
     best = math.inf
     for weights in (torch.full((k,), 1.0 / k, dtype=dtype), torch.ones(k, dtype=dtype)):
-        best = min(best, float((_weighted_grad(model, tensors, x, y, weights) - observed).norm()))
-    if best / norm > verified_threshold(dtype) and not batch_statistics_layers(model):
+        grad = _weighted_grad(model, tensors, x, y, weights)
+        best = min(best, relative_error(grad, observed))
+    if best > verified_threshold(dtype) and not batch_statistics_layers(model):
         fitted = _fit_weights(model, params, x, y, update)
         if fitted is not None:
             grad = _weighted_grad(model, tensors, x, y, fitted.to(dtype))
-            best = min(best, float((grad - observed).norm()))
-    return best / norm
+            best = min(best, relative_error(grad, observed))
+    return best
+
+
+def relative_error(recomputed: torch.Tensor, observed: torch.Tensor) -> float:
+    """``||recomputed - observed|| / ||observed||``, free of under- and overflow.
+
+    Both are divided by a power of two near ``observed``'s largest entry first (exact),
+    so that an update of entries about 1e-300 gets a true relative error instead of a
+    norm that underflows to 0. An all-zero ``observed`` gives ``inf`` (nothing certifies
+    against it).
+
+    Examples
+    --------
+    >>> o = torch.tensor([3e-300, 4e-300], dtype=torch.float64)
+    >>> round(relative_error(o * (1 + 1e-6), o), 12)
+    1e-06
+    """
+    largest = float(observed.abs().max()) if observed.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return math.inf
+    scale = 2.0 ** math.floor(math.log2(largest))
+    denominator = float((observed / scale).norm())
+    return float(((recomputed - observed) / scale).norm()) / denominator
 
 
 def _as_tensor(value: object, name: str) -> torch.Tensor:
@@ -306,4 +328,4 @@ def _certify_delta(
             f"{target.name!r} takes {delta.shape[1]}; pass inputs in the model's input space."
         )
     proj = delta @ torch.linalg.pinv(x) @ x
-    return float((delta - proj).norm()) / (float(delta.norm()) or 1.0)
+    return relative_error(proj, delta)

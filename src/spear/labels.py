@@ -21,6 +21,10 @@ __all__ = ["LabelResult", "recover_labels"]
 #: ``r_i`` must match ``(p_i - e_y) / B`` to this relative error for the label (and the
 #: divisor) to count as exact.
 LABEL_FIT_TOL = 1e-6
+#: Divisors above this are no batch size (a scaled update): the reduction is not read.
+MAX_DIVISOR = 1e9
+#: Entries of ``r_i`` below this fraction of its largest magnitude carry no sign.
+SIGN_ZERO = 1e-9
 
 
 @dataclass
@@ -40,6 +44,10 @@ class LabelResult:
         ``"mean"``, ``"sum"`` or ``"unknown"``.
     multiplicity:
         ``(k,)`` int64: how many times each example occurred in the batch (1 normally).
+    sign:
+        ``(k,)`` int64: ``+1`` where ``r_i`` has exactly one negative entry (the sign of a
+        gradient), ``-1`` where it has exactly one positive entry (the sign of a FedAvg
+        delta, minus the learning rate times gradients), ``0`` otherwise.
     notes:
         Plain-language findings.
     """
@@ -49,7 +57,13 @@ class LabelResult:
     fit_error: torch.Tensor
     reduction: str
     multiplicity: torch.Tensor
+    sign: torch.Tensor
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """Every label fits softmax cross-entropy to :data:`LABEL_FIT_TOL`."""
+        return bool((self.fit_error <= LABEL_FIT_TOL).all())
 
 
 def recover_labels(
@@ -89,26 +103,51 @@ def recover_labels(
     labels = torch.zeros(k, dtype=torch.int64)
     divisor = torch.zeros(k, dtype=torch.float64)
     fit = torch.zeros(k, dtype=torch.float64)
+    sign = torch.zeros(k, dtype=torch.int64)
     for i in range(k):
         z = pre[i : i + 1].detach()
         jac = torch.autograd.functional.jacobian(lambda t: logits(t)[0], z)  # (C, 1, m)
         j = jac[:, 0, :].to(torch.float64)  # (C, m)
-        r = torch.linalg.lstsq(j.T, output_grads[:, i : i + 1]).solution[:, 0]
+        # r at unit scale (an update of entries about 1e-300 would underflow r @ r); the
+        # divisor is scaled back below
+        column = output_grads[:, i : i + 1]
+        size = float(column.abs().max()) or 1.0
+        r = torch.linalg.lstsq(j.T, column / size).solution[:, 0]
         with torch.no_grad():
             p = torch.softmax(logits(z)[0].to(torch.float64), dim=0)
+        sign[i] = _sign_vote(r)
         y = int(torch.argmin(r))
         target = p.clone()
         target[y] -= 1.0
-        scale = float(target @ r) / max(float(r @ r), 1e-300)
-        div = scale
+        div = float(target @ r) / max(float(r @ r), 1e-300)
         labels[i] = y
-        divisor[i] = div
+        divisor[i] = div / size
         denom = float(target.norm()) or 1.0
         fit[i] = float((r * div - target).norm()) / denom
-    return _interpret(labels, divisor, fit)
+    return _interpret(labels, divisor, fit, sign)
 
 
-def _interpret(labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor) -> LabelResult:
+def _sign_vote(r: torch.Tensor) -> int:
+    """``+1``: one clearly negative entry (a gradient); ``-1``: one positive (a delta).
+
+    ``r`` ``(C,)`` is ``(p - e_y) / B`` up to the update's sign: ``C - 1`` entries of one
+    sign and the label's of the other (with two classes the signs cannot tell). Entries
+    within :data:`SIGN_ZERO` of the largest magnitude are not counted (a softmax can put
+    almost no mass on a class).
+    """
+    big = r.abs() > SIGN_ZERO * float(r.abs().max())
+    negative = int((big & (r < 0)).sum())
+    positive = int((big & (r > 0)).sum())
+    if negative == 1 and positive > 1:
+        return 1
+    if positive == 1 and negative > 1:
+        return -1
+    return 0  # two classes (one of each) or no clear pattern: undecided
+
+
+def _interpret(
+    labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor, sign: torch.Tensor
+) -> LabelResult:
     """Reduction and multiplicities from the per-example divisors."""
     notes: list[str] = []
     k = labels.numel()
@@ -116,7 +155,7 @@ def _interpret(labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor) -
     top = float(divisor.max()) if k else 1.0
     multiplicity = torch.ones(k, dtype=torch.int64)
     reduction = "unknown"
-    if k and bool(ok.all()):
+    if k and bool(ok.all()) and top <= MAX_DIVISOR:
         # mean: B_i = total / multiplicity_i; sum: B_i = 1 / multiplicity_i
         total = round(top) if top >= 1.0 - 1e-6 else 1
         ratio = total / divisor
@@ -145,4 +184,4 @@ def _interpret(labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor) -
             f"{bad} of {k} labels did not fit softmax cross-entropy exactly (fit error up to "
             f"{float(fit.max()):.1e}); is the loss cross-entropy?"
         )
-    return LabelResult(labels, divisor, fit, reduction, multiplicity, notes)
+    return LabelResult(labels, divisor, fit, reduction, multiplicity, sign, notes)

@@ -21,6 +21,7 @@ The driver of the attack (ALGORITHM.md, facts 1-8):
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,10 @@ DEFAULT_MIN_ZERO_FRACTION = 0.1
 #: Noisy updates (DP noise): zero tolerance = this times sigma_{b+1} / sigma_b, capped.
 NOISY_ZERO_FACTOR = 3.0
 NOISY_MAX_ZERO_TOL = 0.2
+#: Updates whose largest entry lies outside this range are solved rescaled (exactly, by a
+#: power of two): beyond it, sums of squares under- or overflow in float64.
+SAFE_SCALE_LOW = 1e-100
+SAFE_SCALE_HIGH = 1e100
 #: Complete solves in a row that peel nothing before the search gives up on the rest.
 MAX_FAILED_SOLVES = 3
 #: Refinement of solved directions (:func:`_refine_columns`): a direction is replaced by its
@@ -138,6 +143,20 @@ def _validate(
     if weight is not None and bias_grad is not None and bias is None:
         # a layer with weights given but no bias is fine (bias=False layers); nothing to do
         pass
+
+
+def _unit_scale(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> float:
+    """A power of two near the update's largest entry when that is far from 1, else 1.
+
+    Entries outside ``[SAFE_SCALE_LOW, SAFE_SCALE_HIGH]`` make sums of squares under- or
+    overflow in float64 (a norm of entries of size 1e-160 is 0).
+    """
+    largest = float(weight_grad.detach().abs().max())
+    if bias_grad is not None:
+        largest = max(largest, float(bias_grad.detach().abs().max()))
+    if largest == 0.0 or SAFE_SCALE_LOW <= largest <= SAFE_SCALE_HIGH:
+        return 1.0
+    return float(2.0 ** math.floor(math.log2(largest)))
 
 
 def _directions_missing(state: Residual, remaining: int, deadline: float) -> bool:
@@ -318,11 +337,34 @@ def invert_layer(
     _validate(weight_grad, bias_grad, weight, bias)
     if solver != "auto":
         get_solver(solver)  # an unknown name fails here, before any work
-    if update_kind not in ("gradient", "delta"):
-        raise InputError(
-            f"update_kind must be 'gradient' or 'delta', found {update_kind!r}: use 'delta' "
-            "for FedAvg weight differences."
+    validate.update_kind(update_kind)
+    scale = _unit_scale(weight_grad, bias_grad)
+    if scale != 1.0:
+        # far from 1, squares under- or overflow inside the linear algebra; a power of two
+        # rescales exactly and leaves the inputs unchanged (they are ratios of the two)
+        rescaled = invert_layer(
+            weight_grad / scale,
+            bias_grad / scale if bias_grad is not None else None,
+            weight=weight,
+            bias=bias,
+            batch_size=batch_size,
+            seed=seed,
+            solver=solver,
+            update_kind=update_kind,
+            time_budget=max(1e-3, time_budget - (time.perf_counter() - start)),
+            max_samples=max_samples,
+            zero_tol=zero_tol,
+            min_zero_fraction=min_zero_fraction,
+            device=device,
+            progress=progress,
+            search_with_weights=search_with_weights,
         )
+        rescaled.output_grads = rescaled.output_grads * scale
+        rescaled.notes.append(
+            f"the update's entries are of size about {scale:.1e}; it was solved rescaled "
+            "by that power of two (exactly), and the gradient columns scaled back."
+        )
+        return rescaled
     dev = torch.device(device) if device is not None else weight_grad.device
     in_dtype = weight_grad.dtype
     eps = float(torch.finfo(in_dtype).eps)
@@ -775,7 +817,10 @@ def invert_layer(
             alt.solvers = stats + alt.solvers
             alt.seconds = time.perf_counter() - start
             return alt
-    return _finish(state, fac, tol, layer, eps, delta, rank, stats, start, notes, in_dtype)
+    result = _finish(state, fac, tol, layer, eps, delta, rank, stats, start, notes, in_dtype)
+    if noisy:
+        result.verified = False  # patterns were allowed to disagree: estimates, not checks
+    return result
 
 
 def _finish(
@@ -845,7 +890,7 @@ def _finish(
         inputs=inputs,
         batch_size=rank,
         complete=complete,
-        verified=layer is not None,
+        verified=layer is not None and k > 0,
         output_grads=grads,
         singular_values=fac.singular_values,
         rank_gap=fac.gap,

@@ -52,10 +52,13 @@ class LayerReconstruction:
     complete:
         True when all ``b`` examples were recovered.
     verified:
-        True when every returned example was checked against the ReLU pattern its own
-        ``W x + c`` predicts (the layer's weights were given). Without the weights only the
-        sparsity of the gradient columns backs them, which narrow layers, correlated real
-        images or float32 gradients can fool: treat such rows as candidates.
+        True only when every returned example has been checked against the update: its
+        gradient column is zero exactly where the ReLU pattern of its own ``W x + c``
+        predicts (the layer's weights were given, and the update is not noisy). Without
+        the weights only the sparsity of the gradient columns backs them, which narrow
+        layers, correlated real images or float32 gradients can fool: treat such rows as
+        candidates. The same meaning as :attr:`Reconstruction.verified`, for a result
+        without labels.
     output_grads:
         ``(m, k)`` float64: the gradient with respect to the layer's pre-activations for
         each recovered example (column ``i`` belongs to ``inputs[i]``), scaled so that
@@ -131,7 +134,17 @@ class Reconstruction:
         Relative error of the update recomputed from this reconstruction, or ``None``
         when it cannot be defined (the reason is in :attr:`notes`).
     verified:
-        True when :attr:`certificate` is below :data:`spear.certificate.VERIFIED_BELOW`.
+        True only when every returned example and every returned label has been checked
+        against the update: the reconstruction is complete, each example passed its own
+        ReLU-pattern check, the update recomputed from examples *and* labels matches the
+        observed one (:attr:`certificate` below
+        :data:`spear.certificate.VERIFIED_BELOW` for the model's dtype) and every label
+        fits softmax cross-entropy. A FedAvg delta cannot be recomputed, so its labels
+        are never certified and this is False; see :attr:`examples_verified`.
+    examples_verified:
+        True when every one of the ``b`` examples is checked (the labels aside): their
+        ReLU patterns and the certificate of the update kind (for a delta: the layer's
+        delta lies in the span of the examples).
     batch_size:
         ``b``, the number of distinct examples found in the update.
     complete:
@@ -155,5 +168,6 @@ class Reconstruction:
     layer: str
     feature_space: bool = False
     layer_result: LayerReconstruction | None = None
+    examples_verified: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)

@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         "labels": rec.labels.tolist() if rec.labels is not None else None,
         "certificate": rec.certificate,
         "verified": rec.verified,
+        "examples_verified": rec.examples_verified,
         "layer": rec.layer,
         "feature_space": rec.feature_space,
         "seconds": rec.seconds,
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"recovered {summary['found']} of {rec.batch_size} examples from layer {rec.layer!r}"
         f" in {rec.seconds:.2f} s; certificate {cert} "
-        f"({'verified' if rec.verified else 'not verified'})"
+        f"({_status(rec)})"
     )
     if rec.labels is not None:
         print(f"labels: {rec.labels.tolist()}")
@@ -162,3 +163,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"written to {out}/ (reconstruction.safetensors, reconstruction.json, PNGs)")
     return 0
+
+
+def _status(rec: spear.Reconstruction) -> str:
+    """``verified`` only when every example and label is certified; otherwise what is."""
+    if rec.verified:
+        return "verified"
+    if rec.examples_verified:
+        return "examples verified, labels not certified"
+    return "not verified"

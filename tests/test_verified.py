@@ -1,0 +1,106 @@
+"""``.verified`` means one thing: every returned example and label was checked.
+
+A wrong answer marked verified is the worst result the attack can give, so each way one
+was once produced is pinned here: an update of the other kind (a gradient passed as a
+FedAvg delta), an update of extreme magnitude (norms that underflow), and the labels of a
+FedAvg delta (which cannot be recomputed).
+"""
+
+from __future__ import annotations
+
+import torch
+from tests.conftest import assert_exact, fashion, fedsgd_update, layer_case, mlp
+
+import spear
+from spear import client
+from spear.certificate import relative_error
+
+
+def _batch(b: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    x, y = fashion(b, seed=seed)
+    return mlp((784, 200, 10), seed=seed), x.to(torch.float64), y
+
+
+def test_gradient_passed_as_delta_is_named_and_not_verified() -> None:
+    model, x, y = _batch(8)
+    update = fedsgd_update(model, x, y)
+    rec = spear.attack(model, update, update_kind="delta", time_budget=30.0)
+    assert not rec.verified
+    assert any("looks like a gradient, not a delta" in n for n in rec.notes), rec.notes
+    # the labels returned use the sign the update shows
+    m = assert_exact(rec.inputs.reshape(8, -1), x.reshape(8, -1))
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[m.rec_index], y[m.truth_index])
+
+
+def test_delta_passed_as_gradient_is_named_and_not_verified() -> None:
+    model, x, y = _batch(8, seed=1)
+    # one full-batch local step: the delta is minus the learning rate times a gradient
+    update = client.fedavg_update(model, x, y, epochs=1, batch_size=8, lr=0.1)
+    rec = spear.attack(model, update, update_kind="gradient", time_budget=30.0)
+    assert not rec.verified
+    assert any("looks like a delta, not a gradient" in n for n in rec.notes), rec.notes
+
+
+def test_fedavg_delta_is_never_verified_but_its_examples_are() -> None:
+    model, x, y = _batch(8, seed=2)
+    update = client.fedavg_update(model, x, y, epochs=2, batch_size=4, lr=0.1)
+    rec = spear.attack(model, update, update_kind="delta", time_budget=30.0)
+    assert rec.complete
+    assert rec.examples_verified and not rec.verified
+    assert not any("looks like" in n for n in rec.notes), rec.notes
+
+
+def test_gradient_is_verified_with_labels() -> None:
+    model, x, y = _batch(8, seed=3)
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=30.0)
+    assert rec.verified and rec.examples_verified
+
+
+def test_tiny_update_is_solved_and_certified_at_its_own_scale() -> None:
+    model, x, y = _batch(8, seed=4)
+    update = {k: v * 1e-300 for k, v in fedsgd_update(model, x, y).items()}
+    rec = spear.attack(model, update, time_budget=30.0)
+    assert rec.complete and rec.verified, rec.notes
+    m = assert_exact(rec.inputs.reshape(8, -1), x.reshape(8, -1))
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[m.rec_index], y[m.truth_index])
+    assert not any("did not fit" in n for n in rec.notes), rec.notes
+
+
+def test_wrong_labels_of_a_tiny_update_are_not_certified() -> None:
+    model, x, y = _batch(4, seed=5)
+    update = {k: v * 1e-300 for k, v in fedsgd_update(model, x, y).items()}
+    wrong = (y + 1) % 10
+    assert spear.certify(model, update, x, y) < 1e-8
+    assert spear.certify(model, update, x, wrong) > 1e-3
+
+
+def test_relative_error_does_not_underflow() -> None:
+    observed = torch.full((10,), 1e-310, dtype=torch.float64)
+    assert relative_error(observed, observed) == 0.0
+    assert abs(relative_error(observed * 2, observed) - 1.0) < 1e-6
+    assert relative_error(observed, torch.zeros(10, dtype=torch.float64)) == float("inf")
+
+
+def test_layer_verified_only_with_weights() -> None:
+    case = layer_case(60, 30, 4, seed=1)
+    with_weights = spear.invert_layer(
+        case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias
+    )
+    without = spear.invert_layer(case.weight_grad, case.bias_grad)
+    assert with_weights.verified and with_weights.complete
+    assert not without.verified
+
+
+def test_layer_of_a_huge_update_is_exact() -> None:
+    case = layer_case(60, 30, 4, seed=2)
+    rec = spear.invert_layer(
+        case.weight_grad * 1e250,
+        case.bias_grad * 1e250,
+        weight=case.weight,
+        bias=case.bias,
+    )
+    assert rec.complete and rec.verified
+    assert_exact(rec.inputs, case.inputs)
+    assert any("rescaled" in n for n in rec.notes)
