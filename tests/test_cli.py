@@ -277,3 +277,50 @@ def test_version_falls_back_to_the_package_attribute(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     assert version() == spear.__version__
+
+
+def _interrupt_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C on the second row scan of the search (the first one has peeled examples)."""
+    import spear.layer
+
+    scan = spear.layer.row_candidates
+    calls = []
+
+    def interrupted(*args: object, **kwargs: object) -> int:
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spear.layer, "row_candidates", interrupted)
+
+
+def test_ctrl_c_during_the_search_keeps_the_verified_examples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x, y = sample_batch(builtin_images(), 16, seed=1)
+    model = build_model(300, seed=1)
+    update = client.fedsgd_update(model, x, y)
+    _interrupt_the_search(monkeypatch)
+    rec = spear.attack(model, update, time_budget=60.0)
+    assert rec.interrupted and not rec.complete and not rec.verified
+    assert 0 < rec.inputs.shape[0] < 16
+    assert any("interrupted" in n for n in rec.notes)
+    truth = x.reshape(16, -1).to(torch.float64)
+    for row in rec.inputs.reshape(rec.inputs.shape[0], -1):
+        assert float((truth - row).abs().amax(dim=1).min()) < 1e-8  # each one exact
+
+
+def test_ctrl_c_during_attack_writes_what_was_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _files(tmp_path, 12)
+    _interrupt_the_search(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["attack", *files, "--out", str(out)]) == 130
+    report = json.loads((out / "reconstruction.json").read_text())
+    assert report["interrupted"] is True and report["verified"] is False
+    assert 0 < report["found"] < 12
+    assert len(list(out.glob("example_*.png"))) == report["found"]
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err

@@ -154,7 +154,7 @@ def attack(
     certificate: float | None = None
     estimate: Reconstruction | None = None
     noisy = batch_size is not None and result.rank_gap < MIN_RANK_GAP
-    if noisy and result.found == 0 and target.first:
+    if noisy and result.found == 0 and target.first and not result.interrupted:
         # noise removed the exact zeros: fall back to the best estimate an optimisation
         # attack gives (gradient matching is insensitive to the noise's scale)
         from spear.baselines.gradient_matching import gradient_matching_attack
@@ -236,6 +236,7 @@ def attack(
         certificate=certificate,
         verified=verified,
         examples_verified=examples_verified,
+        interrupted=result.interrupted,
         batch_size=result.batch_size,
         complete=result.complete,
         layer=target.name,

@@ -617,176 +617,189 @@ def invert_layer(
         bar.update(rank)
         return rank
 
-    solve_exhaustively()
-    dirty = torch.ones(m, dtype=torch.bool, device=dev)
-    stalled_rounds = 0
-    failed_solves = 0
-    sparse_stalled = False
-    while state.found < rank and time.perf_counter() < deadline:
-        progressed = False
-        if layer is not None and state.bias is not None and search_with_weights:
-            t0 = time.perf_counter()
-            before, pooled = state.found, len(state.directions)
-            while True:
-                added = row_candidates(state, layer, tol, eps, delta, rank, dirty, deadline)
-                bar.update(added)
-                if added == 0:
-                    break
-                new = torch.stack(state.grads[-added:], dim=1)
-                dirty = ~zero_mask(new, tol.zero_tol).all(dim=1)
-            dirty = torch.zeros(m, dtype=torch.bool, device=dev)
-            gained = state.found - before + len(state.directions) - pooled
-            if gained > 0:
-                progressed = True
+    interrupted = False
+    try:
+        solve_exhaustively()
+        dirty = torch.ones(m, dtype=torch.bool, device=dev)
+        stalled_rounds = 0
+        failed_solves = 0
+        sparse_stalled = False
+        while state.found < rank and time.perf_counter() < deadline:
+            progressed = False
+            if layer is not None and state.bias is not None and search_with_weights:
+                t0 = time.perf_counter()
+                before, pooled = state.found, len(state.directions)
+                while True:
+                    added = row_candidates(state, layer, tol, eps, delta, rank, dirty, deadline)
+                    bar.update(added)
+                    if added == 0:
+                        break
+                    new = torch.stack(state.grads[-added:], dim=1)
+                    dirty = ~zero_mask(new, tol.zero_tol).all(dim=1)
+                dirty = torch.zeros(m, dtype=torch.bool, device=dev)
+                gained = state.found - before + len(state.directions) - pooled
+                if gained > 0:
+                    progressed = True
+                    stats.append(
+                        SolverStats(
+                            "peeling",
+                            candidates=len(state.directions) - pooled + state.found - before,
+                            found=state.found - before,
+                            seconds=time.perf_counter() - t0,
+                        )
+                    )
+            remaining = rank - state.found
+            if remaining == 0 or time.perf_counter() >= deadline:
+                break
+            basis = orthonormal_basis(state.left, remaining)
+            known = (
+                unit_rows(torch.stack(state.directions) @ basis)
+                if state.directions
+                else torch.zeros(0, remaining, dtype=torch.float64, device=dev)
+            )
+            if known.shape[0] < remaining:
+                name = solver
+                if solver == "auto":
+                    # sampling for small residuals, the sparse solver beyond; when the sparse
+                    # solver stalls on a residual that sampling can still afford, sample
+                    small = remaining <= AUTO_SAMPLING_MAX_RANK
+                    affordable = remaining <= SAMPLING_AFFORDABLE_RANK and sparse_stalled
+                    name = "sampling" if small or affordable else "sparse"
+                search = get_solver(name)
+                weights = (
+                    guided_weights(state, layer, tol)
+                    if layer is not None and search_with_weights
+                    else None
+                )
+                spec = SearchSpec(
+                    basis=basis,
+                    target=remaining - known.shape[0],
+                    zero_tol=tol.zero_tol,
+                    degeneracy_tol=tol.degeneracy_tol,
+                    min_zero_fraction=min_zero_fraction,
+                    row_weights=weights,
+                    known=known,
+                    generator=generator,
+                    on_progress=lambda k: bar.set_postfix_str(f"directions {k}"),
+                )
+                t0 = time.perf_counter()
+                search_budget = budget
+                if name == "sampling" and state.found == 0 and not state.directions and not noisy:
+                    # a first, capped search: enough samples to find a direction many times
+                    # over when ReLU zeros exist; none found means there are none
+                    evidence = int(NO_SPARSITY_FACTOR * expected_samples(remaining) / remaining)
+                    search_budget = Budget(
+                        deadline=budget.deadline,
+                        max_samples=min(budget.max_samples, max(evidence, 4 * 8192)),
+                    )
+                dirs: Directions = search(spec, search_budget)
+                stat = SolverStats(
+                    name,
+                    samples=dirs.samples,
+                    candidates=int(dirs.vectors.shape[0]),
+                    seconds=time.perf_counter() - t0,
+                )
+                stats.append(stat)
+                if budget.max_samples < 10**12:
+                    budget.max_samples = max(0, budget.max_samples - dirs.samples)
+                usable = dirs.vectors
+                if layer is None and dirs.weak:
+                    # weak directions need the layer's ReLU patterns to be confirmed
+                    usable = dirs.vectors[: dirs.vectors.shape[0] - dirs.weak]
+                added_dirs = sum(pool_add(state.directions, basis @ v) for v in unit_rows(usable))
+                if name == "sparse" and not added_dirs:
+                    sparse_stalled = True
+                if added_dirs:
+                    progressed = True
+                elif (
+                    not noisy
+                    and state.found == 0
+                    and not state.directions
+                    and name == "sampling"
+                    and dirs.samples >= search_budget.max_samples
+                ):
+                    bar.close()
+                    raise NoReluSparsityError(
+                        f"no sparse direction in {dirs.samples} samples (about "
+                        f"{expected_samples(remaining) / remaining:.0f} find the first one when a "
+                        "ReLU zeroes about half of each example's units): the gradient has no "
+                        "exact zeros where a ReLU after the layer would put them. The attack "
+                        "needs a ReLU (smooth activations such as GELU, tanh or sigmoid leave "
+                        "none) and a noise-free update; for noisy (DP) updates pass batch_size= "
+                        "and a larger zero_tol."
+                    )
+
+            if (
+                layer is not None
+                and search_with_weights
+                and _directions_missing(state, remaining, deadline)
+            ):
+                t0 = time.perf_counter()
+                pooled = subspace_candidates(state, layer, tol, eps, delta, rank, deadline)
+                if pooled:
+                    progressed = True
+                    stats.append(
+                        SolverStats("subspace", candidates=pooled, seconds=time.perf_counter() - t0)
+                    )
+            if (
+                layer is not None
+                and search_with_weights
+                and not noisy
+                and remaining > AUTO_SAMPLING_MAX_RANK
+                and _directions_missing(state, remaining, deadline)
+            ):
+                t0 = time.perf_counter()
+                exact_patterns = not delta and exact_precision(eps)
+                pooled, draws = focused_sampling(
+                    state, layer, tol, rank, generator, deadline, min_zero_fraction, exact_patterns
+                )
                 stats.append(
                     SolverStats(
-                        "peeling",
-                        candidates=len(state.directions) - pooled + state.found - before,
-                        found=state.found - before,
+                        "focused",
+                        samples=draws,
+                        candidates=pooled,
                         seconds=time.perf_counter() - t0,
                     )
                 )
-        remaining = rank - state.found
-        if remaining == 0 or time.perf_counter() >= deadline:
-            break
-        basis = orthonormal_basis(state.left, remaining)
-        known = (
-            unit_rows(torch.stack(state.directions) @ basis)
-            if state.directions
-            else torch.zeros(0, remaining, dtype=torch.float64, device=dev)
-        )
-        if known.shape[0] < remaining:
-            name = solver
-            if solver == "auto":
-                # sampling for small residuals, the sparse solver beyond; when the sparse
-                # solver stalls on a residual that sampling can still afford, sample
-                small = remaining <= AUTO_SAMPLING_MAX_RANK
-                affordable = remaining <= SAMPLING_AFFORDABLE_RANK and sparse_stalled
-                name = "sampling" if small or affordable else "sparse"
-            search = get_solver(name)
-            weights = (
-                guided_weights(state, layer, tol)
-                if layer is not None and search_with_weights
-                else None
-            )
-            spec = SearchSpec(
-                basis=basis,
-                target=remaining - known.shape[0],
-                zero_tol=tol.zero_tol,
-                degeneracy_tol=tol.degeneracy_tol,
-                min_zero_fraction=min_zero_fraction,
-                row_weights=weights,
-                known=known,
-                generator=generator,
-                on_progress=lambda k: bar.set_postfix_str(f"directions {k}"),
-            )
-            t0 = time.perf_counter()
-            search_budget = budget
-            if name == "sampling" and state.found == 0 and not state.directions and not noisy:
-                # a first, capped search: enough samples to find a direction many times
-                # over when ReLU zeros exist; none found means there are none
-                evidence = int(NO_SPARSITY_FACTOR * expected_samples(remaining) / remaining)
-                search_budget = Budget(
-                    deadline=budget.deadline,
-                    max_samples=min(budget.max_samples, max(evidence, 4 * 8192)),
-                )
-            dirs: Directions = search(spec, search_budget)
-            stat = SolverStats(
-                name,
-                samples=dirs.samples,
-                candidates=int(dirs.vectors.shape[0]),
-                seconds=time.perf_counter() - t0,
-            )
-            stats.append(stat)
-            if budget.max_samples < 10**12:
-                budget.max_samples = max(0, budget.max_samples - dirs.samples)
-            usable = dirs.vectors
-            if layer is None and dirs.weak:
-                # weak directions need the layer's ReLU patterns to be confirmed
-                usable = dirs.vectors[: dirs.vectors.shape[0] - dirs.weak]
-            added_dirs = sum(pool_add(state.directions, basis @ v) for v in unit_rows(usable))
-            if name == "sparse" and not added_dirs:
-                sparse_stalled = True
-            if added_dirs:
-                progressed = True
-            elif (
-                not noisy
-                and state.found == 0
-                and not state.directions
-                and name == "sampling"
-                and dirs.samples >= search_budget.max_samples
-            ):
-                bar.close()
-                raise NoReluSparsityError(
-                    f"no sparse direction in {dirs.samples} samples (about "
-                    f"{expected_samples(remaining) / remaining:.0f} find the first one when a "
-                    "ReLU zeroes about half of each example's units): the gradient has no "
-                    "exact zeros where a ReLU after the layer would put them. The attack "
-                    "needs a ReLU (smooth activations such as GELU, tanh or sigmoid leave "
-                    "none) and a noise-free update; for noisy (DP) updates pass batch_size= "
-                    "and a larger zero_tol."
-                )
-
-        if (
-            layer is not None
-            and search_with_weights
-            and _directions_missing(state, remaining, deadline)
-        ):
-            t0 = time.perf_counter()
-            pooled = subspace_candidates(state, layer, tol, eps, delta, rank, deadline)
-            if pooled:
-                progressed = True
-                stats.append(
-                    SolverStats("subspace", candidates=pooled, seconds=time.perf_counter() - t0)
-                )
-        if (
-            layer is not None
-            and search_with_weights
-            and not noisy
-            and remaining > AUTO_SAMPLING_MAX_RANK
-            and _directions_missing(state, remaining, deadline)
-        ):
-            t0 = time.perf_counter()
-            exact_patterns = not delta and exact_precision(eps)
-            pooled, draws = focused_sampling(
-                state, layer, tol, rank, generator, deadline, min_zero_fraction, exact_patterns
-            )
-            stats.append(
-                SolverStats(
-                    "focused", samples=draws, candidates=pooled, seconds=time.perf_counter() - t0
-                )
-            )
-            if pooled:
-                progressed = True
-        if len(state.directions) >= remaining:
-            dirs_now = torch.stack(state.directions[:remaining]) @ basis  # (r, r)
-            peeled = peel_verified(basis @ unit_rows(dirs_now).T)
-            if stats and stats[-1].name != "peeling":
-                stats[-1].found += peeled
-            if peeled:
-                progressed = True
-                failed_solves = 0
-                dirty = torch.ones(m, dtype=torch.bool, device=dev)
-            else:
-                # a wrong pooled direction: drop it (strict: the failed examples' ones;
-                # otherwise the newest) and search again, a few times in a row
-                failed_solves += 1
-                state.directions = state.directions[: remaining - 1]
-                if failed_solves >= MAX_FAILED_SOLVES:
-                    notes.append(
-                        "the directions found did not yield verifiable examples for the "
-                        f"last {remaining}; the sparsity pattern is ambiguous there."
-                    )
+                if pooled:
+                    progressed = True
+            if len(state.directions) >= remaining:
+                dirs_now = torch.stack(state.directions[:remaining]) @ basis  # (r, r)
+                peeled = peel_verified(basis @ unit_rows(dirs_now).T)
+                if stats and stats[-1].name != "peeling":
+                    stats[-1].found += peeled
+                if peeled:
+                    progressed = True
+                    failed_solves = 0
+                    dirty = torch.ones(m, dtype=torch.bool, device=dev)
+                else:
+                    # a wrong pooled direction: drop it (strict: the failed examples' ones;
+                    # otherwise the newest) and search again, a few times in a row
+                    failed_solves += 1
+                    state.directions = state.directions[: remaining - 1]
+                    if failed_solves >= MAX_FAILED_SOLVES:
+                        notes.append(
+                            "the directions found did not yield verifiable examples for the "
+                            f"last {remaining}; the sparsity pattern is ambiguous there."
+                        )
+                        break
+            if not progressed:
+                stalled_rounds += 1
+                if stalled_rounds >= 2:
                     break
-        if not progressed:
-            stalled_rounds += 1
-            if stalled_rounds >= 2:
-                break
-        else:
-            stalled_rounds = 0
+            else:
+                stalled_rounds = 0
+    except KeyboardInterrupt:
+        # Ctrl-C: keep every example verified so far (a peel cut short may have added
+        # its coordinates but not its gradient column: pairs are trimmed to match)
+        interrupted = True
+        kept = min(len(state.coords), len(state.grads))
+        state.coords, state.grads = state.coords[:kept], state.grads[:kept]
+        notes.append(f"interrupted (Ctrl-C): the {kept} examples verified until then are returned.")
     bar.close()
     if (
-        state.found < rank
+        not interrupted
+        and state.found < rank
         and layer is not None
         and search_with_weights
         and not noisy
@@ -812,6 +825,7 @@ def invert_layer(
             progress=False,
             search_with_weights=False,
         )
+        interrupted = alt.interrupted
         if alt.found > state.found:
             alt.notes.insert(0, "found by sampling without the weights' guidance.")
             alt.solvers = stats + alt.solvers
@@ -820,6 +834,7 @@ def invert_layer(
     result = _finish(state, fac, tol, layer, eps, delta, rank, stats, start, notes, in_dtype)
     if noisy:
         result.verified = False  # patterns were allowed to disagree: estimates, not checks
+    result.interrupted = interrupted
     return result
 
 

@@ -86,6 +86,9 @@ class LayerReconstruction:
         Total wall time.
     notes:
         Plain-language findings (partial recovery, duplicates, precision, ...).
+    interrupted:
+        True when Ctrl-C stopped the search; the examples verified until then are
+        returned.
     """
 
     inputs: torch.Tensor
@@ -102,6 +105,7 @@ class LayerReconstruction:
     solvers: list[SolverStats] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
     @property
     def found(self) -> int:
@@ -157,6 +161,9 @@ class Reconstruction:
         The underlying :class:`LayerReconstruction`.
     notes:
         Plain-language findings.
+    interrupted:
+        True when Ctrl-C stopped the layer inversion; what was verified until then is
+        returned (labels and certificate computed for it).
     """
 
     inputs: torch.Tensor
@@ -171,3 +178,4 @@ class Reconstruction:
     examples_verified: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False

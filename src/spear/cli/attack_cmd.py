@@ -120,11 +120,8 @@ def run(args: argparse.Namespace) -> int:
             time_budget=args.time_budget,
         )
     except KeyboardInterrupt:
-        print(
-            "spear attack: interrupted; nothing written (an interrupted attack keeps no "
-            "result: bound it with --time-budget, which returns what was found by then)",
-            file=sys.stderr,
-        )
+        # a second Ctrl-C after the search (labels, certificate): nothing to keep
+        print("spear attack: interrupted; nothing written", file=sys.stderr)
         return 130
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_images(out)
@@ -148,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         "layer": rec.layer,
         "feature_space": rec.feature_space,
         "seconds": rec.seconds,
+        "interrupted": rec.interrupted,
         "notes": rec.notes,
     }
     report.write_json(summary, out / "reconstruction.json")
@@ -162,6 +160,13 @@ def run(args: argparse.Namespace) -> int:
     for note in rec.notes:
         print(f"note: {note}")
     print(f"written to {out}/ (reconstruction.safetensors, reconstruction.json, PNGs)")
+    if rec.interrupted:
+        print(
+            f"spear attack: interrupted; the {summary['found']} examples verified so far "
+            f"are written to {out}/",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
