@@ -8,6 +8,7 @@ FedAvg delta (which cannot be recomputed).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.conftest import assert_exact, fashion, fedsgd_update, layer_case, mlp
 
@@ -104,3 +105,17 @@ def test_layer_of_a_huge_update_is_exact() -> None:
     assert rec.complete and rec.verified
     assert_exact(rec.inputs, case.inputs)
     assert any("rescaled" in n for n in rec.notes)
+
+
+def test_half_precision_update_names_its_precision() -> None:
+    case = layer_case(200, 60, 8, seed=3)
+    for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+        for batch_size in (None, 8):
+            with pytest.raises(spear.InputError, match=f"arrived as torch.{name}.*float32"):
+                spear.invert_layer(
+                    case.weight_grad.to(dtype),
+                    case.bias_grad.to(dtype),
+                    weight=case.weight,
+                    bias=case.bias,
+                    batch_size=batch_size,
+                )

@@ -72,6 +72,8 @@ DEFAULT_MIN_ZERO_FRACTION = 0.1
 #: Noisy updates (DP noise): zero tolerance = this times sigma_{b+1} / sigma_b, capped.
 NOISY_ZERO_FACTOR = 3.0
 NOISY_MAX_ZERO_TOL = 0.2
+#: Mixed-precision update dtypes: too few digits for exact recovery (refused).
+HALF_PRECISIONS = (torch.float16, torch.bfloat16)
 #: Updates whose largest entry lies outside this range are solved rescaled (exactly, by a
 #: power of two): beyond it, sums of squares under- or overflow in float64.
 SAFE_SCALE_LOW = 1e-100
@@ -143,6 +145,11 @@ def _validate(
     if weight is not None and bias_grad is not None and bias is None:
         # a layer with weights given but no bias is fine (bias=False layers); nothing to do
         pass
+
+
+def _digits(dtype: torch.dtype) -> int:
+    """Significant decimal digits of a floating dtype (3 for float16, 2 for bfloat16)."""
+    return int(-math.log10(torch.finfo(dtype).eps))
 
 
 def _unit_scale(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> float:
@@ -367,6 +374,18 @@ def invert_layer(
         return rescaled
     dev = torch.device(device) if device is not None else weight_grad.device
     in_dtype = weight_grad.dtype
+    if in_dtype in HALF_PRECISIONS:
+        # measured at b = 16, m = 1000: float16 blurs the rank gap to about 5e2 and
+        # bfloat16 to 3; what the exact path returns from them is far off (max abs
+        # error 9 on [0, 1] images), so it is refused rather than returned as an answer
+        raise InputError(
+            f"the update arrived as {in_dtype} (a mixed-precision client): its entries carry "
+            f"about {_digits(in_dtype)} significant digits, which blurs the rank gap that "
+            "reveals the batch size and every zero test of the exact attack. Exact recovery "
+            "needs float32 or float64 updates: have the client send its update in float32 "
+            "(torch.autocast keeps parameters and their gradients in float32), or compare "
+            "with an optimisation baseline (spear.baselines.gradient_matching)."
+        )
     eps = float(torch.finfo(in_dtype).eps)
     dw = weight_grad.detach().to(dev, torch.float64)
     db = bias_grad.detach().to(dev, torch.float64) if bias_grad is not None else None
