@@ -21,6 +21,15 @@ __all__ = ["LabelResult", "recover_labels"]
 #: ``r_i`` must match ``(p_i - e_y) / B`` to this relative error for the label (and the
 #: divisor) to count as exact.
 LABEL_FIT_TOL = 1e-6
+#: Models of a coarser dtype (float32) compute the Jacobian and softmax with its roundoff:
+#: the tolerance is then this many of its machine epsilons when that is larger
+#: (measured on float32 MLPs, b = 64: fit errors up to 3e-6, 25 ulps).
+LABEL_FIT_ULPS = 1000.0
+
+
+def label_fit_tol(dtype: torch.dtype) -> float:
+    """Relative fit tolerance of ``r_i`` for a model of ``dtype`` (1e-6 for float64)."""
+    return max(LABEL_FIT_TOL, LABEL_FIT_ULPS * float(torch.finfo(dtype).eps))
 
 
 @dataclass
@@ -105,23 +114,25 @@ def recover_labels(
         divisor[i] = div
         denom = float(target.norm()) or 1.0
         fit[i] = float((r * div - target).norm()) / denom
-    return _interpret(labels, divisor, fit)
+    return _interpret(labels, divisor, fit, label_fit_tol(dtype))
 
 
-def _interpret(labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor) -> LabelResult:
-    """Reduction and multiplicities from the per-example divisors."""
+def _interpret(
+    labels: torch.Tensor, divisor: torch.Tensor, fit: torch.Tensor, tol: float = LABEL_FIT_TOL
+) -> LabelResult:
+    """Reduction and multiplicities from the per-example divisors (fit tolerance ``tol``)."""
     notes: list[str] = []
     k = labels.numel()
-    ok = fit <= LABEL_FIT_TOL
+    ok = fit <= tol
     top = float(divisor.max()) if k else 1.0
     multiplicity = torch.ones(k, dtype=torch.int64)
     reduction = "unknown"
     if k and bool(ok.all()):
         # mean: B_i = total / multiplicity_i; sum: B_i = 1 / multiplicity_i
-        total = round(top) if top >= 1.0 - 1e-6 else 1
+        total = round(top) if top >= 1.0 - tol else 1
         ratio = total / divisor
         mult = torch.round(ratio)
-        if bool(((ratio - mult).abs() <= 1e-6 * ratio).all()) and bool((mult >= 1).all()):
+        if bool(((ratio - mult).abs() <= tol * ratio).all()) and bool((mult >= 1).all()):
             multiplicity = mult.to(torch.int64)
             if total == 1:
                 reduction = "sum" if k > 1 or int(multiplicity.sum()) > 1 else "mean or sum"

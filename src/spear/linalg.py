@@ -45,6 +45,13 @@ LOW_PRECISION_HEADROOM = 10.0
 #: Smallest zero tolerance for lower precisions, in units of their machine epsilon
 #: (a product of two rounded numbers carries a few ulps).
 LOW_PRECISION_MIN_ULPS = 8.0
+#: Lower precisions: the degeneracy tolerance is this times the noise floor. A row subset
+#: of the orthonormal basis moves by at most ``s_{b+1} / s_b`` in spectral norm (Wedin), so
+#: a true kernel's smallest singular value stays below the floor itself; :func:`kernel`
+#: adds a ``sqrt(k)`` of head room on top. Larger values merge the clearly non-zero second
+#: singular value of a zero set (0.3 measured, 784 -> 1000, b = 64) with the kernel under
+#: :data:`KERNEL_GAP`, and every kernel looks multi-dimensional.
+LOW_PRECISION_DEGENERACY_HEADROOM = 1.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,10 @@ class Tolerances:
             # float64 formula's 1e3 ulps) is far above it and blurs the kernel tests
             # (a (b-1)-row kernel then looks multi-dimensional and every one is refused).
             floor = eps * cond if noise_floor is None else max(noise_floor, eps)
-            zero_tol = LOW_PRECISION_HEADROOM * max(floor, LOW_PRECISION_MIN_ULPS * eps)
+            floor = max(floor, LOW_PRECISION_MIN_ULPS * eps)
+            zero_tol = min(MAX_ZERO_TOL, LOW_PRECISION_HEADROOM * floor)
+            degeneracy = min(zero_tol, LOW_PRECISION_DEGENERACY_HEADROOM * floor)
+            return cls(eps=eps, zero_tol=zero_tol, degeneracy_tol=degeneracy)
         zero_tol = min(MAX_ZERO_TOL, max(MIN_ZERO_TOL, zero_tol))
         return cls(eps=eps, zero_tol=zero_tol, degeneracy_tol=zero_tol)
 
