@@ -124,8 +124,9 @@ def test_float32_pattern_check_rejects_a_slightly_wrong_direction(tilt: float) -
     assert fac.rank == b
     w = model[1].weight.detach().double()
     c = model[1].bias.detach().double()
-    layer = LayerView(weight_coords=w @ fac.right.T, weight_abs_coords=w.abs(), bias=c,
-                      right=fac.right)
+    layer = LayerView(
+        weight_coords=w @ fac.right.T, weight_abs_coords=w.abs(), bias=c, right=fac.right
+    )
     flat = x.reshape(b, -1).double()
     truth = torch.linalg.lstsq(flat.T, dw.T).solution.T  # (m, b) true gradient columns
     cols = truth / truth.norm(dim=0)
@@ -136,8 +137,9 @@ def test_float32_pattern_check_rejects_a_slightly_wrong_direction(tilt: float) -
         assert solved is not None
         coords, grads = solved
         zeros = zero_mask(grads, _zero_tol(fac))
-        checks = [pattern_check(layer, coords[i], zeros[:, i], live, EPS32, False)[0]
-                  for i in range(b)]
+        checks = [
+            pattern_check(layer, coords[i], zeros[:, i], live, EPS32, False)[0] for i in range(b)
+        ]
         return checks, coords @ fac.right
 
     ok, _ = verdicts(cols)
