@@ -8,6 +8,10 @@ peak memory is per case. Examples::
     python benchmarks/bench_layer.py --data rgb --batch-sizes 32,64 --widths 2000
     python benchmarks/bench_layer.py --no-weights --solver sampling   # the paper's setting
     python benchmarks/bench_layer.py --attack --batch-sizes 64 --widths 1000  # spear.attack
+    python benchmarks/bench_layer.py --dtype float32 --batch-sizes 25,64 --widths 1000
+
+``--dtype float32``: the model, images and update are float32; an example is exact when
+every pixel is within 1e-3 of the truth on the [0, 1] scale (8-bit rounding gives it back).
 
 A case: ``b`` distinct images, a float64 MLP ``n -> m -> 10`` (PyTorch default init, or
 ``--trained``: 50 SGD steps on other images first), one FedSGD step with mean
@@ -69,6 +73,12 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     net = torch.nn.Sequential(
         torch.nn.Linear(n, m), torch.nn.ReLU(), torch.nn.Linear(m, 10)
     ).double()
+    f32 = cfg.get("dtype", "float64") == "float32"
+    exact_tol = 1e-3 if f32 else metrics.DEFAULT_REL_TOL
+    if f32:
+        net = net.float()
+        images = images.float()
+        x = x.float()
     if cfg["trained"]:
         opt = torch.optim.SGD(net.parameters(), lr=0.05)
         other = images[b:].reshape(-1, n)
@@ -95,7 +105,11 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
             "b": b,
             "m": m,
             "seed": seed,
-            "exact": metrics.exact_rate(out.inputs, shaped) if found else 0.0,
+            "exact": (
+                metrics.exact_rate(out.inputs.to(shaped.dtype), shaped, rel_tol=exact_tol)
+                if found
+                else 0.0
+            ),
             "seconds": seconds,
             "samples": out.layer_result.samples,
             "expected": expected_samples(b),
@@ -124,7 +138,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         progress=False,
     )
     seconds = time.perf_counter() - start
-    rate = metrics.exact_rate(rec.inputs, x) if rec.found else 0.0
+    rate = metrics.exact_rate(rec.inputs.to(x.dtype), x, rel_tol=exact_tol) if rec.found else 0.0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "b": b,
@@ -150,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-weights", action="store_true", help="do not give W and c")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per case")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype", choices=["float64", "float32"], default="float64", help="model and update"
+    )
     parser.add_argument(
         "--attack",
         action="store_true",
@@ -187,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     "budget": args.budget,
                     "threads": args.threads,
                     "attack": args.attack,
+                    "dtype": args.dtype,
                 }
                 with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                     res = pool.submit(run_case, cfg).result()

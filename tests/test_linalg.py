@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from tests.conftest import layer_case
 
 from spear.linalg import (
+    LOW_PRECISION_HEADROOM,
+    LOW_PRECISION_MIN_ULPS,
     MAX_ZERO_TOL,
     MIN_ZERO_TOL,
     Tolerances,
@@ -105,7 +107,13 @@ def test_tolerances_scale_with_dtype_and_condition() -> None:
     t32 = Tolerances.derive(torch.float32, 10.0)
     assert MIN_ZERO_TOL <= t64.zero_tol < t32.zero_tol <= MAX_ZERO_TOL
     assert t64.zero_tol <= t64_bad.zero_tol
-    assert t32.zero_tol >= 1e-4
+    # float32: from the measured noise floor s_{b+1}/s_b, well below the old fixed 1e-4
+    t32_floor = Tolerances.derive(torch.float32, 10.0, noise_floor=2e-6)
+    assert t32_floor.zero_tol == pytest.approx(LOW_PRECISION_HEADROOM * 2e-6)
+    assert t32_floor.degeneracy_tol < t32_floor.zero_tol
+    assert t32.zero_tol >= LOW_PRECISION_HEADROOM * LOW_PRECISION_MIN_ULPS * EPS32 * 0.999
+    # a noise floor never changes float64
+    assert Tolerances.derive(torch.float64, 10.0, noise_floor=1e-3) == t64
     assert t64.eps == EPS64 and t32.eps == EPS32
     # infinite condition does not blow up the tolerance
     assert Tolerances.derive(torch.float64, math.inf).zero_tol <= MAX_ZERO_TOL

@@ -35,6 +35,11 @@ __all__ = [
 
 #: Two rows give the same candidate example when they agree to this relative distance.
 ROW_AGREEMENT = 1e-9
+#: Coarser dtypes: two rows agree to this many machine epsilons when that is more than
+#: :data:`ROW_AGREEMENT` (float32 single-example rows of Fashion-MNIST give their example to
+#: 3e-8 relative, a quarter of an ulp; peels add their roundoff). Agreement only orders
+#: and groups candidates: each is still verified by its own ReLU pattern.
+ROW_AGREEMENT_ULPS = 100.0
 #: A direction derived from a row candidate is pooled when the candidate's predicted ReLU
 #: pattern agrees with the direction's zero pattern on this fraction of the units.
 DIRECTION_AGREEMENT = 0.9
@@ -118,7 +123,8 @@ def row_candidates(
         return 0
     # group rows that give the same candidate (to roundoff): several single-example rows
     close = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
-    same = close <= ROW_AGREEMENT * cand.norm(dim=1)[:, None]
+    agreement = max(ROW_AGREEMENT, ROW_AGREEMENT_ULPS * eps)
+    same = close <= agreement * cand.norm(dim=1)[:, None]
     support = same.sum(dim=1)
     # rows several agree on first (exact examples), then rows on for few examples (small
     # norm): they are the ones whose candidates are (nearly) single examples

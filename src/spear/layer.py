@@ -434,7 +434,9 @@ def invert_layer(
             rank = batch_size
         fac = factorise(dw, eps, rank=rank)
         rank = fac.rank
-    tol = Tolerances.derive(in_dtype, fac.condition)
+    sv = fac.singular_values
+    floor = float(sv[rank] / sv[rank - 1]) if 0 < rank < sv.numel() else 0.0
+    tol = Tolerances.derive(in_dtype, fac.condition, noise_floor=floor)
     noisy = batch_size is not None and fac.gap < MIN_RANK_GAP
     if noisy:
         # noise fills the singular values past b: zeros are only approximately zero, at a
