@@ -96,3 +96,30 @@ def test_wrong_direction_in_a_complete_solve_damages_nothing_returned(
         # the injection bites: peeling the verified part returns an example 1e-3 off
         # that its own ReLU pattern does not reject
         assert worst > 1e-6
+
+
+def test_wrong_direction_in_a_float32_complete_solve_damages_nothing_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same injection on a float32 gradient: complete solves are strict there too, so
+    the example the tilted direction damages is never returned."""
+    case = layer_case(800, 300, 24, real=True, seed=5, dtype=torch.float32)
+    original = SamplingSolver.__call__
+    calls = []
+
+    def corrupting(self: SamplingSolver, spec: SearchSpec, budget: Budget) -> Directions:
+        out = original(self, spec, budget)
+        calls.append(out.vectors.shape[0])
+        if len(calls) == 1 and out.vectors.shape[0] >= 2:
+            mix = out.vectors[0] + 1e-2 * out.vectors[1]
+            out.vectors[0] = mix / mix.norm()
+        return out
+
+    monkeypatch.setattr(SamplingSolver, "__call__", corrupting)
+    rec = spear.invert_layer(
+        case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias, time_budget=60
+    )
+    assert calls and calls[0] >= 2, "the case must reach the sampling solver with 2+ directions"
+    assert rec.complete, rec.notes
+    # float32: every pixel within 1e-3 of the truth on the data's [0, 1] scale
+    assert float(torch.cdist(rec.inputs, case.inputs, p=float("inf")).amin(dim=1).max()) < 1e-3
