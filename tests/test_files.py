@@ -85,7 +85,7 @@ def _rewrite(
         root = old.namelist()[0].split("/", 1)[0]
         for name in old.namelist():
             relative = name.split("/", 1)[1]
-            data = members.pop(relative, None) or old.read(name)
+            data = members.pop(relative) if relative in members else old.read(name)
             if relative == "models/model.json" and program is not None:
                 doc = json.loads(data)
                 program(doc)
@@ -396,3 +396,132 @@ def test_a_partial_reconstruction_can_be_certified(plain: Path) -> None:
     full = spear.certify(module, update, x, y)
     partial = spear.certify(module, update, x[:3], y[:3])  # 3 of 8 examples
     assert full < 1e-12 and 0.01 < partial < float("inf")
+
+
+# --- operators, numbers and sizes that would corrupt memory, hang or exhaust it ----------------
+
+
+class _OutOfBounds(nn.Module):
+    """A sparse tensor whose index lies outside its size, densified: a heap write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(784, 10).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.full((1, 1), 10**8, dtype=torch.long)
+        value = torch.full((1,), 1.0, dtype=torch.float64)
+        sparse = torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors.default(
+            1, 0, [10], index, value, dtype=torch.float64, layout=torch.sparse_coo
+        )
+        return self.fc(x.flatten(1)) + torch.ops.aten._to_dense.default(sparse)
+
+
+def test_an_aten_operator_outside_the_feed_forward_layers_is_refused(tmp_path: Path) -> None:
+    # the graph is never run: exporting traces it symbolically
+    path = _export(_OutOfBounds(), tmp_path / "model.pt2")
+    with pytest.raises(InputError, match="not an ATen operator of the feed-forward layers"):
+        load_model(path)
+
+
+def test_process_wide_state_operators_are_refused(plain: Path, tmp_path: Path) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        node = doc["graph_module"]["graph"]["nodes"][0]
+        node["target"] = "torch.ops.aten.manual_seed.default"
+
+    path = _rewrite(plain, tmp_path / "model.pt2", program=edit)
+    with pytest.raises(InputError, match="manual_seed"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        " + 0*9**9**9**9",  # exact integer power: sympify would compute it for ever
+        " + 0*Integer(1e999999999)",  # a float literal the tokenizer must not split
+        " + 0*" + "9" * 40,  # a number far beyond any size
+    ],
+)
+def test_symbolic_expressions_that_would_hang_are_refused(
+    dynamic: Path, tmp_path: Path, evil: str
+) -> None:
+    symbol = "Symbol('s31', positive=True, integer=True)"
+
+    def edit(doc: dict[str, Any]) -> None:
+        sizes = doc["graph_module"]["graph"]["tensor_values"]["input"]["sizes"]
+        sizes[0]["as_expr"]["expr_str"] = symbol + evil
+
+    path = _rewrite(dynamic, tmp_path / "model.pt2", program=edit)
+    with pytest.raises(InputError):
+        load_model(path)
+
+
+def test_a_zip_bomb_is_refused_before_decompressing(plain: Path, tmp_path: Path) -> None:
+    path = _rewrite(plain, tmp_path / "model.pt2")
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        archive.writestr(f"{root}/extra/bomb", b"\0" * (64 << 20))  # 64 MiB -> ~64 KB
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(InputError, match="declare"):
+        load_model(path)
+
+
+def test_an_empty_weight_member_cannot_declare_a_size(plain: Path, tmp_path: Path) -> None:
+    with zipfile.ZipFile(plain) as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        config = json.loads(archive.read(f"{root}/data/weights/model_weights_config.json"))
+        name, entry = next(iter(config["config"].items()))
+        member = entry["path_name"]
+    entry["tensor_meta"]["sizes"] = [{"as_int": 1 << 30}]
+    path = _rewrite(
+        plain,
+        tmp_path / "model.pt2",
+        {
+            "data/weights/model_weights_config.json": json.dumps(config).encode(),
+            f"data/weights/{member}": b"",
+        },
+    )
+    with pytest.raises(InputError):
+        load_model(path)
+    assert name  # the member named in the config was the one emptied
+
+
+class _FlowerCnn(nn.Module):
+    """The CNN of Flower's PyTorch tutorial (pooling, flatten, three linear layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_common_architectures_load_and_compute_the_same(tmp_path: Path, dynamic: bool) -> None:
+    x = torch.rand(4, 3, 32, 32)
+    bn = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3 * 32 * 32, 64),
+        nn.BatchNorm1d(64),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(64, 10),
+    ).eval()
+    for model in (_FlowerCnn().eval(), bn):
+        shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+        path = tmp_path / "model.pt2"
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), str(path))
+        loaded = load_model(path)
+        for batch in (x, x[:3]):
+            assert torch.allclose(loaded(batch), model(batch))

@@ -98,11 +98,14 @@ def test_wrong_direction_in_a_complete_solve_damages_nothing_returned(
         assert worst > 1e-6
 
 
-def test_wrong_direction_in_a_float32_complete_solve_damages_nothing_returned(
+def test_wrong_direction_in_a_float32_solve_is_never_verified_wrong(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The same injection on a float32 gradient: complete solves are strict there too, so
-    the example the tilted direction damages is never returned."""
+    """The same injection (tilt 1e-2) on a float32 gradient. float32 solves peel their
+    verified part, so the example the tilted direction damages can be peeled; the result
+    is then verified only when one complete solve from the original factorisation verifies
+    every example (which recomputes the damaged coordinates). Either way, nothing wrong is
+    marked verified."""
     case = layer_case(800, 300, 24, real=True, seed=5, dtype=torch.float32)
     original = SamplingSolver.__call__
     calls = []
@@ -120,6 +123,9 @@ def test_wrong_direction_in_a_float32_complete_solve_damages_nothing_returned(
         case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias, time_budget=60
     )
     assert calls and calls[0] >= 2, "the case must reach the sampling solver with 2+ directions"
-    assert rec.complete, rec.notes
-    # float32: every pixel within 1e-3 of the truth on the data's [0, 1] scale
-    assert float(torch.cdist(rec.inputs, case.inputs, p=float("inf")).amin(dim=1).max()) < 1e-3
+    # float32 exact: every pixel within 1e-3 of the truth on the data's [0, 1] scale
+    worst = float(torch.cdist(rec.inputs, case.inputs, p=float("inf")).amin(dim=1).max())
+    if rec.verified:
+        assert rec.complete and worst < 1e-3
+    else:
+        assert any("peeled from complete solves" in n for n in rec.notes), rec.notes

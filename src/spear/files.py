@@ -39,6 +39,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import pickletools
 import re
 import sys
@@ -92,15 +93,43 @@ _REFUSED_MEMBERS: tuple[tuple[re.Pattern[str], str], ...] = (
 _SYM_TARGETS = frozenset(
     {
         *(f"_operator.{op}" for op in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos")),
-        *(f"_operator.{op}" for op in ("mul", "add", "sub", "floordiv", "mod", "pow")),
+        *(f"_operator.{op}" for op in ("mul", "add", "sub", "floordiv", "mod")),
         *(f"_operator.{op}" for op in ("truediv", "and_", "or_")),
         "math.trunc",
         *(f"torch.sym_{op}" for op in ("not", "int", "float", "ite", "max", "min", "sqrt")),
     }
 )
 _ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")
-#: ATen operators that read files named in the program.
-_REFUSED_ATEN = frozenset({"from_file"})
+#: ATen operators a program may call. Not "any ATen operator": ATen has operators that
+#: read or write files (``from_file``), change process-wide state (``set_grad_enabled``,
+#: ``manual_seed``) or skip bounds checks (``_sparse_coo_tensor_with_dims_and_tensors`` then
+#: ``_to_dense`` writes out of bounds). These are the layers of the feed-forward networks spear
+#: attacks, in torch.export's (training) IR.
+_ALLOWED_ATEN = frozenset(
+    {
+        *("linear.default", "addmm.default", "mm.default", "matmul.default", "t.default"),
+        *("conv1d.default", "conv2d.default", "conv3d.default", "convolution.default"),
+        *("relu.default", "relu_.default", "leaky_relu.default", "hardtanh.default"),
+        *("sigmoid.default", "tanh.default", "gelu.default", "silu.default"),
+        *("softmax.int", "log_softmax.int", "_softmax.default", "_log_softmax.default"),
+        *("flatten.using_ints", "view.default", "reshape.default", "_unsafe_view.default"),
+        *("clone.default", "contiguous.default", "expand.default", "permute.default"),
+        *("transpose.int", "squeeze.dim", "unsqueeze.default", "cat.default"),
+        *("sym_size.int", "sym_numel.default", "dropout.default", "alias.default"),
+        *("batch_norm.default", "_native_batch_norm_legit_no_training.default"),
+        *("native_batch_norm.default", "_native_batch_norm_legit_functional.default"),
+        *("layer_norm.default", "max_pool2d.default", "max_pool2d_with_indices.default"),
+        *("avg_pool2d.default", "adaptive_avg_pool2d.default", "mean.dim", "sum.dim_IntList"),
+        *("add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "add.Scalar", "mul.Scalar"),
+        *("getitem",),
+    }
+)
+#: torch.strided in the program's ``layout`` fields (schema.Layout).
+_STRIDED = 7
+#: Bounds on integer literals and on what a file may make the loader allocate.
+_MAX_LITERAL_DIGITS = 20
+_MAX_INFLATION = 8  # declared uncompressed bytes per byte of file (torch writes members stored)
+_MAX_EXAMPLE_NUMEL = 1 << 28
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -108,19 +137,20 @@ _SYMBOL = re.compile(r"[a-z]+[0-9]+")
 
 #: Tokens of a symbolic expression: numbers, names, quoted symbol names, operators.
 _EXPR_TOKEN = re.compile(
-    r"\s+|[0-9]+(\.[0-9]+)?|'[a-z]+[0-9]+'|[A-Za-z_][A-Za-z0-9_]*|\*\*|//|[<>=!]=|[-+*/%(),<>=]"
+    r"\s+|[0-9]+(\.[0-9]+)?(?![A-Za-z0-9_.])|'[a-z]+[0-9]+'|[A-Za-z_][A-Za-z0-9_]*|//|[<>=!]="
+    r"|[-+*/%(),<>=]"
 )
 #: Names a symbolic expression may use besides size symbols (``s0``, ``u1``): sympy
 #: constructors and the functions torch's deserializer puts in scope.
 _EXPR_NAMES = frozenset(
     {
-        *("Symbol", "Integer", "Rational", "Float", "True", "False", "oo"),
+        *("Symbol", "Integer", "Rational", "True", "False", "oo"),
         *("positive", "integer", "nonnegative", "real", "finite"),
         *("Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not"),
-        *("Max", "Min", "Abs", "Add", "Mul", "Pow"),
+        *("Max", "Min", "Abs", "Add", "Mul"),
         *("FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv"),
-        *("CeilToInt", "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural"),
-        *("FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator"),
+        *("CeilToInt", "FloorToInt", "CeilDiv"),
+        *("FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator"),
         *("TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity"),
     }
 )
@@ -235,6 +265,7 @@ def _open_archive(path: Path, data: bytes) -> _Archive:
             f"{_EXPORT_RECIPE}."
         )
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        _check_inflation(path, archive, len(data), "")
         names = [info.filename for info in archive.infolist() if not info.is_dir()]
         roots = {name.split("/", 1)[0] for name in names}
         for name in names:
@@ -246,7 +277,13 @@ def _open_archive(path: Path, data: bytes) -> _Archive:
                 f"not share one root folder. Make one with {_EXPORT_RECIPE}."
             )
         root = roots.pop()
-        members = {name.split("/", 1)[1]: archive.read(name) for name in names}
+        # extra/ members are accepted but never used: not decompressed
+        members = {
+            name.split("/", 1)[1]: b""
+            if name.split("/", 1)[1].startswith("extra/")
+            else archive.read(name)
+            for name in names
+        }
     result = _Archive(path, root, members)
     if members.get("archive_format", b"").strip() != b"pt2":
         raise InputError(
@@ -285,6 +322,24 @@ def _open_archive(path: Path, data: bytes) -> _Archive:
     return result
 
 
+def _check_inflation(path: Path, archive: zipfile.ZipFile, size: int, where: str) -> None:
+    """Refuse a zip file that would decompress to much more than its own size (a zip bomb).
+
+    ``ZipExtFile`` never returns more than a member's declared ``file_size``, so bounding the
+    declared sizes bounds what reading the members allocates.
+    """
+    infos = archive.infolist()
+    methods = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+    if any(info.compress_type not in methods for info in infos):
+        raise InputError(f"{path}{where}: a member is compressed with other than deflate.")
+    total = sum(info.file_size for info in infos)
+    if len(infos) > 100_000 or total > _MAX_INFLATION * size + (1 << 20):
+        raise InputError(
+            f"{path}{where}: its {len(infos)} members declare {total} bytes for a {size}-byte "
+            "zip file; refused (torch.export.save stores members uncompressed)."
+        )
+
+
 def _check_tensor_pickle(archive: _Archive, member: str) -> None:
     """Refuse a ``torch.save`` member whose pickle names anything but tensors.
 
@@ -298,25 +353,29 @@ def _check_tensor_pickle(archive: _Archive, member: str) -> None:
     except zipfile.BadZipFile:
         raise _refusal(archive.path, where, "a pickle that is not a torch.save file") from None
     with inner:
+        _check_inflation(archive.path, inner, len(data), f" (member {where!r})")
         pickles = [name for name in inner.namelist() if name.endswith(".pkl")]
         if not pickles:
             raise _refusal(archive.path, where, "not a torch.save file (no data.pkl)")
         for name in pickles:
             try:
-                ops = list(pickletools.genops(inner.read(name)))
+                # streamed, not listed: a list holds ~100 bytes of Python objects per opcode
+                for opcode, arg, _ in pickletools.genops(inner.read(name)):
+                    _check_pickle_op(archive, where, opcode, arg)
+            except InputError:
+                raise
             except Exception as exc:
                 raise _refusal(archive.path, where, f"a malformed pickle ({exc})") from exc
-            for opcode, arg, _ in ops:
-                if opcode.name in _PICKLE_CALLS:
-                    raise _refusal(
-                        archive.path, where, f"a pickle that builds objects ({opcode.name})"
-                    )
-                if opcode.name == "GLOBAL":
-                    text = str(arg)
-                    if text not in _TENSOR_PICKLE_GLOBALS and not _STORAGE_GLOBAL.fullmatch(text):
-                        raise _refusal(
-                            archive.path, where, f"a pickle that calls {text.replace(' ', '.')}"
-                        )
+
+
+def _check_pickle_op(archive: _Archive, where: str, opcode: Any, arg: Any) -> None:
+    """Refuse an opcode that builds an object or names a global other than a tensor's."""
+    if opcode.name in _PICKLE_CALLS:
+        raise _refusal(archive.path, where, f"a pickle that builds objects ({opcode.name})")
+    if opcode.name == "GLOBAL":
+        text = str(arg)
+        if text not in _TENSOR_PICKLE_GLOBALS and not _STORAGE_GLOBAL.fullmatch(text):
+            raise _refusal(archive.path, where, f"a pickle that calls {text.replace(' ', '.')}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,6 +450,8 @@ def _raw_tensors(archive: _Archive, config_member: str, folder: str) -> dict[str
                 )
             base = bases[member]
             if base.numel() == 0:  # torch.export.save writes empty tensors as no bytes
+                if any(s < 0 for s in sizes) or math.prod(sizes) != 0:
+                    raise ValueError(f"sizes {sizes} declared for a member without bytes")
                 tensor = torch.zeros(sizes, dtype=dtype)
             else:
                 tensor = torch.as_strided(base, sizes, strides, offset)
@@ -473,6 +534,12 @@ class _ProgramCheck:
                     self.identifier(arg)
             elif name in ("in_spec", "out_spec") and isinstance(item, str):
                 self.treespec(item)
+            elif name in ("layout", "as_layout") and item not in (None, _STRIDED):
+                self.refuse_value(f"a program with a tensor of layout {item!r} (only strided)")
+            elif name == "as_int" and (
+                not isinstance(item, int) or len(str(abs(item))) > _MAX_LITERAL_DIGITS
+            ):
+                self.refuse_value(f"a program with the integer {str(item)[:40]!r}")
             self.walk(item, name)
 
     def node(self, node: Any) -> None:
@@ -481,16 +548,28 @@ class _ProgramCheck:
         target = node.get("target")
         if not isinstance(target, str):
             self.refuse_value("a program with a node without a target")
-        if target not in _SYM_TARGETS:
+        if target in _SYM_TARGETS:
+            # size arithmetic runs on Python ints (unbounded): a chain of x = x * x doubles
+            # the digits at every node, so a product may have one size operand only
+            sizes = [
+                i
+                for i in node.get("inputs") or []
+                if isinstance(i, dict)
+                and isinstance(i.get("arg"), dict)
+                and any(k.startswith("as_sym") for k in i["arg"])
+            ]
+            if target == "_operator.mul" and len(sizes) > 1:
+                self.refuse_value("a program multiplying two symbolic sizes")
+        else:
             match = _ATEN_TARGET.fullmatch(target)
             op = None
-            if match is not None and match.group(1) not in _REFUSED_ATEN:
+            if match is not None and f"{match.group(1)}.{match.group(2)}" in _ALLOWED_ATEN:
                 packet = getattr(torch.ops.aten, match.group(1), None)
                 op = getattr(packet, match.group(2), None) if packet is not None else None
             if not isinstance(op, torch._ops.OpOverload):
                 self.refuse_value(
-                    f"a program calling {target!r}, which is not an ATen operator (only ATen "
-                    "operators and size arithmetic are loaded)"
+                    f"a program calling {target!r}, which is not an ATen operator of the "
+                    "feed-forward layers spear loads (nor size arithmetic)"
                 )
         node["metadata"] = {}
 
@@ -514,6 +593,8 @@ class _ProgramCheck:
         """Plain arithmetic over size symbols (evaluated by ``sympy.sympify``)."""
         if not isinstance(value, str) or len(value) > 10_000:
             self.refuse_value("a program with a malformed symbolic expression")
+        if "**" in value:  # 9**9**9**9: sympify computes it (torch writes Pow(...), via srepr)
+            self.refuse_value(f"a program with a power in the symbolic expression {value[:80]!r}")
         position = 0
         while position < len(value):
             match = _EXPR_TOKEN.match(value, position)
@@ -523,6 +604,8 @@ class _ProgramCheck:
                     "plain arithmetic over size symbols"
                 )
             token = match.group(0)
+            if token[0].isdigit() and len(token) > _MAX_LITERAL_DIGITS:
+                self.refuse_value(f"a program with the number {token[:40]!r} in an expression")
             named = token[0].isalpha() or token[0] == "_"
             if named and token not in _EXPR_NAMES and not _SYMBOL.fullmatch(token):
                 self.refuse_value(
@@ -690,7 +773,13 @@ def free_batch(program: torch.export.ExportedProgram, path: str | Path = "") -> 
     if not isinstance(batch, int):
         return module
     changed = _unpin_batch(module, batch)
-    example = torch.zeros((2, *(int(d) for d in value.shape[1:])), dtype=value.dtype)
+    shape = (2, *(int(d) for d in value.shape[1:]))
+    if math.prod(shape) > _MAX_EXAMPLE_NUMEL:
+        raise InputError(
+            f"{path or 'the program'}: its input shape {tuple(value.shape)} is too large for "
+            "spear (an example of two inputs would exceed 2**28 elements)."
+        )
+    example = torch.zeros(shape, dtype=value.dtype)
     try:
         with _quiet():
             dim = torch.export.Dim("batch", min=1)
