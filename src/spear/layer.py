@@ -74,6 +74,11 @@ NOISY_ZERO_FACTOR = 3.0
 NOISY_MAX_ZERO_TOL = 0.2
 #: Mixed-precision update dtypes: too few digits for exact recovery (refused).
 HALF_PRECISIONS = (torch.float16, torch.bfloat16)
+#: A failing complete solve is repaired (:func:`_repair_one_direction`) when at most this
+#: many of its examples fail; the example completed from the others takes the units it
+#: turns off by at least ``REPAIR_MARGIN`` of their roundoff bound.
+MAX_REPAIRS = 16
+REPAIR_MARGIN = 1e-6
 #: Updates whose largest entry lies outside this range are solved rescaled (exactly, by a
 #: power of two): beyond it, sums of squares under- or overflow in float64.
 SAFE_SCALE_LOW = 1e-100
@@ -209,6 +214,67 @@ def _solve_complete(
     return coords, grads
 
 
+def _repair_one_direction(
+    left: torch.Tensor,
+    bias: torch.Tensor,
+    cols: torch.Tensor,
+    failing: list[int],
+    layer: LayerView,
+    tol: Tolerances,
+    all_verify: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A complete solve with one wrong direction, repaired from the others.
+
+    A wrong direction (a mixture) fails its own example and damages the examples mixed
+    into it, so a failing solve has a few failing examples, one of them the wrong one's.
+    For each failing index ``i`` (at most :data:`MAX_REPAIRS`): with the other ``r - 1``
+    directions true, example ``i`` is exact in a complete solve with *any* column outside
+    their span (fact 5: the filler mixes none of them into it); its own ReLU pattern then
+    gives its true direction (the kernel of the basis rows it clearly turns off), and
+    the solve with that direction is kept when every example verifies.
+
+    Parameters
+    ----------
+    left, bias:
+        ``(m, b)`` and ``(m,)``: the (residual) problem.
+    cols:
+        ``(m, r)`` unit directions of the failing solve.
+    failing:
+        Indices of its examples that failed verification.
+    all_verify:
+        Whether every example of a solve ``(coords (r, b), grads (m, r))`` verifies.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor] | None
+        The repaired solve ``(coords, grads)``, or ``None``.
+    """
+    r = cols.shape[1]
+    if not failing or len(failing) > MAX_REPAIRS or r < 2:
+        return None
+    basis = orthonormal_basis(left, r)
+    for i in failing:
+        others = torch.cat([cols[:, :i], cols[:, i + 1 :]], dim=1)  # (m, r-1)
+        known = basis.T @ others  # (r, r-1)
+        filler = basis @ torch.linalg.svd(known.T, full_matrices=True).Vh[-1]
+        first = _solve_complete(left, bias, torch.cat([others, filler[:, None]], dim=1))
+        if first is None:
+            continue
+        z, bound = pre_activations(layer, first[0][-1])
+        off = z < -REPAIR_MARGIN * bound
+        if int(off.sum()) < r - 1:
+            continue
+        kern, _ = kernel(basis[off], tol.degeneracy_tol)
+        if kern.shape[1] != 1:
+            continue
+        direction = basis @ kern[:, 0]
+        repaired = torch.cat([cols[:, :i], direction[:, None], cols[:, i + 1 :]], dim=1)
+        solved = _solve_complete(left, bias, repaired)
+        if solved is not None and all_verify(*solved):
+            return solved
+    return None
+
+
 def _joint_check(
     state: Residual,
     left: torch.Tensor,
@@ -276,7 +342,8 @@ def _refine_columns(
     b = full_basis.shape[1]
     z, bound = pre_activations(layer, coords)  # (m, r) each
     clear_off = z < -REFINE_MARGIN * bound
-    small = cols.abs() <= REFINE_SMALL * cols.abs().amax(dim=0, keepdim=True)  # (m, r)
+    small_tol = max(REFINE_SMALL, tol.zero_tol)  # float32: its zero tolerance is larger
+    small = cols.abs() <= small_tol * cols.abs().amax(dim=0, keepdim=True)  # (m, r)
     for i in range(coords.shape[0]):
         rows = full_basis[clear_off[:, i] & small[:, i]]
         if rows.shape[0] < b - 1:
@@ -515,7 +582,9 @@ def invert_layer(
         and not noisy
         and exact_precision(eps)
     )
-    partial_peels = [False]  # a non-strict solve peeled its verified part
+    # where the first non-strict solve peeled its verified part (examples from there on
+    # may carry a wrong direction's damage until the whole is checked again)
+    loose_from: list[int | None] = [None]
 
     @functools.cache
     def original() -> tuple[torch.Tensor, torch.Tensor]:
@@ -568,6 +637,18 @@ def invert_layer(
         solved = _solve_complete(state.left, state.bias, cols)
         live = live_rows(orthonormal_basis(state.left, r), tol.zero_tol)
         accepted = verified(*solved, live) if solved is not None else []
+        if solved is not None and layer is not None and state.bias is not None:
+            repaired = _repair_one_direction(
+                state.left,
+                state.bias,
+                cols,
+                sorted(set(range(r)) - set(accepted)),
+                layer,
+                tol,
+                lambda c, g: len(verified(c, g, live)) == r,
+            )
+            if repaired is not None:
+                solved, accepted = repaired, list(range(r))
         if layer is not None and len(accepted) < r:
             full_basis, full_live = original()
             old = state.found
@@ -606,8 +687,8 @@ def invert_layer(
                 pool_remove(state.directions, cols[:, i] / cols[:, i].norm())
             return 0
         coords, grads = solved
-        if len(accepted) < r:
-            partial_peels[0] = True
+        if len(accepted) < r and loose_from[0] is None:
+            loose_from[0] = state.found
         for i in accepted:
             pool_remove(state.directions, grads[:, i] / grads[:, i].norm())
             state.peel(coords[i], grads[:, i])
@@ -890,20 +971,21 @@ def invert_layer(
             alt.solvers = stats + alt.solvers
             alt.seconds = time.perf_counter() - start
             return alt
-    if partial_peels[0] and not interrupted:
-        partial_peels[0] = not _joint_check(state, fac.left, db, original()[1], rank, verified)
-        if partial_peels[0]:
-            notes.append(
-                "some examples were peeled from complete solves in which another example "
-                "failed its check; a wrong direction there can shift the examples mixed into "
-                "it by less than their units' margins, so .verified is False (treat them as "
-                "close candidates)."
-            )
+    start_loose = loose_from[0]
+    if start_loose is not None and not (
+        not interrupted and _joint_check(state, fac.left, db, original()[1], rank, verified)
+    ):
+        withheld = state.found - start_loose
+        state.coords, state.grads = state.coords[:start_loose], state.grads[:start_loose]
+        notes.append(
+            f"{withheld} examples found after a complete solve in which some example failed "
+            "its check are withheld: a wrong direction in such a solve shifts the examples "
+            "mixed into it without flipping their ReLU patterns, and they could not be "
+            "solved again as a whole."
+        )
     result = _finish(state, fac, tol, layer, eps, delta, rank, stats, start, notes, in_dtype)
-    if noisy or partial_peels[0]:
-        # patterns were allowed to disagree (noise), or a solve with a failing example was
-        # peeled and the whole was not checked again: estimates, not checks
-        result.verified = False
+    if noisy:
+        result.verified = False  # patterns were allowed to disagree: estimates, not checks
     result.interrupted = interrupted
     return result
 
@@ -952,7 +1034,7 @@ def _finish(
     complete = k == rank
     if not complete:
         notes.append(
-            f"partial recovery: {k} of {rank} examples recovered and verified; {rank - k} "
+            f"partial recovery: {k} of {rank} examples recovered; {rank - k} "
             "remain (raise time_budget, or try another solver)."
         )
     if layer is None and k:
