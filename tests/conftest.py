@@ -229,11 +229,19 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
         assert p.grad is None, "the attack left gradients on the model's parameters"
 
 
-def reference_directions(weight_grad: torch.Tensor, b: int) -> torch.Tensor:
-    """All sparse kernel directions of (b-1)-row subsets, by enumeration (unit, sign-fixed)."""
+def reference_directions(
+    weight_grad: torch.Tensor, b: int, *, live_only: bool = False
+) -> torch.Tensor:
+    """All sparse kernel directions of (b-1)-row subsets, by enumeration (unit, sign-fixed).
+
+    ``live_only``: count only zeros on live rows (units on for some example). A dead row is
+    zero for every direction, so it is no evidence: a direction zero on just ``b - 1``
+    live rows is the kernel of any ``b - 1`` rows, whatever it is.
+    """
     fac = factorise(weight_grad, float(torch.finfo(torch.float64).eps), rank=b)
     basis = orthonormal_basis(fac.left, b)
     m = basis.shape[0]
+    counted = basis.norm(dim=1) > 1e-9 if live_only else torch.ones(m, dtype=torch.bool)
     found: list[torch.Tensor] = []
     for rows in itertools.combinations(range(m), b - 1):
         sub = basis[list(rows)]
@@ -244,7 +252,7 @@ def reference_directions(weight_grad: torch.Tensor, b: int) -> torch.Tensor:
             continue
         q = vh[-1]
         v = basis @ q
-        zeros = int((v.abs() <= 1e-9 * v.abs().max()).sum())
+        zeros = int(((v.abs() <= 1e-9 * v.abs().max()) & counted).sum())
         # sparse: zero on more rows than the b-1 sampled ones (a generous filter: with
         # m <= 12 some mixtures pass it too, so the reference is a superset of the truth)
         if zeros >= b:

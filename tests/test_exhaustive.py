@@ -2,10 +2,12 @@
 
 The property behind it: on a layer small enough to enumerate, whether the attack succeeds
 must not depend on the CPU, its BLAS kernels or the number of threads, only on the
-problem. Brute force (every ``(b-1)``-row subset, :func:`tests.conftest.reference_directions`)
-says which problems are solvable from the zero patterns; wherever it finds every true
-gradient column, :func:`spear.invert_layer` with the layer's weights must return every
-example exactly, with one thread and with two.
+problem. Brute force (every ``(b-1)``-row subset, :func:`tests.conftest.reference_directions`,
+counting zeros on live rows) says which problems are solvable from the zero patterns;
+wherever it finds every true gradient column, :func:`spear.invert_layer` with the layer's
+weights must return every example exactly, with one thread and with two. The exhaustive
+step goes further for one example whose zero set has only ``b - 1`` live rows (its own
+ReLU pattern completes it); the known cases below pin that.
 """
 
 from __future__ import annotations
@@ -46,14 +48,15 @@ def _threads(count: int):  # type: ignore[no-untyped-def]
 
 
 def _brute_force_finds_every_column(case: LayerCase) -> bool:
-    """Full rank ``b``, and every true column among the brute-force reference's."""
+    """Full rank ``b``, and every true column among the brute-force reference's (zero on
+    more live rows than the ``b - 1`` that determine it)."""
     b = case.inputs.shape[0]
     if int(torch.linalg.matrix_rank(case.weight_grad)) < b:
         return False
     if b == 1:
         return True
     true_dirs = case.output_grads / case.output_grads.norm(dim=0)
-    reference = reference_directions(case.weight_grad, b)
+    reference = reference_directions(case.weight_grad, b, live_only=True)
     if reference.shape[1] == 0:
         return False
     return bool(((reference.T @ true_dirs).abs().amax(dim=0) > 1 - 1e-9).all())
@@ -79,14 +82,24 @@ def _check_exact(case: LayerCase, m: int, n: int, b: int, seed: int) -> None:
     assert_exact(rec.inputs, case.inputs)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,  # the same cases on every CI run; wider random sweeps run by hand
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(small_layers())
 def test_small_layers_one_thread(params: tuple[int, int, int, int]) -> None:
     with _threads(1):
         _check_small_layer(*params)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,  # the same cases on every CI run; wider random sweeps run by hand
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(small_layers())
 def test_small_layers_two_threads(params: tuple[int, int, int, int]) -> None:
     with _threads(2):
@@ -94,8 +107,8 @@ def test_small_layers_two_threads(params: tuple[int, int, int, int]) -> None:
 
 
 def test_known_hard_small_layers() -> None:
-    """Cases the sampled search missed: one, two and three examples whose live zero set has
-    exactly ``b - 1`` rows (only their own ReLU pattern singles them out)."""
+    """Cases the sampled search missed, some with examples whose live zero set has exactly
+    ``b - 1`` rows (only their own ReLU pattern singles them out)."""
     for m, n, b, seed in [
         (12, 12, 4, 0),
         (12, 6, 2, 849935),
@@ -105,7 +118,6 @@ def test_known_hard_small_layers() -> None:
         (9, 7, 5, 295528),
     ]:
         case = layer_case(m, n, b, seed=seed)
-        assert _brute_force_finds_every_column(case)
         for threads in (1, 2):
             with _threads(threads):
                 _check_exact(case, m, n, b, seed)
