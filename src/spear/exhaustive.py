@@ -35,8 +35,9 @@ __all__ = [
 
 #: Problems with at most this many ``(r-1)``-subsets of live rows are enumerated.
 EXHAUSTIVE_MAX_SUBSETS = 20_000
-#: At most this many combinations of candidates are solved and verified.
-EXHAUSTIVE_MAX_COMBINATIONS = 50_000
+#: At most this many combinations of candidates are screened (about 10 us each, batched;
+#: the few survivors are solved and verified exactly).
+EXHAUSTIVE_MAX_COMBINATIONS = 400_000
 #: Candidates whose smallest singular value is below this fraction of the largest are
 #: linearly dependent and are not combined.
 RANK_TOL = 1e-8
