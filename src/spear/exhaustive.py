@@ -74,6 +74,7 @@ def candidate_directions(
     zero_tol: float,
     degeneracy_tol: float,
     realizable: Callable[[torch.Tensor], bool] | None = None,
+    deadline: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every direction some ``(r-1)``-subset of live rows determines, sparsest first.
 
@@ -92,6 +93,9 @@ def candidate_directions(
         When given, a zero set ``(m,)`` bool is kept only when it returns ``True`` (for
         example: it is not proven that no input of the layer is off exactly there,
         :meth:`spear.realizable.RealizabilityTest.refutes`).
+    deadline:
+        ``time.perf_counter()`` value after which no more candidates are made (those
+        made so far are returned).
 
     Returns
     -------
@@ -109,7 +113,7 @@ def candidate_directions(
     rows = torch.nonzero(live).flatten()
     zero_sets: dict[bytes, torch.Tensor] = {}
     subsets = itertools.combinations(rows.tolist(), r - 1)
-    while True:
+    while time.perf_counter() < deadline:
         chunk = list(itertools.islice(subsets, SUBSET_CHUNK))
         if not chunk:
             break
@@ -126,6 +130,8 @@ def candidate_directions(
     directions: list[torch.Tensor] = []
     counts: list[int] = []
     for zero_set in zero_sets.values():
+        if time.perf_counter() >= deadline:
+            break
         if realizable is not None and not realizable(zero_set):
             continue
         sub = basis[zero_set]

@@ -709,6 +709,7 @@ def invert_layer(
             tol.zero_tol,
             tol.degeneracy_tol,
             None if delta else _not_refuted(RealizabilityTest(layer, full_live, generator)),
+            deadline,
         )
 
         def solve_and_verify(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
