@@ -123,10 +123,10 @@ class RealizabilityTest:
         sign[:-1][off] = -1.0
         return self._ho_kashyap(sign) is False
 
-    def _ho_kashyap(self, sign: torch.Tensor, iterations: int = MAX_ITERATIONS) -> bool | None:
+    def _ho_kashyap(self, sign: torch.Tensor) -> bool | None:
         """Witness (True), refutation (False) or undecided (None) for signs ``(k + 1,)``."""
         beta = torch.ones_like(sign)
-        for _ in range(iterations):
+        for _ in range(MAX_ITERATIONS):
             v = self.pinv @ (sign * beta)
             fit = sign * (self.rows @ v)  # A v with A = diag(sign) rows
             if float(fit.min()) > WITNESS_MARGIN * float(v.norm()):
