@@ -97,12 +97,10 @@ class RealizabilityTest:
 
         ``True`` also when there is too little to decide (no live unit of one kind).
         """
-        off = zeros[self.live]
-        if not bool(off.any()) or bool(off.all()):
+        sign = self._signs(zeros)
+        if sign is None:
             self.last = "trivial"
             return True
-        sign = torch.ones(self.rows.shape[0], dtype=self.rows.dtype, device=self.rows.device)
-        sign[:-1][off] = -1.0
         decided = self._ho_kashyap(sign)
         if decided is not None:
             self.last = "witness" if decided else "refuted"
@@ -116,12 +114,18 @@ class RealizabilityTest:
         A cheap one-sided test: ``False`` also when it cannot decide (no linear programme
         is run). ``zeros`` is ``(m,)`` bool.
         """
+        sign = self._signs(zeros)
+        return sign is not None and self._ho_kashyap(sign) is False
+
+    def _signs(self, zeros: torch.Tensor) -> torch.Tensor | None:
+        """``(k + 1,)`` signs: -1 on the live units in ``zeros``, +1 elsewhere (and for tau);
+        ``None`` when the live units are all of one kind (nothing to decide)."""
         off = zeros[self.live]
         if not bool(off.any()) or bool(off.all()):
-            return False
+            return None
         sign = torch.ones(self.rows.shape[0], dtype=self.rows.dtype, device=self.rows.device)
         sign[:-1][off] = -1.0
-        return self._ho_kashyap(sign) is False
+        return sign
 
     def _ho_kashyap(self, sign: torch.Tensor) -> bool | None:
         """Witness (True), refutation (False) or undecided (None) for signs ``(k + 1,)``."""
