@@ -157,7 +157,7 @@ def verified_combination(
     live: torch.Tensor,
     directions: torch.Tensor,
     zero_tol: float,
-    last_example: Callable[[torch.Tensor], torch.Tensor | None],
+    complete: Callable[[torch.Tensor], torch.Tensor | None],
     solve_and_verify: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None],
     deadline: float,
     max_combinations: int = EXHAUSTIVE_MAX_COMBINATIONS,
@@ -186,9 +186,9 @@ def verified_combination(
         ``(c, r)`` candidate kernel vectors, sparsest first.
     zero_tol:
         Relative zero tolerance of the gradient's entries.
-    last_example:
-        Given ``(m, r)`` unit columns whose last one is a filler, the kernel vector
-        ``(r,)`` of the last example's predicted zero set, or ``None``.
+    complete:
+        Given ``(m, r-1)`` unit directions, the direction ``(m,)`` of the example they
+        leave out, from its own ReLU pattern (``spear.layer._complete_last``), or ``None``.
     solve_and_verify:
         Given ``(m, r)`` unit gradient directions, the complete solve ``(coords (r, b),
         grads (m, r))`` when every example passes verification, else ``None``.
@@ -221,19 +221,13 @@ def verified_combination(
             if time.perf_counter() > deadline:
                 return None
             known = columns[:, chunk[i]]
-            filler = basis @ _null_vector(directions[chunk[i]])
-            q = last_example(torch.cat([known, filler[:, None]], dim=1))
-            if q is None:
+            last = complete(known)
+            if last is None:
                 continue
-            solved = solve_and_verify(torch.cat([known, (basis @ q)[:, None]], dim=1))
+            solved = solve_and_verify(torch.cat([known, last[:, None]], dim=1))
             if solved is not None:
                 return solved
     return None
-
-
-def _null_vector(vectors: torch.Tensor) -> torch.Tensor:
-    """``(r,)`` unit vector orthogonal to the rows of ``vectors`` ``(r-1, r)``."""
-    return torch.linalg.svd(vectors, full_matrices=True).Vh[-1]
 
 
 def _screen(

@@ -214,6 +214,38 @@ def _solve_complete(
     return coords, grads
 
 
+def _complete_last(
+    left: torch.Tensor,
+    bias: torch.Tensor,
+    basis: torch.Tensor,
+    others: torch.Tensor,
+    layer: LayerView,
+    tol: Tolerances,
+) -> torch.Tensor | None:
+    """The direction ``(m,)`` of the one example that ``others`` ``(m, r-1)`` leave out.
+
+    With ``r - 1`` true directions known, the last example is exact in a complete solve
+    with *any* further column outside their span (fact 5: the filler mixes none of them
+    into it); its own ReLU pattern then gives its direction, the kernel of the rows of
+    ``basis`` ``(m, r)`` it clearly turns off (by ``REPAIR_MARGIN`` of their roundoff
+    bound). This holds even when that zero set has just ``r - 1`` live rows, where
+    sparsity alone cannot single the direction out. ``None`` when the kernel is not
+    one-dimensional.
+    """
+    r = basis.shape[1]
+    known = basis.T @ others  # (r, r-1)
+    filler = basis @ torch.linalg.svd(known.T, full_matrices=True).Vh[-1]
+    first = _solve_complete(left, bias, torch.cat([others, filler[:, None]], dim=1))
+    if first is None:
+        return None
+    z, bound = pre_activations(layer, first[0][-1])
+    off = z < -REPAIR_MARGIN * bound
+    if int(off.sum()) < r - 1:
+        return None
+    kern, _ = kernel(basis[off], tol.degeneracy_tol)
+    return basis @ kern[:, 0] if kern.shape[1] == 1 else None
+
+
 def _repair_one_direction(
     left: torch.Tensor,
     bias: torch.Tensor,
@@ -227,11 +259,9 @@ def _repair_one_direction(
 
     A wrong direction (a mixture) fails its own example and damages the examples mixed
     into it, so a failing solve has a few failing examples, one of them the wrong one's.
-    For each failing index ``i`` (at most :data:`MAX_REPAIRS`): with the other ``r - 1``
-    directions true, example ``i`` is exact in a complete solve with *any* column outside
-    their span (fact 5: the filler mixes none of them into it); its own ReLU pattern then
-    gives its true direction (the kernel of the basis rows it clearly turns off), and
-    the solve with that direction is kept when every example verifies.
+    For each failing index ``i`` (at most :data:`MAX_REPAIRS`), direction ``i`` is made
+    again from the other ``r - 1`` (:func:`_complete_last`), and the solve with it is kept
+    when every example verifies.
 
     Parameters
     ----------
@@ -255,19 +285,9 @@ def _repair_one_direction(
     basis = orthonormal_basis(left, r)
     for i in failing:
         others = torch.cat([cols[:, :i], cols[:, i + 1 :]], dim=1)  # (m, r-1)
-        known = basis.T @ others  # (r, r-1)
-        filler = basis @ torch.linalg.svd(known.T, full_matrices=True).Vh[-1]
-        first = _solve_complete(left, bias, torch.cat([others, filler[:, None]], dim=1))
-        if first is None:
+        direction = _complete_last(left, bias, basis, others, layer, tol)
+        if direction is None:
             continue
-        z, bound = pre_activations(layer, first[0][-1])
-        off = z < -REPAIR_MARGIN * bound
-        if int(off.sum()) < r - 1:
-            continue
-        kern, _ = kernel(basis[off], tol.degeneracy_tol)
-        if kern.shape[1] != 1:
-            continue
-        direction = basis @ kern[:, 0]
         repaired = torch.cat([cols[:, :i], direction[:, None], cols[:, i + 1 :]], dim=1)
         solved = _solve_complete(left, bias, repaired)
         if solved is not None and all_verify(*solved):
@@ -718,16 +738,9 @@ def invert_layer(
                 return None
             return solved
 
-        def last_example(cols: torch.Tensor) -> torch.Tensor | None:
-            solved = _solve_complete(fac.left, db, cols)
-            if solved is None or layer is None:
-                return None
-            z, _ = pre_activations(layer, solved[0][-1])
-            off = (z <= 0) & full_live
-            if int(off.sum()) < rank - 1:
-                return None
-            ker, _ = kernel(full_basis[off], tol.degeneracy_tol)
-            return ker[:, 0] if ker.shape[1] == 1 else None
+        def complete(others: torch.Tensor) -> torch.Tensor | None:
+            assert db is not None and layer is not None
+            return _complete_last(fac.left, db, full_basis, others, layer, tol)
 
         solved = verified_combination(
             full_basis,
@@ -737,7 +750,7 @@ def invert_layer(
             full_live,
             directions,
             tol.zero_tol,
-            last_example,
+            complete,
             solve_and_verify,
             deadline,
         )
