@@ -12,6 +12,7 @@ ReLU pattern completes it); the known cases below pin that.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -82,27 +83,16 @@ def _check_exact(case: LayerCase, m: int, n: int, b: int, seed: int) -> None:
     assert_exact(rec.inputs, case.inputs)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @settings(
     max_examples=150,
     deadline=None,
     derandomize=True,  # the same cases on every CI run; wider random sweeps run by hand
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(small_layers())
-def test_small_layers_one_thread(params: tuple[int, int, int, int]) -> None:
-    with _threads(1):
-        _check_small_layer(*params)
-
-
-@settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,  # the same cases on every CI run; wider random sweeps run by hand
-    suppress_health_check=[HealthCheck.too_slow],
-)
-@given(small_layers())
-def test_small_layers_two_threads(params: tuple[int, int, int, int]) -> None:
-    with _threads(2):
+@given(params=small_layers())
+def test_small_layers(threads: int, params: tuple[int, int, int, int]) -> None:
+    with _threads(threads):
         _check_small_layer(*params)
 
 

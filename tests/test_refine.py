@@ -62,6 +62,26 @@ def test_rgb_batch_exact_after_many_peels() -> None:
     assert match_rows(rec.inputs, x).worst_relative < EXACT
 
 
+def _tilt_first_answer(monkeypatch: pytest.MonkeyPatch, tilt: float) -> list[int]:
+    """Tilt the sampling solver's first answer: direction 0 by ``tilt`` towards direction 1.
+
+    Returns the list that records how many directions each call of the solver returned.
+    """
+    original = SamplingSolver.__call__
+    calls: list[int] = []
+
+    def corrupting(self: SamplingSolver, spec: SearchSpec, budget: Budget) -> Directions:
+        out = original(self, spec, budget)
+        calls.append(out.vectors.shape[0])
+        if len(calls) == 1 and out.vectors.shape[0] >= 2:
+            mix = out.vectors[0] + tilt * out.vectors[1]
+            out.vectors[0] = mix / mix.norm()
+        return out
+
+    monkeypatch.setattr(SamplingSolver, "__call__", corrupting)
+    return calls
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_wrong_direction_in_a_complete_solve_damages_nothing_returned(
     monkeypatch: pytest.MonkeyPatch, strict: bool
@@ -73,18 +93,7 @@ def test_wrong_direction_in_a_complete_solve_damages_nothing_returned(
     their verified part and check the whole again at the end. Every example returned is
     exact."""
     case = layer_case(800, 300, 24, real=True, seed=5)
-    original = SamplingSolver.__call__
-    calls = []
-
-    def corrupting(self: SamplingSolver, spec: SearchSpec, budget: Budget) -> Directions:
-        out = original(self, spec, budget)
-        calls.append(out.vectors.shape[0])
-        if len(calls) == 1 and out.vectors.shape[0] >= 2:
-            mix = out.vectors[0] + 1e-3 * out.vectors[1]
-            out.vectors[0] = mix / mix.norm()
-        return out
-
-    monkeypatch.setattr(SamplingSolver, "__call__", corrupting)
+    calls = _tilt_first_answer(monkeypatch, 1e-3)
     monkeypatch.setattr(layer_mod, "STRICT_COMPLETE_SOLVES", strict)
     rec = spear.invert_layer(
         case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias, time_budget=60
@@ -108,18 +117,7 @@ def test_wrong_direction_in_a_float32_solve_is_never_verified_wrong(
     factorisation verifies every example (which recomputes the damaged coordinates), and
     withheld otherwise. Either way, every returned example is right."""
     case = layer_case(800, 300, 24, real=True, seed=5, dtype=torch.float32)
-    original = SamplingSolver.__call__
-    calls = []
-
-    def corrupting(self: SamplingSolver, spec: SearchSpec, budget: Budget) -> Directions:
-        out = original(self, spec, budget)
-        calls.append(out.vectors.shape[0])
-        if len(calls) == 1 and out.vectors.shape[0] >= 2:
-            mix = out.vectors[0] + 1e-2 * out.vectors[1]
-            out.vectors[0] = mix / mix.norm()
-        return out
-
-    monkeypatch.setattr(SamplingSolver, "__call__", corrupting)
+    calls = _tilt_first_answer(monkeypatch, 1e-2)
     rec = spear.invert_layer(
         case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias, time_budget=60
     )
