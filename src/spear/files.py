@@ -21,9 +21,13 @@ code chosen by whoever made the file.
 part of a plain archive (pickles, compiled code), reads weights and constants from their
 raw bytes (no unpickler at all), never reads the example inputs (it only scans their pickle
 opcodes, without running them, and refuses them when they name anything but tensors), and
-checks the program's JSON before torch sees it: every operator must be an ATen operator or
-symbolic-size arithmetic, every name an identifier, every symbolic expression plain
-arithmetic over size symbols, every input and output spec a tuple, list or dict of names.
+checks the program's JSON before torch sees it: every operator must be one of the ATen
+operators of feed-forward layers (an allow-list: ATen also has operators that touch files,
+change process-wide state or skip bounds checks) or symbolic-size arithmetic, every tensor
+strided, every name an identifier, every symbolic expression plain arithmetic over size
+symbols (no powers, no numbers beyond 20 digits), every input and output spec a tuple,
+list or dict of names. What a file can make the loader allocate is bounded (declared
+member sizes, empty members, the example shape).
 Guard strings and debugging metadata are dropped (they do not change what the program
 computes). ``trust=True`` uses ``torch.export.load`` instead, for files from a trusted
 source only.
