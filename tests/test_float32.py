@@ -55,8 +55,11 @@ def _assert_exact(
     assert rec.labels is not None
     assert bool((rec.labels == y[best.indices]).all())
     if delta:
-        # a FedAvg delta's labels cannot be certified: its examples are
-        assert rec.examples_verified and not rec.verified, (rec.certificate, rec.notes)
+        # a FedAvg delta's labels cannot be certified; in float32, examples whose patterns
+        # hold only within the moved-mask tolerance cannot be told from mixtures of similar
+        # examples, so they are exact here but returned unverified, and the notes say so
+        assert not rec.verified, (rec.certificate, rec.notes)
+        assert rec.examples_verified or any("returned unverified" in n for n in rec.notes)
     else:
         assert rec.verified, (rec.certificate, rec.notes)
 

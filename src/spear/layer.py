@@ -1048,11 +1048,34 @@ def _finish(
     sparsity = zeros.to(torch.float64).mean(dim=0) if k else torch.zeros(0)
     consistency: torch.Tensor | None = None
     if layer is not None and k:
-        live = live_rows(fac.left / fac.left.norm(dim=0).clamp_min(1e-300), tol.zero_tol)
+        live_all = live_rows(fac.left / fac.left.norm(dim=0).clamp_min(1e-300), tol.zero_tol)
         consistency = torch.tensor(
-            [pattern_check(layer, coords[i], zeros[:, i], live, eps, delta)[1] for i in range(k)],
+            [
+                pattern_check(layer, coords[i], zeros[:, i], live_all, eps, delta)[1]
+                for i in range(k)
+            ],
             dtype=torch.float64,
         )
+    verified = layer is not None and k > 0
+    if verified and delta and not exact_precision(eps):
+        # the delta tolerances let ReLU masks move between local steps; under float32's
+        # coarser zero test a mixture of similar examples is pooled as a direction and can
+        # pass them too (measured: one-step float32 deltas, 784 -> 512, b = 32, four of
+        # twelve batches held 1 to 21 such examples, 0.4 to 0.7 off): verified only where
+        # every pattern holds as for a single step
+        assert layer is not None
+        strict = [
+            pattern_check(layer, coords[i], zeros[:, i], live_all, eps, False)[0] for i in range(k)
+        ]
+        loose = k - sum(strict)
+        if loose:
+            verified = False
+            notes.append(
+                f"{loose} of the {k} examples match their ReLU patterns only within the "
+                "tolerance for masks that move between local steps (multi-step FedAvg); "
+                f"in {in_dtype} a mixture of similar examples can match that as well, so the "
+                "examples are returned unverified."
+            )
     complete = k == rank
     if not complete:
         notes.append(
@@ -1079,7 +1102,7 @@ def _finish(
         inputs=inputs,
         batch_size=rank,
         complete=complete,
-        verified=layer is not None and k > 0,
+        verified=verified,
         output_grads=grads,
         singular_values=fac.singular_values,
         rank_gap=fac.gap,
