@@ -138,3 +138,24 @@ def test_ray_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(InputError, match=r'pip install "spear\[ray\]"'):
         parallel.import_ray()
+
+
+def test_audit_on_ray_agrees_with_serial(tmp_path: Path, local_ray: None) -> None:
+    from spear.audit import AuditConfig, ModelSpec, run_audit
+
+    config = AuditConfig(
+        model=ModelSpec(width=64, dtype="float64"),
+        batch_size=4,
+        lr=0.05,
+        clients=(1, 2),
+        secure_aggregation=True,
+        time_budget=5.0,
+    )
+    serial = run_audit(config, tmp_path / "serial", progress=False)
+    on_ray = run_audit(config, tmp_path / "ray", progress=False, ray=parallel.LOCAL, ray_cpus=2)
+    assert on_ray.ran == 2
+    shown = ("clients", "examples", "exact", "b_found", "recovered", "label_accuracy", "error")
+    assert [{k: r[k] for k in shown} for r in on_ray.rows] == [
+        {k: r[k] for k in shown} for r in serial.rows
+    ]
+    assert (tmp_path / "ray" / "grid_clients1_noise0.png").stat().st_size > 1000

@@ -61,6 +61,7 @@ __all__ = [
     "UpdateAuditor",
     "match_arrays",
     "select_updates",
+    "torch_threads",
 ]
 
 #: Keys of every record in ``report.json``, in order.
@@ -333,7 +334,7 @@ def _update(
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
     """Run with ``threads`` torch threads (``None``: unchanged), restored on exit."""
     if threads is None:
         yield
@@ -463,7 +464,7 @@ class UpdateAuditor:
                 record["notes"].append(
                     f"parameters {round_model.missing} were not sent; their update is taken as 0."
                 )
-            with _torch_threads(self.options.threads):
+            with torch_threads(self.options.threads):
                 rec = spear.attack(
                     round_model.model,
                     update,
