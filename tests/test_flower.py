@@ -156,7 +156,9 @@ def test_audited_strategy_attacks_every_reply_and_aggregates_the_same(tmp_path: 
         }
     ]
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
-    assert page.count("<img ") == 3 and "12 example(s) recovered" in page
+    assert page.count("<img ") == 3
+    assert "12 example(s) recovered from 3 certified update(s)" in page
+    assert (tmp_path / "report.png").stat().st_size > 5000
     assert "| 1 |" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 

@@ -10,17 +10,20 @@ Folder layout::
 
     out/report.json                         {"records": [...], "rounds": [...], "settings": {...}}
     out/report.md, out/report.html          the same as a table; the page shows the grids
+    out/report.png                          examples recovered per round, the first grids
     out/round_001/node_<id>/grid.png        the reconstructed images of one update
     out/round_001/node_<id>/reconstruction.safetensors   inputs (k, ...) and labels (k,)
 
 A record (one per attacked update) has the keys ``round``, ``node``, ``clients`` (updates
 summed into what was attacked: 1, or the number of clients under secure aggregation),
 ``update_kind``, ``batch_size`` (found in the update), ``recovered`` (examples the attack
-rebuilt and checked against their own ReLU pattern; 0 when it fell back to an estimate),
+returned, each checked against its own ReLU pattern; 0 when it fell back to an estimate),
 ``complete``, ``verified`` and ``examples_verified`` (the meanings of
-:class:`spear.Reconstruction`), ``certificate``, ``labels``, ``estimate``, ``seconds``,
-``layer``, ``dtype``, ``grid``, ``reconstruction``, ``notes`` and ``error`` (``None``, or the
-exception that stopped the attack: a failing attack never stops training).
+:class:`spear.Reconstruction`: only when ``examples_verified`` is every returned example
+certified against the update; otherwise some may be inexact), ``certificate``, ``labels``,
+``estimate``, ``seconds``, ``layer``, ``dtype``, ``grid``, ``reconstruction``, ``notes`` and
+``error`` (``None``, or the exception that stopped the attack: a failing attack never stops
+training).
 
 Examples
 --------
@@ -45,6 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.image import imread
 from numpy.typing import NDArray
 from safetensors.torch import save_file
 from torch import nn
@@ -571,17 +577,58 @@ class UpdateAuditor:
         paths = [write_text_atomic(text, self.out / "report.json")]
         paths.append(write_text_atomic(self.markdown(), self.out / "report.md"))
         paths.append(write_text_atomic(self.html(), self.out / "report.html"))
+        paths.append(self.overview(self.out / "report.png"))
         return paths
 
+    def overview(self, path: Path) -> Path:
+        """``report.png``: examples recovered per round and the first grids, at a glance."""
+        grids = [r for r in self.records if r.get("grid")][:4]
+        figure = Figure(figsize=(9.0, 2.6 + 1.3 * len(grids)), dpi=100)
+        FigureCanvasAgg(figure)
+        rows = 1 + len(grids)
+        chart = figure.add_subplot(rows, 1, 1)
+        rounds = [int(r["round"]) for r in self.rounds]
+        certified, other, batch = [], [], []
+        for number in rounds:
+            these = [r for r in self.records if r["round"] == number]
+            certified.append(sum(int(r["recovered"]) for r in these if r["examples_verified"]))
+            other.append(sum(int(r["recovered"]) for r in these if not r["examples_verified"]))
+            batch.append(sum(int(r["batch_size"] or 0) for r in these))
+        chart.bar(rounds, certified, color="#c0392b", label="recovered, certified")
+        chart.bar(rounds, other, bottom=certified, color="#f5b041", label="returned, not certified")
+        chart.plot(rounds, batch, "k_", markersize=30, label="examples in the updates")
+        chart.set_xlabel("round")
+        chart.set_ylabel("examples")
+        chart.set_xticks(rounds)
+        chart.set_title(self.title)
+        if rounds:
+            chart.legend(fontsize=7, loc="lower right")
+        for index, record in enumerate(grids, start=2):
+            axes = figure.add_subplot(rows, 1, index)
+            axes.imshow(imread(self.out / record["grid"]))
+            axes.set_axis_off()
+            axes.set_title(
+                f"round {record['round']}, node {record['node']}: {record['recovered']} of "
+                f"{record['batch_size']} recovered"
+                + (" (certified)" if record["examples_verified"] else ""),
+                fontsize=8,
+            )
+        figure.tight_layout()
+        figure.savefig(path)
+        return path
+
     def summary_line(self) -> str:
-        """One sentence: updates attacked, examples recovered, how many verified."""
-        attacked = len(self.records)
-        recovered = sum(int(r["recovered"]) for r in self.records)
-        leaking = sum(1 for r in self.records if r["recovered"])
+        """Updates attacked; examples from certified updates; what else came back."""
+        certified = [r for r in self.records if r["examples_verified"]]
+        others = [r for r in self.records if not r["examples_verified"] and r["recovered"]]
         failed = sum(1 for r in self.records if r["error"])
         return (
-            f"{attacked} update(s) attacked in {len(self.rounds)} round(s): {recovered} "
-            f"example(s) recovered from {leaking} update(s); {failed} attack(s) failed."
+            f"{len(self.records)} update(s) attacked in {len(self.rounds)} round(s): "
+            f"{sum(int(r['recovered']) for r in certified)} example(s) recovered from "
+            f"{len(certified)} certified update(s) (every example checked against the "
+            f"update); {sum(int(r['recovered']) for r in others)} more returned from "
+            f"{len(others)} update(s) that could not be certified (some may be inexact); "
+            f"{failed} attack(s) stopped with an error."
         )
 
     def markdown(self) -> str:

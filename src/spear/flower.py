@@ -119,6 +119,7 @@ class _Audit:
             if key not in converted:
                 converted[key] = (len(converted), self._to_arrays(record))
             per_node[node] = converted[key]
+        self.sent = {r: v for r, v in self.sent.items() if r >= server_round - 1}
         self.sent[server_round] = per_node
 
     @staticmethod
