@@ -60,6 +60,7 @@ from spear.errors import InputError
 from spear.pages import html_page, html_table, write_text_atomic
 
 __all__ = [
+    "CAVEAT",
     "EXACT_PIXEL_TOL",
     "KEY_FIELDS",
     "METRIC_FIELDS",
@@ -78,6 +79,11 @@ __all__ = [
 EXACT_PIXEL_TOL = 1e-3
 #: ``delta`` of the DP accounting.
 DP_DELTA = 1e-5
+#: What "nothing recovered" does and does not mean (printed and on the page).
+CAVEAT = (
+    "Nothing recovered means that this attack recovered nothing within its time budget on "
+    "these simulated clients, not that the setting is private."
+)
 #: Originals shown in a setting's image grid.
 GRID_IMAGES = 32
 
@@ -138,7 +144,7 @@ class ModelSpec:
 
     path: str | None = None
     trust: bool = False
-    width: int = 256
+    width: int = 1024
     dtype: str = "float32"
 
     @property
@@ -792,7 +798,7 @@ def _html(
         "<h2>Does this setting leak?</h2>",
         "<ul>" + "".join(f"<li>{line}</li>" for line in found["lines"]) + "</ul>",
         f'<p class="note">{_describe(config)} Exact: every pixel within {EXACT_PIXEL_TOL:g} '
-        "of the true image. Every number is measured on the simulated clients.</p>",
+        f"of the true image. Every number is measured on the simulated clients. {CAVEAT}</p>",
         html_table(rows, _TABLE, headers=_HEADERS, highlight="exact"),
         "<h2>Leakage</h2>",
         '<img src="leak_vs_clients.png" alt="leakage against clients">',
@@ -887,7 +893,8 @@ def run_audit(
 
         def finished(setting: Setting, output: SettingOutput) -> None:
             if output.row.get("error"):
-                say(f"spear audit: {setting}: {output.row['error']}")
+                where = f"{setting.clients} client(s), noise {setting.dp_noise:g}"
+                say(f"spear audit: {where}: {output.row['error']}")
             _write_grid(folder, setting, output)
             report.write_csv(
                 [{n: output.row.get(n) for n in (*KEY_FIELDS, *METRIC_FIELDS)}],

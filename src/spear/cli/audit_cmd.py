@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from spear import validate
-from spear.audit import AuditConfig, ModelSpec, run_audit
+from spear.audit import CAVEAT, AuditConfig, ModelSpec, run_audit
 from spear.bench import read_results
 from spear.cli.bench import _comma_list, add_ray_arguments
 from spear.files import check_output_folder
@@ -170,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(result.rows, _SHOWN))
     for line in result.conclusions["lines"]:
         print(line)
+    if any("nothing was recovered" in line for line in result.conclusions["lines"]):
+        print(CAVEAT)
     print(
         f"{result.ran} setting(s) run, {result.skipped} already in {args.out / 'results.csv'}; "
         f"{time.perf_counter() - start:.1f} s"
