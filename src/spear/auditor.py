@@ -583,39 +583,52 @@ class UpdateAuditor:
     def overview(self, path: Path) -> Path:
         """``report.png``: examples recovered per round and the first grids, at a glance."""
         grids = [r for r in self.records if r.get("grid")][:4]
-        figure = Figure(figsize=(9.0, 2.6 + 1.3 * len(grids)), dpi=100)
+        images = [imread(self.out / r["grid"]) for r in grids]
+        heights = [2.2] + [9.5 * image.shape[0] / image.shape[1] + 0.3 for image in images]
+        figure = Figure(figsize=(10.0, sum(heights) + 0.3), dpi=100)
         FigureCanvasAgg(figure)
-        rows = 1 + len(grids)
-        chart = figure.add_subplot(rows, 1, 1)
-        rounds = [int(r["round"]) for r in self.rounds]
-        certified, other, batch = [], [], []
-        for number in rounds:
-            these = [r for r in self.records if r["round"] == number]
-            certified.append(sum(int(r["recovered"]) for r in these if r["examples_verified"]))
-            other.append(sum(int(r["recovered"]) for r in these if not r["examples_verified"]))
-            batch.append(sum(int(r["batch_size"] or 0) for r in these))
-        chart.bar(rounds, certified, color="#c0392b", label="recovered, certified")
-        chart.bar(rounds, other, bottom=certified, color="#f5b041", label="returned, not certified")
-        chart.plot(rounds, batch, "k_", markersize=30, label="examples in the updates")
-        chart.set_xlabel("round")
-        chart.set_ylabel("examples")
-        chart.set_xticks(rounds)
-        chart.set_title(self.title)
-        if rounds:
-            chart.legend(fontsize=7, loc="lower right")
-        for index, record in enumerate(grids, start=2):
-            axes = figure.add_subplot(rows, 1, index)
-            axes.imshow(imread(self.out / record["grid"]))
+        layout = figure.add_gridspec(len(heights), 1, height_ratios=heights)
+        self._round_chart(figure.add_subplot(layout[0]))
+        for index, (record, image) in enumerate(zip(grids, images, strict=True), start=1):
+            axes = figure.add_subplot(layout[index])
+            axes.imshow(image)
             axes.set_axis_off()
+            certified = " (certified)" if record["examples_verified"] else ""
             axes.set_title(
                 f"round {record['round']}, node {record['node']}: {record['recovered']} of "
-                f"{record['batch_size']} recovered"
-                + (" (certified)" if record["examples_verified"] else ""),
+                f"{record['batch_size']} recovered{certified}",
                 fontsize=8,
             )
         figure.tight_layout()
         figure.savefig(path)
         return path
+
+    def _round_chart(self, chart: Any) -> None:
+        """Stacked bars per round: certified examples, other returned ones, and the total."""
+        rounds = [int(r["round"]) for r in self.rounds]
+        certified, other, total = [], [], []
+        for number in rounds:
+            these = [r for r in self.records if r["round"] == number]
+            certified.append(sum(int(r["recovered"]) for r in these if r["examples_verified"]))
+            other.append(sum(int(r["recovered"]) for r in these if not r["examples_verified"]))
+            total.append(sum(int(r["batch_size"] or 0) for r in these))
+        chart.bar(rounds, certified, width=0.6, color="#c0392b", label="recovered, certified")
+        chart.bar(
+            rounds,
+            other,
+            width=0.6,
+            bottom=certified,
+            color="#f5b041",
+            label="returned, not certified",
+        )
+        chart.scatter(rounds, total, marker="_", s=900, color="black", label="examples found")
+        chart.set_xticks(rounds)
+        chart.set_xlabel("round")
+        chart.set_ylabel("examples")
+        chart.set_ylim(0, max([1, *total]) * 1.15)
+        chart.set_title(self.title)
+        if rounds:
+            chart.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
     def summary_line(self) -> str:
         """Updates attacked; examples from certified updates; what else came back."""
