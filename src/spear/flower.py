@@ -129,9 +129,7 @@ class _Audit:
         arrays = parameters_to_ndarrays(record)
         return {str(index): array for index, array in enumerate(arrays)}
 
-    def audit(
-        self, server_round: int, replies: Sequence[tuple[Any, NDArrays | None]], note: str = ""
-    ) -> None:
+    def audit(self, server_round: int, replies: Sequence[tuple[Any, NDArrays | None]]) -> None:
         """Attack the chosen replies of a round, then write the report."""
         sent = self.sent.pop(server_round, {})
         chosen = select_updates([node for node, _ in replies], server_round, self.auditor.options)
