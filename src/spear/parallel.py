@@ -18,6 +18,7 @@ order; a task that fails (an exception in the case, a worker that died) comes ba
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -69,7 +70,9 @@ def _start(ray: Any, address: str, cpus: int | None) -> bool:
     else:
         options["address"] = address
     try:
-        ray.init(**options)
+        with warnings.catch_warnings():  # Ray's notice about GPU variables; no task uses GPUs
+            warnings.filterwarnings("ignore", message=".*accelerator visible devices.*")
+            ray.init(**options)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise InputError(
             f"could not start or join Ray at {address!r}: {error}. Use --ray alone for a "
