@@ -647,6 +647,42 @@ def _run_case(
     return row, rec
 
 
+def _failed_row(case: Case, error: str) -> dict[str, Any]:
+    """The row of a case whose run failed outside the attack (a lost Ray task)."""
+    row: dict[str, Any] = {name: getattr(case, name) for name in KEY_FIELDS}
+    row.update(_empty_metrics())
+    row.update(b_found=0, found=0, found_rate=0.0, exact_rate=0.0, error=error)
+    return row
+
+
+@dataclass
+class _CaseOutput:
+    """What one case sends back from a Ray task: its row and, for grids, the images."""
+
+    row: dict[str, Any]
+    originals: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
+
+
+def _case_task(job: tuple[Case, BenchConfig, bool]) -> _CaseOutput:
+    """One case, start to end (a Ray task): prepare, attack, score."""
+    case, config, want_images = job
+    pools = load_bench_data(config.data)
+    prepared = _prepare(case, pools, config)
+    row, rec = _run_case(case, prepared, config)
+    if not want_images or rec is None or rec.feature_space:
+        return _CaseOutput(row)
+    return _CaseOutput(row, prepared.images, rec.inputs.detach().to(torch.float64))
+
+
+def _write_grid(folder: Path, case: Case, originals: torch.Tensor, inputs: torch.Tensor) -> None:
+    """``grid_<attack>_b<b>.png``: originals on top, the attack's images below."""
+    shape = originals.shape
+    if math.prod(inputs.shape[1:]) == math.prod(shape[1:]):
+        grid = folder / f"grid_{case.attack}_b{case.batch_size}.png"
+        report.image_grid(originals, inputs.reshape(-1, *shape[1:]), grid)
+
+
 # --------------------------------------------------------------------------------------
 # results files
 
@@ -849,6 +885,52 @@ def _write_plots(
 # --------------------------------------------------------------------------------------
 # the sweep
 
+_Finished = Callable[[Case, dict[str, Any]], None]
+
+
+def _run_serial(
+    settings: Mapping[tuple[Any, ...], list[Case]],
+    first_setting: tuple[Any, ...],
+    config: BenchConfig,
+    folder: Path,
+    finished: _Finished,
+) -> None:
+    """Every pending case here, one update per setting shared by its attacks."""
+    pools: tuple[ImageData, ImageData] | None = None
+    for setting, cases in settings.items():
+        if pools is None:
+            pools = load_bench_data(config.data)
+        prepared = _prepare(cases[0], pools, config)
+        for case in cases:
+            row, rec = _run_case(case, prepared, config)
+            if setting == first_setting and rec is not None and not rec.feature_space:
+                _write_grid(folder, case, prepared.images, rec.inputs.detach().to(torch.float64))
+            finished(case, row)
+
+
+def _run_ray(
+    pending: Sequence[Case],
+    first_setting: tuple[Any, ...],
+    config: BenchConfig,
+    folder: Path,
+    finished: _Finished,
+    address: str,
+    cpus: int | None,
+) -> None:
+    """Every pending case as a Ray task (each prepares its own update)."""
+    from spear.parallel import describe_error, ray_map
+
+    jobs = [(case, config, case.setting == first_setting) for case in pending]
+
+    def failed(job: tuple[Case, BenchConfig, bool], error: BaseException) -> _CaseOutput:
+        return _CaseOutput(_failed_row(job[0], f"Ray task failed: {describe_error(error)}"))
+
+    for number, output in ray_map(_case_task, jobs, address=address, cpus=cpus, on_error=failed):
+        case = pending[number]
+        if output.originals is not None and output.inputs is not None:
+            _write_grid(folder, case, output.originals, output.inputs)
+        finished(case, output.row)
+
 
 @dataclass
 class BenchResult:
@@ -882,6 +964,8 @@ def run_bench(
     *,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    ray: str | None = None,
+    ray_cpus: int | None = None,
 ) -> BenchResult:
     """Run the sweep of ``config``, writing into the folder ``out``.
 
@@ -898,6 +982,14 @@ def run_bench(
         A progress bar over cases on stderr; default only on a terminal.
     log:
         Called with a line for every failed attack run (default: print to stderr).
+    ray:
+        ``None`` runs the cases here, one after the other. Otherwise every case is a Ray
+        task at this address (``"local"``: a Ray instance started for the run; ``"auto"``
+        or ``"ray://HOST:10001"``: a running cluster; see :mod:`spear.parallel`). The CSV
+        is the same; rows are appended as cases finish, and a task that fails (a lost
+        worker) is recorded as a row with its ``error``.
+    ray_cpus:
+        CPUs of a local Ray instance (default: all of this machine's).
 
     Returns
     -------
@@ -916,28 +1008,22 @@ def run_bench(
     settings: dict[tuple[Any, ...], list[Case]] = {}
     for case in pending:
         settings.setdefault(case.setting, []).append(case)
-    pools: tuple[ImageData, ImageData] | None = None
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(
         total=len(plan), initial=skipped, desc="spear bench", unit="case", disable=not show
     ) as bar:
-        for setting, cases in settings.items():
-            if pools is None:
-                pools = load_bench_data(config.data)
-            prepared = _prepare(cases[0], pools, config)
-            for case in cases:
-                bar.set_postfix_str(f"{case.attack} b={case.batch_size}", refresh=False)
-                row, rec = _run_case(case, prepared, config)
-                if row["error"]:
-                    say(f"spear bench: {case.attack} failed on {asdict(case)}: {row['error']}")
-                if setting == first_setting and rec is not None and not rec.feature_space:
-                    grid = folder / f"grid_{case.attack}_b{case.batch_size}.png"
-                    shape = prepared.images.shape
-                    if math.prod(rec.inputs.shape[1:]) == math.prod(shape[1:]):
-                        inputs = rec.inputs.detach().to(torch.float64)
-                        report.image_grid(prepared.images, inputs.reshape(-1, *shape[1:]), grid)
-                report.write_csv([row], csv_path, append=True)
-                bar.update(1)
+
+        def finished(case: Case, row: dict[str, Any]) -> None:
+            if row["error"]:
+                say(f"spear bench: {case.attack} failed on {asdict(case)}: {row['error']}")
+            report.write_csv([row], csv_path, append=True)
+            bar.set_postfix_str(f"{case.attack} b={case.batch_size}", refresh=False)
+            bar.update(1)
+
+        if ray is None:
+            _run_serial(settings, first_setting, config, folder, finished)
+        else:
+            _run_ray(pending, first_setting, config, folder, finished, ray, ray_cpus)
     keys = {case_key(case) for case in plan}
     rows = [row for row in read_results(csv_path) if case_key(row) in keys]
     summary = aggregate_rows(rows)

@@ -1,8 +1,9 @@
 """The ``spear`` command: thin wrappers that parse arguments and call the API.
 
-One module per command (``demo``, ``attack``, ``bench``); each exposes ``add_parser`` and
+One module per command (``demo``, ``attack``, ``bench``, ``audit``); each exposes ``add_parser`` and
 ``run``. Errors the user can act on end the command with one line on stderr and status 2;
-Ctrl-C ends it with one line and status 130 (``attack`` and ``bench`` say what was kept).
+Ctrl-C ends it with one line and status 130 (``attack``, ``bench`` and ``audit`` say what
+was kept).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
-from spear.cli import attack_cmd, bench, demo
+from spear.cli import attack_cmd, audit_cmd, bench, demo
 from spear.errors import (
     BatchTooLargeError,
     InputError,
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"spear {version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, attack_cmd, bench):
+    for module in (demo, attack_cmd, bench, audit_cmd):
         module.add_parser(sub)
     return parser
 

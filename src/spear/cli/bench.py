@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 from spear import validate
 from spear.bench import BENCH_ATTACKS, DATASETS, BenchConfig, read_results, run_bench
 from spear.files import check_output_folder
+from spear.parallel import LOCAL
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "add_ray_arguments", "run"]
 
 _T = TypeVar("_T")
 _DEFAULT = BenchConfig()
@@ -158,7 +159,28 @@ def add_parser(sub: Any) -> None:
         "--lr", type=float, default=d.client_lr, help=f"FedAvg local learning rate ({d.client_lr})"
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (bench-out)")
+    add_ray_arguments(p)
     p.set_defaults(run=run)
+
+
+def add_ray_arguments(p: Any) -> None:
+    """``--ray [ADDRESS]`` and ``--ray-cpus`` (shared with ``spear audit``)."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL,
+        default=None,
+        metavar="ADDRESS",
+        help="run the cases as Ray tasks (pip install 'spear[ray]'): alone, on a Ray started "
+        "for this run; 'auto' or ray://HOST:10001 for a running cluster whose nodes have "
+        "spear installed. Same CSV; rows are written as cases finish",
+    )
+    p.add_argument(
+        "--ray-cpus",
+        type=validate.positive_int_arg,
+        default=None,
+        help="CPUs of the Ray started for this run (default: all)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     start = time.perf_counter()
     try:
-        result = run_bench(config, args.out)
+        result = run_bench(config, args.out, ray=args.ray, ray_cpus=args.ray_cpus)
     except KeyboardInterrupt:
         csv_path = args.out / "results.csv"
         rows = len(read_results(csv_path))

@@ -1,0 +1,1 @@
+"""A Flower app whose server attacks every client update with spear."""
