@@ -999,12 +999,13 @@ def invert_layer(
     ):
         withheld = state.found - start_loose
         state.coords, state.grads = state.coords[:start_loose], state.grads[:start_loose]
-        notes.append(
-            f"{withheld} examples found after a complete solve in which some example failed "
-            "its check are withheld: a wrong direction in such a solve shifts the examples "
-            "mixed into it without flipping their ReLU patterns, and they could not be "
-            "solved again as a whole."
-        )
+        if withheld:
+            notes.append(
+                f"{withheld} examples found after a complete solve in which some example failed "
+                "its check are withheld: a wrong direction in such a solve shifts the examples "
+                "mixed into it without flipping their ReLU patterns, and they could not be "
+                "solved again as a whole."
+            )
     result = _finish(state, fac, tol, layer, eps, delta, rank, stats, start, notes, in_dtype)
     if noisy:
         result.verified = False  # patterns were allowed to disagree: estimates, not checks
@@ -1093,7 +1094,7 @@ def _finish(
             "no bias gradient: each example is recovered only up to a scale factor (and, "
             "without the layer's weights, a sign); the rows of .inputs are those directions."
         )
-    if in_dtype != torch.float64:
+    if in_dtype != torch.float64 and complete:
         notes.append(
             f"the gradient arrived as {in_dtype}: exact means to that precision (relative "
             f"residual of the factorisation {residual:.1e}, machine epsilon {eps:.1e})."
