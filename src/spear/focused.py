@@ -125,6 +125,7 @@ def focused_sampling(
         target=r,
         zero_tol=tol.zero_tol,
         degeneracy_tol=tol.degeneracy_tol,
+        separation=tol.separation,
         min_zero_fraction=min_zero_fraction,
         row_weights=None,
         known=torch.zeros(0, r, dtype=basis.dtype, device=basis.device),
@@ -248,7 +249,7 @@ def _kernel_candidates(
         tried += 1
         # one example inside the kernel: a pure one-dimensional kernel on its zero set
         # (cheap, k columns); mixtures fitted to cancel on a few rows fail here
-        pure = pure_kernel(sub[vals[:, i]], tol.degeneracy_tol)
+        pure = pure_kernel(sub[vals[:, i]], tol.degeneracy_tol, tol.separation)
         if pure is None:
             continue
         q = ker @ pure

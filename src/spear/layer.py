@@ -50,6 +50,7 @@ from spear.linalg import (
     Tolerances,
     factorise,
     kernel,
+    noise_floor,
     orthonormal_basis,
     unit_rows,
     zero_mask,
@@ -559,8 +560,7 @@ def invert_layer(
         fac = factorise(dw, eps, rank=rank)
         rank = fac.rank
     sv = fac.singular_values
-    floor = float(sv[rank] / sv[rank - 1]) if 0 < rank < sv.numel() else 0.0
-    tol = Tolerances.derive(in_dtype, fac.condition, noise_floor=floor)
+    tol = Tolerances.derive(in_dtype, fac.condition, noise_floor=noise_floor(sv, rank))
     noisy = batch_size is not None and fac.gap < MIN_RANK_GAP
     if noisy:
         # noise fills the singular values past b: zeros are only approximately zero, at a
@@ -576,7 +576,9 @@ def invert_layer(
             "exact (compare PSNR). Noise destroys the exact zeros the attack relies on."
         )
     if zero_tol is not None:
-        tol = Tolerances(eps=tol.eps, zero_tol=zero_tol, degeneracy_tol=zero_tol)
+        tol = Tolerances(
+            eps=tol.eps, zero_tol=zero_tol, degeneracy_tol=zero_tol, separation=tol.separation
+        )
     delta = update_kind == "delta"
     layer: LayerView | None = None
     if weight is not None:
@@ -838,6 +840,7 @@ def invert_layer(
                     target=remaining - known.shape[0],
                     zero_tol=tol.zero_tol,
                     degeneracy_tol=tol.degeneracy_tol,
+                    separation=tol.separation,
                     min_zero_fraction=min_zero_fraction,
                     row_weights=weights,
                     known=known,
@@ -924,6 +927,27 @@ def invert_layer(
                     )
                 )
                 if pooled:
+                    progressed = True
+            if (
+                layer is not None
+                and state.bias is not None
+                and search_with_weights
+                and not noisy
+                and remaining >= 2
+                and len(state.directions) == remaining - 1
+            ):
+                # one direction missing: its example is exact in a solve with any filler
+                # column, and its own ReLU pattern gives the direction (sparsity alone may
+                # not single it out)
+                last = _complete_last(
+                    state.left,
+                    state.bias,
+                    basis,
+                    torch.stack(state.directions, dim=1),
+                    layer,
+                    tol,
+                )
+                if last is not None and pool_add(state.directions, last / last.norm()):
                     progressed = True
             if len(state.directions) >= remaining:
                 dirs_now = torch.stack(state.directions[:remaining]) @ basis  # (r, r)

@@ -161,7 +161,7 @@ def direction_for(
     zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0]
     if int(zeros.sum()) < r - 1:
         return None
-    pure = pure_kernel(basis[zeros], tol.degeneracy_tol)
+    pure = pure_kernel(basis[zeros], tol.degeneracy_tol, tol.separation)
     if pure is None:
         return None
     return basis @ pure

@@ -74,6 +74,10 @@ class SearchSpec:
         The random generator to draw from (determinism given a seed).
     on_progress:
         Called with the number of distinct directions found so far, or ``None``.
+    separation:
+        A zero set's kernel counts as one-dimensional only when its second-smallest
+        singular value is at least this fraction of the one expected of random rows
+        (:func:`spear.linalg.pure_kernel`; ``Tolerances.separation``, 0 for float64).
     """
 
     basis: torch.Tensor
@@ -85,6 +89,7 @@ class SearchSpec:
     known: torch.Tensor
     generator: torch.Generator
     on_progress: Callable[[int], None] | None = None
+    separation: float = 0.0
 
 
 @dataclass

@@ -115,7 +115,7 @@ def purify(
     ker, zeros = settled
     d = ker.shape[1]
     if d == 1:
-        pure = pure_kernel(basis[zeros], spec.degeneracy_tol)
+        pure = pure_kernel(basis[zeros], spec.degeneracy_tol, spec.separation)
         if pure is None and weak is not None:
             weak.append(ker[:, 0])
         return [pure] if pure is not None else []

@@ -155,6 +155,7 @@ class SparseSolver:
             row_weights=spec.row_weights,
             known=torch.zeros(0, d, dtype=sub_basis.dtype, device=sub_basis.device),
             generator=spec.generator,
+            separation=spec.separation,
         )
         left = max(0, state.budget.max_samples - state.samples)
         cap = math.ceil(RESIDUAL_SAMPLING_FACTOR * expected_samples(d))
@@ -216,7 +217,7 @@ class _State:
         zeros = zero_mask(v[:, None], spec.zero_tol)[:, 0] & self.live
         k = int(zeros.sum())
         if k >= max(r - 1, 1) and k >= spec.min_zero_fraction * int(self.live.sum()):
-            pure = pure_kernel(basis[zeros], spec.degeneracy_tol)
+            pure = pure_kernel(basis[zeros], spec.degeneracy_tol, spec.separation)
             if pure is not None and abs(float(pure @ q)) > 1 - 1e-9:
                 return [pure]
         return purify(basis, q, spec)
