@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 import spear
 from spear import client, metrics, report, validate
 from spear.auditor import torch_threads
-from spear.bench import read_results
+from spear.bench import key_text, read_results
 from spear.data import ImageData, builtin_images, load_npz, sample_batch
 from spear.errors import InputError
 from spear.pages import html_page, html_table, write_text_atomic
@@ -584,19 +584,8 @@ def _setting_task(job: tuple[AuditConfig, Setting]) -> SettingOutput:
 # resume keys, conclusions
 
 
-def _key_text(value: Any) -> str:
-    if value is None or value == "":
-        return ""
-    if isinstance(value, bool):
-        return str(value)
-    try:
-        return repr(float(value))
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def _key(row: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(_key_text(row.get(name)) for name in KEY_FIELDS)
+    return tuple(key_text(row.get(name)) for name in KEY_FIELDS)
 
 
 def _first_zero(points: Sequence[tuple[float, int]]) -> tuple[float | None, bool]:

@@ -70,6 +70,7 @@ __all__ = [
     "build_model",
     "case_key",
     "get_bench_attack",
+    "key_text",
     "load_bench_data",
     "plan_cases",
     "read_results",
@@ -259,7 +260,7 @@ class Case:
         return tuple(getattr(self, name) for name in KEY_FIELDS if name != "attack")
 
 
-def _key_text(value: Any) -> str:
+def key_text(value: Any) -> str:
     """A key value as comparable text: numbers by value (``8``, ``8.0``, ``"8"`` agree)."""
     if value is None or value == "":
         return ""
@@ -274,8 +275,8 @@ def _key_text(value: Any) -> str:
 def case_key(case: Case | Mapping[str, Any]) -> tuple[str, ...]:
     """The resume key of a case or of a CSV row: the :data:`KEY_FIELDS` as text."""
     if isinstance(case, Case):
-        return tuple(_key_text(getattr(case, name)) for name in KEY_FIELDS)
-    return tuple(_key_text(case.get(name)) for name in KEY_FIELDS)
+        return tuple(key_text(getattr(case, name)) for name in KEY_FIELDS)
+    return tuple(key_text(case.get(name)) for name in KEY_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -734,7 +735,7 @@ def aggregate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """
     groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
-        key = tuple(_key_text(row.get(name)) for name in KEY_FIELDS if name != "seed")
+        key = tuple(key_text(row.get(name)) for name in KEY_FIELDS if name != "seed")
         groups.setdefault(key, []).append(row)
     result: list[dict[str, Any]] = []
     for members in groups.values():
@@ -806,7 +807,7 @@ def _series(
     returned no example (whose metric is therefore missing).
     """
     others = [name for name in ("batch_size", *_SETTING_FIELDS) if name != x_name]
-    varying = [n for n in others if len({_key_text(r.get(n)) for r in rows}) > 1]
+    varying = [n for n in others if len({key_text(r.get(n)) for r in rows}) > 1]
     groups: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         label = str(row["attack"])
@@ -829,13 +830,13 @@ def _write_plots(
     summary: Sequence[Mapping[str, Any]], plan: Sequence[Case], out: Path
 ) -> list[Path]:
     main_keys = {
-        tuple(_key_text(getattr(c, n)) for n in KEY_FIELDS if n != "seed")
+        tuple(key_text(getattr(c, n)) for n in KEY_FIELDS if n != "seed")
         for c in plan
         if c.sweep == "main"
     }
 
     def key(row: Mapping[str, Any]) -> tuple[str, ...]:
-        return tuple(_key_text(row.get(n)) for n in KEY_FIELDS if n != "seed")
+        return tuple(key_text(row.get(n)) for n in KEY_FIELDS if n != "seed")
 
     main = [row for row in summary if key(row) in main_keys]
     paths = [
@@ -862,13 +863,13 @@ def _write_plots(
         reference, smallest = plan[0], min(c.batch_size for c in plan)
         for row in summary:
             same = all(
-                _key_text(row.get(n)) == _key_text(getattr(reference, n))
+                key_text(row.get(n)) == key_text(getattr(reference, n))
                 for n in ("data", "width", "depth", "trained", "clients")
             )
-            local_ok = row.get("dp_clip") is not None or _key_text(
+            local_ok = row.get("dp_clip") is not None or key_text(
                 row.get("local_steps")
-            ) == _key_text(reference.local_steps)
-            if same and local_ok and _key_text(row.get("batch_size")) == _key_text(smallest):
+            ) == key_text(reference.local_steps)
+            if same and local_ok and key_text(row.get("batch_size")) == key_text(smallest):
                 noise_rows.append(row)
     paths.append(
         report.plot_lines(
