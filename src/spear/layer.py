@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from spear import validate
 from spear.candidates import (
     Residual,
+    drop_dependent,
     guided_weights,
     pool_add,
     pool_remove,
@@ -815,6 +816,7 @@ def invert_layer(
             remaining = rank - state.found
             if remaining == 0 or time.perf_counter() >= deadline:
                 break
+            drop_dependent(state, rank, tol)
             basis = orthonormal_basis(state.left, remaining)
             known = (
                 unit_rows(torch.stack(state.directions) @ basis)
@@ -928,6 +930,7 @@ def invert_layer(
                 )
                 if pooled:
                     progressed = True
+            drop_dependent(state, rank, tol)
             if (
                 layer is not None
                 and state.bias is not None
