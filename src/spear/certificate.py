@@ -1,4 +1,4 @@
-"""Recompute the update from a reconstruction and compare (ALGORITHM.md, "Certificate").
+"""Recompute the update from a reconstruction and compare (docs/algorithm.md, "Certificate").
 
 For a gradient update the certificate is the relative error
 

@@ -3,7 +3,7 @@
 On a small layer (few live units, small batch) every ``(r-1)``-row subset of the basis
 can be enumerated. Each subset whose kernel is one-dimensional gives a candidate
 direction; a true gradient column is among them whenever its zero set determines it
-(ALGORITHM.md, fact 4), whatever the BLAS rounds. Sparsity alone cannot tell a true
+(docs/algorithm.md, fact 4), whatever the BLAS rounds. Sparsity alone cannot tell a true
 column whose zero set has exactly ``r - 1`` live rows from a direction fitted to any
 ``r - 1`` rows, so with the layer's weights the candidates are combined, sparsest
 first, and a combination is accepted only when every example of its complete solve

@@ -1,4 +1,4 @@
-"""Labels from the recovered inputs (ALGORITHM.md, "Labels").
+"""Labels from the recovered inputs (docs/algorithm.md, "Labels").
 
 For softmax cross-entropy, example ``i``'s gradient column at the attacked layer's
 pre-activations is ``g_i = J_i^T (p_i - y_i) / B`` with ``J_i`` the Jacobian of the logits

@@ -1,6 +1,6 @@
 """Invert one linear layer followed by ReLU: ``(dW, db[, W, c]) -> inputs``.
 
-The driver of the attack (ALGORITHM.md, facts 1-8):
+The driver of the attack (docs/algorithm.md, facts 1-8):
 
 1. the numerical rank of ``dW`` gives ``b``; its truncated SVD gives ``dW = L R``;
 2. with the layer's weights, every row of ``dW`` gives a candidate (``dW[j] / db[j]``)

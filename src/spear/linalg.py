@@ -378,7 +378,7 @@ def pure_kernel(rows: torch.Tensor, tol: float, separation: float = 0.0) -> torc
     leaving it out raises the kernel's dimension. A true column's zero set has no
     essential row. So the kernel is accepted only when it is one-dimensional and no row
     has leverage (diagonal of the hat matrix of ``rows``' column space) near 1
-    (ALGORITHM.md, fact 10).
+    (docs/algorithm.md, fact 10).
 
     Parameters
     ----------

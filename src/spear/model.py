@@ -1,7 +1,7 @@
 """Find the attackable layer of a torch model and the part of the model after it.
 
 A layer is attackable when it is an ``nn.Linear`` whose output goes straight into a ReLU
-(ALGORITHM.md, "one linear layer followed by ReLU"). The model is traced with
+(docs/algorithm.md, "one linear layer followed by ReLU"). The model is traced with
 ``torch.fx`` so that flattening or reshaping inside ``forward`` is seen, not only
 ``nn.Flatten`` in an ``nn.Sequential``, and ``torch.export`` programs (whose linear layers
 are ``aten.linear`` calls) are read the same way. The model is never modified: the part

@@ -1,7 +1,7 @@
 """Is a zero set the ReLU off-set of some input? (exact witness or exact refutation).
 
 A true gradient column is zero exactly where its own example turns the unit off
-(ALGORITHM.md, fact 7), so its zero set ``Z`` is the off-set of a point ``x = p @ right``:
+(docs/algorithm.md, fact 7), so its zero set ``Z`` is the off-set of a point ``x = p @ right``:
 with the layer's rows ``a_j = [w_j . right^T, c_j] / |.|`` and the sign ``y_j = -1`` on
 ``Z``, ``+1`` elsewhere, the homogeneous system
 

@@ -2,7 +2,7 @@
 
 The server knows the attacked layer's weight ``W`` and bias ``c``. For a candidate example
 ``x``, ``W x + c`` predicts which units are off; those must be exactly the zero entries of
-the example's gradient column (ALGORITHM.md, fact 7). For FedAvg deltas the masks may move
+the example's gradient column (docs/algorithm.md, fact 7). For FedAvg deltas the masks may move
 between local steps (fact 11), which the tolerances below allow.
 """
 

@@ -2,7 +2,7 @@
 
 Shared by every solver. Given a unit vector ``q`` with ``v = basis @ q`` approximately
 sparse, take the rows where ``v`` is zero and compute the kernel of the basis restricted to
-them (ALGORITHM.md, facts 4 and 10):
+them (docs/algorithm.md, facts 4 and 10):
 
 * a one-dimensional kernel gives the exact direction of one column of ``G`` ("pure");
 * a ``d``-dimensional kernel means the rows lie in the zero sets of ``d`` examples at once

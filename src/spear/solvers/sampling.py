@@ -1,4 +1,4 @@
-"""SPEAR's sampling solver (ALGORITHM.md, fact 4).
+"""SPEAR's sampling solver (docs/algorithm.md, fact 4).
 
 Draw many random ``(r-1)``-row subsets ``S`` of the basis at once, take the kernel
 direction ``q`` of each ``basis[S]`` with one batched solve, and keep ``q`` only when

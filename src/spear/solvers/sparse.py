@@ -3,10 +3,10 @@
 The sought directions ``q_i`` are the columns of ``Q`` with ``basis @ Q = G`` (up to the
 columns' scales). Write ``A = Q^{-1}`` and call its rows ``a_i`` the *atoms*: row ``j`` of the
 basis is ``basis[j] = sum_i G[j, i] a_i``, a combination of the atoms of the examples that
-turn unit ``j`` on. On real data many units are on for very few examples (ALGORITHM.md,
+turn unit ``j`` on. On real data many units are on for very few examples (docs/algorithm.md,
 fact 10), and a unit that is on for exactly one example ``i`` gives a row parallel to
 ``a_i``. Two such rows are exactly parallel, which no other pair of rows is (generically):
-that is an exact, sampling-free test (ALGORITHM.md, fact 8, without the bias).
+that is an exact, sampling-free test (docs/algorithm.md, fact 8, without the bias).
 
 1. **Peeling (the cascade).** Find groups of exactly parallel rows; each group gives an atom.
    When none is left, look for rank-2 triples of rows (two examples' atoms span them) and
@@ -37,7 +37,7 @@ that is an exact, sampling-free test (ALGORITHM.md, fact 8, without the bias).
 Cost: a cascade round is ``O(m r)`` plus a sort (``O(tries m r)`` when it searches for
 pairs), the back-substitution ``O(m r)`` per direction; no ``m x m`` matrix is formed.
 The method needs units that are on for very few examples, which real images provide
-(ALGORITHM.md, fact 10). Measured on Fashion-MNIST (untrained and briefly trained
+(docs/algorithm.md, fact 10). Measured on Fashion-MNIST (untrained and briefly trained
 ``784 -> m -> 10`` MLPs, float64): all columns at ``b = 32`` (``m = 1000, 2000``) and
 ``b = 64`` (``m = 2000``), 33-64 of 64 at ``m = 1000``, 113-122 of 128 at ``m = 2000``;
 the cascade stalls at once (nothing found) at ``b = 128, m = 1000`` and ``b = 256``, where
