@@ -9,6 +9,7 @@ import torch
 from tests.conftest import LayerCase, layer_case, server_view
 
 from spear.candidates import Residual, row_candidates, subspace_candidates, unknown_subspace
+from spear.inversion.pool import DirectionPool
 from spear.linalg import Tolerances
 from spear.verify import LayerView
 
@@ -18,11 +19,11 @@ EPS = float(torch.finfo(torch.float64).eps)
 def _setup(case: LayerCase, missing: list[int]) -> tuple[Residual, LayerView, Tolerances, int]:
     """A residual with the true directions of every example but ``missing`` pooled."""
     fac, layer, tol = server_view(case)
-    state = Residual(
-        left=fac.left.clone(), bias=case.bias_grad.clone(), coords=[], grads=[], directions=[]
-    )
     cols = case.output_grads / case.output_grads.norm(dim=0)
-    state.directions = [cols[:, i] for i in range(cols.shape[1]) if i not in missing]
+    pooled = DirectionPool(cols[:, i] for i in range(cols.shape[1]) if i not in missing)
+    state = Residual(
+        left=fac.left.clone(), bias=case.bias_grad.clone(), coords=[], grads=[], directions=pooled
+    )
     return state, layer, tol, fac.rank
 
 

@@ -281,9 +281,9 @@ def test_version_falls_back_to_the_package_attribute(monkeypatch: pytest.MonkeyP
 
 def _interrupt_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C on the second row scan of the search (the first one has peeled examples)."""
-    import spear.layer
+    import spear.inversion.steps.peeling as peeling
 
-    scan = spear.layer.row_candidates
+    scan = peeling.row_candidates
     calls = []
 
     def interrupted(*args: object, **kwargs: object) -> int:
@@ -292,7 +292,7 @@ def _interrupt_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
             raise KeyboardInterrupt
         return scan(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(spear.layer, "row_candidates", interrupted)
+    monkeypatch.setattr(peeling, "row_candidates", interrupted)
 
 
 def test_ctrl_c_during_the_search_keeps_the_verified_examples(

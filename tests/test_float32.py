@@ -14,7 +14,7 @@ from torch import nn
 import spear
 from spear import client
 from spear.data import builtin_images, sample_batch
-from spear.layer import _solve_complete
+from spear.inversion.solve import solve_complete
 from spear.linalg import factorise, zero_mask
 from spear.verify import LayerView, pattern_check
 
@@ -131,7 +131,7 @@ def test_float32_complete_solve_with_a_wrong_direction_never_verifies(tilt: floa
     live = torch.ones(dw.shape[0], dtype=torch.bool)
 
     def verdicts(directions: torch.Tensor) -> tuple[list[bool], torch.Tensor]:
-        solved = _solve_complete(fac.left, db, directions)
+        solved = solve_complete(fac.left, db, directions)
         assert solved is not None
         coords, grads = solved
         zeros = zero_mask(grads, _zero_tol(fac))

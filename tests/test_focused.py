@@ -9,6 +9,7 @@ from tests.conftest import layer_case, server_view
 
 from spear.candidates import Residual
 from spear.focused import _break_known, focused_sampling
+from spear.inversion.pool import DirectionPool
 
 
 def test_focused_sampling_pools_true_missing_directions() -> None:
@@ -21,7 +22,7 @@ def test_focused_sampling_pools_true_missing_directions() -> None:
         bias=case.bias_grad.clone(),
         coords=[],
         grads=[],
-        directions=[cols[:, i] for i in range(20)],
+        directions=DirectionPool(cols[:, i] for i in range(20)),
     )
     gen = torch.Generator().manual_seed(0)
     pooled, draws = focused_sampling(state, layer, tol, 64, gen, time.perf_counter() + 30, 0.1)
@@ -38,11 +39,13 @@ def test_focused_sampling_pools_true_missing_directions() -> None:
 def test_focused_sampling_needs_a_bias_and_pooled_directions() -> None:
     case = layer_case(300, 100, 30, real=True)
     fac, layer, tol = server_view(case)
-    state = Residual(left=fac.left, bias=case.bias_grad, coords=[], grads=[], directions=[])
+    state = Residual(
+        left=fac.left, bias=case.bias_grad, coords=[], grads=[], directions=DirectionPool()
+    )
     gen = torch.Generator().manual_seed(0)
     assert focused_sampling(state, layer, tol, 30, gen, time.perf_counter() + 5, 0.1) == (0, 0)
     state.bias = None
-    state.directions = [case.output_grads[:, 0] / case.output_grads[:, 0].norm()]
+    state.directions = DirectionPool([case.output_grads[:, 0] / case.output_grads[:, 0].norm()])
     assert focused_sampling(state, layer, tol, 30, gen, time.perf_counter() + 5, 0.1) == (0, 0)
 
 

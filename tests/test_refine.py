@@ -3,15 +3,18 @@ and on exact gradients peeled only when every example verifies (damaged examples
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from tests.conftest import EXACT, layer_case, match_rows, server_view
 from torch import nn
 
 import spear
-import spear.layer as layer_mod
 from spear.data import rgb_patches, sample_batch
-from spear.layer import _refine_columns
+from spear.inversion.driver import invert
+from spear.inversion.problem import Problem, Request
+from spear.inversion.solve import refine_columns
 from spear.linalg import orthonormal_basis, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.sampling import SamplingSolver
@@ -31,7 +34,7 @@ def test_refine_columns_restores_exact_zeros_and_keeps_mixtures() -> None:
     # the drifted columns are not zero to the tolerance where the truth is
     true_zero = zero_mask(truth[:, 1:], tol.zero_tol)
     assert not torch.equal(zero_mask(drifted[:, 1:], tol.zero_tol), true_zero)
-    out = _refine_columns(layer, full_basis, coords, drifted, tol)
+    out = refine_columns(layer, full_basis, coords, drifted, tol)
     # the mixture is exactly zero where both examples are off: projecting keeps it
     assert float((out[:, 0] - mix).abs().max()) < 1e-12
     assert float((out[:, 1:] - truth[:, 1:]).abs().max()) < 1e-13
@@ -94,10 +97,25 @@ def test_wrong_direction_in_a_complete_solve_damages_nothing_returned(
     exact."""
     case = layer_case(800, 300, 24, real=True, seed=5)
     calls = _tilt_first_answer(monkeypatch, 1e-3)
-    monkeypatch.setattr(layer_mod, "STRICT_COMPLETE_SOLVES", strict)
-    rec = spear.invert_layer(
-        case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias, time_budget=60
+    request = Request(
+        weight_grad=case.weight_grad,
+        bias_grad=case.bias_grad,
+        weight=case.weight,
+        bias=case.bias,
+        batch_size=None,
+        seed=0,
+        solver="auto",
+        update_kind="gradient",
+        time_budget=60,
+        max_samples=None,
+        zero_tol=None,
+        min_zero_fraction=0.1,
+        device=None,
+        progress=None,
+        search_with_weights=True,
+        strict_solves=strict,
     )
+    rec = invert(Problem.build(request, time.perf_counter()))
     assert calls and calls[0] >= 2, "the case must reach the sampling solver with 2+ directions"
     worst = match_rows(rec.inputs, case.inputs).worst_relative
     if strict:

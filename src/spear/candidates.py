@@ -15,17 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from spear.inversion.pool import DirectionPool
 from spear.linalg import Tolerances, orthonormal_basis, zero_mask
 from spear.solvers.polish import live_rows
 from spear.verify import LayerView, direction_for, pattern_check
 
 __all__ = [
     "Residual",
-    "drop_dependent",
     "guided_weights",
-    "in_pool",
-    "pool_add",
-    "pool_remove",
     "residual_svd",
     "row_candidates",
     "scaled_grad",
@@ -44,15 +41,6 @@ ROW_AGREEMENT_ULPS = 100.0
 #: A direction derived from a row candidate is pooled when the candidate's predicted ReLU
 #: pattern agrees with the direction's zero pattern on this fraction of the units.
 DIRECTION_AGREEMENT = 0.9
-#: Two unit directions are the same when ``|<u, v>| > 1 - SAME_DIRECTION``.
-SAME_DIRECTION = 1e-8
-#: A pooled direction is a combination of other pooled ones when its distance from their
-#: span (unit coordinates in the residual's orthonormal basis) is at most this many zero
-#: tolerances. Measured on float32 Fashion-MNIST, b = 128, m = 1000: a pooled mixture of
-#: two similar examples lay 1.2e-6 from the span of their own pooled directions, while
-#: the smallest singular value of the true unit directions was 0.21 (the zero tolerance
-#: was 2.5e-5).
-DEPENDENCE_HEADROOM = 100.0
 #: The row scans stop after this many rows in a row that give nothing new (directions come
 #: from rows on for few examples, which are scanned first; measured on Fashion-MNIST,
 #: b = 256, m = 2000: the first scan's 20 hits came within its first 600 of 1,987 rows, 19 of
@@ -70,7 +58,7 @@ class Residual:
     bias: torch.Tensor | None  # (m,) residual bias gradient
     coords: list[torch.Tensor]  # found examples, (b,) coordinates in the row space
     grads: list[torch.Tensor]  # their gradient columns, (m,)
-    directions: list[torch.Tensor]  # exact unit gradient directions (m,) not yet peeled
+    directions: DirectionPool  # exact unit gradient directions (m,) not yet peeled
 
     @property
     def found(self) -> int:
@@ -157,7 +145,7 @@ def row_candidates(
         unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
         if unit is None:
             continue
-        known = bool(not pool_add(state.directions, unit))
+        known = not state.directions.add(unit)
         if not known:
             idle = 0
         if int(support[i]) >= 2 and not known:
@@ -170,7 +158,7 @@ def row_candidates(
             if ok:
                 exact.append((coord, grad))
     for coord, grad in exact:
-        pool_remove(state.directions, grad / grad.norm())
+        state.directions.remove(grad / grad.norm())
         state.peel(coord, grad)
     return len(exact)
 
@@ -201,13 +189,13 @@ def residual_svd(state: Residual, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def unknown_subspace_from(
-    row_space: tuple[torch.Tensor, torch.Tensor, torch.Tensor], directions: list[torch.Tensor]
+    row_space: tuple[torch.Tensor, torch.Tensor, torch.Tensor], directions: DirectionPool
 ) -> torch.Tensor:
     """``(b, r - k)``: the row space orthogonal to the ``q_k`` of ``k`` pooled directions."""
     u, s, vh = row_space
     if not directions:
         return vh.T.contiguous()
-    dirs = torch.stack(directions, dim=1)  # (m, k)
+    dirs = directions.stack(dim=1)  # (m, k)
     duals = (u.T @ dirs) / s[:, None]  # (r, k): q_k in the coordinates y = vh p
     _, _, wh = torch.linalg.svd(duals.T, full_matrices=True)
     comp = wh[duals.shape[1] :]  # (r - k, r), orthonormal, orthogonal to every q_k
@@ -261,7 +249,7 @@ def subspace_candidates(
         if float(coord.norm()) <= tol.zero_tol * float(ratio.norm()):
             continue
         unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
-        if unit is not None and pool_add(state.directions, unit):
+        if unit is not None and state.directions.add(unit):
             added += 1
             idle = 0
             span = unknown_subspace_from(row_space, state.directions)
@@ -310,55 +298,6 @@ def _agreeing_direction(
     if agreement < DIRECTION_AGREEMENT:
         return None
     return direction / direction.norm()
-
-
-def in_pool(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:
-    """Whether the unit direction is already in ``pool`` (up to sign)."""
-    return any(abs(float(unit @ d)) > 1 - SAME_DIRECTION for d in pool)
-
-
-def pool_add(pool: list[torch.Tensor], unit: torch.Tensor) -> bool:
-    """Add a unit direction unless it is already there (up to sign); True when added."""
-    if in_pool(pool, unit):
-        return False
-    pool.append(unit)
-    return True
-
-
-def pool_remove(pool: list[torch.Tensor], unit: torch.Tensor) -> None:
-    """Remove the pooled direction equal to ``unit`` (up to sign), if any."""
-    for i, d in enumerate(pool):
-        if abs(float(unit @ d)) > 1 - SAME_DIRECTION:
-            del pool[i]
-            return
-
-
-def drop_dependent(state: Residual, rank: int, tol: Tolerances) -> int:
-    """Remove pooled directions that are combinations of other pooled ones.
-
-    True gradient directions are linearly independent; a pooled mixture of several
-    examples is not, once those examples' own directions are pooled as well (float32
-    pools such mixtures when their entries cancel, by accident, on a few rows). Each
-    dependency found is broken by removing its member with the fewest zeros: a mixture
-    is zero only where all its examples are (and on its few accidental rows), so it is
-    the least sparse member. Returns the number removed.
-    """
-    removed = 0
-    remaining = rank - state.found
-    while 2 <= len(state.directions) <= remaining:
-        basis = orthonormal_basis(state.left, remaining)  # (m, r)
-        pooled = torch.stack(state.directions, dim=1)  # (m, k)
-        coords = basis.T @ pooled
-        coords = coords / coords.norm(dim=0).clamp_min(torch.finfo(coords.dtype).tiny)
-        _, s, vh = torch.linalg.svd(coords, full_matrices=False)
-        if float(s[-1]) > DEPENDENCE_HEADROOM * tol.zero_tol:
-            break
-        null = vh[-1].abs()  # (k,) the dependency's coefficients
-        members = torch.nonzero(null > DEPENDENCE_HEADROOM * tol.zero_tol).flatten()
-        zeros = zero_mask(pooled[:, members], tol.zero_tol).sum(dim=0)
-        del state.directions[int(members[int(torch.argmin(zeros))])]
-        removed += 1
-    return removed
 
 
 def guided_weights(state: Residual, layer: LayerView, tol: Tolerances) -> torch.Tensor:

@@ -32,13 +32,8 @@ import time
 
 import torch
 
-from spear.candidates import (
-    Residual,
-    in_pool,
-    pool_add,
-    residual_svd,
-    unknown_subspace_from,
-)
+from spear.candidates import Residual, residual_svd, unknown_subspace_from
+from spear.inversion.pool import DirectionPool
 from spear.linalg import Tolerances, orthonormal_basis, pure_kernel, zero_mask
 from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec
@@ -168,7 +163,7 @@ def focused_sampling(
                     zero_mask(unit[:, None], tol.zero_tol)[:, 0]
                 ):
                     continue
-                if pool_add(state.directions, unit):
+                if state.directions.add(unit):
                     pooled += 1
                     idle = 0
                     if remaining - len(state.directions) <= HANDOFF_MISSING:
@@ -237,14 +232,14 @@ def _kernel_candidates(
     w = vv[:, -1, :]  # (draws, k)
     vals = zero_mask(sub @ w.T, tol.zero_tol)  # (m, draws)
     zeros = vals.sum(dim=0)
-    out: list[torch.Tensor] = []
+    out = DirectionPool()
     tried = 0
     for i in torch.argsort(zeros, descending=True).tolist():
         if len(out) >= k or tried >= 3 * k or int(zeros[i]) < basis.shape[0] // 10:
             break
         q = ker @ w[i]
         q = q / q.norm()
-        if in_pool(out, q):
+        if out.contains(q):
             continue
         tried += 1
         # one example inside the kernel: a pure one-dimensional kernel on its zero set
@@ -253,15 +248,15 @@ def _kernel_candidates(
         if pure is None:
             continue
         q = ker @ pure
-        pool_add(out, q / q.norm())
-    return out
+        out.add(q / q.norm())
+    return list(out)
 
 
 def _zero_sets(state: Residual, tol: Tolerances) -> torch.Tensor:
     """``(m, k)`` bool: where each pooled direction is zero."""
     if not state.directions:
         return torch.zeros(state.left.shape[0], 0, dtype=torch.bool, device=state.left.device)
-    return zero_mask(torch.stack(state.directions, dim=1), tol.zero_tol)
+    return zero_mask(state.directions.stack(dim=1), tol.zero_tol)
 
 
 def _break_known(
@@ -315,7 +310,7 @@ def _known_basis(state: Residual, basis: torch.Tensor) -> torch.Tensor:
     """``(r, k)`` orthonormal basis of the pooled directions in basis coordinates."""
     if not state.directions:
         return torch.zeros(basis.shape[1], 0, dtype=basis.dtype, device=basis.device)
-    coords = basis.T @ torch.stack(state.directions, dim=1)
+    coords = basis.T @ state.directions.stack(dim=1)
     return torch.linalg.qr(coords).Q
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from spear.inversion.pool import same_direction
 from spear.linalg import kernel, pure_kernel, zero_mask
 from spear.solvers.base import SearchSpec
 
@@ -160,10 +161,10 @@ def _split(
         if int(nz[idx]) < spec.min_zero_fraction * int(live.sum()):
             break
         q = ker @ cand[idx]
-        if any(abs(float(q @ f)) > 1 - 1e-8 for f in found + tried):
+        if any(same_direction(q, f) for f in found + tried):
             continue
         tried.append(q / q.norm())
         for p in purify(basis, q, spec, depth + 1, weak):
-            if all(abs(float(p @ f)) <= 1 - 1e-8 for f in found):
+            if not any(same_direction(p, f) for f in found):
                 found.append(p)
     return found

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from spear.inversion.pool import same_direction
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows, purify
 
@@ -185,7 +186,7 @@ def _in_span(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
 
 def _seen(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
     """Whether ``q`` equals one of ``among`` up to sign (unit vectors)."""
-    return any(abs(float(q @ f)) > 1 - 1e-8 for f in among)
+    return any(same_direction(q, f) for f in among)
 
 
 def _pack(

@@ -52,6 +52,7 @@ import math
 
 import torch
 
+from spear.inversion.pool import same_direction
 from spear.linalg import pure_kernel, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows, purify
@@ -59,6 +60,15 @@ from spear.solvers.sampling import SamplingSolver, expected_samples
 
 __all__ = ["SparseSolver"]
 
+#: Vectors compared inside the cascade are approximate (back-substituted coefficients, not
+#: yet polished to their exact zero sets): two of them count as the same direction when
+#: ``|<u, v>| > 1 - CASCADE_SAME_DIRECTION``, a looser test than the pool's exact
+#: :data:`spear.inversion.pool.SAME_DIRECTION`.
+CASCADE_SAME_DIRECTION = 1e-6
+#: A candidate is already exact (the fast path of polishing) when the pure kernel of its
+#: zero set agrees with it to ``1 - EXACT_CANDIDATE``: tighter than the pool's rule, so
+#: that a candidate merely close to an exact direction is split by the full polish.
+EXACT_CANDIDATE = 1e-9
 #: Residual ranks up to this are finished by sampling.
 MAX_SAMPLING_RANK = 16
 #: Samples granted to that sampling, in units of its coupon-collector estimate.
@@ -218,7 +228,7 @@ class _State:
         k = int(zeros.sum())
         if k >= max(r - 1, 1) and k >= spec.min_zero_fraction * int(self.live.sum()):
             pure = pure_kernel(basis[zeros], spec.degeneracy_tol, spec.separation)
-            if pure is not None and abs(float(pure @ q)) > 1 - 1e-9:
+            if pure is not None and same_direction(pure, q, EXACT_CANDIDATE):
                 return [pure]
         return purify(basis, q, spec)
 
@@ -242,7 +252,7 @@ class _State:
 
 def _seen(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
     """Whether unit ``q`` equals one of ``among`` up to sign."""
-    return any(abs(float(q @ f)) > 1 - 1e-6 for f in among)
+    return any(same_direction(q, f, CASCADE_SAME_DIRECTION) for f in among)
 
 
 def _complement(cols: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""The checks every example passes before it is returned (docs/algorithm.md, facts 6-7).
+
+The one place the search reaches the pattern checks of :mod:`spear.verify` (an example's
+gradient column is zero exactly where its own ``W x + c`` turns the unit off) and the
+realizability test of :mod:`spear.realizable` (some input turns off exactly a zero set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from spear.inversion.problem import Problem
+from spear.linalg import zero_mask
+from spear.realizable import RealizabilityTest
+from spear.verify import exact_precision, pattern_check
+
+__all__ = ["exact_patterns", "not_refuted", "verified_indices"]
+
+
+def verified_indices(
+    problem: Problem, coords: torch.Tensor, grads: torch.Tensor, live: torch.Tensor
+) -> list[int]:
+    """Indices of a solve's examples that pass verification.
+
+    Parameters
+    ----------
+    coords, grads:
+        ``(r, b)`` row-space coordinates and ``(m, r)`` gradient columns of a solve.
+        Without a bias gradient the sign is free and the pattern decides it: both are
+        flipped in place where the negated example passes.
+    live:
+        ``(m,)`` bool: rows of the basis that are not zero.
+
+    Returns
+    -------
+    list[int]
+        Every index when the layer's weights are not given (nothing to check against).
+    """
+    layer = problem.layer
+    if layer is None:
+        return list(range(coords.shape[0]))
+    eps, delta = problem.eps, problem.delta
+    accepted = []
+    grad_zero = zero_mask(grads, problem.tol.zero_tol)
+    for i in range(coords.shape[0]):
+        ok, _ = pattern_check(layer, coords[i], grad_zero[:, i], live, eps, delta)
+        if not ok and problem.bias_grad is None:
+            ok, _ = pattern_check(layer, -coords[i], grad_zero[:, i], live, eps, delta)
+            if ok:
+                coords[i] = -coords[i]
+                grads[:, i] = -grads[:, i]
+        if ok:
+            accepted.append(i)
+    return accepted
+
+
+def exact_patterns(problem: Problem) -> bool:
+    """The gradient's zero pattern is exactly the ReLU pattern (one step, fine dtype)."""
+    return not problem.delta and exact_precision(problem.eps)
+
+
+def not_refuted(problem: Problem, live: torch.Tensor) -> Callable[[torch.Tensor], bool]:
+    """A zero-set filter ``(m,) bool -> bool`` dropping only sets the realizability test
+    refutes outright (``live``: ``(m,)`` bool rows considered). Needs the weights."""
+    assert problem.layer is not None
+    test = RealizabilityTest(problem.layer, live, problem.generator)
+    return lambda zeros: not test.refutes(zeros)

@@ -1,0 +1,182 @@
+"""Runs the steps in rounds until every example is found, time is up, or the search stalls.
+
+Two pipelines: the guided one (the weights find examples, not only verify them) and the
+weight-free one (plain search; the weights, when given, still verify). When the guided
+search stalls on a small batch, the weight-free pipeline runs in the time left and its
+answer is kept when it finds more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spear.inversion.checks import verified_indices
+from spear.inversion.problem import Problem
+from spear.inversion.result import finish
+from spear.inversion.solve import joint_check
+from spear.inversion.state import SearchState
+from spear.inversion.steps import (
+    CompleteSolve,
+    DirectionSearch,
+    ExhaustiveSolve,
+    FocusedSampling,
+    LastDirection,
+    PrunePool,
+    RoundSetup,
+    RowPeeling,
+    Step,
+    StepReport,
+    SubspaceCompletion,
+)
+from spear.inversion.steps.search import SAMPLING_AFFORDABLE_RANK
+from spear.results import LayerReconstruction
+
+__all__ = ["GUIDED", "WEIGHT_FREE", "Pipeline", "invert", "pipeline_for"]
+
+#: Rounds in a row without progress after which the search stops.
+MAX_STALLED_ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Steps run once before the rounds (``opening``) and in every round (``rounds``)."""
+
+    opening: Sequence[Step]
+    rounds: Sequence[Step]
+
+
+#: The weights find examples: row peeling, search, subspace and focused completion.
+GUIDED = Pipeline(
+    opening=(ExhaustiveSolve(),),
+    rounds=(
+        RowPeeling(),
+        RoundSetup(),
+        DirectionSearch(),
+        SubspaceCompletion(),
+        FocusedSampling(),
+        PrunePool(),
+        LastDirection(),
+        CompleteSolve(),
+    ),
+)
+#: Plain search; the weights (when given) only verify.
+WEIGHT_FREE = Pipeline(
+    opening=(ExhaustiveSolve(),),
+    rounds=(RoundSetup(), DirectionSearch(), PrunePool(), CompleteSolve()),
+)
+
+
+def pipeline_for(problem: Problem) -> Pipeline:
+    """The guided pipeline when the weights are given and may guide, else weight-free."""
+    return GUIDED if problem.layer is not None and problem.guided else WEIGHT_FREE
+
+
+def invert(problem: Problem, pipeline: Pipeline | None = None) -> LayerReconstruction:
+    """Search with ``pipeline`` (default :func:`pipeline_for`), then, when a guided search
+    stalled on a small batch, without guidance in the time left; the verified result."""
+    state, interrupted = search(problem, pipeline or pipeline_for(problem))
+    if not interrupted and _fallback_applies(problem, state):
+        # the weight-guided search can stall where plain sampling does not (narrow
+        # layers, ambiguous residuals): search again without them, verify with them
+        plain = problem.weight_free()
+        plain_state, interrupted = search(plain, WEIGHT_FREE)
+        alt = conclude(plain, plain_state, interrupted)
+        if alt.found > state.found:
+            alt.notes.insert(0, "found by sampling without the weights' guidance.")
+            alt.solvers = state.stats + alt.solvers
+            alt.seconds = time.perf_counter() - problem.start
+            return alt
+    return conclude(problem, state, interrupted)
+
+
+def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
+    """Run the opening steps, then rounds until done, out of time, or stalled.
+
+    Returns the state and whether Ctrl-C stopped the search (the examples verified until
+    then are kept).
+    """
+    state = SearchState.begin(problem)
+    interrupted = False
+    try:
+        for step in pipeline.opening:
+            _record(state, step.run(problem, state))
+        stalled = 0
+        while state.found < problem.rank and problem.time_left():
+            report = run_round(problem, state, pipeline.rounds)
+            if report.end_search:
+                break
+            stalled = 0 if report.progressed else stalled + 1
+            if stalled >= MAX_STALLED_ROUNDS:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        kept = state.keep_verified()
+        state.notes.append(
+            f"interrupted (Ctrl-C): the {kept} examples verified until then are returned."
+        )
+    state.bar.close()
+    return state, interrupted
+
+
+def run_round(problem: Problem, state: SearchState, steps: Sequence[Step]) -> StepReport:
+    """Run every step once, in order; whether any progressed, or one ended the search."""
+    progressed = False
+    for step in steps:
+        report = step.run(problem, state)
+        _record(state, report)
+        progressed = progressed or report.progressed
+        if report.end_search:
+            return StepReport(progressed=progressed, end_search=True)
+    return StepReport(progressed=progressed)
+
+
+def _record(state: SearchState, report: StepReport) -> None:
+    """Keep a step's record; credit examples it peeled without one to the latest record
+    (row peeling counts its own)."""
+    if report.stats is not None:
+        state.stats.append(report.stats)
+    elif report.peeled and state.stats and state.stats[-1].name != "peeling":
+        state.stats[-1].found += report.peeled
+
+
+def _fallback_applies(problem: Problem, state: SearchState) -> bool:
+    """A guided search on an exact, small batch stopped short with time left."""
+    return (
+        state.found < problem.rank
+        and problem.layer is not None
+        and problem.guided
+        and not problem.noisy
+        and problem.rank <= SAMPLING_AFFORDABLE_RANK
+        and problem.time_left()
+    )
+
+
+def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerReconstruction:
+    """Check loosely peeled examples as a whole (or withhold them) and build the result."""
+    start_loose = state.loose_from
+    if start_loose is not None and not (
+        not interrupted
+        and joint_check(
+            state.residual,
+            problem.fac.left,
+            problem.bias_grad,
+            problem.original[1],
+            problem.rank,
+            lambda c, g, live: verified_indices(problem, c, g, live),
+        )
+    ):
+        withheld = state.withhold_from(start_loose)
+        if withheld:
+            state.notes.append(
+                f"{withheld} examples found after a complete solve in which some example "
+                "failed its check are withheld: a wrong direction in such a solve shifts "
+                "the examples mixed into it without flipping their ReLU patterns, and "
+                "they could not be solved again as a whole."
+            )
+    result = finish(problem, state)
+    if problem.noisy:
+        result.verified = False  # patterns were allowed to disagree: estimates, not checks
+    result.interrupted = interrupted
+    return result

@@ -1,0 +1,338 @@
+"""The problem, made once from the update: factorisation, batch size, tolerances, flags.
+
+:meth:`Problem.build` turns a :class:`Request` (the arguments of
+:func:`spear.invert_layer`) into a frozen :class:`Problem` (docs/algorithm.md, facts 1-2:
+the rank of ``dW`` gives ``b``, its truncated SVD gives ``dW = L R``). Every step reads it;
+none changes it (the sample budget and the random generator are the only mutable parts:
+they are shared by the steps of one run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from spear.errors import BatchTooLargeError, InputError
+from spear.linalg import Factorisation, Tolerances, factorise, noise_floor, orthonormal_basis
+from spear.solvers.base import Budget
+from spear.solvers.polish import live_rows
+from spear.verify import LayerView, exact_precision
+
+__all__ = [
+    "HALF_PRECISIONS",
+    "MIN_RANK_GAP",
+    "STRICT_COMPLETE_SOLVES",
+    "UNLIMITED_SAMPLES",
+    "Problem",
+    "Request",
+    "UpdateKind",
+]
+
+#: What the update is: a FedSGD (or DP-clipped) gradient, or a FedAvg weight difference
+#: (ReLU masks may move between local steps; the sign is irrelevant).
+UpdateKind = Literal["gradient", "delta"]
+#: A rank is accepted only when ``s_b / s_{b+1}`` is at least this (exact gradients give
+#: gaps of many orders of magnitude; pass ``batch_size`` for noisy ones).
+MIN_RANK_GAP = 1e3
+#: Noisy updates (DP noise): zero tolerance = this times sigma_{b+1} / sigma_b, capped.
+NOISY_ZERO_FACTOR = 3.0
+NOISY_MAX_ZERO_TOL = 0.2
+#: Mixed-precision update dtypes: too few digits for exact recovery (refused).
+HALF_PRECISIONS = (torch.float16, torch.bfloat16)
+#: With the layer's weights (and no noise), peel a complete solve only when every example
+#: verifies (:mod:`spear.inversion.steps.complete`); off, the verified part is peeled.
+STRICT_COMPLETE_SOLVES = True
+#: Sample cap standing for "no cap" when ``max_samples`` is not given: no search draws
+#: this many, and the budget is not counted down from it.
+UNLIMITED_SAMPLES = 10**12
+
+
+@dataclass(frozen=True)
+class Request:
+    """The arguments of :func:`spear.invert_layer`, checked (see its docstring)."""
+
+    weight_grad: torch.Tensor  # (m, n), any float dtype
+    bias_grad: torch.Tensor | None  # (m,)
+    weight: torch.Tensor | None  # (m, n)
+    bias: torch.Tensor | None  # (m,)
+    batch_size: int | None
+    seed: int
+    solver: str
+    update_kind: UpdateKind
+    time_budget: float
+    max_samples: int | None
+    zero_tol: float | None
+    min_zero_fraction: float
+    device: str | torch.device | None
+    progress: bool | None
+    search_with_weights: bool
+    strict_solves: bool = STRICT_COMPLETE_SOLVES
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One layer inversion, fixed before the search starts.
+
+    Attributes
+    ----------
+    request:
+        The arguments it was made from.
+    fac:
+        Truncated SVD ``dW = left @ right``, ``left`` ``(m, b)``, ``right`` ``(b, n)``.
+    rank:
+        ``b``: the batch size sought.
+    bias_grad:
+        ``(m,)`` float64 bias gradient, or ``None``.
+    layer:
+        The layer's weights in row-space coordinates, or ``None`` when not given.
+    tol:
+        Zero, degeneracy and separation tolerances.
+    eps:
+        Relative precision of the update (machine epsilon, or the noise level).
+    in_dtype:
+        The dtype the update arrived in.
+    update_kind:
+        ``"gradient"`` or ``"delta"``.
+    noisy:
+        The update is noisy (a batch size was given and no rank gap shows).
+    strict:
+        Complete solves are peeled only when every example verifies.
+    guided:
+        The weights also guide the search (row peeling, subspace, focused sampling), not
+        only the verification.
+    start, deadline:
+        ``time.perf_counter()`` values of the start and of the end of the time budget.
+    budget:
+        Samples left to the solvers (shared, counted down) and the deadline.
+    generator:
+        The one random source of the run, seeded once.
+    notes:
+        Findings made while building the problem (rank, noise).
+    """
+
+    request: Request
+    fac: Factorisation
+    rank: int
+    bias_grad: torch.Tensor | None
+    layer: LayerView | None
+    tol: Tolerances
+    eps: float
+    in_dtype: torch.dtype
+    update_kind: UpdateKind
+    noisy: bool
+    strict: bool
+    guided: bool
+    start: float
+    deadline: float
+    budget: Budget
+    generator: torch.Generator
+    notes: tuple[str, ...]
+
+    @property
+    def delta(self) -> bool:
+        """A FedAvg delta (ReLU masks may move between local steps)."""
+        return self.update_kind == "delta"
+
+    @property
+    def m(self) -> int:
+        """Output units of the layer."""
+        return int(self.fac.left.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the attack computes."""
+        return self.fac.left.device
+
+    def time_left(self) -> bool:
+        """Whether the deadline has not passed."""
+        return time.perf_counter() < self.deadline
+
+    @functools.cached_property
+    def original(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, b)`` orthonormal basis of the original ``dW`` and its live rows ``(m,)``."""
+        full = orthonormal_basis(self.fac.left, self.rank)
+        return full, live_rows(full, self.tol.zero_tol)
+
+    @classmethod
+    def build(cls, request: Request, start: float) -> Problem:
+        """Factorise the update and fix the tolerances and flags (errors: see
+        :func:`spear.invert_layer`)."""
+        given = request.device
+        dev = torch.device(given) if given is not None else request.weight_grad.device
+        in_dtype = request.weight_grad.dtype
+        _refuse_half_precision(in_dtype)
+        eps = float(torch.finfo(in_dtype).eps)
+        dw = request.weight_grad.detach().to(dev, torch.float64)
+        db = request.bias_grad
+        db = db.detach().to(dev, torch.float64) if db is not None else None
+        notes: list[str] = []
+        fac = _factorisation(dw, eps, request.batch_size, notes)
+        rank = fac.rank
+        tol = Tolerances.derive(
+            in_dtype, fac.condition, noise_floor=noise_floor(fac.singular_values, rank)
+        )
+        noisy = request.batch_size is not None and fac.gap < MIN_RANK_GAP
+        if noisy:
+            tol, eps = _noisy_tolerances(fac, tol, eps, notes)
+        if request.zero_tol is not None:
+            z = request.zero_tol
+            tol = Tolerances(eps=tol.eps, zero_tol=z, degeneracy_tol=z, separation=tol.separation)
+        layer = _layer_view(request, fac, dev)
+        delta = request.update_kind == "delta"
+        strict = (
+            request.strict_solves
+            and layer is not None
+            and not delta
+            and not noisy
+            and exact_precision(eps)
+        )
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(request.seed)
+        deadline = start + request.time_budget
+        samples = request.max_samples or UNLIMITED_SAMPLES
+        return cls(
+            request=request,
+            fac=fac,
+            rank=rank,
+            bias_grad=db,
+            layer=layer,
+            tol=tol,
+            eps=eps,
+            in_dtype=in_dtype,
+            update_kind=request.update_kind,
+            noisy=noisy,
+            strict=strict,
+            guided=request.search_with_weights,
+            start=start,
+            deadline=deadline,
+            budget=Budget(deadline=deadline, max_samples=samples),
+            generator=generator,
+            notes=tuple(notes),
+        )
+
+    def weight_free(self) -> Problem:
+        """The same update searched by plain sampling, without the weights' guidance.
+
+        Built afresh (its own generator, seeded alike, and sample budget) at batch size
+        :attr:`rank`, for the time left; the weights still verify what it finds.
+        """
+        now = time.perf_counter()
+        request = dataclasses.replace(
+            self.request,
+            batch_size=self.rank,
+            solver="sampling" if self.request.solver == "auto" else self.request.solver,
+            time_budget=self.deadline - now,
+            progress=False,
+            search_with_weights=False,
+        )
+        return Problem.build(request, now)
+
+
+def _digits(dtype: torch.dtype) -> int:
+    """Significant decimal digits of a floating dtype (3 for float16, 2 for bfloat16)."""
+    return int(-math.log10(torch.finfo(dtype).eps))
+
+
+def _refuse_half_precision(in_dtype: torch.dtype) -> None:
+    """Raise :class:`InputError` for float16 and bfloat16 updates."""
+    if in_dtype in HALF_PRECISIONS:
+        # measured at b = 16, m = 1000: float16 blurs the rank gap to about 5e2 and
+        # bfloat16 to 3; what the exact path returns from them is far off (max abs
+        # error 9 on [0, 1] images), so it is refused rather than returned as an answer
+        raise InputError(
+            f"the update arrived as {in_dtype} (a mixed-precision client): its entries carry "
+            f"about {_digits(in_dtype)} significant digits, which blurs the rank gap that "
+            "reveals the batch size and every zero test of the exact attack. Exact recovery "
+            "needs float32 or float64 updates: have the client send its update in float32 "
+            "(torch.autocast keeps parameters and their gradients in float32), or compare "
+            "with an optimisation baseline (spear.baselines.gradient_matching)."
+        )
+
+
+def _factorisation(
+    dw: torch.Tensor, eps: float, batch_size: int | None, notes: list[str]
+) -> Factorisation:
+    """Truncated SVD of ``dw`` ``(m, n)`` at its rank, or at ``batch_size`` (notes why)."""
+    m, n = dw.shape
+    if not bool(dw.any()):
+        raise InputError(
+            "weight_grad is identically zero: there is nothing to invert (every unit of the "
+            "layer is off for every example, or the update was not computed)."
+        )
+    if batch_size is not None and (batch_size >= m or batch_size > n):
+        raise BatchTooLargeError(
+            f"batch_size={batch_size} cannot be recovered from a ({m}, {n}) layer: exact "
+            f"recovery needs b < m={m} and b <= n={n}. Attack a wider layer, or a smaller "
+            "batch."
+        )
+    fac = factorise(dw, eps)
+    rank = fac.rank
+    if batch_size is None:
+        if rank >= min(m, n):
+            raise BatchTooLargeError(
+                f"the weight gradient has full rank {rank} = min(m, n) for a ({m}, {n}) "
+                f"layer, so the batch size cannot be read off it: the batch may have b >= "
+                f"m={m} or b > n={n} examples, or the update is noisy. Pass batch_size= if "
+                "it is known and smaller, or attack a wider layer."
+            )
+        if fac.gap < MIN_RANK_GAP:
+            raise BatchTooLargeError(
+                f"no clear rank gap in the weight gradient (largest ratio of consecutive "
+                f"singular values {fac.gap:.3g} < {MIN_RANK_GAP:g}): the update looks noisy "
+                "(DP-SGD) or the batch fills the layer. Pass batch_size= to truncate at a "
+                "known size."
+            )
+        return fac
+    if rank < batch_size:
+        notes.append(
+            f"the weight gradient has rank {rank} < batch_size={batch_size}: some "
+            f"examples are duplicates (or linearly dependent); recovering the {rank} "
+            "distinct ones."
+        )
+    elif rank > batch_size:
+        notes.append(
+            f"the weight gradient's numerical rank is {rank} > batch_size={batch_size}: "
+            "the update is noisy; truncating at the given batch size."
+        )
+        rank = batch_size
+    return factorise(dw, eps, rank=rank)
+
+
+def _noisy_tolerances(
+    fac: Factorisation, tol: Tolerances, eps: float, notes: list[str]
+) -> tuple[Tolerances, float]:
+    """Looser zero tolerances and precision for a noisy update (and a note saying so).
+
+    Noise fills the singular values past ``b``: zeros are only approximately zero, at a
+    level set by the noise relative to the signal; results are best estimates.
+    """
+    s = fac.singular_values
+    rank = fac.rank
+    noise = float(s[rank] / s[rank - 1]) if rank < s.numel() else 0.0
+    loose = min(NOISY_MAX_ZERO_TOL, max(tol.zero_tol, NOISY_ZERO_FACTOR * noise))
+    notes.append(
+        f"noisy update (rank gap {fac.gap:.3g}): zeros tested to {loose:.2g} relative and "
+        "ReLU patterns allowed 10% disagreement; anything returned is an estimate, not "
+        "exact (compare PSNR). Noise destroys the exact zeros the attack relies on."
+    )
+    return Tolerances(eps=tol.eps, zero_tol=loose, degeneracy_tol=loose), max(eps, loose)
+
+
+def _layer_view(request: Request, fac: Factorisation, dev: torch.device) -> LayerView | None:
+    """The layer's weights in row-space coordinates (``None`` when not given)."""
+    if request.weight is None:
+        return None
+    w64 = request.weight.detach().to(dev, torch.float64)
+    bias = request.bias
+    return LayerView(
+        weight_coords=w64 @ fac.right.T,
+        weight_abs_coords=w64.abs(),
+        bias=bias.detach().to(dev, torch.float64) if bias is not None else None,
+        right=fac.right,
+    )

@@ -1,0 +1,102 @@
+"""What one run of the search has found and where it stands (mutable, one per run)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from spear.candidates import Residual
+from spear.inversion.pool import DirectionPool
+from spear.inversion.problem import Problem
+from spear.results import SolverStats
+
+__all__ = ["SearchState"]
+
+
+@dataclass
+class SearchState:
+    """The residual problem, the pool, the record of steps, and the round's basis.
+
+    Attributes
+    ----------
+    residual:
+        Residual factor and bias gradient, examples found, pooled directions.
+    bar:
+        Progress bar of examples recovered.
+    stats:
+        One record per step that did something, in order (the result's ``solvers``).
+    notes:
+        Plain-language findings so far.
+    dirty:
+        ``(m,)`` bool: rows changed since the last row scan (the next scan's rows).
+    remaining:
+        Examples not yet found, at the start of the round.
+    basis:
+        ``(m, remaining)`` orthonormal basis of the residual, this round.
+    known:
+        ``(k, remaining)`` pooled directions in :attr:`basis` coordinates, this round.
+    sparse_stalled:
+        The sparse solver found nothing in some round (sampling takes over where it can).
+    failed_solves:
+        Complete solves in a row that peeled nothing.
+    loose_from:
+        Number of examples found before the first solve peeled only its verified part
+        (examples from there on are checked again as a whole at the end), or ``None``.
+    """
+
+    residual: Residual
+    bar: tqdm  # type: ignore[type-arg]
+    dirty: torch.Tensor
+    stats: list[SolverStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    remaining: int = 0
+    basis: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    known: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    sparse_stalled: bool = False
+    failed_solves: int = 0
+    loose_from: int | None = None
+
+    @classmethod
+    def begin(cls, problem: Problem) -> SearchState:
+        """Nothing found yet: the residual is the whole update."""
+        fac = problem.fac
+        residual = Residual(
+            left=fac.left.clone(),
+            bias=problem.bias_grad,
+            coords=[],
+            grads=[],
+            directions=DirectionPool(),
+        )
+        progress = problem.request.progress
+        show = progress if progress is not None else sys.stderr.isatty()
+        bar = tqdm(total=problem.rank, desc="examples recovered", disable=not show, leave=False)
+        dirty = torch.ones(problem.m, dtype=torch.bool, device=problem.device)
+        return cls(residual=residual, bar=bar, dirty=dirty, notes=list(problem.notes))
+
+    @property
+    def found(self) -> int:
+        """Examples found (verified and peeled) so far."""
+        return self.residual.found
+
+    @property
+    def pool(self) -> DirectionPool:
+        """The pooled directions not yet peeled."""
+        return self.residual.directions
+
+    def keep_verified(self) -> int:
+        """Trim found coordinates and columns to matching pairs (a peel cut short may have
+        added its coordinates only); returns how many are kept."""
+        res = self.residual
+        kept = min(len(res.coords), len(res.grads))
+        res.coords, res.grads = res.coords[:kept], res.grads[:kept]
+        return kept
+
+    def withhold_from(self, count: int) -> int:
+        """Keep only the first ``count`` examples found; returns how many were dropped."""
+        res = self.residual
+        dropped = res.found - count
+        res.coords, res.grads = res.coords[:count], res.grads[:count]
+        return dropped

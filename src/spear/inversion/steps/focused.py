@@ -1,0 +1,50 @@
+"""Focused sampling: row subsets steered by the missing examples' predicted ReLU patterns
+(:func:`spear.focused.focused_sampling`), for residuals too large to sample blindly."""
+
+from __future__ import annotations
+
+import time
+
+from spear.focused import focused_sampling
+from spear.inversion.checks import exact_patterns
+from spear.inversion.problem import Problem
+from spear.inversion.state import SearchState
+from spear.inversion.steps.base import StepReport
+from spear.inversion.steps.search import AUTO_SAMPLING_MAX_RANK
+from spear.inversion.steps.subspace import directions_missing
+from spear.results import SolverStats
+
+__all__ = ["FocusedSampling"]
+
+
+class FocusedSampling:
+    """Steered row subsets on residuals above :data:`AUTO_SAMPLING_MAX_RANK` (exact
+    updates only); always leaves a record when it runs."""
+
+    name = "focused"
+
+    def run(self, problem: Problem, state: SearchState) -> StepReport:
+        """Draw steered subsets until the pool is (nearly) complete or patience ends."""
+        layer = problem.layer
+        if (
+            layer is None
+            or problem.noisy
+            or state.remaining <= AUTO_SAMPLING_MAX_RANK
+            or not directions_missing(problem, state)
+        ):
+            return StepReport()
+        t0 = time.perf_counter()
+        pooled, draws = focused_sampling(
+            state.residual,
+            layer,
+            problem.tol,
+            problem.rank,
+            problem.generator,
+            problem.deadline,
+            problem.request.min_zero_fraction,
+            exact_patterns(problem),
+        )
+        record = SolverStats(
+            self.name, samples=draws, candidates=pooled, seconds=time.perf_counter() - t0
+        )
+        return StepReport(stats=record, progressed=bool(pooled))
