@@ -105,6 +105,17 @@ def _files(tmp_path: Path, batch: int, *, export_batch: int = 4, seed: int = 3) 
     ]
 
 
+def test_attack_verbose_shows_each_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = _files(tmp_path, 8)
+    assert main(["attack", *files, "--out", str(tmp_path / "out"), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("step "))
+    assert header.split() == ["step", "pooled", "found", "samples", "seconds"]
+    by = next(line for line in out.splitlines() if line.startswith("examples peeled by: "))
+    counts = [int(part.split()[-1]) for part in by.removeprefix("examples peeled by: ").split(",")]
+    assert sum(counts) == 8
+
+
 def test_attack_a_batch_other_than_the_exported_one(tmp_path: Path) -> None:
     files = _files(tmp_path, 8)  # exported at batch 4, client batch 8
     out = tmp_path / "out"

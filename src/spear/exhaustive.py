@@ -188,7 +188,8 @@ def verified_combination(
         Relative zero tolerance of the gradient's entries.
     complete:
         Given ``(m, r-1)`` unit directions, the direction ``(m,)`` of the example they
-        leave out, from its own ReLU pattern (``spear.layer._complete_last``), or ``None``.
+        leave out, from its own ReLU pattern
+        (:func:`spear.inversion.solve.complete_last`), or ``None``.
     solve_and_verify:
         Given ``(m, r)`` unit gradient directions, the complete solve ``(coords (r, b),
         grads (m, r))`` when every example passes verification, else ``None``.

@@ -63,7 +63,7 @@ LOW_PRECISION_DEGENERACY_HEADROOM = 1.0
 #: RGB through 3072 -> 2000, b = 16 to 256; eleven batches): true columns' zero sets 0.39
 #: to 1.0 of the edge; the mixtures that had filled the pool at b = 128, 0.02 to 0.34.
 #: The rare true column below the bound is refused too; when it is the last one missing,
-#: the search completes it from the others (:func:`spear.layer._complete_last`).
+#: the search completes it from the others (:func:`spear.inversion.solve.complete_last`).
 LOW_PRECISION_SEPARATION = 0.4
 
 

@@ -82,6 +82,10 @@ class LayerReconstruction:
         ``1e-7`` for float32); exact means agreement to this precision.
     solvers:
         One :class:`SolverStats` per solver that ran, in order.
+    found_by:
+        ``(k,)`` for each returned example, the name of the step that peeled it
+        (``"peeling"``, ``"solve"`` for a complete solve, ``"exhaustive"``); empty for
+        results made without the step pipeline.
     seconds:
         Total wall time.
     notes:
@@ -106,6 +110,7 @@ class LayerReconstruction:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
+    found_by: list[str] = field(default_factory=list)
 
     @property
     def found(self) -> int:

@@ -32,6 +32,7 @@ import spear
 from spear import report, validate
 from spear.errors import InputError
 from spear.files import check_output_folder, load_model, load_update
+from spear.results import SolverStats
 
 __all__ = ["add_parser", "load_model", "load_update", "run"]
 
@@ -70,6 +71,12 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="load the model with torch.export.load, which unpickles parts of the file and "
         "can run code from it: only for files from a trusted source",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print what each step of the layer inversion did: directions pooled, "
+        "examples found, samples drawn, seconds",
     )
     p.set_defaults(run=run)
 
@@ -157,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if rec.labels is not None:
         print(f"labels: {rec.labels.tolist()}")
+    if args.verbose and rec.layer_result is not None:
+        for line in step_lines(rec.layer_result.solvers, rec.layer_result.found_by):
+            print(line)
     for note in rec.notes:
         print(f"note: {note}")
     print(f"written to {out}/ (reconstruction.safetensors, reconstruction.json, PNGs)")
@@ -168,6 +178,20 @@ def run(args: argparse.Namespace) -> int:
         )
         return 130
     return 0
+
+
+def step_lines(steps: list[SolverStats], found_by: list[str]) -> list[str]:
+    """One line per step of the layer inversion, in the order they ran, and which step
+    peeled how many of the examples returned."""
+    lines = [f"{'step':<11} {'pooled':>7} {'found':>6} {'samples':>11} {'seconds':>8}"]
+    for s in steps:
+        lines.append(
+            f"{s.name:<11} {s.candidates:>7} {s.found:>6} {s.samples:>11} {s.seconds:>8.2f}"
+        )
+    counts = {name: found_by.count(name) for name in dict.fromkeys(found_by)}
+    peeled = ", ".join(f"{name} {count}" for name, count in counts.items())
+    lines.append(f"examples peeled by: {peeled or 'none'}")
+    return lines
 
 
 def _status(rec: spear.Reconstruction) -> str:

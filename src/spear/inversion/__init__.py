@@ -1,1 +1,23 @@
-"""Layer inversion as a pipeline of steps (docs/algorithm.md, "The attack step by step")."""
+"""Layer inversion as a pipeline of steps (docs/algorithm.md, "The attack step by step").
+
+:class:`~spear.inversion.problem.Problem` is made once from the update (factorisation,
+batch size, tolerances, flags); :mod:`~spear.inversion.driver` runs the steps of
+:mod:`~spear.inversion.steps` on a :class:`~spear.inversion.state.SearchState`, whose
+found directions live in one :class:`~spear.inversion.pool.DirectionPool`. The steps, in
+order:
+
+0. ``exhaustive`` (once, small layers): every row subset, then a verified combination.
+1. ``peeling``: rows of the residual as candidates; agreeing pairs peeled (fact 8).
+2. ``setup``: stop when done; prune the pool; the residual's basis for the round.
+3. ``search``: a registered solver finds the sparse directions the pool lacks.
+4. ``subspace``: row candidates on the unknown subspace give missing directions.
+5. ``focused``: row subsets steered by predicted ReLU patterns (large residuals).
+6. ``prune``: drop pooled directions that are combinations of other pooled ones.
+7. ``last``: the one missing direction from its example's own ReLU pattern.
+8. ``solve``: all directions known: solve, verify, peel (facts 5-7).
+
+Steps 1, 4, 5 and 7 need the layer's weights to guide the search; without them (or with
+``search_with_weights=False``) the weight-free pipeline runs 0, 2, 3, 6 and 8, and a
+guided search that stalls on a small batch is followed by it. Only verified examples are
+returned (:mod:`~spear.inversion.checks`, :mod:`~spear.inversion.result`).
+"""

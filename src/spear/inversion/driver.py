@@ -101,7 +101,7 @@ def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
     interrupted = False
     try:
         for step in pipeline.opening:
-            _record(state, step.run(problem, state))
+            _run_step(problem, state, step)
         stalled = 0
         while state.found < problem.rank and problem.time_left():
             report = run_round(problem, state, pipeline.rounds)
@@ -113,6 +113,7 @@ def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
     except KeyboardInterrupt:
         interrupted = True
         kept = state.keep_verified()
+        state.credit(state.step)
         state.notes.append(
             f"interrupted (Ctrl-C): the {kept} examples verified until then are returned."
         )
@@ -124,17 +125,26 @@ def run_round(problem: Problem, state: SearchState, steps: Sequence[Step]) -> St
     """Run every step once, in order; whether any progressed, or one ended the search."""
     progressed = False
     for step in steps:
-        report = step.run(problem, state)
-        _record(state, report)
+        report = _run_step(problem, state, step)
         progressed = progressed or report.progressed
         if report.end_search:
             return StepReport(progressed=progressed, end_search=True)
     return StepReport(progressed=progressed)
 
 
+def _run_step(problem: Problem, state: SearchState, step: Step) -> StepReport:
+    """Run one step and record what it did (:func:`_record`)."""
+    state.step = step.name
+    report = step.run(problem, state)
+    _record(state, report)
+    return report
+
+
 def _record(state: SearchState, report: StepReport) -> None:
-    """Keep a step's record; credit examples it peeled without one to the latest record
-    (row peeling counts its own)."""
+    """Keep a step's record and credit it with the examples it peeled; examples peeled
+    without a record of their own count for the latest record (row peeling counts its
+    own)."""
+    state.credit(state.step)
     if report.stats is not None:
         state.stats.append(report.stats)
     elif report.peeled and state.stats and state.stats[-1].name != "peeling":

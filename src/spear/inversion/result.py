@@ -61,6 +61,7 @@ def finish(problem: Problem, state: SearchState) -> LayerReconstruction:
         solvers=state.stats,
         seconds=time.perf_counter() - problem.start,
         notes=state.notes,
+        found_by=state.found_by[:k],
     )
 
 

@@ -45,6 +45,10 @@ class SearchState:
     loose_from:
         Number of examples found before the first solve peeled only its verified part
         (examples from there on are checked again as a whole at the end), or ``None``.
+    found_by:
+        For each example found, the name of the step that peeled it.
+    step:
+        Name of the step running (or last run).
     """
 
     residual: Residual
@@ -58,6 +62,8 @@ class SearchState:
     sparse_stalled: bool = False
     failed_solves: int = 0
     loose_from: int | None = None
+    found_by: list[str] = field(default_factory=list)
+    step: str = ""
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:
@@ -86,12 +92,19 @@ class SearchState:
         """The pooled directions not yet peeled."""
         return self.residual.directions
 
+    def credit(self, step: str) -> None:
+        """Match :attr:`found_by` to the examples found: new ones are ``step``'s."""
+        found = self.found
+        del self.found_by[found:]
+        self.found_by.extend([step] * (found - len(self.found_by)))
+
     def keep_verified(self) -> int:
         """Trim found coordinates and columns to matching pairs (a peel cut short may have
         added its coordinates only); returns how many are kept."""
         res = self.residual
         kept = min(len(res.coords), len(res.grads))
         res.coords, res.grads = res.coords[:kept], res.grads[:kept]
+        del self.found_by[kept:]
         return kept
 
     def withhold_from(self, count: int) -> int:
@@ -99,4 +112,5 @@ class SearchState:
         res = self.residual
         dropped = res.found - count
         res.coords, res.grads = res.coords[:count], res.grads[:count]
+        del self.found_by[count:]
         return dropped

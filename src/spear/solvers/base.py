@@ -5,7 +5,7 @@ A solver looks for the sparsest directions in a subspace: given an orthonormal b
 vectors ``q`` (r,) such that ``B @ q`` is (exactly, up to the tolerance) zero on at least a
 fraction ``min_zero_fraction`` of its ``m`` entries. Those are the columns of ``G`` (the
 gradient at the layer's pre-activations), one per example, up to scale (docs/algorithm.md,
-facts 2-4 and 9). The layer driver (:mod:`spear.layer`) deduplicates, selects, scales and
+facts 2-4 and 9). The layer driver (:mod:`spear.inversion`) deduplicates, selects, scales and
 verifies them; a solver never sees the truth and never needs the layer's weights.
 """
 
