@@ -75,6 +75,11 @@ def _validate(
         pass
 
 
+def _rescaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """``tensor / scale`` (any shape), or ``tensor`` itself when ``scale`` is 1."""
+    return tensor if scale == 1.0 else tensor / scale
+
+
 def _unit_scale(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> float:
     """A power of two near the update's largest entry when that is far from 1, else 1.
 
@@ -170,15 +175,12 @@ def invert_layer(
         get_solver(solver)  # an unknown name fails here, before any work
     validate.update_kind(update_kind)
     kind: UpdateKind = "delta" if update_kind == "delta" else "gradient"
+    # far from 1, squares under- or overflow inside the linear algebra; a power of two
+    # rescales exactly and leaves the inputs unchanged (they are ratios of the two)
     scale = _unit_scale(weight_grad, bias_grad)
-    if scale != 1.0:
-        # far from 1, squares under- or overflow inside the linear algebra; a power of two
-        # rescales exactly and leaves the inputs unchanged (they are ratios of the two)
-        weight_grad = weight_grad / scale
-        bias_grad = bias_grad / scale if bias_grad is not None else None
     request = Request(
-        weight_grad=weight_grad,
-        bias_grad=bias_grad,
+        weight_grad=_rescaled(weight_grad, scale),
+        bias_grad=_rescaled(bias_grad, scale) if bias_grad is not None else None,
         weight=weight,
         bias=bias,
         batch_size=batch_size,
