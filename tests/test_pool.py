@@ -1,0 +1,58 @@
+"""The direction pool: one same-direction rule, removal up to sign, pruning of mixtures."""
+
+from __future__ import annotations
+
+import torch
+from tests.conftest import layer_case, server_view
+
+import spear
+from spear.inversion.pool import SAME_DIRECTION, DirectionPool, same_direction
+
+
+def _unit(*values: float) -> torch.Tensor:
+    v = torch.tensor(values, dtype=torch.float64)
+    return v / v.norm()
+
+
+def test_same_direction_is_up_to_sign_and_tight() -> None:
+    u = _unit(1.0, 2.0, 3.0)
+    assert same_direction(u, -u)
+    tilted = _unit(1.0, 2.0, 3.0 + 1e-3)
+    assert 1 - abs(float(u @ tilted)) > SAME_DIRECTION
+    assert not same_direction(u, tilted)
+
+
+def test_pool_adds_once_removes_up_to_sign_and_keeps_order() -> None:
+    a, b, c = _unit(1.0, 0.0, 0.0), _unit(0.0, 1.0, 0.0), _unit(1.0, 1.0, 0.0)
+    pool = DirectionPool([a])
+    assert pool.add(b) and not pool.add(-a) and pool.add(c)
+    assert len(pool) == 3 and pool.contains(-b)
+    pool.remove(-b)
+    assert [bool(torch.equal(d, e)) for d, e in zip(pool, [a, c], strict=True)] == [True, True]
+    assert pool.stack(dim=1).shape == (3, 2)
+    pool.keep_first(1)
+    assert len(pool) == 1 and pool[:1][0] is a
+    pool.clear()
+    assert not pool
+
+
+def test_drop_dependent_removes_the_mixture() -> None:
+    case = layer_case(300, 100, 6, real=True, seed=4)
+    fac, _, tol = server_view(case)
+    cols = case.output_grads / case.output_grads.norm(dim=0)
+    mix = cols[:, 0] + cols[:, 1]
+    pool = DirectionPool([cols[:, 0], mix / mix.norm(), cols[:, 1], cols[:, 2]])
+    assert pool.drop_dependent(fac.left, 6, tol.zero_tol) == 1
+    assert len(pool) == 3
+    assert not pool.contains(mix / mix.norm())
+
+
+def test_every_example_names_the_step_that_peeled_it() -> None:
+    case = layer_case(400, 200, 12, real=True, seed=0)
+    rec = spear.invert_layer(
+        case.weight_grad, case.bias_grad, weight=case.weight, bias=case.bias, progress=False
+    )
+    assert rec.complete
+    assert len(rec.found_by) == rec.found
+    names = {s.name for s in rec.solvers} | {"solve"}
+    assert set(rec.found_by) <= names
