@@ -34,7 +34,7 @@ import torch
 
 from spear.candidates import Residual, residual_svd, unknown_subspace_from
 from spear.inversion.pool import DirectionPool
-from spear.linalg import Tolerances, orthonormal_basis, pure_kernel, zero_mask
+from spear.linalg import Tolerances, null_vectors, orthonormal_basis, pure_kernel, zero_mask
 from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
@@ -228,8 +228,7 @@ def _kernel_candidates(
     if not picks:
         return []
     pick = torch.cat(picks)  # (draws, k - 1)
-    _, _, vv = torch.linalg.svd(sub[pick], full_matrices=True)
-    w = vv[:, -1, :]  # (draws, k)
+    w = null_vectors(sub[pick])  # (draws, k)
     vals = zero_mask(sub @ w.T, tol.zero_tol)  # (m, draws)
     zeros = vals.sum(dim=0)
     out = DirectionPool()

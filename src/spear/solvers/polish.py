@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from spear.inversion.pool import same_direction
-from spear.linalg import kernel, pure_kernel, zero_mask
+from spear.linalg import kernel, null_vectors, pure_kernel, zero_mask
 from spear.solvers.base import SearchSpec
 
 __all__ = ["live_rows", "purify"]
@@ -148,8 +148,7 @@ def _split(
     if d - 1 == 0:
         return []
     mats = sub[pick]  # (samples, d-1, d)
-    _, _, vh = torch.linalg.svd(mats, full_matrices=True)
-    cand = vh[:, -1, :]  # (samples, d): kernel vector of each (d-1)-row subset
+    cand = null_vectors(mats)  # (samples, d): kernel vector of each (d-1)-row subset
     vals = sub @ cand.T  # (m, samples)
     nz = (zero_mask(vals, spec.zero_tol) & live[:, None]).sum(dim=0)
     order = torch.argsort(nz, descending=True)

@@ -53,7 +53,7 @@ import math
 import torch
 
 from spear.inversion.pool import same_direction
-from spear.linalg import pure_kernel, zero_mask
+from spear.linalg import null_vectors, pure_kernel, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows, purify
 from spear.solvers.sampling import SamplingSolver, expected_samples
@@ -514,8 +514,7 @@ def _group_candidates(
     pick = keys.topk(dim - 1, dim=1).indices if dim > 1 else keys[:, :0].long()
     state.samples += n_draw
     mats = vals[pick]  # (n_draw, dim-1, dim)
-    _, _, vh = torch.linalg.svd(mats, full_matrices=True)
-    cand = vh[:, -1, :]  # (n_draw, dim)
+    cand = null_vectors(mats)  # (n_draw, dim)
     res = vals @ cand.T  # (k, n_draw)
     nz = zero_mask(res, spec.zero_tol).sum(dim=0)
     order = torch.argsort(nz, descending=True).tolist()
