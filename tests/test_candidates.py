@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 from tests.conftest import LayerCase, layer_case, server_view
 
-from spear.candidates import Residual, row_candidates, subspace_candidates, unknown_subspace
+from spear.candidates import (
+    Residual,
+    row_candidates,
+    row_ratios,
+    subspace_candidates,
+    unknown_subspace,
+)
 from spear.inversion.pool import DirectionPool
 from spear.linalg import Tolerances
 from spear.verify import LayerView
@@ -86,10 +91,8 @@ def test_b64_batch_needing_the_completion_step_is_exact() -> None:
     assert metrics.exact_rate(rec.inputs, x) == 1.0
 
 
-def test_row_scans_stop_after_patience_idle_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both scans give up after ROW_PATIENCE rows in a row that yield nothing new."""
-    import spear.candidates as candidates
-
+def test_row_scans_stop_after_patience_idle_rows() -> None:
+    """Both scans give up after ``patience`` rows in a row that yield nothing new."""
     case = layer_case(300, 100, 12, real=True, seed=2)
     state, layer, tol, rank = _setup(case, [0, 1, 2])
     tried: list[torch.Tensor] = []
@@ -98,26 +101,31 @@ def test_row_scans_stop_after_patience_idle_rows(monkeypatch: pytest.MonkeyPatch
         tried.append(args[2])  # type: ignore[arg-type]
         return None
 
-    monkeypatch.setattr(candidates, "ROW_PATIENCE", 7)
-    monkeypatch.setattr(candidates, "_agreeing_direction", nothing)
-    assert subspace_candidates(state, layer, tol, EPS, False, rank, time.perf_counter() + 5) == 0
+    deadline = time.perf_counter() + 5
+    assert (
+        subspace_candidates(
+            state, layer, tol, EPS, False, rank, deadline, patience=7, direction_of=nothing
+        )
+        == 0
+    )
     assert len(tried) == 7
     tried.clear()
     dirty = torch.ones(state.left.shape[0], dtype=torch.bool)
     deadline = time.perf_counter() + 5
-    assert row_candidates(state, layer, tol, EPS, False, rank, dirty, deadline) == 0
+    assert (
+        row_candidates(
+            state, layer, tol, EPS, False, rank, dirty, deadline, patience=7, direction_of=nothing
+        )
+        == 0
+    )
     assert len(tried) == 7
 
 
-def test_subspace_scan_takes_rows_on_for_few_examples_first(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_subspace_scan_takes_rows_on_for_few_examples_first() -> None:
     """The first candidate projected is that of the smallest usable row of the residual."""
-    import spear.candidates as candidates
-
     case = layer_case(300, 100, 12, real=True, seed=2)
     state, layer, tol, rank = _setup(case, [0, 1, 2])
-    idx, ratios = candidates._row_ratios(state, tol)
+    idx, ratios = row_ratios(state, tol)
     norms = state.left[idx].norm(dim=1)
     span = unknown_subspace(state, rank)
     first = span @ (span.T @ ratios[int(norms.argmin())])
@@ -127,6 +135,6 @@ def test_subspace_scan_takes_rows_on_for_few_examples_first(
         got.append(args[2])  # type: ignore[arg-type]
         return None
 
-    monkeypatch.setattr(candidates, "_agreeing_direction", capture)
-    subspace_candidates(state, layer, tol, EPS, False, rank, time.perf_counter() + 5)
+    deadline = time.perf_counter() + 5
+    subspace_candidates(state, layer, tol, EPS, False, rank, deadline, direction_of=capture)
     torch.testing.assert_close(got[0], first)

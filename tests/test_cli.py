@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 import spear
 from spear import client
 from spear.cli import attack_cmd, demo, main, version
-from spear.cli.demo import build_model, max_batch_size, run_demo
+from spear.cli.demo import max_batch_size, run_demo
 from spear.data import builtin_images, sample_batch
 from spear.errors import InputError
+from spear.networks import build_model
 
 
 def test_demo_end_to_end_small_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

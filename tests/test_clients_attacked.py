@@ -8,8 +8,8 @@ from torch import nn
 
 import spear
 from spear import client
-from spear.cli.demo import build_model
 from spear.data import builtin_images, sample_batch
+from spear.networks import build_model
 
 
 def _batch(b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tests.conftest import LayerCase, assert_exact, layer_case, reference_directions
 
 import spear
-from spear.exhaustive import _combinations_by_last, exhaustive_subsets
+from spear.exhaustive import combinations_by_last, exhaustive_subsets
 from spear.linalg import orthonormal_basis
 from spear.solvers.polish import live_rows
 
@@ -122,7 +122,7 @@ def test_exhaustive_stage_is_recorded() -> None:
 
 
 def test_combinations_come_in_order_of_their_last_item() -> None:
-    combos = list(_combinations_by_last(6, 3))
+    combos = list(combinations_by_last(6, 3))
     assert len(combos) == 20 and len({tuple(c) for c in combos}) == 20
     lasts = [c[-1] for c in combos]
     assert lasts == sorted(lasts)

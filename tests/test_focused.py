@@ -8,7 +8,7 @@ import torch
 from tests.conftest import layer_case, server_view
 
 from spear.candidates import Residual
-from spear.focused import _break_known, focused_sampling
+from spear.focused import break_known, focused_sampling
 from spear.inversion.pool import DirectionPool
 
 
@@ -55,8 +55,8 @@ def test_break_known_leaves_no_pooled_direction_on_all_rows() -> None:
     known_zero[[0, 1, 2, 7], 1] = True  # direction 1 on units 0-2 and 7
     rows = torch.tensor([0, 1, 2])
     order = torch.arange(12).flip(0)  # unit 11 most promising
-    out = _break_known(rows, order, known_zero, r=8)
+    out = break_known(rows, order, known_zero, r=8)
     assert out[:3].tolist() == [0, 1, 2]
     assert not bool(known_zero[out].all(dim=0).any())
     assert out.numel() == 4  # unit 11 is non-zero for both directions
-    assert _break_known(rows, order, torch.zeros(12, 0, dtype=torch.bool), r=8) is rows
+    assert break_known(rows, order, torch.zeros(12, 0, dtype=torch.bool), r=8) is rows

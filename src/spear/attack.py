@@ -16,13 +16,12 @@ from torch import nn
 
 from spear import validate
 from spear.certificate import certify, verified_threshold
-from spear.client import check_update
 from spear.errors import InputError
 from spear.labels import LabelResult, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
 from spear.results import LayerReconstruction, Reconstruction
-from spear.validate import UpdateKind
+from spear.update import UpdateKind, check_update, check_update_kind
 
 __all__ = ["attack"]
 
@@ -82,9 +81,9 @@ def attack(
     Raises
     ------
     InputError
-        The update does not fit the model; ``batch_size`` is not a positive integer;
-        ``time_budget`` is not a finite number of seconds above 0; ``device`` is unknown
-        or not available (``"cuda"`` on a CPU-only torch build).
+        The update does not fit the model; ``update_kind`` is unknown; ``batch_size`` is
+        not a positive integer; ``time_budget`` is not a finite number of seconds above 0;
+        ``device`` is unknown or not available (``"cuda"`` on a CPU-only torch build).
     NotAttackableError
         No linear layer followed by a ReLU, or a BatchNorm that normalises with the
         batch's own statistics (training mode).
@@ -97,7 +96,7 @@ def attack(
             f"update must be a mapping parameter-name -> tensor, found {type(update).__name__}."
         )
     check_update(model, update)
-    kind = validate.update_kind(update_kind)
+    kind = check_update_kind(update_kind)
     validate.batch_size(batch_size)
     validate.time_budget(time_budget)
     validate.device(device)
@@ -123,7 +122,7 @@ def attack(
         batch_size=batch_size,
         seed=seed,
         solver=solver,
-        update_kind=update_kind,
+        update_kind=kind,
         time_budget=time_budget,
         progress=progress,
         device=device,
@@ -164,7 +163,7 @@ def attack(
             update,
             batch_size=result.batch_size,
             input_shape=tuple(inputs.shape[1:]),
-            update_kind=update_kind,
+            update_kind=kind,
             seed=seed,
             time_budget=max(1.0, time_budget - (time.perf_counter() - start)),
             iterations=NOISY_ESTIMATE_ITERATIONS,
@@ -181,13 +180,13 @@ def attack(
         label_result, kind_mismatch = _labels(target, features.to(dtype), result, kind)
         labels = label_result.labels
         if kind_mismatch:
-            other = "gradient" if update_kind == "delta" else "delta"
+            other: UpdateKind = "gradient" if kind == "delta" else "delta"
             notes.append(
-                f"the update looks like a {other}, not a {update_kind}: its labels fit only "
+                f"the update looks like a {other}, not a {kind}: its labels fit only "
                 f"with the sign of a {other} (the labels returned use it). Pass "
                 f"update_kind={other!r}; nothing is verified under the wrong kind."
             )
-        elif update_kind == "gradient":
+        elif kind == "gradient":
             notes.extend(label_result.notes)
             if label_result.reduction in ("mean", "sum"):
                 notes.append(f"loss reduction detected: {label_result.reduction}.")
@@ -200,8 +199,8 @@ def attack(
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
     if target.first and labels is not None:
-        certificate = certify(work, update, inputs.to(dtype), labels, update_kind=update_kind)
-        if update_kind == "delta":
+        certificate = certify(work, update, inputs.to(dtype), labels, update_kind=kind)
+        if kind == "delta":
             notes.append(
                 "certificate for a FedAvg delta: without the client's learning rate, step "
                 "count and batch order the update cannot be recomputed; it checks that the "
@@ -223,9 +222,9 @@ def attack(
         and not kind_mismatch
     )
     examples_verified = certified and result.verified and result.complete
-    labels_certified = update_kind == "gradient" and label_result is not None and label_result.exact
+    labels_certified = kind == "gradient" and label_result is not None and label_result.exact
     verified = examples_verified and labels_certified
-    if examples_verified and not verified and update_kind == "gradient":
+    if examples_verified and not verified and kind == "gradient":
         notes.append(
             "the examples are certified but not every label fits softmax cross-entropy "
             "exactly, so .verified is False."

@@ -60,6 +60,7 @@ from spear import validate
 from spear.errors import InputError
 from spear.pages import html_page, html_table, image_tiles, write_text_atomic
 from spear.report import markdown_table, to_jsonable
+from spear.update import UpdateKind, check_update_kind
 
 __all__ = [
     "RECORD_KEYS",
@@ -151,7 +152,7 @@ class AuditOptions:
         and on float32 FedAvg deltas one thread measured better (see the README).
     """
 
-    update_kind: str = "delta"
+    update_kind: UpdateKind = "delta"
     time_budget: float = 30.0
     every: int = 1
     sample: float | int | None = None
@@ -162,7 +163,7 @@ class AuditOptions:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
-        validate.update_kind(self.update_kind)
+        check_update_kind(self.update_kind)
         validate.time_budget(self.time_budget)
         validate.positive_int(self.every, "every", hint="pass every=1 to attack every round")
         validate.batch_size(self.batch_size)
@@ -313,7 +314,7 @@ def _round_model(model: nn.Module, sent: Arrays) -> _RoundModel:
 
 
 def _update(
-    round_model: _RoundModel, sent: Arrays, returned: Arrays, update_kind: str
+    round_model: _RoundModel, sent: Arrays, returned: Arrays, update_kind: UpdateKind
 ) -> dict[str, torch.Tensor]:
     """Parameter name -> update tensor (``returned - sent`` for a delta)."""
     absent = [key for key in round_model.names if key not in returned]
@@ -353,7 +354,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _empty_record(server_round: int, node: Any, clients: int, kind: str) -> dict[str, Any]:
+def _empty_record(server_round: int, node: Any, clients: int, kind: UpdateKind) -> dict[str, Any]:
     record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
     record.update(
         round=server_round,

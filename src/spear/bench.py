@@ -56,7 +56,9 @@ from spear.baselines import ATTACKS
 from spear.certificate import certify
 from spear.data import ImageData, builtin_images, load_fashion_mnist, rgb_patches, sample_batch
 from spear.errors import InputError
+from spear.networks import build_model
 from spear.results import Reconstruction
+from spear.update import UpdateKind
 
 __all__ = [
     "BENCH_ATTACKS",
@@ -67,7 +69,6 @@ __all__ = [
     "BenchResult",
     "Case",
     "aggregate_rows",
-    "build_model",
     "case_key",
     "get_bench_attack",
     "key_text",
@@ -78,8 +79,6 @@ __all__ = [
     "spear_attack",
 ]
 
-#: Units of every hidden layer after the first (the first has the case's ``width``).
-HIDDEN_WIDTH = 128
 #: Images of the dataset reserved for pre-training (``trained > 0``); attacked batches are
 #: drawn from the other part, so a trained model has never seen the attacked images.
 TRAIN_FRACTION = 0.5
@@ -473,25 +472,6 @@ def load_bench_data(name: str) -> tuple[ImageData, ImageData]:
     return part(0, split), part(split, len(data))
 
 
-def build_model(
-    input_shape: tuple[int, ...], width: int, depth: int, num_classes: int, seed: int
-) -> nn.Module:
-    """``Flatten -> Linear(in, width) -> ReLU -> [Linear(., 128) -> ReLU] * (depth - 1)
-    -> Linear(., num_classes)`` in float64, initialised from ``seed``."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
-    features = math.prod(input_shape)
-    for index in range(depth):
-        units = width if index == 0 else HIDDEN_WIDTH
-        layers.extend([nn.Linear(features, units), nn.ReLU()])
-        features = units
-    layers.append(nn.Linear(features, num_classes))
-    model = nn.Sequential(*layers).double()
-    torch.random.set_rng_state(generator_state)
-    return model
-
-
 def _pretrain(model: nn.Module, pool: ImageData, steps: int, seed: int) -> None:
     """``steps`` SGD steps of cross-entropy on random mini-batches of ``pool`` (in place)."""
     if steps == 0:
@@ -512,7 +492,7 @@ def _pretrain(model: nn.Module, pool: ImageData, steps: int, seed: int) -> None:
 class _Prepared:
     model: nn.Module
     update: dict[str, torch.Tensor]
-    update_kind: str
+    update_kind: UpdateKind
     images: torch.Tensor
     labels: torch.Tensor
     epsilon: float | None
@@ -522,14 +502,18 @@ def _prepare(case: Case, pools: tuple[ImageData, ImageData], config: BenchConfig
     """Model, batch and the (summed) client update of a case."""
     attack_pool, train_pool = pools
     model = build_model(
-        attack_pool.image_shape, case.width, case.depth, attack_pool.num_classes, case.seed
+        case.width,
+        case.seed,
+        attack_pool.num_classes,
+        input_shape=attack_pool.image_shape,
+        depth=case.depth,
     )
     _pretrain(model, train_pool, case.trained, case.seed)
     images, labels = sample_batch(attack_pool, case.batch_size, seed=case.seed)
     parts = torch.tensor_split(torch.arange(case.batch_size), case.clients)
     updates: list[dict[str, torch.Tensor]] = []
     epsilon: float | None = None
-    kind = "gradient"
+    kind: UpdateKind = "gradient"
     for number, index in enumerate(parts):
         x, y = images[index], labels[index]
         client_seed = case.seed * 1000 + number

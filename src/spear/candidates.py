@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,13 @@ from spear.solvers.polish import live_rows
 from spear.verify import LayerView, direction_for, pattern_check
 
 __all__ = [
+    "DirectionOf",
     "Residual",
+    "agreeing_direction",
     "guided_weights",
     "residual_svd",
     "row_candidates",
+    "row_ratios",
     "scaled_grad",
     "subspace_candidates",
     "unknown_subspace",
@@ -48,6 +52,14 @@ DIRECTION_AGREEMENT = 0.9
 ROW_PATIENCE = 200
 #: Exponent of the estimated off-rate in the row weights for guided sampling.
 GUIDED_WEIGHT_POWER = 3.0
+
+#: How a row scan turns a candidate into a pooled direction: called as
+#: ``(layer, basis (m, r), coord (b,), live (m,) bool, tol, eps, delta)`` and returning a
+#: unit direction ``(m,)`` or ``None`` (:func:`agreeing_direction`).
+DirectionOf = Callable[
+    [LayerView, torch.Tensor, torch.Tensor, torch.Tensor, Tolerances, float, bool],
+    torch.Tensor | None,
+]
 
 
 @dataclass
@@ -97,6 +109,9 @@ def row_candidates(
     rank: int,
     dirty: torch.Tensor,
     deadline: float,
+    *,
+    patience: int = ROW_PATIENCE,
+    direction_of: DirectionOf | None = None,
 ) -> int:
     """Use rows of the residual as example candidates (facts 7-8); returns peeled count.
 
@@ -107,14 +122,20 @@ def row_candidates(
     near-miss candidate still yields an exact direction). A candidate is taken as an
     exact example, and peeled, only when at least two rows produce it (two rows that
     agree to roundoff are both single-example rows of it).
+
+    The scan stops after ``patience`` rows in a row that give no new direction.
+    ``direction_of`` turns a candidate into a direction (default
+    :func:`agreeing_direction`).
     """
+    if direction_of is None:
+        direction_of = agreeing_direction
     if state.bias is None:
         return 0
     remaining = rank - state.found
     if remaining <= 0:
         return 0
     row_norm = state.left.norm(dim=1)
-    idx, cand = _row_ratios(state, tol, dirty)
+    idx, cand = row_ratios(state, tol, dirty)
     if idx.numel() == 0:
         return 0
     # group rows that give the same candidate (to roundoff): several single-example rows
@@ -131,18 +152,14 @@ def row_candidates(
     exact: list[tuple[torch.Tensor, torch.Tensor]] = []
     idle = 0
     for i in order.tolist():
-        if (
-            time.perf_counter() > deadline
-            or len(state.directions) >= remaining
-            or idle >= ROW_PATIENCE
-        ):
+        if time.perf_counter() > deadline or len(state.directions) >= remaining or idle >= patience:
             break
         if bool(handled[i]):
             continue
         handled |= same[i]
         coord = cand[i]
         idle += 1
-        unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
+        unit = direction_of(layer, basis, coord, live, tol, eps, delta)
         if unit is None:
             continue
         known = not state.directions.add(unit)
@@ -210,6 +227,9 @@ def subspace_candidates(
     delta: bool,
     rank: int,
     deadline: float,
+    *,
+    patience: int = ROW_PATIENCE,
+    direction_of: DirectionOf | None = None,
 ) -> int:
     """Pool missing directions from row candidates projected on the unknown subspace.
 
@@ -220,13 +240,19 @@ def subspace_candidates(
     yields the exact direction of a missing example (:func:`spear.verify.direction_for`,
     which accepts only a one-dimensional kernel on the zero set). The subspace shrinks
     with every direction found. Returns the number of directions pooled.
+
+    Candidates are projected in order of their row's norm, smallest first; the scan stops
+    after ``patience`` of them in a row pool nothing. ``direction_of`` turns a projection
+    into a direction (default :func:`agreeing_direction`).
     """
+    if direction_of is None:
+        direction_of = agreeing_direction
     if state.bias is None or not state.directions:
         return 0
     remaining = rank - state.found
     if len(state.directions) >= remaining:
         return 0
-    idx, cand = _row_ratios(state, tol)
+    idx, cand = row_ratios(state, tol)
     if cand.shape[0] == 0:
         return 0
     # rows on for few examples (small norm) first: their projections are the nearest to
@@ -238,17 +264,13 @@ def subspace_candidates(
     span = unknown_subspace_from(row_space, state.directions)
     added = idle = 0
     for ratio in cand:
-        if (
-            time.perf_counter() > deadline
-            or len(state.directions) >= remaining
-            or idle >= ROW_PATIENCE
-        ):
+        if time.perf_counter() > deadline or len(state.directions) >= remaining or idle >= patience:
             break
         idle += 1
         coord = span @ (span.T @ ratio)
         if float(coord.norm()) <= tol.zero_tol * float(ratio.norm()):
             continue
-        unit = _agreeing_direction(layer, basis, coord, live, tol, eps, delta)
+        unit = direction_of(layer, basis, coord, live, tol, eps, delta)
         if unit is not None and state.directions.add(unit):
             added += 1
             idle = 0
@@ -256,7 +278,7 @@ def subspace_candidates(
     return added
 
 
-def _row_ratios(
+def row_ratios(
     state: Residual, tol: Tolerances, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row candidates ``L[j] / db[j]`` of the rows with a usable bias and norm.
@@ -276,7 +298,7 @@ def _row_ratios(
     return idx, state.left[idx] / bias[idx, None]
 
 
-def _agreeing_direction(
+def agreeing_direction(
     layer: LayerView,
     basis: torch.Tensor,
     coord: torch.Tensor,
@@ -289,6 +311,21 @@ def _agreeing_direction(
 
     ``None`` also when the candidate's own ReLU pattern agrees with the direction's zero
     pattern on less than :data:`DIRECTION_AGREEMENT` of the units.
+
+    Parameters
+    ----------
+    layer:
+        The layer as the server knows it, projected on the row space of ``dW``.
+    basis:
+        ``(m, r)`` orthonormal basis of the residual's column space.
+    coord:
+        ``(b,)`` the candidate example in row-space coordinates.
+    live:
+        ``(m,)`` bool, the units on for at least one example (:func:`live_rows`).
+    tol, eps:
+        The problem's tolerances and the update dtype's machine epsilon.
+    delta:
+        A FedAvg delta (ReLU patterns may move between local steps).
     """
     direction = direction_for(layer, basis, coord, tol, eps)
     if direction is None:

@@ -26,8 +26,8 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from spear.client import check_update
 from spear.errors import InputError
+from spear.update import check_update, check_update_kind
 
 __all__ = ["VERIFIED_BELOW", "certify", "relative_error", "verified_threshold"]
 
@@ -41,6 +41,10 @@ VERIFIED_BELOW: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 #: Largest number of parameter entries used to fit the per-example weights ``c_i``.
 FIT_PARAMETER_BUDGET = 200_000
+#: Largest design matrix for that fit, in entries (parameter entries times examples; 400 MB
+#: in float64): above it the per-example weights are not fitted and only the mean and sum
+#: weights are tried.
+FIT_DESIGN_BUDGET = 50_000_000
 
 
 def verified_threshold(dtype: torch.dtype) -> float:
@@ -86,9 +90,10 @@ def certify(
     Raises
     ------
     InputError
-        The update does not fit the model; inputs or labels are not arrays, have
-        non-finite entries, differ in length, or do not fit the model (input shape,
-        class indices outside ``[0, classes)``, one-hot rows of the wrong width).
+        The update does not fit the model; ``update_kind`` is unknown; inputs or labels
+        are not arrays, have non-finite entries, differ in length, or do not fit the model
+        (input shape, class indices outside ``[0, classes)``, one-hot rows of the wrong
+        width).
 
     Notes
     -----
@@ -122,13 +127,12 @@ def certify(
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"inputs contain {bad} NaN or infinite entries; pass a finite candidate.")
+    kind = check_update_kind(update_kind)
     model = copy.deepcopy(model)  # a forward pass may touch buffers (BatchNorm statistics)
     params = list(model.named_parameters())
-    if update_kind == "delta":
+    if kind == "delta":
         _class_indices(y, None)
         return _certify_delta(model, update, x)
-    if update_kind != "gradient":
-        raise InputError(f"update_kind must be 'gradient' or 'delta', found {update_kind!r}.")
     dtype = params[0][1].dtype
     x = x.detach().to(dtype)
     classes = _classes(model, x)
@@ -303,7 +307,7 @@ def _fit_weights(
         size += p.numel()
     tensors = [p for _, p in chosen]
     k = x.shape[0]
-    if size * k > 50_000_000:
+    if size * k > FIT_DESIGN_BUDGET:
         return None
     rows = []
     for i in range(k):

@@ -11,7 +11,8 @@ modified) and returns an *update*: a ``dict`` parameter-name -> tensor keyed exa
   clipped to ``max_grad_norm``, summed, Gaussian noise added, divided by the batch size;
   with the privacy spent ``(epsilon, delta)`` from Opacus's RDP accountant.
 * :func:`aggregate` -- the secure-aggregation sum of several clients' updates.
-* :func:`check_update` -- does an update fit a model (names and shapes)?
+* :func:`check_update` -- does an update fit a model (names and shapes)? (defined in
+  :mod:`spear.update`)
 
 The default loss is softmax cross-entropy on class-index labels ``(b,)`` int64 in
 ``[0, num_classes)`` with logits ``(b, num_classes)``. A custom ``loss_fn(outputs, labels)``
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from spear.errors import InputError
+from spear.update import check_update
 
 __all__ = [
     "DEFAULT_DATASET_SIZE",
@@ -71,70 +73,6 @@ RDP_ORDERS: tuple[float, ...] = (
     2048,
     4096,
 )
-
-
-# --------------------------------------------------------------------------------------
-# validation
-
-
-def check_update(model: nn.Module, update: Mapping[str, torch.Tensor]) -> None:
-    """Check that ``update`` has exactly the parameters of ``model``, with their shapes.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model the server sent.
-    update : Mapping[str, torch.Tensor]
-        Parameter name -> tensor, as a client returned it.
-
-    Raises
-    ------
-    InputError
-        (a ``ValueError``) listing the missing, unexpected, non-tensor and mis-shaped
-        names, and what to try.
-    """
-    if not isinstance(update, Mapping):
-        raise InputError(
-            f"the update must be a mapping parameter-name -> tensor, found "
-            f"{type(update).__name__}. Build it as {{name: grad for name, grad in ...}} with "
-            "the names of model.named_parameters()."
-        )
-    params = dict(model.named_parameters())
-    missing = [name for name in params if name not in update]
-    extra = [name for name in update if name not in params]
-    not_tensors = [
-        f"{name} ({type(value).__name__})"
-        for name, value in update.items()
-        if name in params and not isinstance(value, torch.Tensor)
-    ]
-    misshaped = [
-        f"{name}: expected {tuple(p.shape)}, found {tuple(update[name].shape)}"
-        for name, p in params.items()
-        if isinstance(update.get(name), torch.Tensor) and update[name].shape != p.shape
-    ]
-    if not (missing or extra or not_tensors or misshaped):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing {missing}")
-    if extra:
-        parts.append(f"unexpected {extra}")
-    if not_tensors:
-        parts.append(f"not tensors {not_tensors}")
-    if misshaped:
-        parts.append("mis-shaped [" + "; ".join(misshaped) + "]")
-    hint = ""
-    if extra and missing and all("." in name for name in extra):
-        hint = (
-            " If the names carry a wrapper's prefix (for example '_module.' from Opacus or "
-            "'module.' from DataParallel), strip it."
-        )
-    raise InputError(
-        "the update does not match model.named_parameters(): "
-        + ", ".join(parts)
-        + f". Expected the {len(params)} names {list(params)}. Pass the update the client "
-        "computed on exactly the model the server sent (same architecture, unwrapped)." + hint
-    )
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

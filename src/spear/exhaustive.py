@@ -29,6 +29,7 @@ __all__ = [
     "EXHAUSTIVE_MAX_COMBINATIONS",
     "EXHAUSTIVE_MAX_SUBSETS",
     "candidate_directions",
+    "combinations_by_last",
     "exhaustive_subsets",
     "verified_combination",
 ]
@@ -209,7 +210,7 @@ def verified_combination(
     if directions.shape[0] < r - 1:
         return None
     columns = basis @ directions.T  # (m, c)
-    combos = _combinations_by_last(directions.shape[0], r - 1)
+    combos = combinations_by_last(directions.shape[0], r - 1)
     tried = 0
     while tried < max_combinations and time.perf_counter() < deadline:
         chunk = list(itertools.islice(combos, min(COMBINATION_CHUNK, max_combinations - tried)))
@@ -291,7 +292,7 @@ def _batched_solve(
     return coords, grads
 
 
-def _combinations_by_last(count: int, size: int) -> Iterator[list[int]]:
+def combinations_by_last(count: int, size: int) -> Iterator[list[int]]:
     """``size``-combinations of ``range(count)`` in order of their largest element.
 
     Every combination of the first ``k`` items comes before any that uses item ``k``, so
@@ -299,7 +300,7 @@ def _combinations_by_last(count: int, size: int) -> Iterator[list[int]]:
 
     Examples
     --------
-    >>> list(_combinations_by_last(4, 2))
+    >>> list(combinations_by_last(4, 2))
     [[0, 1], [0, 2], [1, 2], [0, 3], [1, 3], [2, 3]]
     """
     for last in range(size - 1, count):

@@ -54,6 +54,7 @@ from torch import nn
 
 from spear.auditor import AuditOptions, UpdateAuditor, select_updates
 from spear.errors import InputError
+from spear.update import UpdateKind
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -390,7 +391,7 @@ def audited(
     *,
     model: nn.Module,
     out: str | Path = ...,
-    update_kind: str = ...,
+    update_kind: UpdateKind = ...,
     time_budget: float = ...,
     every: int = ...,
     sample: float | int | None = ...,
@@ -409,7 +410,7 @@ def audited(
     *,
     model: nn.Module,
     out: str | Path = ...,
-    update_kind: str = ...,
+    update_kind: UpdateKind = ...,
     time_budget: float = ...,
     every: int = ...,
     sample: float | int | None = ...,
@@ -427,7 +428,7 @@ def audited(
     *,
     model: nn.Module,
     out: str | Path = "audit",
-    update_kind: str = "delta",
+    update_kind: UpdateKind = "delta",
     time_budget: float = 30.0,
     every: int = 1,
     sample: float | int | None = None,

@@ -40,7 +40,7 @@ from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
 from spear.verify import LayerView
 
-__all__ = ["focused_sampling"]
+__all__ = ["break_known", "focused_sampling"]
 
 #: Rows in the pool beyond the ``r - 1`` drawn.
 POOL_EXTRA = 25
@@ -149,7 +149,7 @@ def focused_sampling(
         order = torch.argsort(z)
         pool = order[:pool_size]
         rows = pool[torch.randperm(pool_size, generator=generator, device=pool.device)[: r - 1]]
-        rows = _break_known(rows, order, known_zero, r)
+        rows = break_known(rows, order, known_zero, r)
         draws += 1
         idle += 1
         for q in _kernel_candidates(basis, basis[rows], order, tol, generator):
@@ -258,7 +258,7 @@ def _zero_sets(state: Residual, tol: Tolerances) -> torch.Tensor:
     return zero_mask(state.directions.stack(dim=1), tol.zero_tol)
 
 
-def _break_known(
+def break_known(
     rows: torch.Tensor, order: torch.Tensor, known_zero: torch.Tensor, r: int
 ) -> torch.Tensor:
     """Add rows so that no pooled direction is zero on all of ``rows``.

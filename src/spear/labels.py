@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from spear.linalg import TINY_NORM
+
 __all__ = ["LabelResult", "recover_labels"]
 
 #: ``r_i`` must match ``(p_i - e_y) / B`` to this relative error for the label (and the
@@ -131,7 +133,7 @@ def recover_labels(
         y = int(torch.argmin(r))
         target = p.clone()
         target[y] -= 1.0
-        div = float(target @ r) / max(float(r @ r), 1e-300)
+        div = float(target @ r) / max(float(r @ r), TINY_NORM)
         labels[i] = y
         divisor[i] = div / size
         denom = float(target.norm()) or 1.0

@@ -15,9 +15,10 @@ import torch
 from spear import validate
 from spear.errors import InputError
 from spear.inversion.driver import invert
-from spear.inversion.problem import MIN_RANK_GAP, Problem, Request, UpdateKind
+from spear.inversion.problem import MIN_RANK_GAP, Problem, Request
 from spear.results import LayerReconstruction
 from spear.solvers import get_solver
+from spear.update import check_update_kind
 
 __all__ = ["MIN_RANK_GAP", "invert_layer"]
 
@@ -173,8 +174,7 @@ def invert_layer(
     _validate(weight_grad, bias_grad, weight, bias)
     if solver != "auto":
         get_solver(solver)  # an unknown name fails here, before any work
-    validate.update_kind(update_kind)
-    kind: UpdateKind = "delta" if update_kind == "delta" else "gradient"
+    kind = check_update_kind(update_kind)
     # far from 1, squares under- or overflow inside the linear algebra; a power of two
     # rescales exactly and leaves the inputs unchanged (they are ratios of the two)
     scale = _unit_scale(weight_grad, bias_grad)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "TINY_NORM",
     "Factorisation",
     "Tolerances",
     "estimate_rank",
@@ -26,6 +27,10 @@ __all__ = [
     "zero_mask",
 ]
 
+#: Positive floor for float64 norms and squared norms before a division (all-zero columns,
+#: an update scaled to about 1e-300): far below any value the attack works with, and a
+#: normal float64 number (not subnormal), so dividing by it neither raises nor loses digits.
+TINY_NORM = 1e-300
 #: Largest relative zero tolerance ever used: beyond it zeros and non-zeros of a ReLU
 #: gradient are no longer separable and the attack reports that instead.
 MAX_ZERO_TOL = 1e-3

@@ -25,42 +25,19 @@ import argparse
 import math
 import numbers
 import operator
-from typing import Literal
 
 import torch
 
 from spear.errors import InputError
 
 __all__ = [
-    "UpdateKind",
     "batch_size",
     "device",
     "positive_int",
     "positive_int_arg",
     "time_budget",
     "time_budget_arg",
-    "update_kind",
 ]
-
-#: What a client's update is: ``"gradient"`` (FedSGD, any loss reduction, clipping) or
-#: ``"delta"`` (FedAvg: weights after local training minus the weights sent).
-UpdateKind = Literal["gradient", "delta"]
-
-
-def update_kind(value: object) -> UpdateKind:
-    """``value`` when it names an :data:`UpdateKind`.
-
-    Examples
-    --------
-    >>> update_kind("delta")
-    'delta'
-    """
-    if value != "gradient" and value != "delta":
-        raise InputError(
-            f"update_kind must be 'gradient' or 'delta', found {value!r}: use 'gradient' for "
-            "FedSGD gradients and 'delta' for FedAvg weight differences."
-        )
-    return value
 
 
 def positive_int(value: object, name: str, *, hint: str = "") -> int:

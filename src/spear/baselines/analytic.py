@@ -21,9 +21,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from spear.baselines.labels import as_gradient, check_update, infer_labels, parameter_name
+from spear.baselines.labels import as_gradient, infer_labels, parameter_name
 from spear.errors import InputError, NotAttackableError
 from spear.results import Reconstruction
+from spear.update import check_partial_update, check_update_kind
 
 __all__ = ["analytic_attack"]
 
@@ -119,11 +120,12 @@ def analytic_attack(
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
     if rows is not None and rows < 1:
         raise InputError(f"rows must be a positive number of rows or None, got {rows}.")
-    checked = check_update(model, update, update_kind)
+    kind = check_update_kind(update_kind)
+    checked = check_partial_update(model, update)
     name, layer, linear_index = _first_linear_with_bias(model, checked)
     dtype = layer.weight.dtype
-    weight_grad = as_gradient(checked[parameter_name(name, "weight")], update_kind)
-    bias_grad = as_gradient(checked[parameter_name(name, "bias")], update_kind)
+    weight_grad = as_gradient(checked[parameter_name(name, "weight")], kind)
+    bias_grad = as_gradient(checked[parameter_name(name, "bias")], kind)
     weight_grad = weight_grad.to(torch.float64).cpu()
     bias_grad = bias_grad.to(torch.float64).cpu()
 
@@ -176,7 +178,7 @@ def analytic_attack(
     )
 
     labels: torch.Tensor | None
-    inference = infer_labels(model, checked, batch_size=batch_size, update_kind=update_kind)
+    inference = infer_labels(model, checked, batch_size=batch_size, update_kind=kind)
     if batch_size == 1:
         labels = inference.labels
         notes.extend(inference.notes)

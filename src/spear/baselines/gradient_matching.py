@@ -30,9 +30,10 @@ from torch.nn import functional
 from tqdm.auto import tqdm
 
 from spear.baselines.analytic import CERTIFICATE_NOTE
-from spear.baselines.labels import as_gradient, check_update, infer_labels
+from spear.baselines.labels import as_gradient, infer_labels
 from spear.errors import InputError
 from spear.results import Reconstruction
+from spear.update import check_partial_update, check_update_kind
 
 __all__ = ["gradient_matching_attack", "total_variation"]
 
@@ -166,7 +167,8 @@ def gradient_matching_attack(
         )
     if box is not None and not box[0] < box[1]:
         raise InputError(f"box must be (low, high) with low < high, got {box}.")
-    checked = check_update(model, update, update_kind)
+    kind = check_update_kind(update_kind)
+    checked = check_partial_update(model, update)
     deadline = math.inf if time_budget is None else start + time_budget
 
     attacked = copy.deepcopy(model)
@@ -178,7 +180,7 @@ def gradient_matching_attack(
         param.requires_grad_(True)
     dtype = params[0].dtype
     device = params[0].device
-    target = [as_gradient(checked[name], update_kind).to(device, dtype) for name in checked]
+    target = [as_gradient(checked[name], kind).to(device, dtype) for name in checked]
     target_norm = torch.sqrt(
         sum((t.pow(2).sum() for t in target), torch.zeros((), dtype=dtype, device=device))
     )
@@ -186,7 +188,7 @@ def gradient_matching_attack(
         raise InputError("the update is zero everywhere: there is nothing to match.")
 
     notes: list[str] = []
-    inference = infer_labels(model, checked, batch_size=batch_size, update_kind=update_kind)
+    inference = infer_labels(model, checked, batch_size=batch_size, update_kind=kind)
     notes.extend(inference.notes)
     fixed_labels = None if inference.labels is None else inference.labels.to(device)
     if fixed_labels is None:

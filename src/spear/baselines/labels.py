@@ -1,4 +1,4 @@
-"""Shared helpers of the baseline attacks: checking an update, finding layers, labels.
+"""Shared helpers of the baseline attacks: reading an update, finding layers, labels.
 
 Labels come from the gradient of the *last* ``nn.Linear`` (the classifier head) under
 softmax cross-entropy. For one example with label ``y`` and softmax output ``p`` the bias
@@ -18,78 +18,18 @@ import torch
 from torch import nn
 
 from spear.errors import InputError
+from spear.update import UpdateKind
 
 __all__ = [
-    "UPDATE_KINDS",
     "LabelInference",
     "as_gradient",
-    "check_update",
     "find_linear",
     "infer_labels",
     "parameter_name",
 ]
 
-#: The update kinds every attack accepts (see the public contract in ARCHITECTURE.md).
-UPDATE_KINDS = ("gradient", "delta")
 
-
-def check_update(
-    model: nn.Module, update: Mapping[str, torch.Tensor], update_kind: str
-) -> dict[str, torch.Tensor]:
-    """Check that ``update`` fits ``model`` and return it as a plain dict of detached tensors.
-
-    Parameters
-    ----------
-    model:
-        The model as the server sent it.
-    update:
-        Parameter name -> tensor with the shape of that parameter. Names must be those of
-        ``model.named_parameters()``; parameters without an entry are allowed (frozen).
-    update_kind:
-        ``"gradient"`` or ``"delta"``.
-
-    Returns
-    -------
-    dict[str, torch.Tensor]
-        The same entries, detached, in the order of ``model.named_parameters()``.
-
-    Raises
-    ------
-    InputError
-        On an unknown ``update_kind``, an unknown name, a shape mismatch, an empty update
-        or non-finite values.
-    """
-    if update_kind not in UPDATE_KINDS:
-        raise InputError(
-            f"update_kind must be one of {UPDATE_KINDS}, got {update_kind!r}; use 'gradient' "
-            "for FedSGD updates and 'delta' for FedAvg weight differences."
-        )
-    params = dict(model.named_parameters())
-    unknown = sorted(set(update) - set(params))
-    if unknown:
-        raise InputError(
-            f"update has entries {unknown} that are not parameters of the model; expected "
-            f"names from model.named_parameters(), e.g. {list(params)[:4]}."
-        )
-    checked: dict[str, torch.Tensor] = {}
-    for name, param in params.items():
-        if name not in update:
-            continue
-        value = update[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise InputError(
-                f"update[{name!r}] has shape {tuple(value.shape)}, but the parameter has "
-                f"shape {tuple(param.shape)}; was the update computed for another model?"
-            )
-        if not bool(torch.isfinite(value).all()):
-            raise InputError(f"update[{name!r}] contains NaN or infinite values.")
-        checked[name] = value.detach()
-    if not checked:
-        raise InputError("update is empty: it has no entry for any parameter of the model.")
-    return checked
-
-
-def as_gradient(tensor: torch.Tensor, update_kind: str) -> torch.Tensor:
+def as_gradient(tensor: torch.Tensor, update_kind: UpdateKind) -> torch.Tensor:
     """Turn an update entry into something proportional to a gradient (up to a positive scale).
 
     A FedAvg weight difference after one local step is ``-lr * gradient``, so a ``"delta"``
@@ -150,7 +90,7 @@ def infer_labels(
     update: Mapping[str, torch.Tensor],
     *,
     batch_size: int,
-    update_kind: str = "gradient",
+    update_kind: UpdateKind = "gradient",
 ) -> LabelInference:
     """Infer the batch's labels from the last linear layer's gradient (iDLG / LLG rule).
 

@@ -33,6 +33,7 @@ from spear import report, validate
 from spear.errors import InputError
 from spear.files import check_output_folder, load_model, load_update
 from spear.results import SolverStats
+from spear.update import UPDATE_KINDS
 
 __all__ = ["add_parser", "load_model", "load_update", "run"]
 
@@ -53,7 +54,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", type=Path, required=True, help="torch.export program (.pt2)")
     p.add_argument("--update", type=Path, required=True, help="update (.safetensors)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--kind", choices=["gradient", "delta"], default="gradient", help="update kind")
+    p.add_argument("--kind", choices=UPDATE_KINDS, default="gradient", help="update kind")
     p.add_argument(
         "--batch-size",
         type=validate.positive_int_arg,

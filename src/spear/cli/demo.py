@@ -8,17 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 import spear
 from spear import client, metrics, report, validate
 from spear.data import builtin_images, sample_batch
 from spear.errors import InputError
+from spear.networks import DEMO_INPUT_SHAPE, build_model
+from spear.update import UpdateKind
 
-__all__ = ["add_parser", "build_model", "max_batch_size", "run", "run_demo"]
-
-INPUT_SHAPE = (1, 28, 28)
+__all__ = ["add_parser", "max_batch_size", "run", "run_demo"]
 
 
 def add_parser(sub: Any) -> None:
@@ -68,20 +65,7 @@ def max_batch_size(width: int, images: int) -> int:
     >>> max_batch_size(256, 1000), max_batch_size(2000, 1000)
     (255, 784)
     """
-    return max(0, min(width - 1, math.prod(INPUT_SHAPE), images))
-
-
-def build_model(width: int, seed: int, classes: int = 10) -> nn.Module:
-    """The demo's fully connected ReLU network ``784 -> width -> 128 -> classes`` (float64)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(28 * 28, width),
-        nn.ReLU(),
-        nn.Linear(width, 128),
-        nn.ReLU(),
-        nn.Linear(128, classes),
-    ).double()
+    return max(0, min(width - 1, math.prod(DEMO_INPUT_SHAPE), images))
 
 
 def run_demo(
@@ -134,12 +118,12 @@ def run_demo(
         raise InputError(
             f"a batch of {batch_size} is more than the demo supports with a first layer of "
             f"width {width}: at most {largest} examples (exact recovery needs fewer examples "
-            f"than the layer's units and no more than its {math.prod(INPUT_SHAPE)} input "
+            f"than the layer's units and no more than its {math.prod(DEMO_INPUT_SHAPE)} input "
             f"pixels; {len(data)} images ship with spear). {what_to_try}"
         )
     images, labels = sample_batch(data, batch_size, seed=seed)
     model = build_model(width, seed)
-    kind = "gradient"
+    kind: UpdateKind = "gradient"
     epsilon = None
     if fedavg:
         update = client.fedavg_update(
@@ -163,7 +147,7 @@ def run_demo(
         update,
         update_kind=kind,
         seed=seed,
-        input_shape=INPUT_SHAPE,
+        input_shape=DEMO_INPUT_SHAPE,
         solver=solver,
         time_budget=time_budget,
         progress=progress,

@@ -14,7 +14,6 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -22,6 +21,7 @@ from spear.errors import BatchTooLargeError, InputError
 from spear.linalg import Factorisation, Tolerances, factorise, noise_floor, orthonormal_basis
 from spear.solvers.base import Budget
 from spear.solvers.polish import live_rows
+from spear.update import UpdateKind
 from spear.verify import LayerView, exact_precision
 
 __all__ = [
@@ -31,12 +31,8 @@ __all__ = [
     "UNLIMITED_SAMPLES",
     "Problem",
     "Request",
-    "UpdateKind",
 ]
 
-#: What the update is: a FedSGD (or DP-clipped) gradient, or a FedAvg weight difference
-#: (ReLU masks may move between local steps; the sign is irrelevant).
-UpdateKind = Literal["gradient", "delta"]
 #: A rank is accepted only when ``s_b / s_{b+1}`` is at least this (exact gradients give
 #: gaps of many orders of magnitude; pass ``batch_size`` for noisy ones).
 MIN_RANK_GAP = 1e3

@@ -8,15 +8,12 @@ import torch
 
 from spear.inversion.problem import Problem
 from spear.inversion.state import SearchState
-from spear.linalg import zero_mask
+from spear.linalg import TINY_NORM, zero_mask
 from spear.results import LayerReconstruction
 from spear.solvers.polish import live_rows
 from spear.verify import exact_precision, pattern_check
 
 __all__ = ["finish"]
-
-#: Floor of column norms when the original left factor is normalised (all-zero columns).
-TINY_NORM = 1e-300
 
 
 def finish(problem: Problem, state: SearchState) -> LayerReconstruction:

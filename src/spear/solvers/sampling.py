@@ -37,6 +37,9 @@ MIN_PROBE_ROWS = 16
 MAX_PURIFY_PER_CHUNK = 64
 #: A unit vector lies in a span when its distance to it is below this.
 SPAN_TOL = 1e-8
+#: Uniform draws are clamped to at least this before the Gumbel transform
+#: ``-log(-log(u))``: ``torch.rand`` can return exactly 0, whose logarithm is ``-inf``.
+MIN_UNIFORM = 1e-300
 
 
 def expected_samples(rank: int) -> float:
@@ -121,7 +124,7 @@ class SamplingSolver:
                     dtype=torch.float64,
                     device=basis.device,
                 )
-                gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+                gumbel = -torch.log(-torch.log(uniform.clamp_min(MIN_UNIFORM)))
                 pick = live[pool[(log_w[pool] + gumbel).topk(r - 1, dim=1).indices]]
             mats = basis[pick]  # (k, r-1, r)
             sol, info = torch.linalg.solve_ex(mats[:, :, :-1], -mats[:, :, -1:])
