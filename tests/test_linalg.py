@@ -19,6 +19,7 @@ from spear.linalg import (
     estimate_rank,
     factorise,
     kernel,
+    null_vectors,
     orthonormal_basis,
     pure_kernel,
     unit_rows,
@@ -117,6 +118,19 @@ def test_tolerances_scale_with_dtype_and_condition() -> None:
     assert t64.eps == EPS64 and t32.eps == EPS32
     # infinite condition does not blow up the tolerance
     assert Tolerances.derive(torch.float64, math.inf).zero_tol <= MAX_ZERO_TOL
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 9])
+def test_null_vectors_are_unit_kernel_vectors(d: int) -> None:
+    gen = torch.Generator().manual_seed(d)
+    mats = torch.randn(50, d - 1, d, generator=gen, dtype=torch.float64)
+    w = null_vectors(mats)
+    assert w.shape == (50, d)
+    assert torch.allclose(w.norm(dim=1), torch.ones(50, dtype=torch.float64))
+    assert float((mats @ w[:, :, None]).abs().max()) < 1e-12
+    if d > 1:  # independent rows: the kernel vector, up to sign
+        ref = torch.linalg.svd(mats, full_matrices=True).Vh[:, -1, :]
+        assert torch.allclose((ref * w).sum(dim=1).abs(), torch.ones(50, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- small helpers

@@ -70,6 +70,10 @@ LOW_PRECISION_DEGENERACY_HEADROOM = 1.0
 #: to 1.0 of the edge; the mixtures that had filled the pool at b = 128, 0.02 to 0.34.
 #: The rare true column below the bound is refused too; when it is the last one missing,
 #: the search completes it from the others (:func:`spear.inversion.solve.complete_last`).
+#: Correlated inputs are not rare: on float32 32x32 RGB patches at b = 64, 15 of the 19
+#: directions missing when the search stalled measured 0.23 to 0.39. A bound of 0.2
+#: solves that batch, but lets mixtures in on Fashion-MNIST at b = 128 (0 of 5 batches
+#: exact, against 9 of 10).
 LOW_PRECISION_SEPARATION = 0.4
 
 
