@@ -71,9 +71,6 @@ def _validate(
                 "update. Check the client's training (a diverged step) or the file it came "
                 "from."
             )
-    if weight is not None and bias_grad is not None and bias is None:
-        # a layer with weights given but no bias is fine (bias=False layers); nothing to do
-        pass
 
 
 def _rescaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
