@@ -3,7 +3,7 @@
 Prints a Markdown table over seeds (times: median, 90th percentile and worst). Each case
 runs in a fresh process so that peak memory is per case. Examples::
 
-    python benchmarks/bench_layer.py                       # issue-2 sweep (b 4..24)
+    python benchmarks/bench_layer.py                       # b 4..24, small layers
     python benchmarks/bench_layer.py --batch-sizes 25,32,64,128 --widths 1000 --seeds 3
     python benchmarks/bench_layer.py --data rgb --batch-sizes 32,64 --widths 2000
     python benchmarks/bench_layer.py --no-weights --solver sampling   # the paper's setting

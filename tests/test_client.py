@@ -195,7 +195,7 @@ def test_fedavg_multi_epoch_matches_reference_and_leaves_model() -> None:
 
 
 def test_fedavg_first_layer_rank_is_number_of_examples() -> None:
-    """ALGORITHM.md fact 11: 12 examples, 3 epochs, mini-batches of 4 -> rank exactly 12."""
+    """docs/algorithm.md, fact 11: 12 examples, 3 epochs, mini-batches of 4 -> rank exactly 12."""
     model = mlp((64, 40, 10))
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(12, 1, 8, 8, generator=gen, dtype=torch.float64)

@@ -148,8 +148,8 @@ class AuditOptions:
         Write ``grid.png`` and ``reconstruction.safetensors`` for every update.
     threads:
         torch threads during an attack (restored afterwards); ``None`` leaves torch's
-        setting. One thread by default: the attacks run beside training and take one core,
-        and on float32 FedAvg deltas one thread measured better (see the README).
+        setting. One thread by default: the attacks run beside training and take one core
+        (one and two threads give the same results).
     """
 
     update_kind: UpdateKind = "delta"
