@@ -25,7 +25,7 @@ def _labels_match(rec: spear.Reconstruction, x: torch.Tensor, y: torch.Tensor) -
 
 
 def test_fedavg_three_epochs_of_mini_batches_is_exact() -> None:
-    # issue 3 target: 3 local epochs over 12 examples in mini-batches of 4
+    # 3 local epochs over 12 examples in mini-batches of 4
     x, y = _batch(12, seed=1)
     model = build_model(256, seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
