@@ -34,7 +34,7 @@ import torch
 
 from spear.candidates import Residual, residual_svd, unknown_subspace_from
 from spear.inversion.pool import DirectionPool
-from spear.linalg import Tolerances, null_vectors, orthonormal_basis, pure_kernel, zero_mask
+from spear.linalg import Tolerances, null_vectors, orthonormal_basis, pure_kernels, zero_mask
 from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
@@ -208,11 +208,13 @@ def _kernel_candidates(
     picks = []
     if k <= MAX_SPLIT_DIM:
         # uniform (k - 1)-row subsets: each lies in one example's zero set with odds ~2^-(k-1)
+        # (drawn with replacement: a subset with a repeated row has a wider kernel, and its
+        # vector few zeros, so the zero count below discards it)
         draws = SPLIT_SAMPLES * k * 2 ** (k - 1)
-        keys = torch.rand(
-            draws, useful.numel(), generator=generator, dtype=basis.dtype, device=basis.device
+        slots = torch.randint(
+            useful.numel(), (draws, k - 1), generator=generator, device=basis.device
         )
-        picks.append(useful[keys.topk(k - 1, dim=1).indices])
+        picks.append(useful[slots])
     # steered ones: the steering candidate's next most negative units are off for most of
     # the k examples (the same reasoning as the outer draw, one level down)
     ranked = order[is_useful[order]][: k - 1 + SPLIT_POOL_EXTRA]
@@ -231,23 +233,45 @@ def _kernel_candidates(
     w = null_vectors(sub[pick])  # (draws, k)
     vals = zero_mask(sub @ w.T, tol.zero_tol)  # (m, draws)
     zeros = vals.sum(dim=0)
+    ranked_draws = torch.argsort(zeros, descending=True)
+    sparse = ranked_draws[zeros[ranked_draws] >= basis.shape[0] // 10]
+    return _pure_directions(sub, ker, w, vals, sparse, tol)
+
+
+def _pure_directions(
+    sub: torch.Tensor,
+    ker: torch.Tensor,
+    w: torch.Tensor,
+    vals: torch.Tensor,
+    ranked: torch.Tensor,
+    tol: Tolerances,
+) -> list[torch.Tensor]:
+    """Up to ``k`` distinct directions inside a ``k``-dimensional kernel, one per example.
+
+    ``ranked`` orders the draws' kernel vectors ``w`` ``(draws, k)`` sparsest first (their
+    zero sets ``vals`` ``(m, draws)`` in ``sub`` ``(m, k)``); up to ``3 k`` of those not
+    already found are tried. One example inside the kernel has a pure one-dimensional
+    kernel on its zero set (cheap, ``k`` columns); mixtures fitted to cancel on a few rows
+    fail there. Returns unit vectors ``(r,)`` (``ker`` is ``(r, k)``).
+    """
+    k = ker.shape[1]
     out = DirectionPool()
-    tried = 0
-    for i in torch.argsort(zeros, descending=True).tolist():
-        if len(out) >= k or tried >= 3 * k or int(zeros[i]) < basis.shape[0] // 10:
-            break
-        q = ker @ w[i]
-        q = q / q.norm()
-        if out.contains(q):
-            continue
-        tried += 1
-        # one example inside the kernel: a pure one-dimensional kernel on its zero set
-        # (cheap, k columns); mixtures fitted to cancel on a few rows fail here
-        pure = pure_kernel(sub[vals[:, i]], tol.degeneracy_tol, tol.separation)
-        if pure is None:
-            continue
-        q = ker @ pure
-        out.add(q / q.norm())
+    tried = pos = 0
+    while len(out) < k and tried < 3 * k and pos < ranked.numel():
+        chunk = ranked[pos : pos + 3 * k - tried]
+        pos += chunk.numel()
+        pure = pure_kernels(sub, vals[:, chunk], tol.degeneracy_tol, tol.separation)
+        for j, i in enumerate(chunk.tolist()):
+            if len(out) >= k:
+                break
+            q = ker @ w[i]
+            if out.contains(q / q.norm()):
+                continue
+            tried += 1
+            found = pure[j]
+            if found is not None:
+                q = ker @ found
+                out.add(q / q.norm())
     return list(out)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "null_vectors",
     "orthonormal_basis",
     "pure_kernel",
+    "pure_kernels",
     "unit_rows",
     "zero_mask",
 ]
@@ -313,8 +314,8 @@ def zero_mask(values: torch.Tensor, zero_tol: float) -> torch.Tensor:
     torch.Tensor
         ``(m, k)`` bool.
     """
-    scale = values.abs().amax(dim=0, keepdim=True)
-    return values.abs() <= zero_tol * scale
+    magnitude = values.abs()
+    return magnitude <= zero_tol * magnitude.amax(dim=0, keepdim=True)
 
 
 def null_vectors(mats: torch.Tensor) -> torch.Tensor:
@@ -406,10 +407,8 @@ def expected_edge(rows: torch.Tensor) -> float:
     ``r / m``.
     """
     k, r = rows.shape
-    energy = float((rows**2).sum())
-    if k == 0 or energy == 0.0:
-        return 0.0
-    return max(0.0, math.sqrt(k) - math.sqrt(max(r - 1, 0))) * math.sqrt(energy / (k * r))
+    counts = torch.tensor([k], device=rows.device)
+    return float(_expected_edges(counts, (rows**2).sum().reshape(1), r)[0])
 
 
 def pure_kernel(rows: torch.Tensor, tol: float, separation: float = 0.0) -> torch.Tensor | None:
@@ -442,17 +441,108 @@ def pure_kernel(rows: torch.Tensor, tol: float, separation: float = 0.0) -> torc
     if k < r:
         return None
     u, s, vh = torch.linalg.svd(rows, full_matrices=False)
-    small = s <= tol * math.sqrt(k)
-    if int(small.sum()) != 1 or not bool(small[-1]):
+    energy = (rows**2).sum().reshape(1)
+    counts = torch.tensor([k], device=rows.device)
+    if not bool(_one_stable_kernel(s[None], counts, energy, r, tol, separation)[0]):
         return None
-    if r > 1 and float(s[-2]) <= KERNEL_GAP * tol * math.sqrt(k):
-        return None  # a second direction nearly in the kernel: not clearly one-dimensional
-    if separation > 0.0 and (
-        k < SEPARATION_MIN_ROWS * (r - 1)
-        or (r > 1 and float(s[-2]) < separation * expected_edge(rows))
-    ):
-        return None  # nearly a two-dimensional kernel, or too few rows to tell
     leverage = (u[:, : r - 1] ** 2).sum(dim=1)
     if float(leverage.max()) > 1.0 - ESSENTIAL_LEVERAGE:
         return None
     return vh[-1]
+
+
+#: :func:`pure_kernels` takes the singular values of at most this many entries
+#: (zero sets x rows x columns) at a time.
+PURE_KERNEL_CHUNK = 1 << 23
+
+
+def pure_kernels(
+    rows: torch.Tensor, zero_sets: torch.Tensor, tol: float, separation: float = 0.0
+) -> list[torch.Tensor | None]:
+    """:func:`pure_kernel` of ``rows[zero_sets[:, i]]`` for every column ``i``.
+
+    Most zero sets of a search fail on their singular values alone (their kernel is
+    several-dimensional, or not separated). Those values come for all zero sets at once
+    from one batched decomposition of ``rows`` with the other rows masked out (zero rows
+    change no singular value); only the zero sets that pass get the full test.
+
+    Parameters
+    ----------
+    rows:
+        ``(m, r)`` float64 rows of an orthonormal basis.
+    zero_sets:
+        ``(m, N)`` bool.
+    tol, separation:
+        As in :func:`pure_kernel`.
+
+    Returns
+    -------
+    list[torch.Tensor | None]
+        ``N`` entries: the ``(r,)`` unit kernel vector, or ``None``.
+    """
+    m, r = rows.shape
+    n = zero_sets.shape[1]
+    counts = zero_sets.sum(dim=0)  # (N,)
+    energy = zero_sets.T.to(rows.dtype) @ (rows**2).sum(dim=1)  # (N,)
+    passed = torch.zeros(n, dtype=torch.bool, device=rows.device)
+    step = max(1, PURE_KERNEL_CHUNK // max(1, m * r))
+    for start in range(0, n, step):
+        part = slice(start, min(n, start + step))
+        sets = zero_sets[:, part]
+        if not bool((counts[part] >= r).any()):
+            continue
+        s = torch.linalg.svdvals(rows[None] * sets.T[:, :, None].to(rows.dtype))  # (n_i, r)
+        passed[part] = _one_stable_kernel(s, counts[part], energy[part], r, tol, separation)
+    return [
+        pure_kernel(rows[zero_sets[:, i]], tol, separation) if bool(passed[i]) else None
+        for i in range(n)
+    ]
+
+
+def _one_stable_kernel(
+    s: torch.Tensor,
+    counts: torch.Tensor,
+    energy: torch.Tensor,
+    r: int,
+    tol: float,
+    separation: float,
+) -> torch.Tensor:
+    """Which zero sets have one clearly separated kernel direction, from singular values.
+
+    Parameters
+    ----------
+    s:
+        ``(N, r)`` descending singular values of each zero set's rows (zero-padded when a
+        set has fewer than ``r`` rows).
+    counts:
+        ``(N,)`` rows in each zero set.
+    energy:
+        ``(N,)`` squared Frobenius norm of each zero set's rows.
+    r, tol, separation:
+        Columns of the basis, and the tolerances of :func:`pure_kernel`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)`` bool.
+    """
+    k = counts.to(s.dtype)
+    limit = tol * torch.sqrt(k)
+    small = s <= limit[:, None]
+    ok = (counts >= r) & (small.sum(dim=1) == 1) & small[:, -1]
+    if r > 1:
+        # a second direction nearly in the kernel: not clearly one-dimensional
+        ok &= s[:, -2] > KERNEL_GAP * limit
+    if separation > 0.0:
+        # nearly a two-dimensional kernel, or too few rows to tell
+        ok &= counts >= SEPARATION_MIN_ROWS * (r - 1)
+        if r > 1:
+            ok &= s[:, -2] >= separation * _expected_edges(counts, energy, r)
+    return ok
+
+
+def _expected_edges(counts: torch.Tensor, energy: torch.Tensor, r: int) -> torch.Tensor:
+    """:func:`expected_edge` of ``N`` zero sets from their row counts and energies ``(N,)``."""
+    k = counts.to(energy.dtype).clamp(min=1)
+    width = (torch.sqrt(k) - math.sqrt(max(r - 1, 0))).clamp(min=0.0)
+    return width * torch.sqrt(energy / (k * r))
