@@ -77,7 +77,7 @@ def _check_exact(case: LayerCase, m: int, n: int, b: int, seed: int) -> None:
         bias=case.bias,
         # b == n: the rank cannot tell b from min(m, n), so the caller must say it
         batch_size=b if b >= n else None,
-        time_budget=20.0,
+        time_budget=120.0,  # a cap, not a target: exactness is what is tested
     )
     assert rec.complete, (m, n, b, seed, rec.notes)
     assert_exact(rec.inputs, case.inputs)

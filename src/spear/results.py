@@ -26,7 +26,8 @@ class SolverStats:
     candidates:
         Candidate directions that passed its sparsity filter.
     found:
-        Examples it contributed to the answer.
+        Examples it peeled (verified and kept). A complete solve (``"solve"``) peels the
+        examples whose directions the search steps pooled.
     seconds:
         Wall time it used.
     """

@@ -141,14 +141,11 @@ def _run_step(problem: Problem, state: SearchState, step: Step) -> StepReport:
 
 
 def _record(state: SearchState, report: StepReport) -> None:
-    """Keep a step's record and credit it with the examples it peeled; examples peeled
-    without a record of their own count for the latest record (row peeling counts its
-    own)."""
+    """Keep a step's record and credit it with the examples it peeled (every step that
+    peels reports them in its own record)."""
     state.credit(state.step)
     if report.stats is not None:
         state.stats.append(report.stats)
-    elif report.peeled and state.stats and state.stats[-1].name != "peeling":
-        state.stats[-1].found += report.peeled
 
 
 def _fallback_applies(problem: Problem, state: SearchState) -> bool:

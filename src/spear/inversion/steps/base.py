@@ -23,16 +23,12 @@ class StepReport:
         as ``found``, ``samples``, ``seconds``), or ``None`` when it leaves none.
     progressed:
         It pooled a direction or peeled an example.
-    peeled:
-        Examples it peeled that its own record does not count; the driver credits them
-        to the latest record (the step whose directions completed the solve).
     end_search:
         The search stops here (done, out of time, or given up).
     """
 
     stats: SolverStats | None = None
     progressed: bool = False
-    peeled: int = 0
     end_search: bool = False
 
 

@@ -15,6 +15,8 @@ stall at b = 64) and are checked as a whole at the end
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from spear.inversion.checks import verified_indices
@@ -23,6 +25,7 @@ from spear.inversion.solve import refine_columns, repair_one_direction, solve_co
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
 from spear.linalg import orthonormal_basis, unit_rows
+from spear.results import SolverStats
 from spear.solvers.polish import live_rows
 
 __all__ = ["MAX_FAILED_SOLVES", "CompleteSolve", "peel_verified"]
@@ -45,12 +48,14 @@ class CompleteSolve:
         remaining, basis = state.remaining, state.basis
         if len(state.pool) < remaining:
             return StepReport()
+        t0 = time.perf_counter()
         dirs_now = torch.stack(state.pool[:remaining]) @ basis  # (r, r)
         peeled = peel_verified(problem, state, basis @ unit_rows(dirs_now).T)
         if peeled:
             state.failed_solves = 0
             state.dirty = torch.ones(problem.m, dtype=torch.bool, device=problem.device)
-            return StepReport(progressed=True, peeled=peeled)
+            record = SolverStats(self.name, found=peeled, seconds=time.perf_counter() - t0)
+            return StepReport(stats=record, progressed=True)
         # a wrong pooled direction: drop it (strict: the failed examples' ones; otherwise
         # the newest) and search again, a few times in a row
         state.failed_solves += 1
