@@ -8,13 +8,13 @@ import torch
 from tests.conftest import LayerCase, layer_case, server_view
 
 from spear.candidates import (
-    Residual,
     row_candidates,
     row_ratios,
     subspace_candidates,
     unknown_subspace,
 )
 from spear.inversion.pool import DirectionPool
+from spear.inversion.residual import Residual
 from spear.linalg import Tolerances
 from spear.verify import LayerView
 

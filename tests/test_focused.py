@@ -7,9 +7,9 @@ import time
 import torch
 from tests.conftest import layer_case, server_view
 
-from spear.candidates import Residual
 from spear.focused import break_known, focused_sampling
 from spear.inversion.pool import DirectionPool
+from spear.inversion.residual import Residual
 
 
 def test_focused_sampling_pools_true_missing_directions() -> None:

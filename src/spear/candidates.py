@@ -3,8 +3,7 @@
 Row ``j`` of ``dW`` divided by ``db[j]`` is an example when only that example turns unit
 ``j`` on, and a bias-weighted mixture otherwise. :func:`row_candidates` turns every row into
 the exact gradient direction of the nearest example (pooled) and peels the examples that
-two rows agree on. The residual problem and what has been found are kept in
-:class:`Residual`.
+two rows agree on, in the :class:`spear.inversion.residual.Residual`.
 """
 
 from __future__ import annotations
@@ -12,18 +11,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from spear.inversion.pool import DirectionPool
+from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, orthonormal_basis, zero_mask
 from spear.solvers.polish import live_rows
 from spear.verify import LayerView, direction_for, pattern_check
 
 __all__ = [
     "DirectionOf",
-    "Residual",
     "agreeing_direction",
     "guided_weights",
     "residual_svd",
@@ -60,29 +58,6 @@ DirectionOf = Callable[
     [LayerView, torch.Tensor, torch.Tensor, torch.Tensor, Tolerances, float, bool],
     torch.Tensor | None,
 ]
-
-
-@dataclass
-class Residual:
-    """The residual problem and what has been recovered so far (all float64)."""
-
-    left: torch.Tensor  # (m, b) residual left factor: dW_res = left @ right
-    bias: torch.Tensor | None  # (m,) residual bias gradient
-    coords: list[torch.Tensor]  # found examples, (b,) coordinates in the row space
-    grads: list[torch.Tensor]  # their gradient columns, (m,)
-    directions: DirectionPool  # exact unit gradient directions (m,) not yet peeled
-
-    @property
-    def found(self) -> int:
-        return len(self.coords)
-
-    def peel(self, coord: torch.Tensor, grad: torch.Tensor) -> None:
-        """Remove a verified example's contribution ``grad coord^T``."""
-        self.left = self.left - torch.outer(grad, coord)
-        if self.bias is not None:
-            self.bias = self.bias - grad
-        self.coords.append(coord)
-        self.grads.append(grad)
 
 
 def scaled_grad(

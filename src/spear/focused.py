@@ -32,8 +32,9 @@ import time
 
 import torch
 
-from spear.candidates import Residual, residual_svd, unknown_subspace_from
+from spear.candidates import residual_svd, unknown_subspace_from
 from spear.inversion.pool import DirectionPool
+from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, null_vectors, orthonormal_basis, pure_kernels, zero_mask
 from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec

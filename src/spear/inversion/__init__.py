@@ -2,9 +2,10 @@
 
 :class:`~spear.inversion.problem.Problem` is made once from the update (factorisation,
 batch size, tolerances, flags); :mod:`~spear.inversion.driver` runs the steps of
-:mod:`~spear.inversion.steps` on a :class:`~spear.inversion.state.SearchState`, whose
-found directions live in one :class:`~spear.inversion.pool.DirectionPool`. The steps, in
-order:
+:mod:`~spear.inversion.steps` on a :class:`~spear.inversion.state.SearchState`, which
+holds the :class:`~spear.inversion.residual.Residual` (the update less the examples
+peeled) and, in one :class:`~spear.inversion.pool.DirectionPool`, the found directions.
+The steps, in order:
 
 0. ``exhaustive`` (once, small layers): every row subset, then a verified combination.
 1. ``peeling``: rows of the residual as candidates; agreeing pairs peeled (fact 8).

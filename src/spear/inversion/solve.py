@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from spear.candidates import Residual
+from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, kernel, orthonormal_basis
 from spear.verify import LayerView, pre_activations
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from spear.candidates import Residual
 from spear.inversion.pool import DirectionPool
 from spear.inversion.problem import Problem
+from spear.inversion.residual import Residual
 from spear.results import SolverStats
 
 __all__ = ["SearchState"]
