@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -18,6 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from spear.inversion.problem import Problem, Request
 from spear.linalg import Factorisation, Tolerances, factorise, orthonormal_basis
 from spear.verify import LayerView
 
@@ -172,6 +174,29 @@ def server_view(case: LayerCase) -> tuple[Factorisation, LayerView, Tolerances]:
         right=fac.right,
     )
     return fac, layer, Tolerances.derive(torch.float64, fac.condition)
+
+
+def problem_for(case: LayerCase, time_budget: float = 60.0, seed: int = 0) -> Problem:
+    """The inversion problem of a case as :func:`spear.invert_layer` builds it (weights
+    given, batch size from the rank), its deadline ``time_budget`` seconds from now."""
+    request = Request(
+        weight_grad=case.weight_grad,
+        bias_grad=case.bias_grad,
+        weight=case.weight,
+        bias=case.bias,
+        batch_size=None,
+        seed=seed,
+        solver="auto",
+        update_kind="gradient",
+        time_budget=time_budget,
+        max_samples=None,
+        zero_tol=None,
+        min_zero_fraction=0.1,
+        device=None,
+        progress=False,
+        search_with_weights=True,
+    )
+    return Problem.build(request, time.perf_counter())
 
 
 @dataclass

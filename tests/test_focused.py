@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
-from tests.conftest import layer_case, server_view
+from tests.conftest import layer_case, problem_for
 
 from spear.focused import break_known, focused_sampling
 from spear.inversion.pool import DirectionPool
@@ -15,17 +13,16 @@ from spear.inversion.residual import Residual
 def test_focused_sampling_pools_true_missing_directions() -> None:
     """20 of 64 directions known: the steered subsets find most of the other 44 exactly."""
     case = layer_case(1000, 784, 64, real=True, seed=2)
-    fac, layer, tol = server_view(case)
+    problem = problem_for(case, time_budget=30.0)
     cols = case.output_grads / case.output_grads.norm(dim=0)
     state = Residual(
-        left=fac.left.clone(),
+        left=problem.fac.left.clone(),
         bias=case.bias_grad.clone(),
         coords=[],
         grads=[],
         directions=DirectionPool(cols[:, i] for i in range(20)),
     )
-    gen = torch.Generator().manual_seed(0)
-    pooled, draws = focused_sampling(state, layer, tol, 64, gen, time.perf_counter() + 30, 0.1)
+    pooled, draws = focused_sampling(problem, state)
     assert draws > 0
     assert pooled >= 30, f"only {pooled} of 44 missing directions in {draws} subsets"
     new = torch.stack(state.directions[20:], dim=1)
@@ -38,15 +35,14 @@ def test_focused_sampling_pools_true_missing_directions() -> None:
 
 def test_focused_sampling_needs_a_bias_and_pooled_directions() -> None:
     case = layer_case(300, 100, 30, real=True)
-    fac, layer, tol = server_view(case)
+    problem = problem_for(case, time_budget=5.0)
     state = Residual(
-        left=fac.left, bias=case.bias_grad, coords=[], grads=[], directions=DirectionPool()
+        left=problem.fac.left, bias=case.bias_grad, coords=[], grads=[], directions=DirectionPool()
     )
-    gen = torch.Generator().manual_seed(0)
-    assert focused_sampling(state, layer, tol, 30, gen, time.perf_counter() + 5, 0.1) == (0, 0)
+    assert focused_sampling(problem, state) == (0, 0)
     state.bias = None
     state.directions = DirectionPool([case.output_grads[:, 0] / case.output_grads[:, 0].norm()])
-    assert focused_sampling(state, layer, tol, 30, gen, time.perf_counter() + 5, 0.1) == (0, 0)
+    assert focused_sampling(problem, state) == (0, 0)
 
 
 def test_break_known_leaves_no_pooled_direction_on_all_rows() -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from spear.inversion.pool import DirectionPool
+from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, orthonormal_basis, zero_mask
 from spear.solvers.polish import live_rows
@@ -76,14 +77,9 @@ def scaled_grad(
 
 
 def row_candidates(
+    problem: Problem,
     state: Residual,
-    layer: LayerView,
-    tol: Tolerances,
-    eps: float,
-    delta: bool,
-    rank: int,
     dirty: torch.Tensor,
-    deadline: float,
     *,
     patience: int = ROW_PATIENCE,
     direction_of: DirectionOf | None = None,
@@ -98,15 +94,18 @@ def row_candidates(
     exact example, and peeled, only when at least two rows produce it (two rows that
     agree to roundoff are both single-example rows of it).
 
-    The scan stops after ``patience`` rows in a row that give no new direction.
-    ``direction_of`` turns a candidate into a direction (default
+    ``dirty`` ``(m,)`` bool: the rows to scan (all, or those the last peels changed). The
+    scan stops after ``patience`` rows in a row that give no new direction, or at the
+    problem's deadline. ``direction_of`` turns a candidate into a direction (default
     :func:`agreeing_direction`).
     """
     if direction_of is None:
         direction_of = agreeing_direction
-    if state.bias is None:
+    layer = problem.layer
+    if layer is None or state.bias is None:
         return 0
-    remaining = rank - state.found
+    tol, eps, delta, deadline = problem.tol, problem.eps, problem.delta, problem.deadline
+    remaining = problem.rank - state.found
     if remaining <= 0:
         return 0
     row_norm = state.left.norm(dim=1)
@@ -195,13 +194,8 @@ def unknown_subspace_from(
 
 
 def subspace_candidates(
+    problem: Problem,
     state: Residual,
-    layer: LayerView,
-    tol: Tolerances,
-    eps: float,
-    delta: bool,
-    rank: int,
-    deadline: float,
     *,
     patience: int = ROW_PATIENCE,
     direction_of: DirectionOf | None = None,
@@ -217,13 +211,17 @@ def subspace_candidates(
     with every direction found. Returns the number of directions pooled.
 
     Candidates are projected in order of their row's norm, smallest first; the scan stops
-    after ``patience`` of them in a row pool nothing. ``direction_of`` turns a projection
-    into a direction (default :func:`agreeing_direction`).
+    after ``patience`` of them in a row pool nothing, or at the problem's deadline.
+    ``direction_of`` turns a projection into a direction (default
+    :func:`agreeing_direction`).
     """
     if direction_of is None:
         direction_of = agreeing_direction
-    if state.bias is None or not state.directions:
+    layer = problem.layer
+    if layer is None or state.bias is None or not state.directions:
         return 0
+    tol, eps, delta, deadline = problem.tol, problem.eps, problem.delta, problem.deadline
+    rank = problem.rank
     remaining = rank - state.found
     if len(state.directions) >= remaining:
         return 0

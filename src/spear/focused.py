@@ -33,13 +33,14 @@ import time
 import torch
 
 from spear.candidates import residual_svd, unknown_subspace_from
+from spear.inversion.checks import exact_patterns
 from spear.inversion.pool import DirectionPool
+from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, null_vectors, orthonormal_basis, pure_kernels, zero_mask
 from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
-from spear.verify import LayerView
 
 __all__ = ["break_known", "focused_sampling"]
 
@@ -62,39 +63,21 @@ PATIENCE = 400
 HANDOFF_MISSING = 8
 
 
-def focused_sampling(
-    state: Residual,
-    layer: LayerView,
-    tol: Tolerances,
-    rank: int,
-    generator: torch.Generator,
-    deadline: float,
-    min_zero_fraction: float,
-    exact_patterns: bool = True,
-) -> tuple[int, int]:
+def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
     """Pool missing directions by steered row subsets (module docstring).
 
     Parameters
     ----------
-    state:
-        The residual; found directions are appended to ``state.directions``.
-    layer:
-        The layer's weights in row-space coordinates.
-    tol:
-        Zero and degeneracy tolerances.
-    rank:
-        The batch size ``b`` (the residual has rank ``b - state.found``).
-    generator:
-        Random source (deterministic given the seed).
-    deadline:
-        ``time.perf_counter()`` value at which to stop.
-    min_zero_fraction:
-        Fraction of zeros a direction needs.
-    exact_patterns:
-        The gradient's zero pattern is exactly the ReLU pattern (float64, one step):
+    problem:
+        The layer's weights (nothing is drawn without them), tolerances, batch size
+        ``b``, random source, deadline and sparsity threshold. Where its gradient's zero
+        pattern is exactly the ReLU pattern (:func:`spear.inversion.checks.exact_patterns`),
         a direction is pooled only when some input realizes its zero set
         (:class:`spear.realizable.RealizabilityTest`), which rejects the sparse
         combinations of several examples that a softmax output creates.
+    state:
+        The residual (rank ``b - state.found``); found directions are appended to
+        ``state.directions``.
 
     Returns
     -------
@@ -103,8 +86,10 @@ def focused_sampling(
     draws:
         Row subsets drawn.
     """
+    layer = problem.layer
+    tol, rank, generator = problem.tol, problem.rank, problem.generator
     remaining = rank - state.found
-    if state.bias is None or not state.directions or remaining < 2:
+    if layer is None or state.bias is None or not state.directions or remaining < 2:
         return 0, 0
     basis = orthonormal_basis(state.left, remaining)  # (m, r)
     _m, r = basis.shape
@@ -122,7 +107,7 @@ def focused_sampling(
         zero_tol=tol.zero_tol,
         degeneracy_tol=tol.degeneracy_tol,
         separation=tol.separation,
-        min_zero_fraction=min_zero_fraction,
+        min_zero_fraction=problem.request.min_zero_fraction,
         row_weights=None,
         known=torch.zeros(0, r, dtype=basis.dtype, device=basis.device),
         generator=generator,
@@ -132,9 +117,9 @@ def focused_sampling(
     span = unknown_subspace_from(svd, state.directions)
     known = _known_basis(state, basis)
     known_zero = _zero_sets(state, tol)  # (m, k) where each pooled direction is zero
-    realizable = RealizabilityTest(layer, live, generator) if exact_patterns else None
+    realizable = RealizabilityTest(layer, live, generator) if exact_patterns(problem) else None
     while len(state.directions) < remaining and idle < PATIENCE:
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > problem.deadline:
             break
         pick = int(torch.randint(cand.shape[0], (1,), generator=generator))
         p = span @ (span.T @ cand[pick])

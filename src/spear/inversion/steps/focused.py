@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from spear.focused import focused_sampling
-from spear.inversion.checks import exact_patterns
 from spear.inversion.problem import Problem
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
@@ -25,25 +24,15 @@ class FocusedSampling:
 
     def run(self, problem: Problem, state: SearchState) -> StepReport:
         """Draw steered subsets until the pool is (nearly) complete or patience ends."""
-        layer = problem.layer
         if (
-            layer is None
+            problem.layer is None
             or problem.noisy
             or state.remaining <= AUTO_SAMPLING_MAX_RANK
             or not directions_missing(problem, state)
         ):
             return StepReport()
         t0 = time.perf_counter()
-        pooled, draws = focused_sampling(
-            state.residual,
-            layer,
-            problem.tol,
-            problem.rank,
-            problem.generator,
-            problem.deadline,
-            problem.request.min_zero_fraction,
-            exact_patterns(problem),
-        )
+        pooled, draws = focused_sampling(problem, state.residual)
         record = SolverStats(
             self.name, samples=draws, candidates=pooled, seconds=time.perf_counter() - t0
         )

@@ -25,22 +25,12 @@ class RowPeeling:
 
     def run(self, problem: Problem, state: SearchState) -> StepReport:
         """One pass of scans; a record when something was pooled or peeled."""
-        layer = problem.layer
-        if layer is None or state.residual.bias is None:
+        if problem.layer is None or state.residual.bias is None:
             return StepReport()
         t0 = time.perf_counter()
         before, pooled = state.found, len(state.pool)
         while True:
-            added = row_candidates(
-                state.residual,
-                layer,
-                problem.tol,
-                problem.eps,
-                problem.delta,
-                problem.rank,
-                state.dirty,
-                problem.deadline,
-            )
+            added = row_candidates(problem, state.residual, state.dirty)
             state.bar.update(added)
             if added == 0:
                 break

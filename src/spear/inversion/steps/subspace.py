@@ -26,19 +26,10 @@ class SubspaceCompletion:
 
     def run(self, problem: Problem, state: SearchState) -> StepReport:
         """One scan of the rows on the unknown subspace."""
-        layer = problem.layer
-        if layer is None or not directions_missing(problem, state):
+        if problem.layer is None or not directions_missing(problem, state):
             return StepReport()
         t0 = time.perf_counter()
-        pooled = subspace_candidates(
-            state.residual,
-            layer,
-            problem.tol,
-            problem.eps,
-            problem.delta,
-            problem.rank,
-            problem.deadline,
-        )
+        pooled = subspace_candidates(problem, state.residual)
         if not pooled:
             return StepReport()
         record = SolverStats(self.name, candidates=pooled, seconds=time.perf_counter() - t0)
