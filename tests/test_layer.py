@@ -444,3 +444,65 @@ def test_verified_says_whether_relu_patterns_backed_the_examples(weights: bool) 
     assert rec.verified is weights
     if not weights:
         assert any("sparsity" in note for note in rec.notes)
+
+
+def _scaled_fashion_layer(
+    s: float, dtype: torch.dtype, b: int = 8, m: int = 200
+) -> tuple[torch.Tensor, nn.Linear, torch.Tensor, torch.Tensor]:
+    """``b`` Fashion-MNIST images times ``s`` through ``Linear(784, m)`` whose bias is times
+    ``s`` too (the same ReLU patterns at every ``s``), ReLU, and ``Linear(m, 10)`` with
+    weights over ``s`` (the same logits), in ``dtype``; returns the inputs, the first
+    layer and its two gradients. Only the bias gradient and the inputs change with ``s``
+    (the weight gradient ``G X^T`` does not: ``G`` scales by ``1 / s``)."""
+    from spear.data import builtin_images, sample_batch
+
+    images, labels = sample_batch(builtin_images(), b, seed=3)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(784, m), nn.ReLU(), nn.Linear(m, 10)).double()
+    with torch.no_grad():
+        net[0].bias.mul_(s)
+        net[2].weight.div_(s)
+    net = net.to(dtype)
+    x = (images.reshape(b, -1).double() * s).to(dtype)
+    loss = nn.functional.cross_entropy(net(x), labels)
+    gw, gb = torch.autograd.grad(loss, [net[0].weight, net[0].bias])
+    return x, net[0], gw, gb
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("s", [1e-3, 1e3])
+def test_input_scale_changes_only_the_scale_of_the_answer(s: float, dtype: torch.dtype) -> None:
+    """Inputs and bias times ``s`` from 1e-3 to 1e3 keep every ReLU pattern: every
+    example comes back, exact relative to its own scale, and verified."""
+    x, layer, gw, gb = _scaled_fashion_layer(s, dtype)
+    rec = spear.invert_layer(
+        gw, gb, weight=layer.weight.detach(), bias=layer.bias.detach(), progress=False
+    )
+    assert rec.complete and rec.verified, rec.notes
+    worst = match_rows(rec.inputs, x.double()).worst_relative
+    assert worst < (EXACT if dtype == torch.float64 else 1e-5), worst
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_small_inputs_where_few_units_separate_the_batch(real: bool) -> None:
+    """Inputs times 0.05 through ``Linear(400, 120)``: the bias dominates, so only 14 to 27
+    of the 120 units are on for some examples and off for others, and each example's
+    column has 10 to 17 zeros among about 80 live units. The sparse directions are rare
+    but there, and every example comes back exact."""
+    from spear.data import builtin_images, sample_batch
+
+    b, n, m = 4, 400, 120
+    torch.manual_seed(1)
+    if real:
+        images, _ = sample_batch(builtin_images(), b, seed=1)
+        x = images.reshape(b, -1)[:, :n].double() * 0.05
+    else:
+        x = torch.rand(b, n, dtype=torch.float64) * 0.05
+    net = nn.Sequential(nn.Linear(n, m), nn.ReLU(), nn.Linear(m, 10)).double()
+    loss = nn.functional.cross_entropy(net(x), torch.arange(b))
+    gw, gb = torch.autograd.grad(loss, [net[0].weight, net[0].bias])
+    rec = spear.invert_layer(
+        gw, gb, weight=net[0].weight.detach(), bias=net[0].bias.detach(), progress=False
+    )
+    assert rec.complete and rec.verified, rec.notes
+    assert_exact(rec.inputs, x)

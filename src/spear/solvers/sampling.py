@@ -26,9 +26,13 @@ __all__ = ["SamplingSolver", "expected_samples"]
 
 #: Probe rows used for the cheap sparsity test of every sampled direction.
 PROBE_ROWS = 64
-#: A sampled direction survives the probe test when at least this fraction of the probe
-#: rows is zero (true directions have about half; non-kernel directions have none).
-PROBE_ZERO_FRACTION = 0.2
+#: A sampled direction survives the probe test when at least this fraction of the zeros
+#: its sparsity threshold asks for (``min_zero_fraction`` of the probe rows) is among the
+#: probe rows, and at least :data:`MIN_PROBE_ZEROS`. Directions that are not in a zero
+#: set's kernel have no zero at all; a true column with just ``min_zero_fraction`` zeros
+#: has half that many among the probes at least about 9 times in 10 (64 probe rows, 0.1).
+PROBE_ZERO_SHARE = 0.5
+MIN_PROBE_ZEROS = 2
 #: Enumerate every row subset instead of sampling when there are at most this many.
 EXHAUSTIVE_LIMIT = 50_000
 #: Fewer probe rows than this make the probe test meaningless: check in full instead.
@@ -139,7 +143,8 @@ class SamplingSolver:
                 # the probe maximum stands in for the column's maximum (a lower bound of
                 # it); the zero tolerance keeps orders of magnitude of head room for that
                 nz = (pv.abs() <= spec.zero_tol * scale).sum(dim=0)
-                keep = ok & (nz >= max(2, math.ceil(PROBE_ZERO_FRACTION * n_probe)))
+                need = math.floor(PROBE_ZERO_SHARE * spec.min_zero_fraction * n_probe)
+                keep = ok & (nz >= max(MIN_PROBE_ZEROS, need))
             else:
                 full = basis[live] @ cand.T
                 zeros = (full.abs() <= spec.zero_tol * full.abs().amax(dim=0, keepdim=True)).sum(0)
@@ -148,6 +153,7 @@ class SamplingSolver:
                 keep = ok & (zeros >= need)
             samples += k
             order = torch.argsort(nz * keep, descending=True)[: int(keep.sum())]
+            explained = _span_basis(found + known, r, basis)  # rebuilt when found grows
             tried = 0
             for idx in order.tolist():
                 if tried >= MAX_PURIFY_PER_CHUNK or len(found) >= spec.target:
@@ -157,7 +163,7 @@ class SamplingSolver:
                 q = cand[idx]
                 # skip what is already explained: a direction found before, or a mixture of
                 # found directions (it lies in their span), or one that failed before
-                if _in_span(q, found + known) or _seen(q, rejected):
+                if _in_span(q, explained) or _seen(q, rejected):
                     continue
                 tried += 1
                 pure = purify(basis, q, spec, weak=weak)
@@ -166,25 +172,33 @@ class SamplingSolver:
                 for p in pure:
                     if not _seen(p, found) and not _seen(p, known):
                         found.append(p)
+                        explained = _span_basis(found + known, r, basis)
                         if spec.on_progress is not None:
                             spec.on_progress(len(found))
         extra: list[torch.Tensor] = []
         for q in weak:
             if len(found) + len(extra) >= spec.target:
                 break
-            if not _in_span(q, found + known + extra):
+            if not _in_span(q, _span_basis(found + known + extra, r, basis)):
                 extra.append(q)
         packed = _pack(basis, found + extra, samples, spec)
         packed.weak = len(extra)
         return packed
 
 
-def _in_span(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
-    """Whether unit ``q`` lies in the span of ``among`` (to roundoff)."""
+def _span_basis(among: list[torch.Tensor], r: int, like: torch.Tensor) -> torch.Tensor:
+    """``(r, k)`` orthonormal basis of the span of the ``k`` vectors ``among`` ``(r,)``."""
     if not among:
+        return torch.zeros(r, 0, dtype=like.dtype, device=like.device)
+    return torch.linalg.qr(torch.stack(among, dim=1)).Q
+
+
+def _in_span(q: torch.Tensor, span: torch.Tensor) -> bool:
+    """Whether unit ``q`` ``(r,)`` lies in the span of orthonormal ``span`` ``(r, k)``
+    (to roundoff)."""
+    if span.shape[1] == 0:
         return False
-    basis = torch.linalg.qr(torch.stack(among, dim=1)).Q
-    return float((q - basis @ (basis.T @ q)).norm()) <= SPAN_TOL
+    return float((q - span @ (span.T @ q)).norm()) <= SPAN_TOL
 
 
 def _seen(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
