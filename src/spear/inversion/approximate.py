@@ -333,7 +333,8 @@ def refine(
     pattern = _pattern(x, w, c, wnorm, x.new_zeros(x.shape[0]))
     g = _g_step(denoised, x, pattern)
     rounds = 0
-    for rounds in range(1, MAX_REFINE_ROUNDS + 1):
+    while rounds < MAX_REFINE_ROUNDS:
+        rounds += 1
         x = _x_step(denoised, g)
         new = _pattern(x, w, c, wnorm, error_rms(g, sigma))
         changed = int((new != pattern).sum())
