@@ -234,7 +234,10 @@ def attack(
             )
     elif not target.first:
         notes.append("no certificate: the reconstruction is not in the model's input space.")
-    if noisy and target.first and not result.interrupted and not result.noise_consistent:
+    reliable = bool(result.noise_consistent) and result.noise is not None and result.noise.confident
+    if noisy and target.first and not result.interrupted and not reliable:
+        # the approximate answer does not explain the update, or its weakest example is
+        # not clearly above the noise: the baseline runs too, and the better fit is kept
         fallback = _gradient_matching(
             work,
             update,
