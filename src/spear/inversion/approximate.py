@@ -43,11 +43,19 @@ __all__ = [
     "refine",
 ]
 
-#: Rows whose denoised bias entry is largest give the candidates (at most this many).
-CANDIDATE_ROWS = 400
+#: Rows whose denoised bias entry is largest give the candidates (at most this many),
+#: among those whose bias entry exceeds ``CANDIDATE_NOISE_Z`` noise standard deviations.
+CANDIDATE_ROWS = 1000
+CANDIDATE_NOISE_Z = 3.0
+#: Candidates scored per batch (bounds the memory of the batched Gram matrices).
+SCORE_CHUNK = 128
 #: Two directions (unit vectors in ``U_b`` coordinates) are the same example above this
 #: absolute cosine.
 SAME_DIRECTION_COSINE = 0.95
+#: Candidates whose directions agree above this absolute cosine are averaged into one
+#: example (stricter than :data:`SAME_DIRECTION_COSINE`: a mixture dominated by one
+#: example has a nearby direction but a different example).
+AVERAGED_COSINE = 0.999
 #: A candidate needs at least this many predicted-off units times ``b`` (its kernel is
 #: otherwise not determined by the zero rows).
 MIN_OFF_ROWS_PER_RANK = 2
@@ -58,6 +66,12 @@ MIN_OFF_ROWS_PER_RANK = 2
 #: 0.1 times that bound; mixtures of examples 0.03 and up (noise-free).
 ACCEPT_FACTOR = 1.0
 ACCEPT_FLOOR = 1e-10
+#: When no candidate passes, the best one is still taken if it scores below this: a
+#: mixture of examples scores 0.03 and up, noise-free (same measurement); true examples
+#: after many peeling rounds score up to about 0.004 (b = 64, noise multiplier 1e-5).
+MIXTURE_SCORE = 0.01
+#: Rounds of peeling and refinement (:func:`_search`); each settles more examples.
+MAX_SEARCH_ROUNDS = 8
 #: Peeling rounds of the direction search (each accepts at least one direction).
 MAX_PEEL_ROUNDS = 200
 #: Alternating least squares stops after this many rounds, or earlier when fewer than
@@ -162,14 +176,75 @@ def approximate_inversion(
     c = bias.detach().to(torch.float64)
     accept = max(ACCEPT_FLOOR, ACCEPT_FACTOR * m * (noise.sigma / float(s[b - 1])) ** 2)
     extra = initial.to(torch.float64) if initial is not None and initial.numel() else None
-    directions = _peel_directions(denoised, basis, s[:b], vh[:b], w, c, accept, extra)
-    if directions.shape[1] == 0:
+    found = _search(denoised, basis, s[:b], vh[:b], w, c, accept, noise.sigma, extra)
+    if found is None:
         return None
-    x0 = _solve(basis, directions, denoised)
-    if x0 is None:
-        return None
-    x, g, rounds = refine(denoised, x0, w, c, noise.sigma)
-    return _conclude(a, x, g, w, c, noise, rounds, directions.shape[1])
+    x, g, rounds, directions = found
+    return _conclude(a, x, g, w, c, noise, rounds, directions)
+
+
+def _search(
+    denoised: torch.Tensor,
+    basis: torch.Tensor,
+    singular: torch.Tensor,
+    right: torch.Tensor,
+    w: torch.Tensor,
+    c: torch.Tensor,
+    accept: float,
+    sigma: float,
+    extra: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+    """Rounds of peeling and refinement until every example is settled.
+
+    A round peels new directions from the update left by the settled examples
+    (:func:`_peel_directions`), starts the missing ones from the residual
+    (:func:`_missing_examples`) and refines all ``b`` together (:func:`refine`). The
+    refined examples whose own zero rows score below ``accept`` are settled: their
+    contributions, now fitted from every row, are far more accurate than the single-row
+    estimates peeling removed, so the next round's candidates are cleaner.
+
+    Returns
+    -------
+    tuple or None
+        ``(inputs (b, n), output_grads (m, b), refinement rounds, directions peeled)``;
+        ``None`` when no direction was found.
+    """
+    b = basis.shape[1]
+    settled = torch.zeros(b, dtype=torch.bool)
+    x: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    rounds = peeled = 0
+    for _ in range(MAX_SEARCH_ROUNDS):
+        if x is None or g is None:
+            known_x = denoised.new_zeros(0, denoised.shape[1] - 1)
+            known_dirs = basis.new_zeros(b, 0)
+            residual = denoised
+        else:
+            known_x = x[settled]
+            known_dirs = _scores(known_x, basis, w, c)[0].T
+            xa = torch.cat([known_x, known_x.new_ones(known_x.shape[0], 1)], dim=1)
+            residual = denoised - g[:, settled] @ xa
+        directions, examples, left = _peel_directions(
+            residual, basis, singular, right, w, c, accept, sigma, extra, known_dirs
+        )
+        extra = None
+        peeled += directions.shape[1]
+        k = known_x.shape[0] + examples.shape[0]
+        if k == 0:
+            return None
+        x0 = None
+        if known_x.shape[0] == 0 and examples.shape[0] == b:
+            x0 = _solve(basis, directions, denoised)
+        if x0 is None:
+            x0 = torch.cat([known_x, examples, _missing_examples(left, b - k)])
+        x, g, used = refine(denoised, x0, w, c, sigma)
+        rounds += used
+        now = _scores(x, basis, w, c)[1] <= accept
+        if bool(now.all()) or int(now.sum()) <= int(settled.sum()):
+            break
+        settled = now
+    assert x is not None and g is not None
+    return x, g, rounds, peeled
 
 
 def _augmented(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
@@ -179,12 +254,19 @@ def _augmented(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tens
     return torch.cat([dw, db[:, None]], dim=1)
 
 
-def _row_candidates(denoised: torch.Tensor, b: int) -> torch.Tensor:
-    """``(k, n)`` examples read off the rows with the largest denoised bias entries."""
-    bias_col = denoised[:, -1]
-    k = min(CANDIDATE_ROWS, bias_col.numel())
+def _row_candidates(residual: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples ``(k, n)`` read off the rows whose bias entry stands above the noise.
+
+    Row ``j`` gives ``residual[j, :n] / residual[j, n]``; only rows with ``|residual[j, n]|
+    > CANDIDATE_NOISE_Z * sigma`` count (at most :data:`CANDIDATE_ROWS`, largest first).
+    Also returns each candidate's weight ``(k,)``, its squared bias entry (the inverse of
+    its noise variance, up to a common factor).
+    """
+    bias_col = residual[:, -1]
+    clear = int((bias_col.abs() > CANDIDATE_NOISE_Z * sigma).sum())
+    k = min(CANDIDATE_ROWS, clear)
     rows = torch.topk(bias_col.abs(), k).indices
-    return denoised[rows, :-1] / bias_col[rows, None]
+    return residual[rows, :-1] / bias_col[rows, None], bias_col[rows] ** 2
 
 
 def _scores(
@@ -198,13 +280,19 @@ def _scores(
     ``MIN_OFF_ROWS_PER_RANK * b`` off-units).
     """
     m, b = basis.shape
-    off = (candidates @ w.T + c) <= 0  # (K, m)
-    counts = off.sum(dim=1).to(basis.dtype)
-    grams = torch.einsum("mi,km,mj->kij", basis, off.to(basis.dtype), basis)
-    values, vectors = torch.linalg.eigh(grams)
-    scores = values[:, 0] * m / counts.clamp_min(1.0)
-    scores[counts < MIN_OFF_ROWS_PER_RANK * b] = math.inf
-    return vectors[:, :, 0], scores
+    directions, scores = [], []
+    for chunk in candidates.split(SCORE_CHUNK):
+        off = (chunk @ w.T + c) <= 0  # (K, m)
+        counts = off.sum(dim=1).to(basis.dtype)
+        grams = torch.einsum("mi,km,mj->kij", basis, off.to(basis.dtype), basis)
+        values, vectors = torch.linalg.eigh(grams)
+        score = values[:, 0] * m / counts.clamp_min(1.0)
+        score[counts < MIN_OFF_ROWS_PER_RANK * b] = math.inf
+        directions.append(vectors[:, :, 0])
+        scores.append(score)
+    if not directions:
+        return basis.new_zeros(0, b), basis.new_zeros(0)
+    return torch.cat(directions), torch.cat(scores)
 
 
 def _peel_directions(
@@ -215,44 +303,86 @@ def _peel_directions(
     w: torch.Tensor,
     c: torch.Tensor,
     accept: float,
+    sigma: float,
     extra: torch.Tensor | None,
-) -> torch.Tensor:
-    """``(b, k)`` distinct unit directions in ``basis`` coordinates, found by peeling.
+    known: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct directions found by peeling, their examples, and the residual left.
 
     Each round reads candidates off the rows of the update left after removing the
     examples accepted so far (``g_i x_i^T``, docs/algorithm.md fact 8), scores them
-    (:func:`_scores`) and accepts every distinct direction scoring below ``accept``; when
-    none does, the single best one. Rounds stop at ``b`` directions or when no candidate
-    is left.
+    (:func:`_scores`) and accepts every distinct direction scoring below ``accept`` (when
+    none does, the single best one scoring below :data:`MIXTURE_SCORE`: the peeled
+    examples' errors raise the scores of later ones); its example is the weighted mean of
+    the candidates sharing the direction. Rounds stop at ``b`` directions or when no
+    candidate is left. Directions in ``known`` ``(b, k0)`` (settled examples) are not
+    taken again.
+
+    Returns
+    -------
+    directions:
+        ``(b, k)`` unit directions in ``basis`` coordinates.
+    examples:
+        ``(k, n)`` their examples.
+    residual:
+        ``(m, n + 1)`` the update left (rank ``b - k`` up to noise).
     """
     b = basis.shape[1]
-    chosen: list[torch.Tensor] = []
+    chosen: list[torch.Tensor] = list(known.T)
+    examples: list[torch.Tensor] = []
+    new: list[torch.Tensor] = []
     residual = denoised
     for _ in range(MAX_PEEL_ROUNDS):
-        candidates = _row_candidates(residual, b)
+        candidates, weights = _row_candidates(residual, sigma)
         if extra is not None:
+            top = weights.max() if weights.numel() else candidates.new_ones(())
             candidates = torch.cat([extra, candidates])
+            weights = torch.cat([top.expand(extra.shape[0]), weights])
             extra = None
         vectors, scores = _scores(candidates, basis, w, c)
-        order = torch.argsort(scores).tolist()
+        passed = scores <= accept
         added: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for idx in order:
-            score = float(scores[idx])
-            if not math.isfinite(score) or (added and score > accept):
+        for idx in torch.argsort(scores).tolist():
+            single = not added and float(scores[idx]) <= MIXTURE_SCORE
+            if not (bool(passed[idx]) or single) or len(chosen) == b:
                 break
             q = vectors[idx]
             if any(abs(float(q @ other)) > SAME_DIRECTION_COSINE for other in chosen):
                 continue
+            same = (scores <= scores[idx].clamp_min(accept)) & (
+                (vectors @ q).abs() > AVERAGED_COSINE
+            )
+            wts = weights[same]
+            x = (candidates[same] * wts[:, None]).sum(0) / wts.sum().clamp_min(TINY_NORM)
             chosen.append(q)
-            added.append((q, candidates[idx]))
-            if len(chosen) == b or score > accept:
+            new.append(q)
+            examples.append(x)
+            added.append((q, x))
+            if not bool(passed[idx]):
                 break
         if not added or len(chosen) == b:
+            if added:
+                residual = residual - _contributions(added, basis, singular, right)
             break
         residual = residual - _contributions(added, basis, singular, right)
-    if not chosen:
-        return basis.new_zeros(b, 0)
-    return torch.stack(chosen, dim=1)
+    n = denoised.shape[1] - 1
+    if not new:
+        return basis.new_zeros(b, 0), basis.new_zeros(0, n), residual
+    return torch.stack(new, dim=1), torch.stack(examples), residual
+
+
+def _missing_examples(residual: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count, n)`` starting points for examples no candidate gave.
+
+    The residual left by peeling has rank ``count`` (up to noise and the peeled examples'
+    errors); its leading right singular vectors, scaled so their bias coordinate is 1,
+    span the missing examples (each exactly one when ``count == 1``).
+    """
+    _, _, vh = torch.linalg.svd(residual, full_matrices=False)
+    top = vh[:count]
+    scale = top[:, -1:]
+    scale = torch.where(scale.abs() > TINY_NORM, scale, torch.ones_like(scale))
+    return top[:, :-1] / scale
 
 
 def _contributions(
