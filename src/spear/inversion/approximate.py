@@ -5,24 +5,25 @@ Noise removes the exact zeros the exact pipeline tests for, but not the structur
 layer's weight ``W`` and bias ``c`` the server predicts those zeros from any estimate of
 the examples, ``P = 1[W X + c > 0]``. The path:
 
-1. **Denoise.** Truncate ``A`` at rank ``b`` (``A_b = U_b S_b V_b^T``): the examples lie
-   in the row space, so the noise outside it (all but ``b`` of ``n + 1`` dimensions per
-   row) is gone.
-2. **Candidates.** Every row ``j`` with a clear bias entry gives ``x_j = A_b[j, :n] /
-   A_b[j, n]``, exactly an example when the unit is on for that example alone.
-3. **Directions.** A candidate's predicted off-units are the zero rows of its column of
-   ``G``: the least-squares kernel ``q`` of ``U_b`` on those rows is its direction, and the
-   smallest eigenvalue of ``U_b[off]^T U_b[off]``, relative to the ``|off| / m`` a random
-   row subset gives, scores it (near 0 for a true example, order 1 for a mixture).
-   The best-scoring distinct directions form ``Q``; the scale comes from the bias column
-   (docs/algorithm.md, fact 6).
+1. **Denoise.** Truncate ``A`` at rank ``b`` (``A_b = U_b S_b V_b^T``).
+2. **Candidates.** Every row ``j`` whose bias entry stands above the noise gives
+   ``x_j = A_b[j, :n] / A_b[j, n]``, exactly an example when the unit is on for that
+   example alone.
+3. **Directions, by peeling.** A candidate's predicted off-units are the zero rows of its
+   column of ``G``: the least-squares kernel ``q`` of ``U_b`` on those rows is its
+   direction, and the smallest eigenvalue of ``U_b[off]^T U_b[off]``, relative to the
+   ``|off| / m`` a random row subset gives, scores it (near 0 for a true example, 0.03
+   and up for a mixture). Directions scoring within the noise are accepted, their
+   contributions ``g_i [x_i | 1]^T`` removed (docs/algorithm.md, fact 8), and candidates
+   read again from the rows left. Rounds of peeling alternate with refinements of all
+   ``b`` examples; examples the refinement leaves scoring within the noise are settled
+   and peeled with their refined, all-row contributions.
 4. **Refine.** Alternating least squares under the predicted patterns: each row of ``A_b``
    is fitted by the examples on at its unit (G-step; the bias column fixes the scale),
    then the examples from all rows at once (X-step), then the patterns again, until they
    stop changing. Every row that carries an example contributes, so noise averages out.
 5. **Error bars.** The X-step is a least-squares fit: example ``i``'s noise has variance
-   ``sigma^2 [(G^T G)^-1]_ii`` per input coordinate and direction of the row space, and
-   the row space holds ``b`` of ``n + 1`` directions.
+   ``sigma^2 [(G^T G)^-1]_ii`` per input coordinate (:func:`error_rms`).
 """
 
 from __future__ import annotations
