@@ -105,11 +105,17 @@ def describe(found: ApproximateInversion) -> str:
         else ""
     )
     check = "consistent" if found.consistent else "NOT consistent"
+    bars = (
+        f"predicted RMS error per input coordinate {float(errors.median()):.3g} (median; "
+        f"{float(errors.max()):.3g} worst)"
+        if bool(torch.isfinite(errors).all())
+        else "no error bars (the examples are not clearly above the noise, or the fit "
+        "leaves more than noise)"
+    )
     return (
         f"{found.noise.describe()} Approximate reconstruction of {errors.numel()} examples "
-        f"(pattern-constrained least squares, {found.rounds} rounds{zero_rows}): predicted "
-        f"RMS error per input coordinate {float(errors.median()):.3g} (median; "
-        f"{float(errors.max()):.3g} worst); the update recomputed from it leaves "
+        f"(pattern-constrained least squares, {found.rounds} rounds{zero_rows}): {bars}; "
+        "the update recomputed from it leaves "
         f"{found.residual_ratio:.3f}x the residual the noise alone leaves ({check} with "
         "the estimated noise). Estimates, not verified."
     )

@@ -103,7 +103,8 @@ class LayerReconstruction:
         ``None`` otherwise.
     error_rms:
         ``(k,)`` for an approximate result: each example's predicted root-mean-square error
-        per input coordinate, in the inputs' units, from the noise floor; ``None`` for
+        per input coordinate, in the inputs' units, from the noise floor (NaN where the
+        noise model does not bound the error: see :attr:`noise_consistent`); ``None`` for
         exact results.
     noise_consistent:
         For an approximate result: whether the residual of the update recomputed from it
