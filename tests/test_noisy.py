@@ -144,3 +144,31 @@ def test_heavy_noise_returns_the_estimate_that_fits_the_update_best() -> None:
         # the noise model does not bound this fit's error: no error bars are claimed
         assert rec.error_rms is not None and bool(torch.isnan(rec.error_rms).all())
     assert any("gradient matching" in note or "gradient-matching" in note for note in rec.notes)
+
+
+@pytest.mark.parametrize(("dtype", "floor_db"), [(torch.float16, 60.0), (torch.bfloat16, 45.0)])
+def test_mixed_precision_update_is_estimated_with_its_rounding_as_noise(
+    dtype: torch.dtype, floor_db: float
+) -> None:
+    b = 8
+    x, y = fashion(b)
+    model = mlp((784, 1000, 10)).float()
+    update = {k: v.to(dtype) for k, v in client.fedsgd_update(model, x.float(), y).items()}
+    rec = spear.attack(
+        model, update, batch_size=b, input_shape=SHAPE, time_budget=10, input_range=(0.0, 1.0)
+    )
+    assert rec.estimate == "approximate" and not rec.verified
+    matching = metrics.match(rec.inputs, x)
+    psnrs = metrics.psnr(rec.inputs, x, matching=matching, reduction="none")
+    assert statistics.median(psnrs.tolist()) > floor_db
+    assert rec.labels is not None
+    assert metrics.label_accuracy(rec.labels, y, matching) >= 7 / 8
+    assert any(f"arrived as {dtype}" in note for note in rec.notes)
+
+
+def test_mixed_precision_update_without_batch_size_asks_for_it() -> None:
+    x, y = fashion(8)
+    model = mlp((784, 1000, 10)).float()
+    update = {k: v.half() for k, v in client.fedsgd_update(model, x.float(), y).items()}
+    with pytest.raises(spear.InputError, match="batch_size="):
+        spear.attack(model, update, input_shape=SHAPE, time_budget=10)

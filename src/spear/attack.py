@@ -17,6 +17,7 @@ from torch import nn
 from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.errors import BatchTooLargeError, InputError
+from spear.inversion.problem import HALF_PRECISIONS
 from spear.labels import LabelResult, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
@@ -142,8 +143,18 @@ def attack(
             device=device,
         )
 
+    half = (
+        weight_grad.dtype in HALF_PRECISIONS
+        and bias_grad is not None
+        and target.bias is not None
+        and target.first
+    )
     try:
-        result = invert(batch_size)
+        result = (
+            _mixed_precision(weight_grad, bias_grad, target, batch_size, notes)
+            if half and bias_grad is not None
+            else invert(batch_size)
+        )
     except BatchTooLargeError:
         spectrum = noisy_batch_size(weight_grad, bias_grad)
         if batch_size is not None or not spectrum.confident or spectrum.batch_size < 1:
@@ -155,7 +166,9 @@ def attack(
         )
         result = invert(batch_size)
     notes.extend(result.notes)
-    features = result.inputs.cpu()
+    features = _clipped(result.inputs.cpu(), input_range) if half else result.inputs.cpu()
+    if half:
+        batch_size = result.batch_size
     if target.first:
         shape = input_shape or target.input_shape or guess_input_shape(target.in_features)
         if input_shape is None and target.input_shape is None and len(shape) > 1:
@@ -176,11 +189,13 @@ def attack(
             "are the features entering it, not model inputs."
         )
     dtype = target.weight.dtype
+    # a mixed-precision update is compared with the model's own dtype
+    observed = {name: t.to(dtype) for name, t in update.items()} if half else update
     labels: torch.Tensor | None = None
     certificate: float | None = None
-    noisy = batch_size is not None and result.rank_gap < MIN_RANK_GAP
-    source = "exact"
-    if noisy and target.first and bias_grad is not None and target.bias is not None:
+    noisy = half or (batch_size is not None and result.rank_gap < MIN_RANK_GAP)
+    source = "approximate" if half else "exact"
+    if noisy and not half and target.first and bias_grad is not None and target.bias is not None:
         approximate = approximate_layer(
             result,
             weight_grad,
@@ -219,7 +234,7 @@ def attack(
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
     if target.first and labels is not None:
-        certificate = certify(work, update, inputs.to(dtype), labels, update_kind=kind)
+        certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
         if kind == "delta":
             notes.append(
                 "certificate for a FedAvg delta: without the client's learning rate, step "
@@ -240,7 +255,7 @@ def attack(
         # not clearly above the noise: the baseline runs too, and the better fit is kept
         fallback = _gradient_matching(
             work,
-            update,
+            observed,
             result.batch_size,
             inputs.shape[1:],
             kind,
@@ -298,6 +313,56 @@ def attack(
         error_rms=result.error_rms if source == "approximate" else None,
         noise=result.noise,
     )
+
+
+def _mixed_precision(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    target: AttackTarget,
+    batch_size: int | None,
+    notes: list[str],
+) -> LayerReconstruction:
+    """The approximate path for a float16 or bfloat16 update (rounding is its noise).
+
+    The exact pipeline refuses such updates (too few digits for its zero tests); the
+    approximate path treats the rounding as noise. The batch size comes from the caller
+    or from a clear spectrum.
+
+    Raises
+    ------
+    InputError
+        No batch size was given and the spectrum does not show one clearly, or no
+        direction stands above the rounding.
+    """
+    assert target.bias is not None
+    size = batch_size
+    if size is None:
+        spectrum = noisy_batch_size(weight_grad, bias_grad)
+        if not spectrum.confident or spectrum.batch_size < 1:
+            raise InputError(
+                f"the update arrived as {weight_grad.dtype} (a mixed-precision client) and "
+                "its spectrum shows no clear batch size: pass batch_size= to estimate the "
+                "batch from it, or have the client send float32."
+            )
+        size = spectrum.batch_size
+    found = approximate_layer(
+        None,
+        weight_grad,
+        bias_grad,
+        target.weight.detach(),
+        target.bias.detach(),
+        batch_size=size,
+    )
+    if found is None:
+        raise InputError(
+            f"the update arrived as {weight_grad.dtype} (a mixed-precision client) and no "
+            "example stands above its rounding; have the client send float32."
+        )
+    notes.append(
+        f"the update arrived as {weight_grad.dtype} (a mixed-precision client): its "
+        "rounding is treated as noise and the batch estimated (not exact, not verified)."
+    )
+    return found
 
 
 def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:

@@ -69,8 +69,9 @@ class NoiseEstimate:
         ``s_{b+1} / s_b`` of the augmented update (0 when nothing is past ``b``).
     confident:
         The batch size is clear: ``signal_margin >= CONFIDENT_MARGIN`` and
-        ``s_{b+1} <= BATCH_SIZE_MARGIN * edge`` (for a given batch size: that it is
-        consistent with the spectrum in the same sense).
+        ``s_{b+1} <= BATCH_SIZE_MARGIN * edge``; for a given batch size
+        ``s_b >= CONFIDENT_MARGIN * s_{b+1}`` also does (noise that is not identically
+        distributed, such as a float16 update's rounding, spreads past the edge).
     relative:
         ``sigma * sqrt(m (n + 1)) / ||A||_F``: the noise's share of the update's norm.
     """
@@ -182,6 +183,10 @@ def estimate_noise(
     following = float(s[b]) if b < s.numel() else 0.0
     margin = weakest / edge if edge > 0 else math.inf
     clear_tail = following <= BATCH_SIZE_MARGIN * edge
+    if batch_size is not None:
+        # noise that is not identically distributed (rounding of a float16 update scales
+        # with each entry) spreads past the edge; a given batch size then needs a gap
+        clear_tail = clear_tail or weakest >= CONFIDENT_MARGIN * following
     return NoiseEstimate(
         sigma=sigma,
         batch_size=b,

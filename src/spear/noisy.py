@@ -34,7 +34,7 @@ def predicted_psnr(error_rms: torch.Tensor, data_range: float = 1.0) -> torch.Te
 
 
 def approximate_layer(
-    exact: LayerReconstruction,
+    exact: LayerReconstruction | None,
     weight_grad: torch.Tensor,
     bias_grad: torch.Tensor,
     weight: torch.Tensor,
@@ -48,7 +48,8 @@ def approximate_layer(
     ----------
     exact:
         What the exact pipeline returned for the same update (its examples, if any, are
-        extra candidates; its singular values and solver records are kept).
+        extra candidates; its singular values and solver records are kept), or ``None``
+        when it did not run (mixed-precision updates).
     weight_grad, bias_grad:
         ``(m, n)`` and ``(m,)`` the layer's noisy update.
     weight, bias:
@@ -69,13 +70,14 @@ def approximate_layer(
         weight,
         bias,
         batch_size=batch_size,
-        initial=exact.inputs.to(torch.float64).cpu() if exact.found else None,
+        initial=exact.inputs.to(torch.float64).cpu() if exact is not None and exact.found else None,
     )
     if found is None:
         return None
     k = int(found.inputs.shape[0])
+    base = exact if exact is not None else _no_exact_result(weight_grad, found)
     return dataclasses.replace(
-        exact,
+        base,
         inputs=found.inputs,
         batch_size=found.noise.batch_size,
         complete=k == found.noise.batch_size,
@@ -86,13 +88,31 @@ def approximate_layer(
         consistency=None,
         residual=found.residual_ratio,
         precision=found.noise.relative,
-        notes=[*exact.notes, describe(found)],
+        notes=[*base.notes, describe(found)],
         found_by=["approximate"] * k,
         noise=found.noise,
         error_rms=found.error_rms,
         noise_consistent=found.consistent,
         residual_ratio=found.residual_ratio,
         zero_row_sigma=found.zero_row_sigma,
+    )
+
+
+def _no_exact_result(weight_grad: torch.Tensor, found: ApproximateInversion) -> LayerReconstruction:
+    """The layer result the exact pipeline would have returned empty-handed."""
+    m, n = weight_grad.shape
+    return LayerReconstruction(
+        inputs=torch.zeros(0, n, dtype=torch.float64),
+        batch_size=found.noise.batch_size,
+        complete=False,
+        verified=False,
+        output_grads=torch.zeros(m, 0, dtype=torch.float64),
+        singular_values=torch.linalg.svdvals(weight_grad.detach().to(torch.float64)),
+        rank_gap=0.0,
+        sparsity=torch.zeros(0, dtype=torch.float64),
+        consistency=None,
+        residual=1.0,
+        precision=float(torch.finfo(weight_grad.dtype).eps),
     )
 
 
