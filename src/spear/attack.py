@@ -16,15 +16,20 @@ from torch import nn
 
 from spear import validate
 from spear.certificate import certify, verified_threshold
-from spear.errors import InputError
+from spear.errors import BatchTooLargeError, InputError
+from spear.inversion.problem import HALF_PRECISIONS
 from spear.labels import LabelResult, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
+from spear.noisy import approximate_layer, noisy_batch_size
 from spear.results import LayerReconstruction, Reconstruction
 from spear.update import UpdateKind, check_update, check_update_kind
 
 __all__ = ["attack"]
 
+#: Seconds the exact pipeline gets on an update whose spectrum shows no rank gap at the
+#: given batch size (noise: it finds no exact zeros, and the approximate path follows).
+NOISY_EXACT_SECONDS = 2.0
 #: Iterations of the gradient-matching estimate returned for noisy updates.
 NOISY_ESTIMATE_ITERATIONS = 200
 
@@ -41,6 +46,7 @@ def attack(
     time_budget: float = 120.0,
     progress: bool | None = None,
     device: str | torch.device | None = None,
+    input_range: tuple[float, float] | None = None,
 ) -> Reconstruction:
     """Rebuild a client's batch (inputs and labels) from its update.
 
@@ -71,6 +77,10 @@ def attack(
         Progress bar; default only on a terminal.
     device:
         Where the linear algebra runs (``"cuda"`` when available).
+    input_range:
+        ``(low, high)`` of the model's inputs when known (``(0, 1)`` for pixels): the
+        estimates returned for a noisy update are clipped into it, and the
+        gradient-matching fallback is boxed by it.
 
     Returns
     -------
@@ -114,21 +124,51 @@ def attack(
             f"layer {target.name!r} has no bias: examples come out only up to a scale each, "
             "and labels and the certificate are not available."
         )
-    result = invert_layer(
-        weight_grad,
-        bias_grad,
-        weight=target.weight.detach(),
-        bias=target.bias.detach() if target.bias is not None else None,
-        batch_size=batch_size,
-        seed=seed,
-        solver=solver,
-        update_kind=kind,
-        time_budget=time_budget,
-        progress=progress,
-        device=device,
+
+    def invert(size: int | None) -> LayerReconstruction:
+        budget = time_budget
+        if size is not None and _rank_gap(weight_grad, size) < MIN_RANK_GAP:
+            budget = min(time_budget, NOISY_EXACT_SECONDS)
+        return invert_layer(
+            weight_grad,
+            bias_grad,
+            weight=target.weight.detach(),
+            bias=target.bias.detach() if target.bias is not None else None,
+            batch_size=size,
+            seed=seed,
+            solver=solver,
+            update_kind=kind,
+            time_budget=budget,
+            progress=progress,
+            device=device,
+        )
+
+    half = (
+        weight_grad.dtype in HALF_PRECISIONS
+        and bias_grad is not None
+        and target.bias is not None
+        and target.first
     )
+    try:
+        result = (
+            _mixed_precision(weight_grad, bias_grad, target, batch_size, notes)
+            if half and bias_grad is not None
+            else invert(batch_size)
+        )
+    except BatchTooLargeError:
+        spectrum = noisy_batch_size(weight_grad, bias_grad)
+        if batch_size is not None or not spectrum.confident or spectrum.batch_size < 1:
+            raise
+        batch_size = spectrum.batch_size
+        notes.append(
+            f"no exact rank gap: the update looks noisy; batch size {batch_size} read off "
+            "the spectrum above the noise edge."
+        )
+        result = invert(batch_size)
     notes.extend(result.notes)
-    features = result.inputs.cpu()
+    features = _clipped(result.inputs.cpu(), input_range) if half else result.inputs.cpu()
+    if half:
+        batch_size = result.batch_size
     if target.first:
         shape = input_shape or target.input_shape or guess_input_shape(target.in_features)
         if input_shape is None and target.input_shape is None and len(shape) > 1:
@@ -149,31 +189,26 @@ def attack(
             "are the features entering it, not model inputs."
         )
     dtype = target.weight.dtype
+    # a mixed-precision update is compared with the model's own dtype
+    observed = {name: t.to(dtype) for name, t in update.items()} if half else update
     labels: torch.Tensor | None = None
     certificate: float | None = None
-    estimate: Reconstruction | None = None
-    noisy = batch_size is not None and result.rank_gap < MIN_RANK_GAP
-    if noisy and result.found == 0 and target.first and not result.interrupted:
-        # noise removed the exact zeros: fall back to the best estimate an optimisation
-        # attack gives (gradient matching is insensitive to the noise's scale)
-        from spear.baselines.gradient_matching import gradient_matching_attack
-
-        estimate = gradient_matching_attack(
-            work,
-            update,
-            batch_size=result.batch_size,
-            input_shape=tuple(inputs.shape[1:]),
-            update_kind=kind,
-            seed=seed,
-            time_budget=max(1.0, time_budget - (time.perf_counter() - start)),
-            iterations=NOISY_ESTIMATE_ITERATIONS,
+    noisy = half or (batch_size is not None and result.rank_gap < MIN_RANK_GAP)
+    source = "approximate" if half else "exact"
+    if noisy and not half and target.first and bias_grad is not None and target.bias is not None:
+        approximate = approximate_layer(
+            result,
+            weight_grad,
+            bias_grad,
+            target.weight.detach(),
+            target.bias.detach(),
+            batch_size=batch_size,
         )
-        inputs, labels = estimate.inputs, estimate.labels
-        notes.append(
-            "noisy update, nothing exact: .inputs and .labels are a best estimate by "
-            f"gradient matching ({NOISY_ESTIMATE_ITERATIONS} iterations), not a verified "
-            "reconstruction."
-        )
+        if approximate is not None and not result.interrupted:
+            result, source = approximate, "approximate"
+            features = _clipped(result.inputs.cpu(), input_range)
+            inputs = features.reshape(features.shape[0], *inputs.shape[1:])
+            notes.append(result.notes[-1])
     label_result: LabelResult | None = None
     kind_mismatch = False
     if target.bias is not None and result.found and target.after is not None:
@@ -199,7 +234,7 @@ def attack(
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
     if target.first and labels is not None:
-        certificate = certify(work, update, inputs.to(dtype), labels, update_kind=kind)
+        certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
         if kind == "delta":
             notes.append(
                 "certificate for a FedAvg delta: without the client's learning rate, step "
@@ -207,18 +242,49 @@ def attack(
                 "attacked layer's delta lies in the span of the reconstructed inputs, and "
                 "says nothing about labels."
             )
-        if not result.complete and estimate is None:
+        if not result.complete and source == "exact":
             notes.append(
                 "the certificate is for a partial reconstruction, so it cannot be small: "
                 "missing examples contribute to the update."
             )
     elif not target.first:
         notes.append("no certificate: the reconstruction is not in the model's input space.")
+    reliable = bool(result.noise_consistent) and result.noise is not None and result.noise.confident
+    if noisy and target.first and not result.interrupted and not reliable:
+        # the approximate answer does not explain the update, or its weakest example is
+        # not clearly above the noise: the baseline runs too, and the better fit is kept
+        fallback = _gradient_matching(
+            work,
+            observed,
+            result.batch_size,
+            inputs.shape[1:],
+            kind,
+            seed,
+            input_range,
+            max(1.0, time_budget - (time.perf_counter() - start)),
+        )
+        fit = fallback.certificate if fallback.certificate is not None else math.inf
+        if certificate is None or fit < certificate:
+            inputs, labels, certificate = fallback.inputs, fallback.labels, fit
+            source = "gradient-matching"
+            notes.append(
+                "noisy update: the gradient-matching estimate "
+                f"({NOISY_ESTIMATE_ITERATIONS} iterations"
+                f"{', boxed' if input_range is not None else ''}) fits the update better "
+                f"(certificate {fit:.3g}) than the approximate "
+                "reconstruction; it is returned instead (not verified)."
+            )
+        else:
+            notes.append(
+                f"noisy update: the approximate reconstruction fits the update better "
+                f"(certificate {certificate:.3g}) than gradient matching "
+                f"({fit:.3g}); it is returned (not verified)."
+            )
     certified = (
         certificate is not None
         and math.isfinite(certificate)
         and certificate <= verified_threshold(dtype)
-        and estimate is None
+        and source == "exact"
         and not kind_mismatch
     )
     examples_verified = certified and result.verified and result.complete
@@ -243,7 +309,113 @@ def attack(
         layer_result=result,
         seconds=time.perf_counter() - start,
         notes=notes,
+        estimate=source,
+        error_rms=result.error_rms if source == "approximate" else None,
+        noise=result.noise,
     )
+
+
+def _mixed_precision(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    target: AttackTarget,
+    batch_size: int | None,
+    notes: list[str],
+) -> LayerReconstruction:
+    """The approximate path for a float16 or bfloat16 update (rounding is its noise).
+
+    The exact pipeline refuses such updates (too few digits for its zero tests); the
+    approximate path treats the rounding as noise. The batch size comes from the caller
+    or from a clear spectrum.
+
+    Raises
+    ------
+    InputError
+        No batch size was given and the spectrum does not show one clearly, or no
+        direction stands above the rounding.
+    """
+    assert target.bias is not None
+    size = batch_size
+    if size is None:
+        spectrum = noisy_batch_size(weight_grad, bias_grad)
+        if not spectrum.confident or spectrum.batch_size < 1:
+            raise InputError(
+                f"the update arrived as {weight_grad.dtype} (a mixed-precision client) and "
+                "its spectrum shows no clear batch size: pass batch_size= to estimate the "
+                "batch from it, or have the client send float32."
+            )
+        size = spectrum.batch_size
+    found = approximate_layer(
+        None,
+        weight_grad,
+        bias_grad,
+        target.weight.detach(),
+        target.bias.detach(),
+        batch_size=size,
+    )
+    if found is None:
+        raise InputError(
+            f"the update arrived as {weight_grad.dtype} (a mixed-precision client) and no "
+            "example stands above its rounding; have the client send float32."
+        )
+    notes.append(
+        f"the update arrived as {weight_grad.dtype} (a mixed-precision client): its "
+        "rounding is treated as noise and the batch estimated (not exact, not verified)."
+    )
+    return found
+
+
+def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
+    """``s_b / s_{b+1}`` of ``weight_grad`` ``(m, n)`` (``inf`` past its last value)."""
+    s = torch.linalg.svdvals(weight_grad.detach().to(torch.float64))
+    if batch_size >= s.numel() or batch_size < 1:
+        return math.inf
+    following = float(s[batch_size])
+    return math.inf if following == 0.0 else float(s[batch_size - 1]) / following
+
+
+def _clipped(features: torch.Tensor, input_range: tuple[float, float] | None) -> torch.Tensor:
+    """``features`` ``(k, n)`` clipped into ``input_range`` (unchanged without one)."""
+    if input_range is None:
+        return features
+    return features.clamp(input_range[0], input_range[1])
+
+
+def _gradient_matching(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    batch_size: int,
+    input_shape: torch.Size,
+    kind: UpdateKind,
+    seed: int,
+    input_range: tuple[float, float] | None,
+    time_budget: float,
+) -> Reconstruction:
+    """The gradient-matching estimate of a noisy update, with its certificate.
+
+    Run as the benchmark's baseline is (:data:`NOISY_ESTIMATE_ITERATIONS` Adam steps, boxed
+    by ``input_range`` when given); ``.certificate`` is the relative error of the update
+    recomputed from it, the fit by which the attack chooses between estimates.
+    """
+    from spear.baselines.gradient_matching import gradient_matching_attack
+
+    estimate = gradient_matching_attack(
+        model,
+        update,
+        batch_size=batch_size,
+        input_shape=tuple(input_shape),
+        update_kind=kind,
+        seed=seed,
+        time_budget=time_budget,
+        iterations=NOISY_ESTIMATE_ITERATIONS,
+        box=input_range,
+    )
+    dtype = next(model.parameters()).dtype
+    if estimate.labels is not None:
+        estimate.certificate = certify(
+            model, update, estimate.inputs.to(dtype), estimate.labels, update_kind=kind
+        )
+    return estimate
 
 
 def _labels(

@@ -146,6 +146,7 @@ def spear_attack(
     time_budget: float | None = None,
     use_batch_size: bool = False,
     solver: str = "auto",
+    input_range: tuple[float, float] | None = None,
 ) -> Reconstruction:
     """:func:`spear.attack` with the common call of :mod:`spear.baselines`.
 
@@ -162,6 +163,8 @@ def spear_attack(
         Pass ``batch_size`` to the attack instead of letting it find ``b``.
     solver:
         ``"auto"`` or a name from :func:`spear.solvers.available`.
+    input_range:
+        ``(low, high)`` of the inputs when known, as for :func:`spear.attack`.
 
     Returns
     -------
@@ -178,6 +181,7 @@ def spear_attack(
         solver=solver,
         time_budget=120.0 if time_budget is None else time_budget,
         progress=False,
+        input_range=input_range,
     )
 
 
@@ -553,7 +557,7 @@ def _prepare(case: Case, pools: tuple[ImageData, ImageData], config: BenchConfig
 def _attack_options(case: Case, config: BenchConfig) -> dict[str, Any]:
     """Each attack's own keyword arguments for a case."""
     if case.attack == "spear":
-        return {"use_batch_size": case.dp_noise > 0}
+        return {"use_batch_size": case.dp_noise > 0, "input_range": (0.0, 1.0)}
     if case.attack == "gradient-matching":
         return {"iterations": config.gm_iterations, "box": (0.0, 1.0)}
     return {}

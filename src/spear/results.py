@@ -7,8 +7,12 @@ that evaluation code can treat them alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from spear.noise import NoiseEstimate
 
 __all__ = ["LayerReconstruction", "Reconstruction", "SolverStats"]
 
@@ -94,6 +98,25 @@ class LayerReconstruction:
     interrupted:
         True when Ctrl-C stopped the search; the examples verified until then are
         returned.
+    noise:
+        For a noisy update (DP noise): the noise estimated from its spectrum, with the
+        batch size and how clearly it stands out (:class:`spear.noise.NoiseEstimate`);
+        ``None`` otherwise.
+    error_rms:
+        ``(k,)`` for an approximate result: each example's predicted root-mean-square error
+        per input coordinate, in the inputs' units, from the noise floor (NaN where the
+        noise model does not bound the error: see :attr:`noise_consistent`); ``None`` for
+        exact results.
+    noise_consistent:
+        For an approximate result: whether the residual of the update recomputed from it
+        is what the estimated noise alone leaves (:attr:`residual_ratio` near 1); ``None``
+        otherwise.
+    residual_ratio:
+        For an approximate result: ``||[dW | db] - G [X^T | 1]||_F`` over the residual the
+        estimated noise alone leaves after the fit (about 1 when only noise is left).
+    zero_row_sigma:
+        For an approximate result: the noise std read from the units every example
+        leaves off (their update is noise alone); ``None`` when there are none.
     """
 
     inputs: torch.Tensor
@@ -112,6 +135,11 @@ class LayerReconstruction:
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     found_by: list[str] = field(default_factory=list)
+    noise: NoiseEstimate | None = None
+    error_rms: torch.Tensor | None = None
+    noise_consistent: bool | None = None
+    residual_ratio: float | None = None
+    zero_row_sigma: float | None = None
 
     @property
     def found(self) -> int:
@@ -170,6 +198,18 @@ class Reconstruction:
     interrupted:
         True when Ctrl-C stopped the layer inversion; what was verified until then is
         returned (labels and certificate computed for it).
+    estimate:
+        What :attr:`inputs` are: ``"exact"`` (the exact attack), ``"approximate"`` (a
+        noisy update inverted with the layer's weights, :mod:`spear.noisy`) or
+        ``"gradient-matching"`` (the optimisation baseline, when it fits the update
+        better). Only exact results can be verified.
+    error_rms:
+        ``(k,)`` predicted root-mean-square error per input coordinate of each returned
+        example for an approximate result (``None`` otherwise); see
+        :func:`spear.noisy.predicted_psnr`.
+    noise:
+        The noise estimated from a noisy update (:class:`spear.noise.NoiseEstimate`), or
+        ``None``.
     """
 
     inputs: torch.Tensor
@@ -185,3 +225,6 @@ class Reconstruction:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
+    estimate: str = "exact"
+    error_rms: torch.Tensor | None = None
+    noise: NoiseEstimate | None = None

@@ -13,9 +13,14 @@ from spear import client, metrics, report, validate
 from spear.data import builtin_images, sample_batch
 from spear.errors import InputError
 from spear.networks import DEMO_INPUT_SHAPE, build_model
+from spear.noisy import predicted_psnr
 from spear.update import UpdateKind
 
 __all__ = ["add_parser", "max_batch_size", "run", "run_demo"]
+
+#: Pixel range of the shipped images, told to the attack (clips noisy estimates, boxes
+#: the gradient-matching fallback).
+PIXEL_RANGE = (0.0, 1.0)
 
 
 def add_parser(sub: Any) -> None:
@@ -152,6 +157,7 @@ def run_demo(
         time_budget=time_budget,
         progress=progress,
         batch_size=batch_size if dp and noise > 0 else None,
+        input_range=PIXEL_RANGE,
     )
     seconds = time.perf_counter() - start
     matching = metrics.match(rec.inputs, images)
@@ -161,6 +167,11 @@ def run_demo(
     pairs = zip(matching.truth_index, matching.max_abs_error, strict=True)
     err_of = {int(t): float(e) for t, e in pairs}
     psnr_of = {int(t): float(p) for t, p in zip(matching.truth_index, psnrs, strict=False)}
+    predicted_of: dict[int, float] = {}
+    if rec.error_rms is not None:
+        predicted = predicted_psnr(rec.error_rms.cpu(), PIXEL_RANGE[1] - PIXEL_RANGE[0])
+        for r, t in zip(matching.rec_index, matching.truth_index, strict=True):
+            predicted_of[int(t)] = float(predicted[int(r)])
     scale = float(images.abs().max())
     for i in range(batch_size):
         j = rec_of.get(i)
@@ -173,6 +184,7 @@ def run_demo(
                 "recovered_label": rec_label,
                 "max_abs_error": err,
                 "psnr_db": psnr_of.get(i),
+                "predicted_psnr_db": predicted_of.get(i),
                 "exact": err is not None and err <= metrics.DEFAULT_REL_TOL * scale,
             }
         )
@@ -186,6 +198,7 @@ def run_demo(
         "labels_correct": labels_correct if rec.labels is not None else None,
         "certificate": rec.certificate,
         "verified": rec.verified,
+        "estimate": rec.estimate,
         "epsilon": epsilon,
         "seconds": seconds,
         "layer_seconds": rec.layer_result.seconds if rec.layer_result else None,
@@ -222,13 +235,24 @@ def run(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
     )
     print(f"client: {summary['setting']}; batch of {summary['batch_size']} Fashion-MNIST images")
-    print(f"{'example':>7} {'label':>5} {'found':>5} {'max abs error':>13} {'PSNR dB':>8}  exact")
+    approximate = summary["estimate"] == "approximate"
+    bars = f" {'expected dB':>11}" if approximate else ""
+    print(
+        f"{'example':>7} {'label':>5} {'found':>5} {'max abs error':>13} {'PSNR dB':>8}{bars}"
+        "  exact"
+    )
     for row in summary["rows"]:
+        expected = f" {_fmt(row['predicted_psnr_db'], '.1f'):>11}" if approximate else ""
         print(
             f"{row['example']:>7} {row['label']:>5} "
             f"{'-' if row['recovered_label'] is None else row['recovered_label']:>5} "
-            f"{_fmt(row['max_abs_error'], '.1e'):>13} {_fmt(row['psnr_db'], '.1f'):>8}  "
-            f"{'yes' if row['exact'] else 'no'}"
+            f"{_fmt(row['max_abs_error'], '.1e'):>13} {_fmt(row['psnr_db'], '.1f'):>8}"
+            f"{expected}  {'yes' if row['exact'] else 'no'}"
+        )
+    if summary["estimate"] != "exact":
+        print(
+            f"returned: {summary['estimate']} estimate (noisy update; 'expected dB' is the "
+            "PSNR its error bars predict without the truth)"
         )
     cert = summary["certificate"]
     print(

@@ -1,0 +1,174 @@
+"""Noisy updates: noise estimate, approximate reconstruction, error bars, fallback.
+
+Noise made two ways: Opacus DP-SGD (clip norm 1) on a float32 MLP, and plain Gaussian
+noise added to a float64 FedSGD update. Every estimate is checked against the truth.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from tests.conftest import fashion, fedsgd_update, mlp
+
+import spear
+from spear import client, metrics
+from spear.inversion.approximate import approximate_inversion
+from spear.noise import estimate_noise
+from spear.noisy import predicted_psnr
+
+SHAPE = (1, 28, 28)
+
+
+def _dp_case(
+    b: int, noise: float, width: int = 1000, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A float32 784 -> width -> 10 MLP, ``b`` Fashion-MNIST images, its Opacus update."""
+    x, y = fashion(b, seed=seed)
+    model = mlp((784, width, 10), seed=seed).float()
+    update = client.dp_sgd_update(
+        model, x.float(), y, max_grad_norm=1.0, noise_multiplier=noise, seed=seed
+    ).update
+    return model, update, x, y
+
+
+def _gaussian_case(
+    b: int, sigma_rel: float, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]:
+    """A float64 MLP's FedSGD update plus Gaussian noise of ``sigma_rel`` times its RMS entry."""
+    x, y = fashion(b, seed=seed)
+    model = mlp((784, 1000, 10), seed=seed)
+    update = fedsgd_update(model, x, y)
+    rms = float(update["1.weight"].pow(2).mean().sqrt())
+    sigma = sigma_rel * rms
+    gen = torch.Generator().manual_seed(seed + 1)
+    noisy = {
+        name: g + sigma * torch.randn(g.shape, generator=gen, dtype=g.dtype)
+        for name, g in update.items()
+    }
+    return model, noisy, x, y, sigma
+
+
+def test_noise_estimate_finds_sigma_and_batch_size_of_gaussian_noise() -> None:
+    _, update, _, _, sigma = _gaussian_case(8, 0.05)
+    a = torch.cat([update["1.weight"], update["1.bias"][:, None]], dim=1)
+    est = estimate_noise(torch.linalg.svdvals(a), a.shape[0], a.shape[1])
+    assert est.batch_size == 8 and not est.given
+    assert est.confident
+    assert est.sigma == pytest.approx(sigma, rel=0.02)
+
+
+def test_noise_estimate_of_opacus_noise_matches_its_standard_deviation() -> None:
+    b, noise = 8, 1e-4
+    _, update, _, _ = _dp_case(b, noise)
+    a = torch.cat([update["1.weight"], update["1.bias"][:, None]], dim=1).double()
+    est = estimate_noise(torch.linalg.svdvals(a), a.shape[0], a.shape[1], batch_size=b)
+    # Opacus adds N(0, (noise * clip)^2) per entry and divides by b
+    assert est.sigma == pytest.approx(noise * 1.0 / b, rel=0.02)
+
+
+def test_approximate_attack_under_opacus_noise_is_close_with_honest_error_bars() -> None:
+    b = 8
+    model, update, x, y = _dp_case(b, 1e-4)
+    rec = spear.attack(
+        model, update, batch_size=b, input_shape=SHAPE, time_budget=10, input_range=(0.0, 1.0)
+    )
+    assert rec.estimate == "approximate"
+    assert not rec.verified and not rec.examples_verified
+    assert rec.noise is not None and rec.error_rms is not None
+    assert rec.layer_result is not None and rec.layer_result.noise_consistent
+    matching = metrics.match(rec.inputs, x)
+    psnrs = metrics.psnr(rec.inputs, x, matching=matching, reduction="none")
+    assert statistics.median(psnrs.tolist()) > 35.0
+    assert rec.labels is not None
+    assert metrics.label_accuracy(rec.labels, y, matching) >= 7 / 8
+    measured = ((rec.inputs[matching.rec_index] - x[matching.truth_index]) ** 2).flatten(1)
+    measured_rms = measured.mean(dim=1).sqrt()
+    ratio = rec.error_rms[matching.rec_index] / measured_rms
+    assert 1 / 3 < float(ratio.median()) < 3
+    predicted = predicted_psnr(rec.error_rms)
+    assert abs(float(predicted.median()) - statistics.median(psnrs.tolist())) < 10.0
+
+
+def test_approximate_inversion_of_gaussian_noise_in_float64() -> None:
+    b = 8
+    model, update, x, _, sigma = _gaussian_case(b, 0.02)
+    layer = model[1]
+    found = approximate_inversion(
+        update["1.weight"], update["1.bias"], layer.weight, layer.bias, batch_size=b
+    )
+    assert found is not None
+    assert found.inputs.dtype == torch.float64 and found.inputs.shape == (b, 784)
+    assert found.consistent
+    assert found.noise.sigma == pytest.approx(sigma, rel=0.05)
+    psnrs = metrics.psnr(found.inputs, x.reshape(b, -1), reduction="none", matching=None)
+    matching = metrics.match(found.inputs, x.reshape(b, -1))
+    psnrs = metrics.psnr(found.inputs, x.reshape(b, -1), matching=matching, reduction="none")
+    assert float(psnrs.min()) > 25.0
+
+
+def test_noiseless_update_through_the_approximate_path_is_exact() -> None:
+    b = 8
+    model, update, x, _ = _dp_case(b, 0.0)
+    layer = model[1]
+    found = approximate_inversion(
+        update["1.weight"], update["1.bias"], layer.weight, layer.bias, batch_size=b
+    )
+    assert found is not None
+    matching = metrics.match(found.inputs, x.reshape(b, -1))
+    assert matching.num_matched == b
+    assert float(matching.max_abs_error.max()) < 1e-3
+
+
+def test_batch_size_read_off_a_noisy_spectrum_when_not_given() -> None:
+    b = 8
+    model, update, _, _ = _dp_case(b, 1e-4)
+    rec = spear.attack(model, update, input_shape=SHAPE, time_budget=10)
+    assert rec.batch_size == b
+    assert rec.estimate == "approximate" and not rec.verified
+    assert any("read off the spectrum" in note for note in rec.notes)
+
+
+def test_heavy_noise_returns_the_estimate_that_fits_the_update_best() -> None:
+    b = 4
+    model, update, _, _ = _dp_case(b, 0.1, width=128)
+    rec = spear.attack(
+        model, update, batch_size=b, input_shape=SHAPE, time_budget=10, input_range=(0.0, 1.0)
+    )
+    assert not rec.verified
+    assert rec.estimate in ("approximate", "gradient-matching")
+    assert rec.inputs.shape == (b, *SHAPE)
+    assert float(rec.inputs.min()) >= 0.0 and float(rec.inputs.max()) <= 1.0
+    if rec.estimate == "approximate":
+        # the noise model does not bound this fit's error: no error bars are claimed
+        assert rec.error_rms is not None and bool(torch.isnan(rec.error_rms).all())
+    assert any("gradient matching" in note or "gradient-matching" in note for note in rec.notes)
+
+
+@pytest.mark.parametrize(("dtype", "floor_db"), [(torch.float16, 60.0), (torch.bfloat16, 45.0)])
+def test_mixed_precision_update_is_estimated_with_its_rounding_as_noise(
+    dtype: torch.dtype, floor_db: float
+) -> None:
+    b = 8
+    x, y = fashion(b)
+    model = mlp((784, 1000, 10)).float()
+    update = {k: v.to(dtype) for k, v in client.fedsgd_update(model, x.float(), y).items()}
+    rec = spear.attack(
+        model, update, batch_size=b, input_shape=SHAPE, time_budget=10, input_range=(0.0, 1.0)
+    )
+    assert rec.estimate == "approximate" and not rec.verified
+    matching = metrics.match(rec.inputs, x)
+    psnrs = metrics.psnr(rec.inputs, x, matching=matching, reduction="none")
+    assert statistics.median(psnrs.tolist()) > floor_db
+    assert rec.labels is not None
+    assert metrics.label_accuracy(rec.labels, y, matching) >= 7 / 8
+    assert any(f"arrived as {dtype}" in note for note in rec.notes)
+
+
+def test_mixed_precision_update_without_batch_size_asks_for_it() -> None:
+    x, y = fashion(8)
+    model = mlp((784, 1000, 10)).float()
+    update = {k: v.half() for k, v in client.fedsgd_update(model, x.float(), y).items()}
+    with pytest.raises(spear.InputError, match="batch_size="):
+        spear.attack(model, update, input_shape=SHAPE, time_budget=10)
