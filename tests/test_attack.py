@@ -312,3 +312,27 @@ def test_certificate_refuses_inputs_the_model_cannot_take(certified_case) -> Non
         spear.certify(model, update, bad, y)
     with pytest.raises(InputError, match=r"torch\.nn\.Module"):
         spear.certify(update, update, x, y)  # type: ignore[arg-type]
+
+
+def test_attack_named_deeper_layer_gives_its_exact_features_and_labels() -> None:
+    """``layer="3"`` on ``784 -> 300 -> ReLU -> 200 -> ReLU -> 10``: the features entering
+    the second layer (the first layer's ReLU outputs) come back exact, with the labels."""
+    model = mlp((784, 300, 200, 10), seed=1)
+    x, y = fashion(8, seed=2)
+    update = fedsgd_update(model, x, y)
+    rec = spear.attack(model, update, layer="3", time_budget=60.0)
+    assert rec.layer == "3" and rec.feature_space
+    assert any("as asked" in note for note in rec.notes), rec.notes
+    assert rec.complete and rec.batch_size == 8
+    true_features, _ = layer_io(model, model.get_submodule("3"), x, y)
+    assert_exact(rec.inputs, true_features)
+    assert rec.labels is not None
+    assert sorted(rec.labels.tolist()) == sorted(y.tolist())
+
+
+@pytest.mark.parametrize("layer", ["5", "nope"])
+def test_attack_named_layer_must_be_linear_followed_by_relu(layer: str) -> None:
+    model = mlp((784, 300, 200, 10), seed=1)
+    x, y = fashion(4, seed=2)
+    with pytest.raises(NotAttackableError, match=f"layer '{layer}' is not a linear layer"):
+        spear.attack(model, fedsgd_update(model, x, y), layer=layer)

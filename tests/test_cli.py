@@ -336,3 +336,26 @@ def test_ctrl_c_during_attack_writes_what_was_found(
     assert len(list(out.glob("example_*.png"))) == report["found"]
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_attack_a_named_deeper_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--layer 3``: the second linear layer of ``784 -> 160 -> 128 -> 10``; its input
+    features (160 per example) are written."""
+    files = _files(tmp_path, 6)
+    out = tmp_path / "out"
+    assert main(["attack", *files, "--out", str(out), "--layer", "3"]) == 0
+    assert "as asked" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "reconstruction.safetensors"))
+    assert saved["inputs"].shape == (6, 160)
+
+
+@pytest.mark.parametrize("value", ["0", "1,0", "a,b", "0,inf"])
+def test_attack_input_range_must_be_low_comma_high(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    files = _files(tmp_path, 4)
+    status = main(["attack", *files, "--out", str(tmp_path / "o"), "--input-range", value])
+    assert status == 2
+    assert "--input-range" in capsys.readouterr().err

@@ -47,6 +47,7 @@ def attack(
     progress: bool | None = None,
     device: str | torch.device | None = None,
     input_range: tuple[float, float] | None = None,
+    layer: str | None = None,
 ) -> Reconstruction:
     """Rebuild a client's batch (inputs and labels) from its update.
 
@@ -81,6 +82,9 @@ def attack(
         ``(low, high)`` of the model's inputs when known (``(0, 1)`` for pixels): the
         estimates returned for a noisy update are clipped into it, and the
         gradient-matching fallback is boxed by it.
+    layer:
+        Name of the linear layer to attack (followed by a ReLU), e.g. ``"fc2"``: then
+        ``.inputs`` are the features entering it. Default: the first such layer.
 
     Returns
     -------
@@ -95,8 +99,8 @@ def attack(
         not a positive integer; ``time_budget`` is not a finite number of seconds above 0;
         ``device`` is unknown or not available (``"cuda"`` on a CPU-only torch build).
     NotAttackableError
-        No linear layer followed by a ReLU, or a BatchNorm that normalises with the
-        batch's own statistics (training mode).
+        No linear layer followed by a ReLU (or ``layer`` is not one), or a BatchNorm
+        that normalises with the batch's own statistics (training mode).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -112,7 +116,7 @@ def attack(
     validate.device(device)
     check_batch_norm(model)
     work = copy.deepcopy(model)
-    target = find_target(work)
+    target = find_target(work, layer)
     notes: list[str] = []
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
@@ -185,8 +189,9 @@ def attack(
     else:
         inputs = features
         notes.append(
-            f"the first layer could not be attacked; layer {target.name!r} was, so .inputs "
-            "are the features entering it, not model inputs."
+            f"layer {target.name!r} was attacked"
+            + (" as asked" if layer is not None else " (the first layer could not be)")
+            + ", so .inputs are the features entering it, not model inputs."
         )
     dtype = target.weight.dtype
     # a mixed-precision update is compared with the model's own dtype

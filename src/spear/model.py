@@ -231,13 +231,18 @@ def _tail(traced: fx.GraphModule, start: fx.Node) -> fx.GraphModule | None:
     return fx.GraphModule(traced, graph)
 
 
-def find_target(model: nn.Module) -> AttackTarget:
-    """The first ``nn.Linear`` followed by a ReLU, in the order the model computes.
+def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
+    """The first ``nn.Linear`` followed by a ReLU, in the order the model computes, or the
+    one named ``layer``.
 
     Parameters
     ----------
     model:
         Any ``nn.Module`` that ``torch.fx`` can trace, or an ``nn.Sequential``.
+    layer:
+        Name of the linear layer to attack (its parameters are ``layer + ".weight"``,
+        ``".bias"``), e.g. ``"fc2"`` for a deeper layer; ``None``: the first that
+        qualifies.
 
     Returns
     -------
@@ -246,7 +251,8 @@ def find_target(model: nn.Module) -> AttackTarget:
     Raises
     ------
     NotAttackableError
-        When no layer qualifies; the message names every layer examined and why.
+        When no layer qualifies, or ``layer`` is not a linear layer followed by a ReLU;
+        the message names every layer examined and why.
     """
     modules = dict(model.named_modules())
     if isinstance(model, fx.GraphModule):
@@ -256,7 +262,7 @@ def find_target(model: nn.Module) -> AttackTarget:
             traced = fx.symbolic_trace(model)
         except Exception as exc:
             if isinstance(model, nn.Sequential):
-                return _find_in_sequential(model)
+                return _find_in_sequential(model, layer)
             raise NotAttackableError(
                 f"could not trace {type(model).__name__} with torch.fx ({exc}); make "
                 "forward() traceable (no data-dependent control flow), export it with "
@@ -272,6 +278,9 @@ def find_target(model: nn.Module) -> AttackTarget:
         name, weight, bias = found
         users = list(node.users)
         if len(users) == 1 and _is_relu(users[0], modules):
+            if layer is not None and name != layer:
+                examined.append(f"{name}: Linear followed by ReLU, not the layer asked for")
+                continue
             feature_node = node.args[0]
             assert isinstance(feature_node, fx.Node)
             first = _reaches_input_by_reshapes(feature_node, modules)
@@ -295,6 +304,8 @@ def find_target(model: nn.Module) -> AttackTarget:
             reason = "a smooth activation (no exact zeros)" if smooth else "not a ReLU"
         examined.append(f"{name}: Linear followed by {after}, {reason}")
     listing = "; ".join(examined) if examined else "no linear layer at all"
+    if layer is not None:
+        raise _not_the_layer(layer, listing)
     raise NotAttackableError(
         f"no linear layer followed by a ReLU in {type(model).__name__} (examined: "
         f"{listing}). The attack needs a linear layer whose output goes straight into a "
@@ -342,7 +353,16 @@ def _recorded_input_shape(traced: fx.GraphModule) -> tuple[int, ...] | None:
     return None
 
 
-def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
+def _not_the_layer(layer: str, listing: str) -> NotAttackableError:
+    """The error for a ``layer=`` that names no linear layer followed by a ReLU."""
+    return NotAttackableError(
+        f"layer {layer!r} is not a linear layer followed by a ReLU (examined: {listing}). "
+        "Name one of the layers marked 'followed by ReLU', or pass no layer to attack the "
+        "first."
+    )
+
+
+def _find_in_sequential(model: nn.Sequential, layer: str | None = None) -> AttackTarget:
     """Fallback for untraceable Sequential models: scan the children in order."""
     children = list(model.named_children())
     examined: list[str] = []
@@ -352,6 +372,9 @@ def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
             continue
         nxt = children[i + 1][1] if i + 1 < len(children) else None
         if isinstance(nxt, _RELU_MODULES):
+            if layer is not None and name != layer:
+                examined.append(f"{name}: Linear followed by ReLU, not the layer asked for")
+                continue
             first = all(isinstance(c, _RESHAPE_MODULES) for _, c in children[:i])
             rest = nn.Sequential(*[c for _, c in children[i + 1 :]])
             examined.append(f"{name}: Linear followed by ReLU -> attacked")
@@ -365,6 +388,8 @@ def _find_in_sequential(model: nn.Sequential) -> AttackTarget:
             )
         batch_norm = batch_norm or isinstance(nxt, _BATCH_NORMS)
         examined.append(f"{name}: Linear followed by {type(nxt).__name__}, not a ReLU")
+    if layer is not None:
+        raise _not_the_layer(layer, "; ".join(examined) or "none")
     raise NotAttackableError(
         f"no linear layer followed by a ReLU (examined: {'; '.join(examined) or 'none'})."
         f"{_FOLD_HINT if batch_norm else ''}"

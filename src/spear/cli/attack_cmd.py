@@ -18,6 +18,7 @@ tensor (client data is untrusted and is never unpickled)::
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -64,6 +65,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--input-shape", default=None, help="shape of one input, e.g. 1,28,28 (default: auto)"
     )
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="name of the linear layer to attack, e.g. fc2 (default: the first linear "
+        "layer followed by a ReLU); a deeper layer gives the features entering it",
+    )
+    p.add_argument(
+        "--input-range",
+        default=None,
+        help="LOW,HIGH of the model's inputs, e.g. 0,1 for pixels: noisy estimates are "
+        "clipped into it",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solver", default="auto")
     p.add_argument("--time-budget", type=validate.time_budget_arg, default=120.0)
@@ -80,6 +93,21 @@ def add_parser(sub: Any) -> None:
         "examples found, samples drawn, seconds",
     )
     p.set_defaults(run=run)
+
+
+def _input_range(text: str | None) -> tuple[float, float] | None:
+    """``"LOW,HIGH"`` as two floats with ``LOW < HIGH`` (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise InputError(
+            f"--input-range must be two numbers separated by a comma such as 0,1, found {text!r}."
+        ) from exc
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise InputError(f"--input-range needs finite LOW < HIGH, found {text!r}.")
+    return low, high
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -116,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--input-shape must be integers separated by commas such as 1,28,28, found "
                 f"{args.input_shape!r}."
             ) from exc
+    input_range = _input_range(args.input_range)
     try:
         rec = spear.attack(
             model,
@@ -126,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
             input_shape=shape,
             solver=args.solver,
             time_budget=args.time_budget,
+            input_range=input_range,
+            layer=args.layer,
         )
     except KeyboardInterrupt:
         # a second Ctrl-C after the search (labels, certificate): nothing to keep
