@@ -107,7 +107,7 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
         zero_tol=tol.zero_tol,
         degeneracy_tol=tol.degeneracy_tol,
         separation=tol.separation,
-        min_zero_fraction=problem.request.min_zero_fraction,
+        min_zero_fraction=problem.min_zero_fraction,
         row_weights=None,
         known=torch.zeros(0, r, dtype=basis.dtype, device=basis.device),
         generator=generator,

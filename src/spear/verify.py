@@ -134,13 +134,19 @@ def direction_for(
     """The exact gradient direction ``(m,)`` of a candidate example, or ``None``.
 
     The units the candidate's own ReLU pattern switches off must share a kernel vector
-    of the residual basis (fact 7). Predicted-off units that carry an update anyway
-    (FedAvg) are trimmed by refitting on the rows closest to zero.
+    of the residual basis (fact 7). Only live units count: a unit off for every example
+    of the residual (a zero row of ``basis`` ``(m, r)``) is in every kernel and says
+    nothing about this one; where the bias dominates small inputs, such units are most
+    of the predicted-off ones and would crowd out the rows that fix the direction.
+    Predicted-off units that carry an update anyway (FedAvg) are trimmed by refitting on
+    the rows closest to zero.
     """
     z = layer.weight_coords @ coord
     if layer.bias is not None:
         z = z + layer.bias
-    off = z <= 0
+    norms = basis.norm(dim=1)
+    live = norms > tol.zero_tol * norms.max()
+    off = (z <= 0) & live
     r = basis.shape[1]
     if int(off.sum()) < r:
         return None
@@ -158,7 +164,7 @@ def direction_for(
         else:
             u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
     v = basis @ u
-    zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0]
+    zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0] & live
     if int(zeros.sum()) < r - 1:
         return None
     pure = pure_kernel(basis[zeros], tol.degeneracy_tol, tol.separation)

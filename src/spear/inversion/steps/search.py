@@ -98,7 +98,7 @@ class DirectionSearch:
             zero_tol=tol.zero_tol,
             degeneracy_tol=tol.degeneracy_tol,
             separation=tol.separation,
-            min_zero_fraction=problem.request.min_zero_fraction,
+            min_zero_fraction=problem.min_zero_fraction,
             row_weights=weights,
             known=state.known,
             generator=problem.generator,
