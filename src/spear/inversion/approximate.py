@@ -203,11 +203,14 @@ def _search(
 
     A round peels new directions from the update left by the settled examples
     (:func:`_peel_directions`), starts the missing ones from the residual
-    (:func:`_missing_examples`) and refines all ``b`` together (:func:`refine`). The
-    refined examples whose own zero rows score below ``accept`` are settled: their
-    contributions, now fitted from every row, are far more accurate than the single-row
-    estimates peeling removed, so the next round's candidates are cleaner. The round whose
-    refined examples fit the denoised update best is returned.
+    (:func:`_missing_examples`) and refines all ``b`` together (:func:`refine`); it also
+    refines the missing ones alone against the residual the found ones leave, holding
+    those fixed (at b = 64 the joint refinement drags found examples toward the
+    mixtures the missing ones start from). The refined examples whose own zero rows score
+    below ``accept`` are settled: their contributions, now fitted from every row, are far
+    more accurate than the single-row estimates peeling removed, so the next round's
+    candidates are cleaner. The estimate
+    that fits the denoised update best (:func:`_better`) is returned.
 
     Returns
     -------
@@ -244,17 +247,46 @@ def _search(
             x0 = _solve(basis, directions, denoised)
         if x0 is None:
             x0 = torch.cat([known_x, examples, _missing_examples(left, b - k)])
+        if 0 < k < b:
+            # the found examples held, the missing ones fitted to the residual they leave
+            held = torch.cat([known_x, examples])
+            rest, _, used = refine(left, _missing_examples(left, b - k), w, c, sigma)
+            rounds += used
+            best = _better(best, denoised, torch.cat([held, rest]), None, w, c)
         x, g, used = refine(denoised, x0, w, c, sigma)
         rounds += used
-        misfit = float((denoised - g @ torch.cat([x, x.new_ones(b, 1)], dim=1)).norm())
-        if best is None or misfit < best[0]:
-            best = (misfit, x, g)
+        best = _better(best, denoised, x, g, w, c)
         now = _scores(x, basis, w, c)[1] <= accept
         if bool(now.all()) or int(now.sum()) <= int(settled.sum()):
             break
         settled = now
     assert best is not None
     return best[1], best[2], rounds, peeled
+
+
+def _better(
+    best: tuple[float, torch.Tensor, torch.Tensor] | None,
+    denoised: torch.Tensor,
+    x: torch.Tensor,
+    g: torch.Tensor | None,
+    w: torch.Tensor,
+    c: torch.Tensor,
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The better of ``best`` and examples ``x`` ``(b, n)`` by misfit to ``denoised``.
+
+    The misfit is ``||denoised - g [X^T | 1]||_F`` with the gradient columns ``g``
+    ``(m, b)`` of a refinement, or, when ``g`` is ``None``, those of the per-row least
+    squares under the patterns ``x`` predicts (:func:`_g_step`, units on where the
+    pre-activation is positive: no unit left free, so such an estimate wins only by a
+    genuinely closer fit). Returns ``(misfit, inputs, output_grads)``.
+    """
+    if g is None:
+        g = _g_step(denoised, x, _pattern(x, w, c, w.norm(dim=1), x.new_zeros(x.shape[0])))
+    xa = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    misfit = float((denoised - g @ xa).norm())
+    if best is not None and best[0] <= misfit:
+        return best
+    return misfit, x, g
 
 
 def _augmented(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
