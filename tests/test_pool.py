@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.conftest import layer_case, server_view
 
@@ -45,6 +46,18 @@ def test_drop_dependent_removes_the_mixture() -> None:
     assert pool.drop_dependent(fac.left, 6, tol.zero_tol) == 1
     assert len(pool) == 3
     assert not pool.contains(mix / mix.norm())
+
+
+@pytest.mark.parametrize("zero_tol", [1e-3, 0.2])
+def test_drop_dependent_judges_nothing_under_coarse_zero_tests(zero_tol: float) -> None:
+    """Noisy updates' zero tolerances (1e-3 and up) would call true directions, 0.2 apart
+    from each other's span, combinations: nothing is dropped, and nothing fails."""
+    case = layer_case(300, 100, 6, real=True, seed=4)
+    fac, _, _ = server_view(case)
+    cols = case.output_grads / case.output_grads.norm(dim=0)
+    pool = DirectionPool(cols[:, i] for i in range(4))
+    assert pool.drop_dependent(fac.left, 6, zero_tol) == 0
+    assert len(pool) == 4
 
 
 def test_every_example_names_the_step_that_peeled_it() -> None:

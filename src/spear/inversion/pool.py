@@ -15,7 +15,13 @@ import torch
 
 from spear.linalg import orthonormal_basis, zero_mask
 
-__all__ = ["DEPENDENCE_HEADROOM", "SAME_DIRECTION", "DirectionPool", "same_direction"]
+__all__ = [
+    "DEPENDENCE_HEADROOM",
+    "MAX_DEPENDENCE_DISTANCE",
+    "SAME_DIRECTION",
+    "DirectionPool",
+    "same_direction",
+]
 
 #: Two unit vectors are the same direction (up to sign) when ``|<u, v>| > 1 -
 #: SAME_DIRECTION``. Exact directions found twice agree to roundoff (``1 - |<u, v>|`` about
@@ -29,6 +35,10 @@ SAME_DIRECTION = 1e-8
 #: the smallest singular value of the true unit directions was 0.21 (the zero tolerance
 #: was 2.5e-5).
 DEPENDENCE_HEADROOM = 100.0
+#: Above this distance (``DEPENDENCE_HEADROOM`` zero tolerances, with the coarse zero tests
+#: of noisy updates) nothing is judged a combination of other directions: true
+#: directions themselves come as close to each other's span (0.21 measured above).
+MAX_DEPENDENCE_DISTANCE = 1e-2
 
 
 def same_direction(u: torch.Tensor, v: torch.Tensor, tol: float = SAME_DIRECTION) -> bool:
@@ -121,16 +131,21 @@ class DirectionPool:
             The number of directions removed.
         """
         removed = 0
+        distance = DEPENDENCE_HEADROOM * zero_tol
+        if distance > MAX_DEPENDENCE_DISTANCE:
+            return 0
         while 2 <= len(self._items) <= remaining:
             basis = orthonormal_basis(left, remaining)  # (m, r)
             pooled = self.stack(dim=1)  # (m, k)
             coords = basis.T @ pooled
             coords = coords / coords.norm(dim=0).clamp_min(torch.finfo(coords.dtype).tiny)
             _, s, vh = torch.linalg.svd(coords, full_matrices=False)
-            if float(s[-1]) > DEPENDENCE_HEADROOM * zero_tol:
+            if float(s[-1]) > distance:
                 break
-            null = vh[-1].abs()  # (k,) the dependency's coefficients
-            members = torch.nonzero(null > DEPENDENCE_HEADROOM * zero_tol).flatten()
+            null = vh[-1].abs()  # (k,) unit: the dependency's coefficients
+            members = torch.nonzero(null > distance).flatten()
+            if members.numel() == 0:
+                members = null.argmax().reshape(1)
             zeros = zero_mask(pooled[:, members], zero_tol).sum(dim=0)
             del self._items[int(members[int(torch.argmin(zeros))])]
             removed += 1
