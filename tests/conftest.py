@@ -176,9 +176,12 @@ def server_view(case: LayerCase) -> tuple[Factorisation, LayerView, Tolerances]:
     return fac, layer, Tolerances.derive(torch.float64, fac.condition)
 
 
-def problem_for(case: LayerCase, time_budget: float = 60.0, seed: int = 0) -> Problem:
+def problem_for(
+    case: LayerCase, time_budget: float = 60.0, seed: int = 0, *, strict_solves: bool = True
+) -> Problem:
     """The inversion problem of a case as :func:`spear.invert_layer` builds it (weights
-    given, batch size from the rank), its deadline ``time_budget`` seconds from now."""
+    given, batch size from the rank), its deadline ``time_budget`` seconds from now;
+    ``strict_solves`` as :data:`spear.inversion.problem.STRICT_COMPLETE_SOLVES`."""
     request = Request(
         weight_grad=case.weight_grad,
         bias_grad=case.bias_grad,
@@ -195,6 +198,7 @@ def problem_for(case: LayerCase, time_budget: float = 60.0, seed: int = 0) -> Pr
         device=None,
         progress=False,
         search_with_weights=True,
+        strict_solves=strict_solves,
     )
     return Problem.build(request, time.perf_counter())
 

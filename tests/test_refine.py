@@ -3,17 +3,14 @@ and on exact gradients peeled only when every example verifies (damaged examples
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from tests.conftest import EXACT, layer_case, match_rows, server_view
+from tests.conftest import EXACT, layer_case, match_rows, problem_for, server_view
 from torch import nn
 
 import spear
 from spear.data import rgb_patches, sample_batch
 from spear.inversion.driver import invert
-from spear.inversion.problem import Problem, Request
 from spear.inversion.solve import refine_columns
 from spear.linalg import orthonormal_basis, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
@@ -97,25 +94,7 @@ def test_wrong_direction_in_a_complete_solve_damages_nothing_returned(
     exact."""
     case = layer_case(800, 300, 24, real=True, seed=5)
     calls = _tilt_first_answer(monkeypatch, 1e-3)
-    request = Request(
-        weight_grad=case.weight_grad,
-        bias_grad=case.bias_grad,
-        weight=case.weight,
-        bias=case.bias,
-        batch_size=None,
-        seed=0,
-        solver="auto",
-        update_kind="gradient",
-        time_budget=60,
-        max_samples=None,
-        zero_tol=None,
-        min_zero_fraction=0.1,
-        device=None,
-        progress=None,
-        search_with_weights=True,
-        strict_solves=strict,
-    )
-    rec = invert(Problem.build(request, time.perf_counter()))
+    rec = invert(problem_for(case, strict_solves=strict))
     assert calls and calls[0] >= 2, "the case must reach the sampling solver with 2+ directions"
     worst = match_rows(rec.inputs, case.inputs).worst_relative
     if strict:

@@ -140,6 +140,34 @@ class ApproximateInversion:
 CONSISTENT_RESIDUAL = 0.05
 
 
+@dataclass(frozen=True)
+class _Denoised:
+    """A noisy update truncated at rank ``b``, with the layer and the noise level.
+
+    Attributes
+    ----------
+    update:
+        ``(m, n + 1)`` ``A_b = U_b S_b V_b^T`` of ``[dW | db]``.
+    basis, singular, right:
+        ``U_b`` ``(m, b)``, ``S_b`` ``(b,)``, ``V_b^T`` ``(b, n + 1)``.
+    w, c:
+        ``(m, n)`` and ``(m,)`` the layer's weight and bias (float64).
+    accept:
+        Score below which a candidate's direction is accepted (:func:`_scores`).
+    sigma:
+        The noise standard deviation of the update's entries.
+    """
+
+    update: torch.Tensor
+    basis: torch.Tensor
+    singular: torch.Tensor
+    right: torch.Tensor
+    w: torch.Tensor
+    c: torch.Tensor
+    accept: float
+    sigma: float
+
+
 def approximate_inversion(
     weight_grad: torch.Tensor,
     bias_grad: torch.Tensor,
@@ -181,7 +209,7 @@ def approximate_inversion(
     c = bias.detach().to(torch.float64)
     accept = max(ACCEPT_FLOOR, ACCEPT_FACTOR * m * (noise.sigma / float(s[b - 1])) ** 2)
     extra = initial.to(torch.float64) if initial is not None and initial.numel() else None
-    found = _search(denoised, basis, s[:b], vh[:b], w, c, accept, noise.sigma, extra)
+    found = _search(_Denoised(denoised, basis, s[:b], vh[:b], w, c, accept, noise.sigma), extra)
     if found is None:
         return None
     x, g, rounds, directions = found
@@ -189,15 +217,7 @@ def approximate_inversion(
 
 
 def _search(
-    denoised: torch.Tensor,
-    basis: torch.Tensor,
-    singular: torch.Tensor,
-    right: torch.Tensor,
-    w: torch.Tensor,
-    c: torch.Tensor,
-    accept: float,
-    sigma: float,
-    extra: torch.Tensor | None,
+    d: _Denoised, extra: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
     """Rounds of peeling and refinement until every example is settled.
 
@@ -210,7 +230,8 @@ def _search(
     below ``accept`` are settled: their contributions, now fitted from every row, are far
     more accurate than the single-row estimates peeling removed, so the next round's
     candidates are cleaner. The estimate
-    that fits the denoised update best (:func:`_better`) is returned.
+    that fits the denoised update best (:func:`_better`) is returned. ``extra`` ``(k, n)``:
+    example estimates from elsewhere, taken as candidates in the first round.
 
     Returns
     -------
@@ -218,6 +239,7 @@ def _search(
         ``(inputs (b, n), output_grads (m, b), refinement rounds, directions peeled)``;
         ``None`` when no direction was found.
     """
+    denoised, basis, w, c, sigma = d.update, d.basis, d.w, d.c, d.sigma
     b = basis.shape[1]
     settled = torch.zeros(b, dtype=torch.bool)
     x: torch.Tensor | None = None
@@ -234,9 +256,7 @@ def _search(
             known_dirs = _scores(known_x, basis, w, c)[0].T
             xa = torch.cat([known_x, known_x.new_ones(known_x.shape[0], 1)], dim=1)
             residual = denoised - g[:, settled] @ xa
-        directions, examples, left = _peel_directions(
-            residual, basis, singular, right, w, c, accept, sigma, extra, known_dirs
-        )
+        directions, examples, left = _peel_directions(d, residual, extra, known_dirs)
         extra = None
         peeled += directions.shape[1]
         k = known_x.shape[0] + examples.shape[0]
@@ -256,7 +276,7 @@ def _search(
         x, g, used = refine(denoised, x0, w, c, sigma)
         rounds += used
         best = _better(best, denoised, x, g, w, c)
-        now = _scores(x, basis, w, c)[1] <= accept
+        now = _scores(x, basis, w, c)[1] <= d.accept
         if bool(now.all()) or int(now.sum()) <= int(settled.sum()):
             break
         settled = now
@@ -338,16 +358,7 @@ def _scores(
 
 
 def _peel_directions(
-    denoised: torch.Tensor,
-    basis: torch.Tensor,
-    singular: torch.Tensor,
-    right: torch.Tensor,
-    w: torch.Tensor,
-    c: torch.Tensor,
-    accept: float,
-    sigma: float,
-    extra: torch.Tensor | None,
-    known: torch.Tensor,
+    d: _Denoised, start: torch.Tensor, extra: torch.Tensor | None, known: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distinct directions found by peeling, their examples, and the residual left.
 
@@ -357,8 +368,9 @@ def _peel_directions(
     none does, the single best one scoring below :data:`MIXTURE_SCORE`: the peeled
     examples' errors raise the scores of later ones); its example is the weighted mean of
     the candidates sharing the direction. Rounds stop at ``b`` directions or when no
-    candidate is left. Directions in ``known`` ``(b, k0)`` (settled examples) are not
-    taken again.
+    candidate is left. ``start`` ``(m, n + 1)`` is the update left by the settled
+    examples, whose directions ``known`` ``(b, k0)`` are not taken again; ``extra``
+    ``(k, n)`` are more candidates for the first round.
 
     Returns
     -------
@@ -369,11 +381,13 @@ def _peel_directions(
     residual:
         ``(m, n + 1)`` the update left (rank ``b - k`` up to noise).
     """
+    basis, singular, right, w, c = d.basis, d.singular, d.right, d.w, d.c
+    accept, sigma = d.accept, d.sigma
     b = basis.shape[1]
     chosen: list[torch.Tensor] = list(known.T)
     examples: list[torch.Tensor] = []
     new: list[torch.Tensor] = []
-    residual = denoised
+    residual = start
     for _ in range(MAX_PEEL_ROUNDS):
         candidates, weights = _row_candidates(residual, sigma)
         if extra is not None:
@@ -407,7 +421,7 @@ def _peel_directions(
                 residual = residual - _contributions(added, basis, singular, right)
             break
         residual = residual - _contributions(added, basis, singular, right)
-    n = denoised.shape[1] - 1
+    n = start.shape[1] - 1
     if not new:
         return basis.new_zeros(b, 0), basis.new_zeros(0, n), residual
     return torch.stack(new, dim=1), torch.stack(examples), residual
