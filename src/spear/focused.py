@@ -41,6 +41,7 @@ from spear.linalg import Tolerances, null_vectors, orthonormal_basis, pure_kerne
 from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
+from spear.solvers.sampling import in_span
 
 __all__ = ["break_known", "focused_sampling"]
 
@@ -139,10 +140,10 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
         draws += 1
         idle += 1
         for q in _kernel_candidates(basis, basis[rows], order, tol, generator):
-            if _in_span(q, known):
+            if in_span(q, known):
                 continue
             for pure in purify(basis, q, spec):
-                if _in_span(pure, known):
+                if in_span(pure, known):
                     continue
                 unit = basis @ pure
                 if realizable is not None and not realizable(
@@ -321,10 +322,3 @@ def _known_basis(state: Residual, basis: torch.Tensor) -> torch.Tensor:
         return torch.zeros(basis.shape[1], 0, dtype=basis.dtype, device=basis.device)
     coords = basis.T @ state.directions.stack(dim=1)
     return torch.linalg.qr(coords).Q
-
-
-def _in_span(q: torch.Tensor, span: torch.Tensor) -> bool:
-    """Whether unit ``q`` ``(r,)`` lies in the column span of orthonormal ``span``."""
-    if span.shape[1] == 0:
-        return False
-    return float((q - span @ (span.T @ q)).norm()) <= 1e-8

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from spear.linalg import TINY_NORM
-from spear.noise import NoiseEstimate, estimate_noise, zero_row_sigma
+from spear.noise import NoiseEstimate, augmented, estimate_noise, zero_row_sigma
 
 __all__ = [
     "CANDIDATE_ROWS",
@@ -196,7 +196,7 @@ def approximate_inversion(
     ApproximateInversion or None
         ``None`` when no direction could be found (nothing stands above the noise).
     """
-    a = _augmented(weight_grad, bias_grad)
+    a = augmented(weight_grad, bias_grad)
     m, cols = a.shape
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     noise = estimate_noise(s, m, cols, batch_size)
@@ -307,13 +307,6 @@ def _better(
     if best is not None and best[0] <= misfit:
         return best
     return misfit, x, g
-
-
-def _augmented(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
-    """``[dW | db]`` ``(m, n + 1)`` float64."""
-    dw = weight_grad.detach().to(torch.float64)
-    db = bias_grad.detach().to(torch.float64)
-    return torch.cat([dw, db[:, None]], dim=1)
 
 
 def _row_candidates(residual: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:

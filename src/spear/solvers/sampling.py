@@ -22,7 +22,7 @@ from spear.inversion.pool import same_direction
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.polish import live_rows, purify
 
-__all__ = ["SamplingSolver", "expected_samples"]
+__all__ = ["SPAN_TOL", "SamplingSolver", "expected_samples", "in_span"]
 
 #: Probe rows used for the cheap sparsity test of every sampled direction.
 PROBE_ROWS = 64
@@ -163,7 +163,7 @@ class SamplingSolver:
                 q = cand[idx]
                 # skip what is already explained: a direction found before, or a mixture of
                 # found directions (it lies in their span), or one that failed before
-                if _in_span(q, explained) or _seen(q, rejected):
+                if in_span(q, explained) or _seen(q, rejected):
                     continue
                 tried += 1
                 pure = purify(basis, q, spec, weak=weak)
@@ -179,7 +179,7 @@ class SamplingSolver:
         for q in weak:
             if len(found) + len(extra) >= spec.target:
                 break
-            if not _in_span(q, _span_basis(found + known + extra, r, basis)):
+            if not in_span(q, _span_basis(found + known + extra, r, basis)):
                 extra.append(q)
         packed = _pack(basis, found + extra, samples, spec)
         packed.weak = len(extra)
@@ -193,7 +193,7 @@ def _span_basis(among: list[torch.Tensor], r: int, like: torch.Tensor) -> torch.
     return torch.linalg.qr(torch.stack(among, dim=1)).Q
 
 
-def _in_span(q: torch.Tensor, span: torch.Tensor) -> bool:
+def in_span(q: torch.Tensor, span: torch.Tensor) -> bool:
     """Whether unit ``q`` ``(r,)`` lies in the span of orthonormal ``span`` ``(r, k)``
     (to roundoff)."""
     if span.shape[1] == 0:
