@@ -3,35 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
-
-
-class FlowerCnn(nn.Module):
-    """Flower's PyTorch tutorial network (32x32 RGB -> 10 classes)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(400, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, 32, 32)`` images -> ``(B, 400)`` inputs of ``fc1``."""
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
-        return torch.flatten(x, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, 32, 32)`` -> ``(B, 10)`` logits."""
-        x = torch.relu(self.fc1(self.features(x)))
-        return self.fc3(torch.relu(self.fc2(x)))
+from spear.networks import FlowerCnn
 
 
 def test_flower_cnn_features_exact_at_b4() -> None:

@@ -1,4 +1,5 @@
-"""The fully connected ReLU networks the demo, the benchmark and the tests attack.
+"""The networks the demo, the benchmark and the tests attack: fully connected ReLU
+networks, and two convolutional image classifiers.
 
 Examples
 --------
@@ -16,12 +17,23 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["DEMO_INPUT_SHAPE", "HIDDEN_WIDTH", "build_model"]
+__all__ = [
+    "CNNS",
+    "CNN_INPUT_SHAPE",
+    "DEMO_INPUT_SHAPE",
+    "HIDDEN_WIDTH",
+    "FlowerCnn",
+    "VggCnn",
+    "build_cnn",
+    "build_model",
+]
 
 #: Shape of one input of the default network: a 28x28 grey image (MNIST, Fashion-MNIST).
 DEMO_INPUT_SHAPE: tuple[int, ...] = (1, 28, 28)
 #: Units of every hidden layer after the first.
 HIDDEN_WIDTH = 128
+#: Shape of one input of the convolutional networks: a 32x32 RGB image (CIFAR-10).
+CNN_INPUT_SHAPE: tuple[int, int, int] = (3, 32, 32)
 
 
 def build_model(
@@ -67,5 +79,98 @@ def build_model(
         features = units
     layers.append(nn.Linear(features, num_classes))
     model = nn.Sequential(*layers).double()
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+class FlowerCnn(nn.Module):
+    """Flower's PyTorch tutorial network: ``(B, 3, 32, 32)`` -> ``(B, 10)``.
+
+    ``conv1 (3->6, 5x5) -> ReLU -> max-pool 2 -> conv2 (6->16, 5x5) -> ReLU -> max-pool 2
+    -> flatten (400) -> fc1 (120) -> ReLU -> fc2 (84) -> ReLU -> fc3 (10)``; the attack
+    inverts ``fc1``, whose inputs are the 400 pooled features.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 32, 32)`` images -> ``(B, 400)`` inputs of ``fc1``."""
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return torch.flatten(x, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 32, 32)`` -> ``(B, num_classes)`` logits."""
+        x = torch.relu(self.fc1(self.features(x)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+class VggCnn(nn.Module):
+    """A small VGG-style CIFAR network: ``(B, 3, 32, 32)`` -> ``(B, 10)``.
+
+    Three blocks of 3x3 convolutions with ReLU, each ending in a 2x2 max-pool
+    (``3 -> 16 -> 16``, pool, ``16 -> 32 -> 32``, pool, ``32 -> 64``, pool: 64 x 4 x 4),
+    then ``flatten (1024) -> fc1 (width) -> ReLU -> fc2 (num_classes)``. The attack inverts
+    ``fc1``.
+    """
+
+    def __init__(self, width: int = 256, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def conv(channels_in: int, channels_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.ReLU()]
+
+        self.conv = nn.Sequential(
+            *conv(3, 16),
+            *conv(16, 16),
+            nn.MaxPool2d(2),
+            *conv(16, 32),
+            *conv(32, 32),
+            nn.MaxPool2d(2),
+            *conv(32, 64),
+            nn.MaxPool2d(2),
+        )
+        self.fc1 = nn.Linear(64 * 4 * 4, width)
+        self.fc2 = nn.Linear(width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 32, 32)`` images -> ``(B, 1024)`` inputs of ``fc1``."""
+        return torch.flatten(self.conv(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 32, 32)`` -> ``(B, num_classes)`` logits."""
+        return self.fc2(torch.relu(self.fc1(self.features(x))))
+
+
+#: The convolutional networks by name (``spear demo --model``): name -> builder.
+CNNS = {"flower-cnn": FlowerCnn, "vgg": VggCnn}
+
+
+def build_cnn(name: str, seed: int, *, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """The convolutional network called ``name`` (``"flower-cnn"`` or ``"vgg"``),
+    initialised from ``seed`` (torch's global random state is restored afterwards).
+
+    Returns
+    -------
+    torch.nn.Module
+        Maps ``(b, 3, 32, 32)`` images to ``(b, 10)`` logits, in ``dtype``.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not a key of :data:`CNNS`.
+    """
+    if name not in CNNS:
+        raise ValueError(f"unknown network {name!r}; available: {', '.join(sorted(CNNS))}.")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = CNNS[name]().to(dtype)
     torch.random.set_rng_state(generator_state)
     return model
