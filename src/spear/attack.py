@@ -17,6 +17,7 @@ from torch import nn
 from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.errors import BatchTooLargeError, InputError
+from spear.images import ImageReconstruction, reconstruct_images
 from spear.inversion.problem import HALF_PRECISIONS
 from spear.labels import LabelResult, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
@@ -48,6 +49,7 @@ def attack(
     device: str | torch.device | None = None,
     input_range: tuple[float, float] | None = None,
     layer: str | None = None,
+    image_budget: float = 60.0,
 ) -> Reconstruction:
     """Rebuild a client's batch (inputs and labels) from its update.
 
@@ -85,6 +87,10 @@ def attack(
     layer:
         Name of the linear layer to attack (followed by a ReLU), e.g. ``"fc2"``: then
         ``.inputs`` are the features entering it. Default: the first such layer.
+    image_budget:
+        Seconds for rebuilding model inputs from the features when ``.inputs`` are
+        features (a layer behind convolutions, or a deeper layer): ``.images``; ``0``
+        skips it. See :mod:`spear.images`.
 
     Returns
     -------
@@ -113,6 +119,8 @@ def attack(
     kind = check_update_kind(update_kind)
     validate.batch_size(batch_size)
     validate.time_budget(time_budget)
+    if image_budget != 0:
+        validate.time_budget(image_budget, "image_budget")
     validate.device(device)
     check_batch_norm(model)
     work = copy.deepcopy(model)
@@ -238,6 +246,25 @@ def attack(
             )
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
+    rebuilt: ImageReconstruction | None = None
+    if not target.first and target.before is not None and result.found and image_budget > 0:
+        rebuilt = reconstruct_images(
+            work,
+            target.before,
+            observed,
+            features.to(dtype),
+            labels,
+            update_kind=kind,
+            complete=result.complete,
+            input_shape=input_shape,
+            input_range=input_range,
+            time_budget=image_budget,
+            seed=seed,
+            progress=progress,
+        )
+        if rebuilt is not None:
+            notes.extend(rebuilt.notes)
+    determined = rebuilt is not None and rebuilt.all_determined and result.complete
     if target.first and labels is not None:
         certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
         if kind == "delta":
@@ -252,8 +279,23 @@ def attack(
                 "the certificate is for a partial reconstruction, so it cannot be small: "
                 "missing examples contribute to the update."
             )
+    elif determined and rebuilt is not None and labels is not None:
+        certificate = certify(work, observed, rebuilt.images, labels, update_kind=kind)
+        notes.append(
+            "certificate computed from .images, which their features determine: the update "
+            "recomputed from the images and labels."
+        )
     elif not target.first:
-        notes.append("no certificate: the reconstruction is not in the model's input space.")
+        why = ""
+        if rebuilt is not None:
+            why = (
+                " (the images rebuilt from it are estimates)."
+                if not rebuilt.all_determined
+                else " (the images rebuilt from it are exact, but the batch is incomplete)."
+            )
+        notes.append(
+            "no certificate: the reconstruction is not in the model's input space" + (why or ".")
+        )
     reliable = bool(result.noise_consistent) and result.noise is not None and result.noise.confident
     if noisy and target.first and not result.interrupted and not reliable:
         # the approximate answer does not explain the update, or its weakest example is
@@ -317,6 +359,9 @@ def attack(
         estimate=source,
         error_rms=result.error_rms if source == "approximate" else None,
         noise=result.noise,
+        images=rebuilt.images if rebuilt is not None else None,
+        images_determined=determined,
+        image_feature_residual=rebuilt.feature_residual if rebuilt is not None else None,
     )
 
 

@@ -86,6 +86,9 @@ class AttackTarget:
         Shape of one model input when the model records it (exported programs).
     examined:
         One line per layer looked at, with why it was or was not taken.
+    before:
+        Maps the model's inputs ``(b, *input_shape)`` to the features entering the layer
+        ``(b, n)``, or ``None`` when the model could not be split there.
     """
 
     name: str
@@ -95,6 +98,7 @@ class AttackTarget:
     after: Callable[[torch.Tensor], torch.Tensor] | None
     input_shape: tuple[int, ...] | None = None
     examined: list[str] = field(default_factory=list)
+    before: nn.Module | None = None
 
     @property
     def in_features(self) -> int:
@@ -231,6 +235,30 @@ def _tail(traced: fx.GraphModule, start: fx.Node) -> fx.GraphModule | None:
     return fx.GraphModule(traced, graph)
 
 
+def _head(traced: fx.GraphModule, stop: fx.Node) -> fx.GraphModule | None:
+    """A GraphModule computing ``stop``'s value from the model input (the first
+    placeholder), or ``None`` when ``stop`` needs anything else."""
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return None
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {placeholders[0]: graph.placeholder("x")}
+    for node in traced.graph.nodes:
+        if node in env or node.op in ("placeholder", "output"):
+            continue
+        if all(d in env for d in node.all_input_nodes):
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        if node is stop:
+            break
+    if stop not in env:
+        return None
+    graph.output(env[stop])
+    head = fx.GraphModule(traced, graph)
+    head.graph.eliminate_dead_code()
+    head.recompile()
+    return head
+
+
 def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
     """The first ``nn.Linear`` followed by a ReLU, in the order the model computes, or the
     one named ``layer``.
@@ -293,6 +321,7 @@ def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
                 after=_tail(traced, node),
                 input_shape=input_shape if first else None,
                 examined=examined,
+                before=_head(traced, feature_node),
             )
         after = ", ".join(_describe(u, modules) for u in users) or "nothing"
         smooth = any(
@@ -377,6 +406,7 @@ def _find_in_sequential(model: nn.Sequential, layer: str | None = None) -> Attac
                 continue
             first = all(isinstance(c, _RESHAPE_MODULES) for _, c in children[:i])
             rest = nn.Sequential(*[c for _, c in children[i + 1 :]])
+            head = nn.Sequential(*[c for _, c in children[:i]])
             examined.append(f"{name}: Linear followed by ReLU -> attacked")
             return AttackTarget(
                 name=name,
@@ -385,6 +415,7 @@ def _find_in_sequential(model: nn.Sequential, layer: str | None = None) -> Attac
                 first=first,
                 after=rest,
                 examined=examined,
+                before=head,
             )
         batch_norm = batch_norm or isinstance(nxt, _BATCH_NORMS)
         examined.append(f"{name}: Linear followed by {type(nxt).__name__}, not a ReLU")

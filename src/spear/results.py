@@ -210,6 +210,16 @@ class Reconstruction:
     noise:
         The noise estimated from a noisy update (:class:`spear.noise.NoiseEstimate`), or
         ``None``.
+    images:
+        ``(k, *input_shape)`` model inputs rebuilt from the features when :attr:`inputs`
+        are features (a layer behind convolutions, or a deeper layer), else ``None``; see
+        :mod:`spear.images`. Estimates unless :attr:`images_determined`.
+    images_determined:
+        True when the features determine every image in :attr:`images` (the layers
+        before the attacked one are locally invertible there) and the images reproduce
+        them to rounding; then :attr:`certificate` is computed from the images.
+    image_feature_residual:
+        ``(k,)`` relative error of the features recomputed from :attr:`images`.
     """
 
     inputs: torch.Tensor
@@ -228,3 +238,6 @@ class Reconstruction:
     estimate: str = "exact"
     error_rms: torch.Tensor | None = None
     noise: NoiseEstimate | None = None
+    images: torch.Tensor | None = None
+    images_determined: bool = False
+    image_feature_residual: torch.Tensor | None = None

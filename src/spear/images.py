@@ -1,0 +1,588 @@
+"""Images from the features entering the attacked layer (conv nets).
+
+When the attacked linear layer sits behind a feature extractor ``h`` (the conv blocks of a
+CNN), the layer inversion returns the features ``f_i = h(x_i)``, not the images. This
+module searches for images with those features, using everything else the update holds:
+
+* the features, exactly: ``sum_i ||h(x_i) - f_i||^2 / sum_i ||f_i||^2``;
+* the extractor's own gradients in the update (the conv layers'): one minus the cosine
+  between them and the gradients recomputed from the candidate images and the recovered
+  labels (a cosine, so that the loss reduction, clipping and a delta's learning rate do not
+  matter), weighted by :data:`GRADIENT_WEIGHT`; used only when the batch is complete, since
+  missing examples contribute to those gradients too;
+* a total-variation prior weighted by :data:`TV_WEIGHT` (natural images are smooth).
+
+The last two terms are used only when the features are fewer than the pixels; otherwise
+the features alone may determine the images, and a prior would only bias the fit.
+
+The images are ``low + (high - low) * sigmoid(z)`` when the input range is known, so they
+stay in it, and Adam runs on ``z`` for at most :data:`IMAGE_STEPS` steps or the time budget.
+
+Max-pooling and ReLU make ``h`` many-to-one: 400 pooled features of Flower's tutorial CNN
+cannot pin down 3072 pixels, and the result is an estimate whose quality
+:func:`spear.metrics.psnr` measures against the truth. Where ``h`` is locally invertible (a
+conv stack without pooling, or a wide linear+ReLU layer when a deeper layer was attacked,
+whose active units outnumber the pixels), the features do
+determine the image: the Jacobian of ``h`` at the estimate then has full column rank, and
+Gauss-Newton steps on the features alone converge to it; such images are marked
+``determined`` (see :class:`ImageReconstruction`).
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> head = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten()).double()
+>>> truth = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+>>> found = images_from_features(head, head(truth).detach(), (1, 6, 6), input_range=(0, 1),
+...                              time_budget=30)
+>>> bool(found.determined.all()), float((found.images - truth).abs().max()) < 1e-8
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from spear.errors import InputError
+
+__all__ = [
+    "GRADIENT_WEIGHT",
+    "IMAGE_LEARNING_RATE",
+    "IMAGE_STEPS",
+    "JACOBIAN_MAX_ENTRIES",
+    "LEAKY_SHARE",
+    "LEAKY_START",
+    "NEWTON_STEPS",
+    "SEARCH_SHARE",
+    "TV_WEIGHT",
+    "ZERO_FEATURE_EPS",
+    "ImageReconstruction",
+    "gradient_term",
+    "guess_image_shape",
+    "image_shape_for",
+    "images_from_features",
+    "leaky_copy",
+    "reconstruct_images",
+]
+
+#: Weight of ``1 - cos`` between the extractor's observed and recomputed gradients.
+GRADIENT_WEIGHT = 0.1
+#: Weight of the total-variation prior (mean absolute difference of neighbouring pixels).
+TV_WEIGHT = 0.3
+#: Adam steps of the image search (fewer when the time budget runs out first).
+IMAGE_STEPS = 2000
+#: Adam's learning rate on the image parameters (``z`` above).
+IMAGE_LEARNING_RATE = 0.05
+#: Most Gauss-Newton steps on the features for images whose features determine them.
+NEWTON_STEPS = 30
+#: Slope of the ReLUs' negative side at the start of a search for determined images (it
+#: falls linearly to 0 at :data:`LEAKY_SHARE` of the steps): gradients reach units that
+#: the start leaves dead.
+LEAKY_START = 0.5
+#: Share of the steps over which the slope falls to 0.
+LEAKY_SHARE = 0.7
+#: Share of the time budget for the Adam search; the Gauss-Newton polish has the rest.
+SEARCH_SHARE = 0.75
+#: Largest Jacobian (features x pixels, per image) formed explicitly for the rank test and
+#: Gauss-Newton; above it the images are not tested for determination.
+JACOBIAN_MAX_ENTRIES = 20_000_000
+#: A recovered feature within this many rounding units (``eps``) of its example's largest
+#: feature counts as a ReLU zero (the layer inversion leaves rounding where zeros were).
+ZERO_FEATURE_EPS = 1000.0
+#: Smallest probed side when the image shape is guessed (``guess_image_shape``).
+_MIN_SIDE = 4
+#: Largest probed side.
+_MAX_SIDE = 256
+
+
+@dataclass
+class ImageReconstruction:
+    """Images found for the recovered features.
+
+    Attributes
+    ----------
+    images:
+        ``(k, *input_shape)``, one per recovered feature vector, in the features' order.
+    feature_residual:
+        ``(k,)`` ``||h(x_i) - f_i|| / ||f_i||`` of each image.
+    determined:
+        ``(k,)`` True where the features determine the image around it: the Jacobian of
+        the extractor at the image (its active rows) has full column rank, and Gauss-Newton
+        brought the feature residual to rounding level. Such an image is the exact one
+        unless another, far away, has the same features.
+    steps:
+        Adam steps taken.
+    seconds:
+        Wall time.
+    notes:
+        Plain-language findings.
+    used_gradients:
+        Whether the extractor's gradients in the update took part (only where the
+        features do not determine the images).
+    """
+
+    images: torch.Tensor
+    feature_residual: torch.Tensor
+    determined: torch.Tensor
+    steps: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    used_gradients: bool = False
+
+    @property
+    def all_determined(self) -> bool:
+        """True when every image is determined by its features."""
+        return bool(self.determined.numel() > 0 and self.determined.all())
+
+
+@dataclass
+class GradientTerm:
+    """What the extractor's gradients in the update say about the images.
+
+    Attributes
+    ----------
+    model:
+        The whole model (its output for the candidate images gives the loss).
+    parameters:
+        The extractor's parameters, in the order of ``observed``.
+    observed:
+        Their entries of the update, flattened and concatenated, signed as a gradient.
+    labels:
+        ``(k,)`` the recovered labels.
+    """
+
+    model: nn.Module
+    parameters: list[torch.Tensor]
+    observed: torch.Tensor
+    labels: torch.Tensor
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """``1 - cos`` between the observed gradients and those of ``images`` ``(k, ...)``."""
+        out = self.model(images)
+        ce = nn.functional.cross_entropy(out, self.labels)
+        grads = torch.autograd.grad(ce, self.parameters, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return 1.0 - nn.functional.cosine_similarity(flat, self.observed, dim=0)
+
+
+def gradient_term(
+    model: nn.Module,
+    head: nn.Module,
+    update: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    sign: float,
+) -> GradientTerm | None:
+    """The gradient term for ``head``'s parameters that the update holds, or ``None``.
+
+    ``head``'s parameter names are the model's (``fx`` keeps qualified names); ``sign`` is
+    ``+1`` for a gradient, ``-1`` for a FedAvg delta.
+    """
+    own = dict(model.named_parameters())
+    names = [n for n, _ in head.named_parameters() if n in update and n in own]
+    if not names:
+        return None
+    observed = torch.cat([update[n].detach().reshape(-1) for n in names]) * sign
+    if not bool(torch.isfinite(observed).all()) or float(observed.norm()) == 0.0:
+        return None
+    dtype = own[names[0]].dtype
+    return GradientTerm(model, [own[n] for n in names], observed.to(dtype), labels)
+
+
+def guess_image_shape(
+    head: Callable[[torch.Tensor], torch.Tensor], features: int, channels: int, dtype: torch.dtype
+) -> tuple[int, ...] | None:
+    """The square image shape ``(channels, s, s)`` for which ``head`` gives ``features``
+    values per image, or ``None`` when no side from 4 to 256 does."""
+    with torch.no_grad():
+        for side in range(_MIN_SIDE, _MAX_SIDE + 1):
+            try:
+                size = head(torch.zeros(1, channels, side, side, dtype=dtype)).numel()
+            except (RuntimeError, ValueError):
+                continue
+            if size == features:
+                return (channels, side, side)
+            if size > features:
+                return None
+    return None
+
+
+def first_conv_channels(head: nn.Module) -> int | None:
+    """Input channels of the first ``Conv2d`` in ``head``, or ``None`` without one."""
+    for module in head.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return None
+
+
+class _Leaky(nn.Module):
+    """A ReLU whose negative side has an adjustable slope (0: the ReLU itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slope = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` where positive, ``slope * x`` elsewhere."""
+        return nn.functional.leaky_relu(x, self.slope) if self.slope > 0 else torch.relu(x)
+
+
+_RELU_FUNCTIONS = {torch.relu, nn.functional.relu, torch.ops.aten.relu.default}
+
+
+def leaky_copy(head: nn.Module) -> tuple[nn.Module, list[_Leaky]]:
+    """A copy of ``head`` whose ReLUs are :class:`_Leaky` (slope 0: the same function),
+    and those units, so that a search can let gradients through dead units first."""
+    copy = deepcopy(head)
+    units: list[_Leaky] = []
+    if isinstance(copy, fx.GraphModule):
+        for node in list(copy.graph.nodes):
+            relu_module = node.op == "call_module" and isinstance(
+                copy.get_submodule(str(node.target)), nn.ReLU
+            )
+            if relu_module or (node.op == "call_function" and node.target in _RELU_FUNCTIONS):
+                unit = _Leaky()
+                name = f"spear_leaky_{len(units)}"
+                copy.add_module(name, unit)
+                node.op, node.target = "call_module", name
+                node.args, node.kwargs = node.args[:1], {}
+                units.append(unit)
+        copy.recompile()
+        return copy, units
+    for parent in copy.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                unit = _Leaky()
+                setattr(parent, name, unit)
+                units.append(unit)
+    return copy, units
+
+
+def _nonzero(features: torch.Tensor) -> torch.Tensor:
+    """``(k, n)`` True where a recovered feature is not a ReLU zero: above
+    :data:`ZERO_FEATURE_EPS` rounding units of its example's largest feature."""
+    eps = torch.finfo(features.dtype).eps
+    top = features.abs().amax(dim=1, keepdim=True)
+    return features.abs() > ZERO_FEATURE_EPS * eps * top
+
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels of ``x`` ``(k, c, h, w)``."""
+    if x.dim() < 4:
+        return x.new_zeros(())
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (
+        x[..., :, 1:] - x[..., :, :-1]
+    ).abs().mean()
+
+
+def _to_images(z: torch.Tensor, input_range: tuple[float, float] | None) -> torch.Tensor:
+    """The images parametrised by ``z``: boxed into ``input_range`` by a sigmoid."""
+    if input_range is None:
+        return z
+    low, high = input_range
+    return low + (high - low) * torch.sigmoid(z)
+
+
+def _search(
+    head: nn.Module,
+    features: torch.Tensor,
+    shape: tuple[int, ...],
+    term: GradientTerm | None,
+    prior: float,
+    leaky: bool,
+    input_range: tuple[float, float] | None,
+    deadline: float,
+    steps: int,
+    seed: int,
+    progress: bool,
+) -> tuple[torch.Tensor, int]:
+    """Adam on the objective of the module docstring, with total-variation weight
+    ``prior``; with ``leaky``, the ReLUs leak at first (:data:`LEAKY_START`);
+    ``(images (k, *shape), steps)``."""
+    units: list[_Leaky] = []
+    if leaky:
+        head, units = leaky_copy(head)
+    generator = torch.Generator().manual_seed(seed)
+    k = features.shape[0]
+    start = torch.randn((k, *shape), generator=generator, dtype=features.dtype) * 0.01
+    if input_range is None:
+        start = start + 0.5 * float(features.abs().mean())
+    z = start.to(features.device).requires_grad_(True)
+    scale = float((features**2).sum().clamp_min(torch.finfo(features.dtype).tiny))
+    optimiser = torch.optim.Adam([z], lr=IMAGE_LEARNING_RATE)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    taken = 0
+    bar = tqdm(total=steps, desc="images", unit="step", disable=not progress, leave=False)
+    try:
+        while taken < steps:
+            taken += 1
+            for unit in units:
+                unit.slope = max(0.0, LEAKY_START * (1.0 - taken / (LEAKY_SHARE * steps)))
+            optimiser.zero_grad()
+            x = _to_images(z, input_range)
+            loss = ((head(x) - features) ** 2).sum() / scale
+            if prior > 0:
+                loss = loss + prior * _total_variation(x)
+            if term is not None:
+                loss = loss + GRADIENT_WEIGHT * term.loss(x)
+            loss.backward(inputs=[z])
+            optimiser.step()
+            schedule.step()
+            bar.update(1)
+            if time.perf_counter() > deadline:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        bar.close()
+    return _to_images(z.detach(), input_range), taken
+
+
+def _jacobian(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(F, P)`` Jacobian of ``head`` at one image ``x`` ``(*shape)``."""
+
+    def flat(v: torch.Tensor) -> torch.Tensor:
+        return head(v.reshape(1, *x.shape)).reshape(-1)
+
+    with torch.no_grad():  # torch.func differentiates anyway; nothing tracks the weights
+        return torch.func.jacrev(flat)(x.reshape(-1).detach())
+
+
+def _rank_tolerance(dtype: torch.dtype, size: int) -> float:
+    """Relative singular value below which a Jacobian column space counts as lost:
+    ``size * eps`` (the rounding of an SVD of that size), at least ``sqrt(eps)`` for
+    float32, where the features themselves carry ``eps``-relative rounding."""
+    eps = torch.finfo(dtype).eps
+    return max(size * eps, math.sqrt(eps) if dtype == torch.float32 else 0.0)
+
+
+def _newton(
+    head: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    input_range: tuple[float, float] | None,
+) -> tuple[torch.Tensor, bool]:
+    """Gauss-Newton on ``||h(x) - target||`` for one image; ``(image, determined)``.
+
+    Determined: the Jacobian's active rows have full column rank at every step and the
+    residual ends at rounding level (``sqrt(P) * eps`` relative to the features).
+    """
+    eps = torch.finfo(x.dtype).eps
+    size = x.numel()
+    norm = float(target.norm().clamp_min(torch.finfo(x.dtype).tiny))
+    for _ in range(NEWTON_STEPS):
+        jac = _jacobian(head, x)
+        rows = jac.abs().sum(dim=1) > 0
+        active = jac[rows]
+        if active.shape[0] < size:
+            return x, False
+        s = torch.linalg.svdvals(active)
+        if float(s[-1]) <= _rank_tolerance(x.dtype, size) * float(s[0]):
+            return x, False
+        with torch.no_grad():
+            residual = head(x.reshape(1, *x.shape)).reshape(-1) - target
+        if float(residual.norm()) <= math.sqrt(size) * eps * norm:
+            break
+        step = torch.linalg.lstsq(active, residual[rows].unsqueeze(1)).solution
+        x = x - step.reshape(x.shape)
+    with torch.no_grad():
+        residual = head(x.reshape(1, *x.shape)).reshape(-1) - target
+    inside = input_range is None or bool(
+        ((x >= input_range[0] - eps) & (x <= input_range[1] + eps)).all()
+    )
+    return x, inside and float(residual.norm()) <= 10 * math.sqrt(size) * eps * norm
+
+
+def images_from_features(
+    head: nn.Module,
+    features: torch.Tensor,
+    input_shape: tuple[int, ...],
+    *,
+    gradients: GradientTerm | None = None,
+    input_range: tuple[float, float] | None = None,
+    time_budget: float = 60.0,
+    steps: int = IMAGE_STEPS,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> ImageReconstruction:
+    """Images whose features under ``head`` are ``features``.
+
+    Parameters
+    ----------
+    head:
+        The feature extractor: ``(k, *input_shape)`` -> ``(k, n)`` (``AttackTarget.before``).
+    features:
+        ``(k, n)`` the recovered features, in ``head``'s dtype.
+    input_shape:
+        Shape of one image, e.g. ``(3, 32, 32)``.
+    gradients:
+        The extractor's gradients in the update (:func:`gradient_term`), used when given.
+    input_range:
+        ``(low, high)`` of the pixels when known; the images stay inside it.
+    time_budget:
+        Seconds in all: the Adam search takes :data:`SEARCH_SHARE` of them, the Gauss-Newton
+        polish the rest.
+    steps:
+        Most Adam steps.
+    seed:
+        Seed of the start.
+    progress:
+        Progress bar; default only on a terminal.
+
+    Returns
+    -------
+    ImageReconstruction
+
+    Raises
+    ------
+    InputError
+        When ``head`` does not map ``input_shape`` images to ``n`` features.
+    """
+    start = time.perf_counter()
+    dtype = features.dtype
+    with torch.no_grad():
+        try:
+            probe = head(torch.zeros(1, *input_shape, dtype=dtype, device=features.device))
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(
+                f"the layers before the attacked one do not take images of shape "
+                f"{input_shape} ({exc}); pass the model's input_shape=."
+            ) from exc
+    if probe.numel() != features.shape[1]:
+        raise InputError(
+            f"images of shape {input_shape} give {probe.numel()} features, but the attacked "
+            f"layer takes {features.shape[1]}; pass the model's input_shape=."
+        )
+    show = progress if progress is not None else False
+    pixels = math.prod(input_shape)
+    # nonzero features that outnumber the pixels may determine them: no prior to bias
+    # the fit, and the gradients add nothing (a zero feature only bounds the image)
+    active = int(_nonzero(features).sum(dim=1).min())
+    underdetermined = active < pixels
+    images, taken = _search(
+        head,
+        features,
+        input_shape,
+        gradients if underdetermined else None,
+        TV_WEIGHT if underdetermined else 0.0,
+        not underdetermined,
+        input_range,
+        start + SEARCH_SHARE * time_budget,
+        steps,
+        seed,
+        show,
+    )
+    determined = torch.zeros(features.shape[0], dtype=torch.bool)
+    notes: list[str] = []
+    if underdetermined:
+        notes.append(
+            f"the layers before the attacked one map {pixels} input values to as few as "
+            f"{active} nonzero features, so the features do not determine the images: "
+            "they are estimates (features, the extractor's gradients and a smoothness "
+            "prior), not exact."
+        )
+    elif features.shape[1] * pixels <= JACOBIAN_MAX_ENTRIES:
+        polished: list[torch.Tensor] = []
+        for i in range(features.shape[0]):
+            if time.perf_counter() > start + time_budget:
+                polished.extend(images[i:])
+                notes.append("the time budget ran out before every image was polished.")
+                break
+            x, ok = _newton(head, images[i], features[i], input_range)
+            polished.append(x)
+            determined[i] = ok
+        images = torch.stack(polished)
+    else:
+        notes.append(
+            f"the Jacobian of the layers before the attacked one ({features.shape[1]} x "
+            f"{pixels}) is too large to test whether the features determine the images."
+        )
+    with torch.no_grad():
+        residual = (head(images) - features).norm(dim=1) / features.norm(dim=1).clamp_min(
+            torch.finfo(dtype).tiny
+        )
+    return ImageReconstruction(
+        images=images.detach(),
+        feature_residual=residual.detach().cpu(),
+        determined=determined,
+        steps=taken,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+        used_gradients=underdetermined and gradients is not None,
+    )
+
+
+def image_shape_for(head: nn.Module, features: int, dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The shape of one model input that ``head`` maps to ``features`` values: square
+    images with the first convolution's channels, or the first linear layer's inputs as
+    :func:`spear.model.guess_input_shape` reads them; ``None`` when neither fits."""
+    from spear.model import guess_input_shape
+
+    channels = first_conv_channels(head)
+    if channels is not None:
+        return guess_image_shape(head, features, channels, dtype)
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            return guess_input_shape(int(module.in_features))
+    return None
+
+
+def reconstruct_images(
+    model: nn.Module,
+    head: nn.Module,
+    update: dict[str, torch.Tensor],
+    features: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    update_kind: str,
+    complete: bool,
+    input_shape: tuple[int, ...] | None,
+    input_range: tuple[float, float] | None,
+    time_budget: float,
+    seed: int,
+    progress: bool | None,
+) -> ImageReconstruction | None:
+    """:func:`images_from_features` as :func:`spear.attack` runs it: the image shape given
+    or guessed, the extractor's gradients used when the batch is complete and labelled.
+
+    ``features`` ``(k, n)`` are the recovered inputs of the attacked layer; ``None`` is
+    returned when no input shape fits ``head`` (the reason is not an error: the features
+    stand on their own).
+    """
+    shape = input_shape or image_shape_for(head, features.shape[1], features.dtype)
+    if shape is None:
+        return None
+    term = None
+    if complete and labels is not None:
+        sign = -1.0 if update_kind == "delta" else 1.0
+        term = gradient_term(model, head, update, labels, sign=sign)
+    found = images_from_features(
+        head,
+        features,
+        shape,
+        gradients=term,
+        input_range=input_range,
+        time_budget=time_budget,
+        seed=seed,
+        progress=progress,
+    )
+    used = "features and the extractor's gradients" if found.used_gradients else "features"
+    found.notes.insert(
+        0,
+        f"images of shape {shape} rebuilt from the {used} in {found.seconds:.1f} s "
+        f"({found.steps} steps): feature residual median "
+        f"{float(found.feature_residual.median()):.1e}; "
+        f"{int(found.determined.sum())} of {found.determined.numel()} determined by "
+        "their features.",
+    )
+    return found
