@@ -190,5 +190,5 @@ def test_total_variation() -> None:
 def test_registry() -> None:
     assert ATTACKS["analytic"] is analytic_attack
     assert get_attack("gradient-matching") is gradient_matching_attack
-    with pytest.raises(InputError, match="'analytic', 'gradient-matching'"):
+    with pytest.raises(InputError, match="'analytic', 'breaching-ig', 'gradient-matching'"):
         get_attack("dlg")

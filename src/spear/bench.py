@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from spear import client, metrics, report
 from spear.attack import attack as spear_attack_full
 from spear.baselines import ATTACKS
+from spear.baselines.breaching_ig import load_breaching
 from spear.certificate import certify
 from spear.data import ImageData, builtin_images, load_fashion_mnist, rgb_patches, sample_batch
 from spear.errors import InputError
@@ -307,7 +308,7 @@ class BenchConfig:
     time_budget:
         Seconds per attack run (``None``: each attack's default).
     gm_iterations:
-        Adam steps of ``gradient-matching``.
+        Adam steps of ``gradient-matching`` and ``breaching-ig``.
     client_lr:
         FedAvg local learning rate.
     """
@@ -335,6 +336,8 @@ def _check_config(config: BenchConfig) -> None:
         raise InputError(f"unknown data {config.data!r}; choose one of {', '.join(DATASETS)}.")
     for name in config.attacks:
         get_bench_attack(name)
+    if "breaching-ig" in config.attacks:
+        load_breaching()  # the optional extra: one clear error before any case runs
     lists: dict[str, Sequence[float]] = {
         "batch sizes": config.batch_sizes,
         "widths": config.widths,
@@ -560,6 +563,8 @@ def _attack_options(case: Case, config: BenchConfig) -> dict[str, Any]:
         return {"use_batch_size": case.dp_noise > 0, "input_range": (0.0, 1.0)}
     if case.attack == "gradient-matching":
         return {"iterations": config.gm_iterations, "box": (0.0, 1.0)}
+    if case.attack == "breaching-ig":
+        return {"iterations": config.gm_iterations}
     return {}
 
 

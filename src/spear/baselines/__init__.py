@@ -9,11 +9,16 @@ where ``options`` are the attack's own keyword arguments (an unknown one is a
 ``TypeError``). The baselines leave ``certificate`` as ``None``; compute it with
 ``spear.certify``.
 
+``"breaching-ig"`` is breaching's Inverting Gradients (:mod:`spear.baselines.breaching_ig`);
+it is always listed, and runs when the optional extra is installed
+(``pip install "spear[breaching]"``); without it, calling it raises
+:class:`~spear.errors.InputError` naming the extra.
+
 Examples
 --------
 >>> from spear.baselines import ATTACKS, get_attack
 >>> sorted(ATTACKS)
-['analytic', 'gradient-matching']
+['analytic', 'breaching-ig', 'gradient-matching']
 >>> get_attack("analytic").__name__
 'analytic_attack'
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from spear.baselines.analytic import analytic_attack
+from spear.baselines.breaching_ig import breaching_ig_attack
 from spear.baselines.gradient_matching import gradient_matching_attack
 from spear.baselines.labels import LabelInference, infer_labels
 from spear.errors import InputError
@@ -32,6 +38,7 @@ __all__ = [
     "ATTACKS",
     "LabelInference",
     "analytic_attack",
+    "breaching_ig_attack",
     "get_attack",
     "gradient_matching_attack",
     "infer_labels",
@@ -40,6 +47,7 @@ __all__ = [
 #: Attack name -> function with the common call (see the module docstring).
 ATTACKS: dict[str, Callable[..., Reconstruction]] = {
     "analytic": analytic_attack,
+    "breaching-ig": breaching_ig_attack,
     "gradient-matching": gradient_matching_attack,
 }
 

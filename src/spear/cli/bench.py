@@ -153,7 +153,7 @@ def add_parser(sub: Any) -> None:
         "--gm-iterations",
         type=int,
         default=d.gm_iterations,
-        help=f"Adam steps of gradient-matching ({d.gm_iterations})",
+        help=f"Adam steps of gradient-matching and breaching-ig ({d.gm_iterations})",
     )
     p.add_argument(
         "--lr", type=float, default=d.client_lr, help=f"FedAvg local learning rate ({d.client_lr})"
