@@ -343,12 +343,65 @@ def test_attack_a_named_deeper_layer(tmp_path: Path, capsys: pytest.CaptureFixtu
     features (160 per example) are written."""
     files = _files(tmp_path, 6)
     out = tmp_path / "out"
-    assert main(["attack", *files, "--out", str(out), "--layer", "3"]) == 0
+    argv = ["attack", *files, "--out", str(out), "--layer", "3", "--image-budget", "2"]
+    assert main(argv) == 0
     assert "as asked" in capsys.readouterr().out
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "reconstruction.safetensors"))
     assert saved["inputs"].shape == (6, 160)
+    # images rebuilt from the features (estimates: 160 features for 784 pixels)
+    assert saved["images"].shape == (6, 1, 28, 28)
+    assert len(list(out.glob("example_*.png"))) == 6
+    report = json.loads((out / "reconstruction.json").read_text())
+    assert report["images"] is True and report["images_determined"] is False
+    assert main([*argv[:-1], "0", "--out", str(tmp_path / "none")]) == 0
+    assert "images" not in load_file(str(tmp_path / "none" / "reconstruction.safetensors"))
+
+
+def test_attack_an_exported_cnn_writes_features_and_images(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from spear.data import rgb_patches
+    from spear.networks import build_cnn
+
+    model = build_cnn("flower-cnn", 0)
+    x, y = sample_batch(rgb_patches(1000, seed=0), 4, seed=1)
+    x = x.to(torch.float64)
+    update = client.fedsgd_update(model, x, y)
+    shapes = ({0: torch.export.Dim("batch")},)
+    program = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    save_file({k: v.contiguous() for k, v in update.items()}, str(tmp_path / "update.safetensors"))
+    out = tmp_path / "out"
+    argv = ["attack", "--model", str(tmp_path / "model.pt2")]
+    argv += ["--update", str(tmp_path / "update.safetensors"), "--out", str(out)]
+    assert main([*argv, "--image-budget", "3", "--input-range", "0,1"]) == 0
+    saved = load_file(str(out / "reconstruction.safetensors"))
+    assert saved["inputs"].shape == (4, 400)
+    with torch.no_grad():
+        features = model.features(x)
+    assert spear.metrics.exact_rate(saved["inputs"], features) == 1.0
+    assert saved["images"].shape == (4, 3, 32, 32)
+    assert float(saved["images"].min()) >= 0.0 and float(saved["images"].max()) <= 1.0
+    assert len(list(out.glob("example_*.png"))) == 4
+
+
+def test_cnn_demo_shows_features_and_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spear.cli.demo_cnn import print_cnn_summary, run_cnn_demo
+
+    summary = run_cnn_demo("cnn", 2, 0, tmp_path, image_budget=3, compare=False, progress=False)
+    assert summary["features_exact"] == 2 and summary["labels_correct"] == 2
+    assert summary["psnr_median"] is not None and summary["baseline"] is None
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    print_cnn_summary(summary)
+    out = capsys.readouterr().out
+    assert "features exact: 2/2" in out and "image PSNR dB" in out
+    with pytest.raises(InputError, match="--model"):
+        run_cnn_demo("resnet", 2, 0, None)
+    assert main(["demo", "--model", "cnn", "--dp"]) == 2
 
 
 @pytest.mark.parametrize("value", ["0", "1,0", "a,b", "0,inf"])

@@ -264,6 +264,11 @@ def attack(
         )
         if rebuilt is not None:
             notes.extend(rebuilt.notes)
+        else:
+            notes.append(
+                "no images from the features: the model's input shape could not be read off "
+                "the layers before the attacked one; pass input_shape=."
+            )
     determined = rebuilt is not None and rebuilt.all_determined and result.complete
     if target.first and labels is not None:
         certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)

@@ -217,11 +217,12 @@ def guess_image_shape(
     return None
 
 
-def first_conv_channels(head: nn.Module) -> int | None:
-    """Input channels of the first ``Conv2d`` in ``head``, or ``None`` without one."""
-    for module in head.modules():
-        if isinstance(module, nn.Conv2d):
-            return int(module.in_channels)
+def _first_weight(head: nn.Module) -> torch.Tensor | None:
+    """The first convolution (4-d) or linear (2-d) weight of ``head``, in the order its
+    parameters are registered (``nn.Module`` children, or an exported graph's)."""
+    for name, parameter in head.named_parameters():
+        if name.endswith("weight") and parameter.dim() in (2, 4):
+            return parameter
     return None
 
 
@@ -528,13 +529,12 @@ def image_shape_for(head: nn.Module, features: int, dtype: torch.dtype) -> tuple
     :func:`spear.model.guess_input_shape` reads them; ``None`` when neither fits."""
     from spear.model import guess_input_shape
 
-    channels = first_conv_channels(head)
-    if channels is not None:
-        return guess_image_shape(head, features, channels, dtype)
-    for module in head.modules():
-        if isinstance(module, nn.Linear):
-            return guess_input_shape(int(module.in_features))
-    return None
+    weight = _first_weight(head)
+    if weight is None:
+        return None
+    if weight.dim() == 4:  # (out, in / groups, kh, kw): groups are taken to be 1
+        return guess_image_shape(head, features, int(weight.shape[1]), dtype)
+    return guess_input_shape(int(weight.shape[1]))
 
 
 def reconstruct_images(
@@ -579,7 +579,8 @@ def reconstruct_images(
     used = "features and the extractor's gradients" if found.used_gradients else "features"
     found.notes.insert(
         0,
-        f"images of shape {shape} rebuilt from the {used} in {found.seconds:.1f} s "
+        f"images of shape {shape}{'' if input_shape else ' (guessed; pass input_shape=)'} "
+        f"rebuilt from the {used} in {found.seconds:.1f} s "
         f"({found.steps} steps): feature residual median "
         f"{float(found.feature_residual.median()):.1e}; "
         f"{int(found.determined.sum())} of {found.determined.numel()} determined by "

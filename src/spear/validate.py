@@ -32,6 +32,7 @@ from spear.errors import InputError
 
 __all__ = [
     "batch_size",
+    "budget_or_zero_arg",
     "device",
     "positive_int",
     "positive_int_arg",
@@ -194,3 +195,14 @@ def time_budget_arg(text: str) -> float:
             f"expected a finite number of seconds greater than 0, {problem}."
         )
     return seconds
+
+
+def budget_or_zero_arg(text: str) -> float:
+    """``argparse`` type: ``0`` (skip the step) or a budget as :func:`time_budget_arg`
+    takes it (``--image-budget``)."""
+    try:
+        if float(text) == 0.0:
+            return 0.0
+    except ValueError:
+        pass
+    return time_budget_arg(text)

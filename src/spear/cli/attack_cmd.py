@@ -81,6 +81,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--solver", default="auto")
     p.add_argument("--time-budget", type=validate.time_budget_arg, default=120.0)
     p.add_argument(
+        "--image-budget",
+        type=validate.budget_or_zero_arg,
+        default=60.0,
+        help="seconds for rebuilding images from the features when a layer behind "
+        "convolutions (or a deeper layer) is attacked; 0 skips it (60)",
+    )
+    p.add_argument(
         "--trust-model",
         action="store_true",
         help="load the model with torch.export.load, which unpickles parts of the file and "
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             time_budget=args.time_budget,
             input_range=input_range,
             layer=args.layer,
+            image_budget=args.image_budget,
         )
     except KeyboardInterrupt:
         # a second Ctrl-C after the search (labels, certificate): nothing to keep
@@ -167,9 +175,15 @@ def run(args: argparse.Namespace) -> int:
     tensors = {"inputs": rec.inputs.contiguous()}
     if rec.labels is not None:
         tensors["labels"] = rec.labels.contiguous()
+    if rec.images is not None:
+        tensors["images"] = rec.images.contiguous()
     save_file(tensors, str(out / "reconstruction.safetensors"))
-    images = rec.inputs
-    if images.dim() == 4 and images.shape[1] in (1, 3) and not rec.feature_space:
+    images = rec.images if rec.images is not None else rec.inputs
+    if (
+        images.dim() == 4
+        and images.shape[1] in (1, 3)
+        and (rec.images is not None or not rec.feature_space)
+    ):
         for i in range(images.shape[0]):
             _save_png(images[i], out / f"example_{i:03d}.png")
         report.image_grid(images, images, out / "grid.png", captions=False)
@@ -183,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         "examples_verified": rec.examples_verified,
         "layer": rec.layer,
         "feature_space": rec.feature_space,
+        "images": rec.images is not None,
+        "images_determined": rec.images_determined,
         "seconds": rec.seconds,
         "interrupted": rec.interrupted,
         "notes": rec.notes,

@@ -10,6 +10,7 @@ from typing import Any
 
 import spear
 from spear import client, metrics, report, validate
+from spear.cli.demo_cnn import CNN_DEMO_MODELS, print_cnn_summary, run_cnn_demo
 from spear.data import builtin_images, sample_batch
 from spear.errors import InputError
 from spear.networks import DEMO_INPUT_SHAPE, build_model
@@ -18,6 +19,10 @@ from spear.update import UpdateKind
 
 __all__ = ["add_parser", "max_batch_size", "run", "run_demo"]
 
+#: Examples in the demo's batch (the MLP).
+DEFAULT_BATCH_SIZE = 16
+#: Examples in the batch of a CNN demo when --batch-size is not given.
+CNN_BATCH_SIZE = 4
 #: Pixel range of the shipped images, told to the attack (clips noisy estimates, boxes
 #: the gradient-matching fallback).
 PIXEL_RANGE = (0.0, 1.0)
@@ -37,8 +42,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--batch-size",
         type=validate.positive_int_arg,
-        default=16,
-        help="examples in the batch, fewer than --width (16)",
+        default=DEFAULT_BATCH_SIZE,
+        help=f"examples in the batch, fewer than --width ({DEFAULT_BATCH_SIZE}; "
+        f"{CNN_BATCH_SIZE} with a CNN)",
     )
     p.add_argument(
         "--width", type=validate.positive_int_arg, default=256, help="first layer's width (256)"
@@ -55,6 +61,22 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--solver", default="auto", help="solver name (auto)")
     p.add_argument(
         "--time-budget", type=validate.time_budget_arg, default=120.0, help="seconds (120)"
+    )
+    p.add_argument(
+        "--model",
+        choices=["mlp", *sorted(CNN_DEMO_MODELS)],
+        default="mlp",
+        help=(
+            "mlp (default: Fashion-MNIST, 784 -> width -> 128 -> 10); cnn (Flower's tutorial "
+            "CNN on 32x32 RGB patches: features exact, images from them, beside breaching's "
+            "Inverting Gradients when installed) or vgg"
+        ),
+    )
+    p.add_argument(
+        "--image-budget",
+        type=validate.time_budget_arg,
+        default=60.0,
+        help="seconds for the images of a CNN (60)",
     )
     p.set_defaults(run=run)
 
@@ -219,6 +241,24 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``spear demo`` with parsed arguments."""
+    if args.model != "mlp":
+        if args.fedavg or args.dp:
+            raise InputError(
+                f"--model {args.model} runs a FedSGD client only; drop --fedavg / --dp, or "
+                "use --model mlp."
+            )
+        batch = args.batch_size if args.batch_size != DEFAULT_BATCH_SIZE else CNN_BATCH_SIZE
+        print_cnn_summary(
+            run_cnn_demo(
+                args.model,
+                batch,
+                args.seed,
+                args.out,
+                time_budget=args.time_budget,
+                image_budget=args.image_budget,
+            )
+        )
+        return 0
     summary = run_demo(
         args.batch_size,
         args.width,
