@@ -6,10 +6,12 @@ gradient, and both attacks get exactly that update:
 * ``mlp``: ``spear.networks.build_model(1000, seed).float()`` (``784 -> 1000 -> 128 ->
   10``) on Fashion-MNIST (the local test split when installed, else the shipped images),
   at ``--mlp-batch-sizes``;
-* ``flower-cnn``: ``spear.networks.build_cnn("flower-cnn", seed)`` in float32 on 32x32 RGB
-  photo patches, at ``--cnn-batch-sizes``. spear returns the features entering ``fc1``
-  there (not images): its row says how many came back exact (every value within 1e-3 of
-  the largest), and its PSNR and SSIM are left empty.
+* ``flower-cnn`` (or ``--cnn vgg``): ``spear.networks.build_cnn(name, seed)`` in float32
+  on 32x32 RGB photo patches, at ``--cnn-batch-sizes``; ``--trained`` first trains it
+  ``TRAIN_STEPS`` SGD steps on other patches. spear recovers the features entering
+  ``fc1`` (its row says how many came back exact: every value within 1e-3 of the largest)
+  and rebuilds images from them (``spear.attack(image_budget=--image-budget)``); their
+  PSNR and SSIM are in its row.
 
 ``breaching-ig`` runs with breaching's ``invertinggradients`` defaults and
 ``--iterations`` Adam steps (the step-size schedule follows them), stopped at
@@ -21,6 +23,7 @@ labels correct, seconds::
 
     python benchmarks/bench_breaching.py [--mlp-batch-sizes 8,16] [--cnn-batch-sizes 4,8]
         [--iterations 2000] [--time-budget 120] [--seeds 1] [--gradient-matching]
+        [--cnn flower-cnn|vgg] [--trained] [--image-budget 60]
 
 Needs the optional extra: ``pip install "spear[breaching]"``.
 """
@@ -51,6 +54,19 @@ RGB_POOL = 400
 #: A recovered feature vector is exact when every entry is within this fraction of the
 #: largest true feature.
 FEATURE_TOL = 1e-3
+#: SGD steps (learning rate 0.05, batches of 32 other patches) of ``--trained``.
+TRAIN_STEPS = 200
+
+
+def _train(model: nn.Module, pool: ImageData, seed: int) -> None:
+    """``TRAIN_STEPS`` SGD steps on patches of ``pool`` (not the attacked batch's seed)."""
+    images, labels = sample_batch(pool, 256, seed=seed + 1000)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(TRAIN_STEPS):
+        index = torch.arange(step * 32, step * 32 + 32) % images.shape[0]
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(images[index].float()), labels[index]).backward()
+        optimiser.step()
 
 
 def _fashion() -> tuple[ImageData, str]:
@@ -64,9 +80,16 @@ def _fmt(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.1f}"
 
 
-def _image_cells(rec: Reconstruction, truth: torch.Tensor, truth_labels: torch.Tensor) -> str:
-    """PSNR median / p10, SSIM median and labels of an image reconstruction."""
-    inputs = rec.inputs.detach().to(torch.float64).reshape(-1, *truth.shape[1:])
+def _image_cells(
+    rec: Reconstruction,
+    truth: torch.Tensor,
+    truth_labels: torch.Tensor,
+    images: torch.Tensor | None = None,
+) -> str:
+    """PSNR median / p10, SSIM median and labels of an image reconstruction (``images``,
+    by default ``rec.inputs``)."""
+    found = rec.inputs if images is None else images
+    inputs = found.detach().to(torch.float64).reshape(-1, *truth.shape[1:])
     if inputs.shape[0] == 0:
         return "- | - | -"
     matching = metrics.match(inputs, truth)
@@ -82,23 +105,36 @@ def _image_cells(rec: Reconstruction, truth: torch.Tensor, truth_labels: torch.T
     )
 
 
-def _feature_cells(rec: Reconstruction, features: torch.Tensor, truth_labels: torch.Tensor) -> str:
-    """spear on a CNN: how many of the true features came back exact, and the labels."""
+def _feature_cells(
+    rec: Reconstruction, features: torch.Tensor, truth: torch.Tensor, truth_labels: torch.Tensor
+) -> str:
+    """spear on a CNN: how many of the true features came back exact, and its images."""
     found = rec.inputs.detach().to(torch.float64)
     b = features.shape[0]
     if found.shape[0] == 0:
         return f"- (features: 0/{b} exact) | - | -"
     matching = metrics.match(found, features)
     exact = metrics.exact_rate(found, features, rel_tol=FEATURE_TOL, matching=matching)
-    labels = "-"
-    if rec.labels is not None and len(rec.labels) == found.shape[0]:
-        correct = metrics.label_accuracy(rec.labels, truth_labels, matching) * b
-        labels = f"{round(correct)}/{b}"
-    return f"- (features: {round(exact * b)}/{b} exact) | - | {labels}"
+    counted = f"(features: {round(exact * b)}/{b} exact)"
+    if rec.images is None:
+        labels = "-"
+        if rec.labels is not None and len(rec.labels) == found.shape[0]:
+            correct = metrics.label_accuracy(rec.labels, truth_labels, matching) * b
+            labels = f"{round(correct)}/{b}"
+        return f"- {counted} | - | {labels}"
+    return f"{_image_cells(rec, truth, truth_labels, rec.images)} {counted}"
 
 
 def run_case(
-    name: str, b: int, seed: int, iterations: int, time_budget: float, gm: bool
+    name: str,
+    b: int,
+    seed: int,
+    iterations: int,
+    time_budget: float,
+    gm: bool,
+    *,
+    trained: bool = False,
+    image_budget: float = 60.0,
 ) -> list[str]:
     """The rows of one case: spear, breaching-ig and optionally gradient matching."""
     model: nn.Module
@@ -108,10 +144,13 @@ def run_case(
     else:
         pool, data = rgb_patches(RGB_POOL, seed=seed), "RGB patches"
         model = build_cnn(name, seed, dtype=torch.float32)
+        if trained:
+            _train(model, pool, seed)
     images, labels = sample_batch(pool, b, seed=seed)
     shape = tuple(images.shape[1:])
     update = client.fedsgd_update(model, images.float(), labels)
-    prefix = f"| {name} | {data} | {b} | {seed} |"
+    state = "trained" if trained and name != "mlp" else "untrained"
+    prefix = f"| {name} ({state}) | {data} | {b} | {seed} |"
     rows: list[str] = []
 
     start = time.perf_counter()
@@ -123,13 +162,14 @@ def run_case(
         time_budget=time_budget,
         progress=False,
         input_range=PIXEL_BOX,
+        image_budget=image_budget,
     )
     seconds = time.perf_counter() - start
     if rec.feature_space:
         features_of: Callable[[torch.Tensor], torch.Tensor] = model.features  # type: ignore[assignment]
         with torch.no_grad():
             features = features_of(images.float()).to(torch.float64)
-        cells = _feature_cells(rec, features, labels)
+        cells = _feature_cells(rec, features, images, labels)
     else:
         cells = _image_cells(rec, images, labels)
     rows.append(f"{prefix} spear | {cells} | {seconds:.1f} |")
@@ -173,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=120.0, help="seconds per run")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--gradient-matching", action="store_true")
+    parser.add_argument("--trained", action="store_true", help="train the CNN first")
+    parser.add_argument(
+        "--image-budget", type=float, default=60.0, help="seconds for spear's CNN images"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_breaching()  # the optional extra: fail before any case
@@ -183,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, b in cases:
         for seed in range(args.seeds):
             for row in run_case(
-                name, b, seed, args.iterations, args.time_budget, args.gradient_matching
+                name,
+                b,
+                seed,
+                args.iterations,
+                args.time_budget,
+                args.gradient_matching,
+                trained=args.trained,
+                image_budget=args.image_budget,
             ):
                 print(row, flush=True)
     return 0

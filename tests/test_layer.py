@@ -483,6 +483,45 @@ def test_input_scale_changes_only_the_scale_of_the_answer(s: float, dtype: torch
     assert worst < (EXACT if dtype == torch.float64 else 1e-5), worst
 
 
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(
+    exponent=st.floats(min_value=-3.0, max_value=3.0),
+    scaled=st.sampled_from(["inputs", "weights"]),
+    single=st.booleans(),
+)
+def test_any_scale_changes_only_the_scale_of_the_answer(
+    exponent: float, scaled: str, single: bool
+) -> None:
+    """Inputs (with the bias) or the layer's weights (with the bias) times any factor from
+    1e-3 to 1e3: every ReLU pattern is kept, so every example comes back verified, exact
+    relative to its own scale, and times the factor (inputs) or unchanged (weights); in
+    float64 and float32."""
+    factor = 10.0**exponent
+    dtype = torch.float32 if single else torch.float64
+    b, n, m = 5, 100, 60
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(b, n, generator=generator, dtype=torch.float64)
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(n, m), nn.ReLU(), nn.Linear(m, 10)).double()
+    with torch.no_grad():
+        net[0].bias.mul_(factor)
+        if scaled == "inputs":
+            net[2].weight.div_(factor)  # the same logits
+        else:
+            net[0].weight.mul_(factor)
+            net[2].weight.div_(factor)
+    inputs = x * factor if scaled == "inputs" else x
+    net = net.to(dtype)
+    loss = nn.functional.cross_entropy(net(inputs.to(dtype)), torch.arange(b) % 10)
+    gw, gb = torch.autograd.grad(loss, [net[0].weight, net[0].bias])
+    rec = spear.invert_layer(
+        gw, gb, weight=net[0].weight.detach(), bias=net[0].bias.detach(), progress=False
+    )
+    assert rec.complete and rec.verified, (factor, scaled, rec.notes)
+    worst = match_rows(rec.inputs, inputs).worst_relative
+    assert worst < (EXACT if dtype == torch.float64 else 1e-4), (factor, scaled, worst)
+
+
 @pytest.mark.parametrize("real", [False, True])
 def test_small_inputs_where_few_units_separate_the_batch(real: bool) -> None:
     """Inputs times 0.05 through ``Linear(400, 120)``: the bias dominates, so only 14 to 27
