@@ -140,9 +140,11 @@ def test_default_plan_has_main_grid_dp_and_client_sweeps() -> None:
         (8, 0.0, 1, "gradient-matching", "main"),
         (16, 0.0, 1, "spear", "main"),
         (16, 0.0, 1, "gradient-matching", "main"),
-        (8, 0.0, 1, "spear", "dp"),  # DP-SGD with clipping only
-        (8, 0.01, 1, "spear", "dp"),
-        (8, 0.1, 1, "spear", "dp"),
+        *[
+            (8, noise, 1, attack, "dp")  # noise 0: DP-SGD with clipping only
+            for noise in (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
+            for attack in ("spear", "gradient-matching")
+        ],
         (8, 0.0, 2, "spear", "clients"),
         (8, 0.0, 2, "gradient-matching", "clients"),
     ]
@@ -161,10 +163,13 @@ def test_plan_leaves_out_dp_with_local_steps() -> None:
         (2, 0.0, None, 1),  # FedAvg without DP; (2, 0.1) is left out
         (0, 0.1, 1.0, 1),
         (0, 0.0, 1.0, 1),  # DP sweep: clipping only
+        (0, 1e-5, 1.0, 1),
+        (0, 1e-4, 1.0, 1),
+        (0, 1e-3, 1.0, 1),
         (0, 0.01, 1.0, 1),
         (0, 0.0, None, 2),  # clients sweep
     }
-    assert len(cases) == len({case_key(c) for c in cases}) == 6
+    assert len(cases) == len({case_key(c) for c in cases}) == 9
 
 
 def test_bad_attack_name_is_a_clear_error(

@@ -289,8 +289,8 @@ class BenchConfig:
 
     Two small extra sweeps vary one thing from the *reference setting* (the smallest batch
     size and the first value of every other list): ``dp_sweep`` (DP-SGD noise multipliers,
-    for the ``spear`` attack only when it is selected) and ``clients_sweep`` (numbers of
-    clients, every attack). Empty tuples turn them off. In the main grid a noise of 0 means
+    every attack, side by side on the same noisy updates: the curve of
+    ``psnr_vs_noise.png``) and ``clients_sweep`` (numbers of clients, every attack). Empty tuples turn them off. In the main grid a noise of 0 means
     no DP-SGD; in the DP sweep every case is DP-SGD (noise 0: clipping only). DP-SGD is
     simulated as one clipped, noised gradient, so it is never combined with FedAvg local
     steps (such combinations of the main grid are left out; the DP sweep uses FedSGD).
@@ -323,7 +323,7 @@ class BenchConfig:
     clients: tuple[int, ...] = (1,)
     seeds: int = 1
     attacks: tuple[str, ...] = ("spear", "gradient-matching")
-    dp_sweep: tuple[float, ...] = (0.0, 0.01, 0.1)
+    dp_sweep: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
     clients_sweep: tuple[int, ...] = (1, 2)
     dp_clip: float = 1.0
     time_budget: float | None = 40.0
@@ -426,10 +426,9 @@ def plan_cases(config: BenchConfig) -> list[Case]:
         config.depths[0],
         config.trained[0],
     )
-    dp_attacks = ("spear",) if "spear" in config.attacks else config.attacks
     for noise, seed in itertools.product(config.dp_sweep, seeds):  # DP-SGD even at noise 0
         values = (*reference, 0, noise, config.clients[0], seed)
-        cases.extend(make(values, attack, "dp", True) for attack in dp_attacks)
+        cases.extend(make(values, attack, "dp", True) for attack in config.attacks)
     for clients, seed in itertools.product(config.clients_sweep, seeds):
         values = (*reference, config.local_steps[0], config.dp_noise[0], clients, seed)
         dp = config.dp_noise[0] > 0

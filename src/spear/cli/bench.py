@@ -132,7 +132,7 @@ def add_parser(sub: Any) -> None:
         "--dp-sweep",
         type=_comma_list(float, "numbers", allow_empty=True),
         default=d.dp_sweep,
-        help="extra DP-SGD noise multipliers for spear at the smallest b, clipped at "
+        help="extra DP-SGD noise multipliers for every attack at the smallest b, clipped at "
         "--dp-clip (0 = clipping only); 'none' to skip "
         f"({_show(d.dp_sweep)})",
     )
