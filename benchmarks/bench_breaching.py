@@ -1,7 +1,7 @@
 """spear and breaching's Inverting Gradients (``breaching-ig``) on the same updates.
 
-For each case one FedSGD client (mean cross-entropy, one step) in float32 sends its
-gradient, and both attacks get exactly that update:
+For each case one FedSGD client (mean cross-entropy, one step) in float32 (or
+``--dtype float64``) sends its gradient, and both attacks get exactly that update:
 
 * ``mlp``: ``spear.networks.build_model(1000, seed).float()`` (``784 -> 1000 -> 128 ->
   10``) on Fashion-MNIST (the local test split when installed, else the shipped images),
@@ -52,7 +52,7 @@ PIXEL_BOX = (0.0, 1.0)
 #: RGB patches drawn (each batch is sampled from them).
 RGB_POOL = 400
 #: A recovered feature vector is exact when every entry is within this fraction of the
-#: largest true feature.
+#: largest true feature (float32; float64 uses ``spear.metrics.DEFAULT_REL_TOL``).
 FEATURE_TOL = 1e-3
 #: SGD steps (learning rate 0.05, batches of 32 other patches) of ``--trained``.
 TRAIN_STEPS = 200
@@ -65,7 +65,8 @@ def _train(model: nn.Module, pool: ImageData, seed: int) -> None:
     for step in range(TRAIN_STEPS):
         index = torch.arange(step * 32, step * 32 + 32) % images.shape[0]
         optimiser.zero_grad()
-        nn.functional.cross_entropy(model(images[index].float()), labels[index]).backward()
+        batch = images[index].to(next(model.parameters()).dtype)
+        nn.functional.cross_entropy(model(batch), labels[index]).backward()
         optimiser.step()
 
 
@@ -114,7 +115,8 @@ def _feature_cells(
     if found.shape[0] == 0:
         return f"- (features: 0/{b} exact) | - | -"
     matching = metrics.match(found, features)
-    exact = metrics.exact_rate(found, features, rel_tol=FEATURE_TOL, matching=matching)
+    tol = FEATURE_TOL if rec.inputs.dtype != torch.float64 else metrics.DEFAULT_REL_TOL
+    exact = metrics.exact_rate(found, features, rel_tol=tol, matching=matching)
     counted = f"(features: {round(exact * b)}/{b} exact)"
     if rec.images is None:
         labels = "-"
@@ -135,22 +137,25 @@ def run_case(
     *,
     trained: bool = False,
     image_budget: float = 60.0,
+    dtype: torch.dtype = torch.float32,
 ) -> list[str]:
     """The rows of one case: spear, breaching-ig and optionally gradient matching."""
     model: nn.Module
     if name == "mlp":
         pool, data = _fashion()
-        model = build_model(1000, seed).float()
+        model = build_model(1000, seed).to(dtype)
     else:
         pool, data = rgb_patches(RGB_POOL, seed=seed), "RGB patches"
-        model = build_cnn(name, seed, dtype=torch.float32)
+        model = build_cnn(name, seed, dtype=dtype)
         if trained:
             _train(model, pool, seed)
     images, labels = sample_batch(pool, b, seed=seed)
     shape = tuple(images.shape[1:])
-    update = client.fedsgd_update(model, images.float(), labels)
+    images = images.to(dtype)
+    update = client.fedsgd_update(model, images, labels)
     state = "trained" if trained and name != "mlp" else "untrained"
-    prefix = f"| {name} ({state}) | {data} | {b} | {seed} |"
+    precision = str(dtype).removeprefix("torch.")
+    prefix = f"| {name} ({state}, {precision}) | {data} | {b} | {seed} |"
     rows: list[str] = []
 
     start = time.perf_counter()
@@ -168,7 +173,7 @@ def run_case(
     if rec.feature_space:
         features_of: Callable[[torch.Tensor], torch.Tensor] = model.features  # type: ignore[assignment]
         with torch.no_grad():
-            features = features_of(images.float()).to(torch.float64)
+            features = features_of(images).to(torch.float64)
         cells = _feature_cells(rec, features, images, labels)
     else:
         cells = _image_cells(rec, images, labels)
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--gradient-matching", action="store_true")
     parser.add_argument("--trained", action="store_true", help="train the CNN first")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument(
         "--image-budget", type=float, default=60.0, help="seconds for spear's CNN images"
     )
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.gradient_matching,
                 trained=args.trained,
                 image_budget=args.image_budget,
+                dtype=getattr(torch, args.dtype),
             ):
                 print(row, flush=True)
     return 0
