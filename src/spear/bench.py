@@ -290,8 +290,9 @@ class BenchConfig:
     Two small extra sweeps vary one thing from the *reference setting* (the smallest batch
     size and the first value of every other list): ``dp_sweep`` (DP-SGD noise multipliers,
     every attack, side by side on the same noisy updates: the curve of
-    ``psnr_vs_noise.png``) and ``clients_sweep`` (numbers of clients, every attack). Empty tuples turn them off. In the main grid a noise of 0 means
-    no DP-SGD; in the DP sweep every case is DP-SGD (noise 0: clipping only). DP-SGD is
+    ``psnr_vs_noise.png``) and ``clients_sweep`` (numbers of clients, every attack). Empty
+    tuples turn them off. In the main grid a noise of 0 means no DP-SGD; in the DP sweep
+    every case is DP-SGD (noise 0: clipping only). DP-SGD is
     simulated as one clipped, noised gradient, so it is never combined with FedAvg local
     steps (such combinations of the main grid are left out; the DP sweep uses FedSGD).
 
@@ -867,12 +868,19 @@ def _write_plots(
         report.plot_lines(
             _series(noise_rows, "dp_noise", "psnr_mean", cap_inf=PSNR_PLOT_CAP, nothing_found=0.0),
             out / "psnr_vs_noise.png",
-            "DP-SGD noise multiplier",
+            "DP-SGD noise multiplier (log scale above the smallest, linear to 0)",
             f"mean PSNR (dB; exact at {PSNR_PLOT_CAP:g}, nothing found at 0)",
             "Reconstruction quality vs DP noise",
+            symlogx=_smallest_noise(noise_rows),
         )
     )
     return paths
+
+
+def _smallest_noise(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The smallest positive noise multiplier among ``rows`` (``None`` without one)."""
+    positive = [float(r["dp_noise"]) for r in rows if float(r["dp_noise"] or 0) > 0]
+    return min(positive) if positive else None
 
 
 # --------------------------------------------------------------------------------------

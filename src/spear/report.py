@@ -403,6 +403,7 @@ def plot_lines(
     ylabel: str,
     title: str,
     logy: bool = False,
+    symlogx: float | None = None,
 ) -> Path:
     """A line plot of several named series (one legend entry each).
 
@@ -417,6 +418,9 @@ def plot_lines(
         Axis labels (with units) and the title.
     logy:
         Logarithmic y axis.
+    symlogx:
+        A symmetric-log x axis, linear within this distance of 0 (noise levels spanning
+        decades, with 0 among them).
 
     Returns
     -------
@@ -439,6 +443,8 @@ def plot_lines(
         axes.plot(x, y, marker="o", markersize=3, label=name)
     if logy:
         axes.set_yscale("log")
+    if symlogx is not None:
+        axes.set_xscale("symlog", linthresh=symlogx)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
