@@ -19,6 +19,7 @@ from spear.certificate import certify, verified_threshold
 from spear.errors import BatchTooLargeError, InputError
 from spear.images import ImageReconstruction, reconstruct_images
 from spear.inversion.problem import HALF_PRECISIONS
+from spear.inversion.result import PARTIAL_RECOVERY
 from spear.labels import LabelResult, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
@@ -218,6 +219,8 @@ def attack(
             batch_size=batch_size,
         )
         if approximate is not None and not result.interrupted:
+            # the exact search's count of what it recovered no longer describes the answer
+            notes = [n for n in notes if not n.startswith(PARTIAL_RECOVERY)]
             result, source = approximate, "approximate"
             features = _clipped(result.inputs.cpu(), input_range)
             inputs = features.reshape(features.shape[0], *inputs.shape[1:])

@@ -13,7 +13,10 @@ from spear.results import LayerReconstruction
 from spear.solvers.polish import live_rows
 from spear.verify import exact_precision, pattern_check
 
-__all__ = ["finish"]
+__all__ = ["PARTIAL_RECOVERY", "finish"]
+
+#: How the note on a partial result begins (callers that replace the result drop it).
+PARTIAL_RECOVERY = "partial recovery:"
 
 
 def finish(problem: Problem, state: SearchState) -> LayerReconstruction:
@@ -108,7 +111,7 @@ def _closing_notes(problem: Problem, state: SearchState, residual: float) -> Non
     complete = k == rank
     if not complete:
         notes.append(
-            f"partial recovery: {k} of {rank} examples recovered; {rank - k} "
+            f"{PARTIAL_RECOVERY} {k} of {rank} examples recovered; {rank - k} "
             "remain (raise time_budget, or try another solver)."
         )
     if problem.layer is None and k:
