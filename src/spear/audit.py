@@ -445,6 +445,7 @@ def _attack(
                 input_shape=input_shape,
                 time_budget=config.time_budget,
                 progress=False,
+                image_budget=0,  # the audit scores the attacked layer's inputs
             )
     except (ValueError, RuntimeError, np.linalg.LinAlgError) as error:
         return None, f"{type(error).__name__}: {error}"

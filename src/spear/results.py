@@ -215,9 +215,10 @@ class Reconstruction:
         are features (a layer behind convolutions, or a deeper layer), else ``None``; see
         :mod:`spear.images`. Estimates unless :attr:`images_determined`.
     images_determined:
-        True when the features determine every image in :attr:`images` (the layers
-        before the attacked one are locally invertible there) and the images reproduce
-        them to rounding; then :attr:`certificate` is computed from the images.
+        True when the batch is complete, the features determine every image in
+        :attr:`images` (the layers before the attacked one are locally invertible there)
+        and the images reproduce them to rounding; then :attr:`certificate` is computed
+        from the images.
     image_feature_residual:
         ``(k,)`` relative error of the features recomputed from :attr:`images`.
     """
