@@ -507,8 +507,9 @@ def images_from_features(
         notes.append(
             f"the layers before the attacked one map {pixels} input values to as few as "
             f"{active} nonzero features, so the features do not determine the images: "
-            "they are estimates (features, the extractor's gradients and a smoothness "
-            "prior), not exact."
+            "they are estimates (features, "
+            + ("the extractor's gradients, " if gradients is not None else "")
+            + "a smoothness prior), not exact."
         )
     elif features.shape[1] * pixels <= JACOBIAN_MAX_ENTRIES:
         polished: list[torch.Tensor] = []
