@@ -14,9 +14,11 @@ from collections.abc import Callable
 
 import torch
 
-from spear.inversion.pool import DirectionPool
+from spear.downstream import Downstream, range_tolerance
+from spear.inversion.pool import DirectionPool, same_direction
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
+from spear.labels import label_fit_tol
 from spear.linalg import Tolerances, orthonormal_basis, zero_mask
 from spear.solvers.polish import live_rows
 from spear.verify import LayerView, direction_for, pattern_check
@@ -24,6 +26,9 @@ from spear.verify import LayerView, direction_for, pattern_check
 __all__ = [
     "DirectionOf",
     "agreeing_direction",
+    "certified_alone",
+    "downstream_direction",
+    "guided_direction_of",
     "guided_weights",
     "residual_svd",
     "row_candidates",
@@ -49,6 +54,13 @@ DIRECTION_AGREEMENT = 0.9
 #: b = 256, m = 2000: the first scan's 20 hits came within its first 600 of 1,987 rows, 19 of
 #: them within the first 40).
 ROW_PATIENCE = 200
+#: A single row's candidate is an exact example only when its cross-entropy divisor is the
+#: batch's (``b`` or 1) to this many machine epsilons of the model's dtype, and never
+#: more loosely than ``MIN_DIVISOR_TOL`` relative. Measured (Flower's CNN and the
+#: VGG-style CNN, b = 8 and 16): true single-example rows give divisors within 7e-8 (float32)
+#: and 1e-13 (float64) of ``b``; mixtures are off by their weight on other examples.
+DIVISOR_ULPS = 100.0
+MIN_DIVISOR_TOL = 1e-9
 #: Exponent of the estimated off-rate in the row weights for guided sampling.
 GUIDED_WEIGHT_POWER = 3.0
 
@@ -100,7 +112,8 @@ def row_candidates(
     :func:`agreeing_direction`).
     """
     if direction_of is None:
-        direction_of = agreeing_direction
+        direction_of = guided_direction_of(problem)
+    certify = certified_alone(problem)
     layer = problem.layer
     if layer is None or state.bias is None:
         return 0
@@ -139,19 +152,63 @@ def row_candidates(
         known = not state.directions.add(unit)
         if not known:
             idle = 0
-        if int(support[i]) >= 2 and not known:
+        several = int(support[i]) >= 2
+        if (several and not known) or (not several and certify is not None):
             grad = scaled_grad(state, coord, unit)
             if grad is None:
                 continue
             ok, _ = pattern_check(
                 layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0], live, eps, delta
             )
-            if ok:
+            taken = ok and (several or (certify is not None and certify(coord, grad)))
+            unit_grad = grad / grad.norm()
+            if taken and not any(same_direction(unit_grad, g / g.norm()) for _, g in exact):
                 exact.append((coord, grad))
+                idle = 0
     for coord, grad in exact:
         state.directions.remove(grad / grad.norm())
         state.peel(coord, grad)
     return len(exact)
+
+
+def certified_alone(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], bool] | None:
+    """Whether one row's candidate ``coord`` ``(b,)`` with its column ``grad`` ``(m,)`` is an
+    exact example, from the model after the layer (``None`` when it is not known).
+
+    A row that one example alone turns on gives that example exactly; a row several
+    examples turn on gives a mixture, which may have the ReLU patterns of one of them
+    (when the others' gradients are small at that unit) and then passes every pattern
+    check. Its column must lie in the range of the Jacobian at the candidate and fit
+    softmax cross-entropy there (:meth:`spear.downstream.Downstream.cross_entropy_fit`,
+    to :func:`spear.labels.label_fit_tol`), with the divisor of a plain mean (``b``) or
+    sum (1) of per-example losses to :data:`DIVISOR_ULPS` of the model's precision. The
+    divisor settles it: a mixture with weight ``w`` on the example whose patterns it has
+    gets that example's column scaled by ``1 / w``, so its divisor is ``w b`` (measured on
+    the VGG-style CNN, float32, b = 8: mixtures 4 to 9% off fit cross-entropy to 1e-4,
+    as a flat softmax barely changes, but their divisors were 0.8 to 5.1 instead of 8).
+    Two rows that agree need no such check (fact 8); one row on its own does. Updates
+    whose divisors are neither (duplicates, clipping, sums over clients) peel no single
+    row.
+    """
+    downstream, layer = problem.downstream, problem.layer
+    if downstream is None or layer is None:
+        return None
+    limit = range_tolerance(problem.tol.zero_tol)
+    fit_tol = label_fit_tol(downstream.dtype)
+    divisor_tol = max(MIN_DIVISOR_TOL, DIVISOR_ULPS * float(torch.finfo(downstream.dtype).eps))
+    plain = (float(problem.rank), 1.0)
+
+    def certify(coord: torch.Tensor, grad: torch.Tensor) -> bool:
+        x = (coord @ layer.right)[None]
+        if float(downstream.off_range(x, grad[:, None])[0]) > limit:
+            return False
+        fit, divisor = downstream.cross_entropy_fit(x, grad[:, None])
+        div = float(divisor[0])
+        if not float(fit[0]) <= fit_tol:
+            return False
+        return any(abs(div - d) <= divisor_tol * d for d in plain)
+
+    return certify
 
 
 def unknown_subspace(state: Residual, rank: int) -> torch.Tensor:
@@ -216,7 +273,7 @@ def subspace_candidates(
     :func:`agreeing_direction`).
     """
     if direction_of is None:
-        direction_of = agreeing_direction
+        direction_of = guided_direction_of(problem)
     layer = problem.layer
     if layer is None or state.bias is None or not state.directions:
         return 0
@@ -308,6 +365,49 @@ def agreeing_direction(
     if agreement < DIRECTION_AGREEMENT:
         return None
     return direction / direction.norm()
+
+
+def guided_direction_of(problem: Problem) -> DirectionOf:
+    """How the row scans turn a candidate into a direction: :func:`agreeing_direction`,
+    and where that finds none and the model after the layer is known,
+    :func:`downstream_direction`."""
+    downstream = problem.downstream
+    if downstream is None:
+        return agreeing_direction
+
+    def direction(
+        layer: LayerView,
+        basis: torch.Tensor,
+        coord: torch.Tensor,
+        live: torch.Tensor,
+        tol: Tolerances,
+        eps: float,
+        delta: bool,
+    ) -> torch.Tensor | None:
+        found = agreeing_direction(layer, basis, coord, live, tol, eps, delta)
+        if found is not None:
+            return found
+        return downstream_direction(downstream, layer, basis, coord, tol)
+
+    return direction
+
+
+def downstream_direction(
+    downstream: Downstream,
+    layer: LayerView,
+    basis: torch.Tensor,
+    coord: torch.Tensor,
+    tol: Tolerances,
+) -> torch.Tensor | None:
+    """The unit direction ``(m,)`` of ``span(basis)`` in the range of the Jacobian at the
+    candidate ``coord`` ``(b,)``, or ``None`` (:meth:`spear.downstream.Downstream.directions`).
+
+    Exact when the candidate has the ReLU patterns of one example (at the layer and after
+    it), whatever the dimension of that example's zero set's kernel.
+    """
+    x = (coord @ layer.right)[None]
+    found = downstream.directions(basis, x, range_tolerance(tol.zero_tol))[0]
+    return None if found is None else found / found.norm()
 
 
 def guided_weights(state: Residual, layer: LayerView, tol: Tolerances) -> torch.Tensor:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from spear.downstream import range_tolerance
 from spear.inversion.problem import Problem
 from spear.linalg import zero_mask
 from spear.realizable import RealizabilityTest
@@ -23,6 +24,13 @@ def verified_indices(
     problem: Problem, coords: torch.Tensor, grads: torch.Tensor, live: torch.Tensor
 ) -> list[int]:
     """Indices of a solve's examples that pass verification.
+
+    Every example's gradient column must be zero exactly where its own ReLU pattern puts
+    it (:func:`spear.verify.pattern_check`) and, when the model after the layer is known
+    (:attr:`Problem.downstream`), lie in the range of the Jacobian at its own input
+    (:meth:`spear.downstream.Downstream.off_range`): a direction of a zero set whose
+    kernel has several dimensions can be wrong by a small multiple of another example's
+    column and still pass every pattern check, and the Jacobian catches it.
 
     Parameters
     ----------
@@ -53,6 +61,12 @@ def verified_indices(
                 grads[:, i] = -grads[:, i]
         if ok:
             accepted.append(i)
+    downstream = problem.downstream
+    if downstream is not None and accepted:
+        pick = torch.tensor(accepted, device=coords.device)
+        far = downstream.off_range(coords[pick] @ layer.right, grads[:, pick])
+        limit = range_tolerance(problem.tol.zero_tol)
+        accepted = [i for i, d in zip(accepted, far.tolist(), strict=True) if d <= limit]
     return accepted
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from spear.errors import NoReluSparsityError
 from spear.inversion.checks import verified_indices
 from spear.inversion.problem import Problem
 from spear.inversion.result import finish
@@ -47,12 +48,15 @@ class Pipeline:
     rounds: Sequence[Step]
 
 
-#: The weights find examples: row peeling, search, subspace and focused completion.
+#: The weights find examples: row peeling, search, subspace and focused completion. The
+#: last direction is tried before the search as well: with one direction missing it is
+#: exact at once, and sparsity alone may never single it out.
 GUIDED = Pipeline(
     opening=(ExhaustiveSolve(),),
     rounds=(
         RowPeeling(),
         RoundSetup(),
+        LastDirection(),
         DirectionSearch(),
         SubspaceCompletion(),
         FocusedSampling(),
@@ -81,7 +85,14 @@ def invert(problem: Problem, pipeline: Pipeline | None = None) -> LayerReconstru
         # the weight-guided search can stall where plain sampling does not (narrow
         # layers, ambiguous residuals): search again without them, verify with them
         plain = problem.weight_free()
-        plain_state, interrupted = search(plain, WEIGHT_FREE)
+        try:
+            plain_state, interrupted = search(plain, WEIGHT_FREE)
+        except NoReluSparsityError:
+            if not (state.found or any(record.candidates for record in state.stats)):
+                raise
+            # the guided search found sparse directions: plain sampling finding none
+            # means the zero sets are too small for it, not that there are none
+            return conclude(problem, state, interrupted)
         alt = conclude(plain, plain_state, interrupted)
         if alt.found > state.found:
             alt.notes.insert(0, "found by sampling without the weights' guidance.")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spear.downstream import Downstream
 from spear.errors import BatchTooLargeError, InputError
 from spear.linalg import Factorisation, Tolerances, factorise, noise_floor, orthonormal_basis
 from spear.solvers.base import Budget
@@ -79,6 +80,7 @@ class Request:
     progress: bool | None
     search_with_weights: bool
     strict_solves: bool = STRICT_COMPLETE_SOLVES
+    downstream: Downstream | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,15 @@ class Problem:
         :data:`VERIFIED_MIN_ZERO_FRACTION` when the weights verify an exact update."""
         tau = self.request.min_zero_fraction
         return min(tau, VERIFIED_MIN_ZERO_FRACTION) if self.strict else tau
+
+    @property
+    def downstream(self) -> Downstream | None:
+        """The model after the layer, where it may find and check examples: given, the
+        update an exact one-step gradient, and the weights given (the Jacobian at an
+        input is the one the client used only when the ReLU patterns did not move)."""
+        found = self.request.downstream
+        usable = self.layer is not None and not self.noisy and not self.delta
+        return found if usable else None
 
     def time_left(self) -> bool:
         """Whether the deadline has not passed."""

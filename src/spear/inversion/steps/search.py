@@ -29,6 +29,14 @@ NO_SPARSITY_FACTOR = 30.0
 #: The first, capped sampling search draws at least this many samples (four of the
 #: sampling solver's default chunks), however small the rank.
 MIN_EVIDENCE_SAMPLES = 4 * 8192
+#: Where the weights guide the search, one round's solver call gets at most this share of
+#: the time left, so that the steps after it (subspace completion, the last direction,
+#: the complete solve) run in every round. Sparsity alone cannot single out an example
+#: whose zero set leaves a kernel of several dimensions (small inputs dominated by the
+#: bias: conv features entering fc1); measured on Flower's CNN at b = 8, sampling spent
+#: a 30 s budget on the one direction the last-direction step then found at once. A
+#: solver that finds what it is asked for returns long before its share is spent.
+GUIDED_SEARCH_SHARE = 0.25
 
 
 class DirectionSearch:
@@ -44,8 +52,11 @@ class DirectionSearch:
         """One solver call on the round's basis; raises :class:`NoReluSparsityError` when a
         first search finds nothing where ReLU zeros would be found many times over."""
         remaining = state.remaining
-        if state.known.shape[0] >= remaining:
+        if len(state.pool) >= remaining:
             return StepReport()
+        if len(state.pool) != state.known.shape[0]:
+            # a step before this one pooled a direction (the last one, say)
+            state.known = unit_rows(state.pool.stack() @ state.basis)
         name = self._solver_name(problem, state)
         spec = self._spec(problem, state)
         t0 = time.perf_counter()
@@ -61,8 +72,12 @@ class DirectionSearch:
         if budget.max_samples < UNLIMITED_SAMPLES:
             budget.max_samples = max(0, budget.max_samples - dirs.samples)
         usable = dirs.vectors
-        if problem.layer is None and dirs.weak:
-            # weak directions need the layer's ReLU patterns to be confirmed
+        if (problem.layer is None or problem.downstream is not None) and dirs.weak:
+            # weak directions need the layer's ReLU patterns to be confirmed; where the
+            # model after the layer is known, the examples whose zero sets are too weak
+            # to single out a direction come from its Jacobians instead (the weak
+            # directions of such zero sets are mostly mixtures, which spoil the unknown
+            # subspace of the completion steps)
             usable = dirs.vectors[: dirs.vectors.shape[0] - dirs.weak]
         added = sum(state.pool.add(state.basis @ v) for v in unit_rows(usable))
         if name == "sparse" and not added:
@@ -114,11 +129,15 @@ class DirectionSearch:
         """The shared budget, or for a first search a capped one: enough samples to find
         a direction many times over when ReLU zeros exist (none found means none exist)."""
         budget = problem.budget
+        deadline = budget.deadline
+        if problem.layer is not None and problem.guided:
+            share = GUIDED_SEARCH_SHARE * budget.seconds_left()
+            deadline = min(deadline, time.perf_counter() + share)
         if not self._first(problem, state, name):
-            return budget
+            return Budget(deadline=deadline, max_samples=budget.max_samples)
         evidence = int(NO_SPARSITY_FACTOR * expected_samples(state.remaining) / state.remaining)
         cap = min(budget.max_samples, max(evidence, MIN_EVIDENCE_SAMPLES))
-        return Budget(deadline=budget.deadline, max_samples=cap)
+        return Budget(deadline=deadline, max_samples=cap)
 
     def _no_sparsity(
         self,

@@ -1,0 +1,204 @@
+"""The model after the attacked layer: every example's gradient column lies in the range
+of its own Jacobian.
+
+For a loss computed from the logits of each example alone (softmax cross-entropy, with
+any reduction, clipping or label smoothing), example ``i``'s gradient at the attacked
+layer's pre-activations is ``g_i = J_i^T d_i``: ``J_i`` ``(C, m)`` is the Jacobian of
+the logits with respect to those pre-activations at the example's own input, and ``d_i``
+``(C,)`` the loss's gradient with respect to the logits. The server knows the model after
+the layer, so a candidate input ``x`` gives ``J(x)``, and the example's column lies in
+``range(J(x)^T)``, a subspace of at most ``C`` dimensions (docs/algorithm.md, fact 12).
+
+This decides what the layer alone cannot. Where the bias dominates small inputs (conv
+features entering ``fc1``), an example's zero set can leave a kernel of several
+dimensions in the column space of ``dW``: its direction ``g_r`` is then one of a family
+``g_r + t v`` (``v`` a combination of other examples' columns that vanishes on the same
+units), and every member, with the examples of ``v`` shifted by ``t`` times ``x_r``,
+passes every ReLU-pattern check for small ``t`` (measured on Flower's CNN, ``b = 8``:
+``t`` up to ``1e-2``, features ``3e-3`` off, all 8 examples pass). The Jacobian pins the
+member: ``g_r`` lies in ``range(J(x_r)^T)``, ``v`` does not.
+
+* :meth:`Downstream.direction` intersects the column space of ``dW`` with
+  ``range(J(x)^T)``: when the candidate ``x`` has a true example's ReLU patterns (at the
+  attacked layer and after it), the intersection is that example's exact column,
+  whatever the dimension of its zero set's kernel.
+* :meth:`Downstream.off_range` is the check: a solved example's column must lie in the
+  range of the Jacobian at its own input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RANGE_RANK_ULPS", "Downstream", "range_tolerance"]
+
+#: Singular values of ``J^T`` below this many machine epsilons (of the model's dtype) of
+#: the largest do not count in its range (classes the network cannot tell apart there).
+RANGE_RANK_ULPS = 1e3
+#: A column lies in a Jacobian's range when its distance from it, relative to its norm, is
+#: at most this many zero tolerances (:attr:`spear.linalg.Tolerances.zero_tol`, derived
+#: from the update's dtype and noise floor). Measured on Flower's CNN and the VGG-style
+#: CNN (``b = 8, 16``): true columns lie ``1e-15`` (float64) and ``2e-7`` to ``8e-7``
+#: (float32) from their range, where the zero tolerance is ``1e-11`` and ``1e-5``; the
+#: next principal vector of the column space lies ``0.07`` or more from it.
+RANGE_HEADROOM = 1.0
+#: Candidates are pushed through the model after the layer in chunks of this many.
+JACOBIAN_CHUNK = 4096
+
+
+def range_tolerance(zero_tol: float) -> float:
+    """Largest relative distance of a column from a Jacobian's range that counts as zero."""
+    return RANGE_HEADROOM * zero_tol
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """The attacked layer and the model after it, as the server knows them.
+
+    Attributes
+    ----------
+    after:
+        Maps the layer's pre-activations ``(k, m)`` to logits ``(k, C)`` (or a tuple whose
+        first entry they are), example by example.
+    weight, bias:
+        ``(m, n)`` and ``(m,)`` the layer's parameters, in the model's dtype.
+    """
+
+    after: Callable[[torch.Tensor], torch.Tensor]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype (its Jacobians carry that dtype's roundoff)."""
+        return self.weight.dtype
+
+    def jacobians(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(k, C, m)`` float64 Jacobians of the logits at ``inputs`` ``(k, n)``.
+
+        The layer's pre-activations are computed in the model's dtype; one backward pass
+        per class gives every example's row of that class at once (examples do not
+        interact after the layer).
+        """
+        return self.logits_and_jacobians(inputs)[1]
+
+    def logits_and_jacobians(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, C)`` logits and ``(k, C, m)`` Jacobians at ``inputs`` ``(k, n)``, float64."""
+        parts = [
+            self._jacobians(inputs[start : start + JACOBIAN_CHUNK])
+            for start in range(0, inputs.shape[0], JACOBIAN_CHUNK)
+        ]
+        if not parts:
+            m = self.weight.shape[0]
+            return inputs.new_zeros(0, 0), inputs.new_zeros(0, 0, m)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _jacobians(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.weight.detach()
+        x = inputs.detach().to(weight.device, weight.dtype)
+        bias = self.bias.detach() if self.bias is not None else None
+        with torch.enable_grad():
+            z = torch.nn.functional.linear(x, weight, bias).requires_grad_(True)
+            out = self.after(z)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            classes = int(logits.shape[1])
+            rows = [
+                torch.autograd.grad(
+                    logits[:, c].sum(), z, retain_graph=c < classes - 1, allow_unused=True
+                )[0]
+                for c in range(classes)
+            ]
+        filled = [r if r is not None else torch.zeros_like(z) for r in rows]
+        jac = torch.stack(filled, dim=1).detach().to(inputs.device, torch.float64)
+        return logits.detach().to(inputs.device, torch.float64), jac
+
+    def ranges(self, inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Orthonormal bases ``(m, c_i)`` of ``range(J(x_i)^T)`` for ``inputs`` ``(k, n)``."""
+        jac = self.jacobians(inputs)  # (k, C, m)
+        u, s, _ = torch.linalg.svd(jac.mT, full_matrices=False)  # (k, m, C), (k, C)
+        cut = RANGE_RANK_ULPS * float(torch.finfo(self.dtype).eps)
+        keep = s > cut * s[:, :1].clamp_min(torch.finfo(torch.float64).tiny)
+        return [u[i][:, keep[i]] for i in range(inputs.shape[0])]
+
+    def off_range(self, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` relative distance of each column ``grads[:, i]`` ``(m, k)`` from the
+        range of the Jacobian at its own input ``inputs[i]`` ``(k, n)``."""
+        out = torch.zeros(inputs.shape[0], dtype=torch.float64, device=grads.device)
+        for i, span in enumerate(self.ranges(inputs)):
+            g = grads[:, i]
+            norm = float(g.norm())
+            if norm == 0.0:
+                out[i] = math.inf
+                continue
+            out[i] = float((g - span @ (span.T @ g)).norm()) / norm
+        return out
+
+    def cross_entropy_fit(
+        self, inputs: torch.Tensor, grads: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """How well each column ``grads[:, i]`` ``(m, k)`` is softmax cross-entropy's
+        gradient at ``inputs[i]`` ``(k, n)``, with its own positive divisor.
+
+        Solves ``J_i^T r_i = g_i`` and compares ``r_i`` with ``(p_i - e_y) / B_i``
+        (``p_i`` the softmax at the input, ``y`` the most negative entry of ``r_i``), as
+        :func:`spear.labels.recover_labels` does. Unlike the range test, this depends on
+        the input itself and not only on its ReLU patterns: a mixture of two examples
+        with the same patterns as one of them fails it.
+
+        Returns
+        -------
+        fit:
+            ``(k,)`` relative error of ``r_i`` against ``(p_i - e_y) / B_i``.
+        divisor:
+            ``(k,)`` ``B_i`` (positive for a gradient: ``b`` under mean reduction).
+        """
+        logits, jac = self.logits_and_jacobians(inputs)
+        k = inputs.shape[0]
+        fit = torch.full((k,), math.inf, dtype=torch.float64, device=grads.device)
+        divisor = torch.zeros(k, dtype=torch.float64, device=grads.device)
+        for i in range(k):
+            column = grads[:, i : i + 1]
+            size = float(column.abs().max())
+            if size == 0.0:
+                continue
+            r = torch.linalg.lstsq(jac[i].T, column / size).solution[:, 0]
+            p = torch.softmax(logits[i], dim=0)
+            target = p.clone()
+            target[int(torch.argmin(r))] -= 1.0
+            rr = float(r @ r)
+            if rr == 0.0:
+                continue
+            div = float(target @ r) / rr
+            fit[i] = float((r * div - target).norm()) / (float(target.norm()) or 1.0)
+            divisor[i] = div / size
+        return fit, divisor
+
+    def directions(
+        self, basis: torch.Tensor, inputs: torch.Tensor, tol: float
+    ) -> list[torch.Tensor | None]:
+        """The one unit direction ``(m,)`` of ``span(basis)`` in ``range(J(x_i)^T)`` for
+        each candidate ``inputs[i]`` ``(k, n)``, or ``None``.
+
+        ``basis`` ``(m, r)`` has orthonormal columns. A candidate gets a direction when
+        exactly one principal vector of the two subspaces lies within ``tol`` of both
+        (its distance from the range, relative) and the next is clearly farther
+        (:data:`spear.linalg.KERNEL_GAP` times).
+        """
+        from spear.linalg import KERNEL_GAP
+
+        out: list[torch.Tensor | None] = []
+        for span in self.ranges(inputs):
+            if span.shape[1] == 0:
+                out.append(None)
+                continue
+            u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)  # (r, c)
+            vecs = basis @ u  # (m, c) unit vectors of span(basis), nearest first
+            dist = (vecs - span @ (span.T @ vecs)).norm(dim=0)
+            inside = int((dist <= tol).sum())
+            clear = dist.numel() < 2 or float(dist[1]) > KERNEL_GAP * tol
+            out.append(vecs[:, 0] if inside == 1 and float(dist[0]) <= tol and clear else None)
+        return out
