@@ -18,7 +18,6 @@ from spear.downstream import Downstream, range_tolerance
 from spear.inversion.pool import DirectionPool, same_direction
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
-from spear.labels import label_fit_tol
 from spear.linalg import Tolerances, orthonormal_basis, zero_mask
 from spear.solvers.polish import live_rows
 from spear.verify import LayerView, direction_for, pattern_check
@@ -54,13 +53,6 @@ DIRECTION_AGREEMENT = 0.9
 #: b = 256, m = 2000: the first scan's 20 hits came within its first 600 of 1,987 rows, 19 of
 #: them within the first 40).
 ROW_PATIENCE = 200
-#: A single row's candidate is an exact example only when its cross-entropy divisor is the
-#: batch's (``b`` or 1) to this many machine epsilons of the model's dtype, and never
-#: more loosely than ``MIN_DIVISOR_TOL`` relative. Measured (Flower's CNN and the
-#: VGG-style CNN, b = 8 and 16): true single-example rows give divisors within 7e-8 (float32)
-#: and 1e-13 (float64) of ``b``; mixtures are off by their weight on other examples.
-DIVISOR_ULPS = 100.0
-MIN_DIVISOR_TOL = 1e-9
 #: Exponent of the estimated off-rate in the row weights for guided sampling.
 GUIDED_WEIGHT_POWER = 3.0
 
@@ -181,7 +173,7 @@ def certified_alone(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], 
     check. Its column must lie in the range of the Jacobian at the candidate and fit
     softmax cross-entropy there (:meth:`spear.downstream.Downstream.cross_entropy_fit`,
     to :func:`spear.labels.label_fit_tol`), with the divisor of a plain mean (``b``) or
-    sum (1) of per-example losses to :data:`DIVISOR_ULPS` of the model's precision. The
+    sum (1) of per-example losses (:meth:`spear.downstream.Downstream.plain_fit`). The
     divisor settles it: a mixture with weight ``w`` on the example whose patterns it has
     gets that example's column scaled by ``1 / w``, so its divisor is ``w b`` (measured on
     the VGG-style CNN, float32, b = 8: mixtures 4 to 9% off fit cross-entropy to 1e-4,
@@ -194,19 +186,15 @@ def certified_alone(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], 
     if downstream is None or layer is None:
         return None
     limit = range_tolerance(problem.tol.zero_tol)
-    fit_tol = label_fit_tol(downstream.dtype)
-    divisor_tol = max(MIN_DIVISOR_TOL, DIVISOR_ULPS * float(torch.finfo(downstream.dtype).eps))
-    plain = (float(problem.rank), 1.0)
 
     def certify(coord: torch.Tensor, grad: torch.Tensor) -> bool:
         x = (coord @ layer.right)[None]
         if float(downstream.off_range(x, grad[:, None])[0]) > limit:
             return False
-        fit, divisor = downstream.cross_entropy_fit(x, grad[:, None])
-        div = float(divisor[0])
-        if not float(fit[0]) <= fit_tol:
+        if not bool(downstream.plain_fit(x, grad[:, None], problem.rank)[0]):
             return False
-        return any(abs(div - d) <= divisor_tol * d for d in plain)
+        problem.evidence.plain_cross_entropy = True
+        return True
 
     return certify
 

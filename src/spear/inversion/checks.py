@@ -30,7 +30,11 @@ def verified_indices(
     (:attr:`Problem.downstream`), lie in the range of the Jacobian at its own input
     (:meth:`spear.downstream.Downstream.off_range`): a direction of a zero set whose
     kernel has several dimensions can be wrong by a small multiple of another example's
-    column and still pass every pattern check, and the Jacobian catches it.
+    column and still pass every pattern check, and the Jacobian catches it. The examples
+    mixed into such a direction are shifted without leaving their Jacobian's range; once
+    some example has fitted softmax cross-entropy with the divisor of a plain mean or sum
+    (:meth:`spear.downstream.Downstream.plain_fit`), every example must, and a shifted
+    one fails (its divisor moves with the shift).
 
     Parameters
     ----------
@@ -64,9 +68,14 @@ def verified_indices(
     downstream = problem.downstream
     if downstream is not None and accepted:
         pick = torch.tensor(accepted, device=coords.device)
-        far = downstream.off_range(coords[pick] @ layer.right, grads[:, pick])
-        limit = range_tolerance(problem.tol.zero_tol)
-        accepted = [i for i, d in zip(accepted, far.tolist(), strict=True) if d <= limit]
+        inputs = coords[pick] @ layer.right
+        near = downstream.off_range(inputs, grads[:, pick]) <= range_tolerance(problem.tol.zero_tol)
+        plain = downstream.plain_fit(inputs, grads[:, pick], problem.rank)
+        if bool(plain.any()):
+            problem.evidence.plain_cross_entropy = True
+        if problem.evidence.plain_cross_entropy:
+            near &= plain
+        accepted = [i for i, ok in zip(accepted, near.tolist(), strict=True) if ok]
     return accepted
 
 

@@ -24,12 +24,14 @@ from spear.inversion.steps import (
     ExhaustiveSolve,
     FocusedSampling,
     LastDirection,
+    LineScan,
     PrunePool,
     RoundSetup,
     RowPeeling,
     Step,
     StepReport,
     SubspaceCompletion,
+    TentativeCompletion,
 )
 from spear.inversion.steps.search import SAMPLING_AFFORDABLE_RANK
 from spear.results import LayerReconstruction
@@ -58,7 +60,9 @@ GUIDED = Pipeline(
         RoundSetup(),
         LastDirection(),
         DirectionSearch(),
+        TentativeCompletion(),
         SubspaceCompletion(),
+        LineScan(),
         FocusedSampling(),
         PrunePool(),
         LastDirection(),
@@ -118,7 +122,7 @@ def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
             report = run_round(problem, state, pipeline.rounds)
             if report.end_search:
                 break
-            stalled = 0 if report.progressed else stalled + 1
+            stalled = 0 if report.progressed or report.searching else stalled + 1
             if stalled >= MAX_STALLED_ROUNDS:
                 break
     except KeyboardInterrupt:
@@ -133,14 +137,16 @@ def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
 
 
 def run_round(problem: Problem, state: SearchState, steps: Sequence[Step]) -> StepReport:
-    """Run every step once, in order; whether any progressed, or one ended the search."""
-    progressed = False
+    """Run every step once, in order; whether any progressed (or is still searching), or
+    one ended the search."""
+    progressed = searching = False
     for step in steps:
         report = _run_step(problem, state, step)
         progressed = progressed or report.progressed
+        searching = searching or report.searching
         if report.end_search:
             return StepReport(progressed=progressed, end_search=True)
-    return StepReport(progressed=progressed)
+    return StepReport(progressed=progressed, searching=searching)
 
 
 def _run_step(problem: Problem, state: SearchState, step: Step) -> StepReport:

@@ -31,6 +31,7 @@ __all__ = [
     "STRICT_COMPLETE_SOLVES",
     "UNLIMITED_SAMPLES",
     "VERIFIED_MIN_ZERO_FRACTION",
+    "Evidence",
     "Problem",
     "Request",
 ]
@@ -83,6 +84,22 @@ class Request:
     downstream: Downstream | None = None
 
 
+@dataclass
+class Evidence:
+    """What the search has learnt about the update while it runs (shared by its steps).
+
+    Attributes
+    ----------
+    plain_cross_entropy:
+        Some example's column fitted softmax cross-entropy at its own input with the
+        divisor of a plain mean (``b``) or sum (1) of per-example losses (with the model
+        after the layer): the update is such a mean or sum, and every example must fit
+        it too (:func:`spear.inversion.checks.verified_indices`).
+    """
+
+    plain_cross_entropy: bool = False
+
+
 @dataclass(frozen=True)
 class Problem:
     """One layer inversion, fixed before the search starts.
@@ -122,6 +139,8 @@ class Problem:
         The one random source of the run, seeded once.
     notes:
         Findings made while building the problem (rank, noise).
+    evidence:
+        What the search learns about the update as it runs (mutable).
     """
 
     request: Request
@@ -141,6 +160,7 @@ class Problem:
     budget: Budget
     generator: torch.Generator
     notes: tuple[str, ...]
+    evidence: Evidence = dataclasses.field(default_factory=Evidence)
 
     @property
     def delta(self) -> bool:

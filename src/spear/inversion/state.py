@@ -64,6 +64,8 @@ class SearchState:
     loose_from: int | None = None
     found_by: list[str] = field(default_factory=list)
     step: str = ""
+    tentatives: list[torch.Tensor] = field(default_factory=list)
+    tentatives_at: int = 0
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:
