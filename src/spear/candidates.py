@@ -152,7 +152,7 @@ def row_candidates(
             ok, _ = pattern_check(
                 layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0], live, eps, delta
             )
-            taken = ok and (several or (certify is not None and certify(coord, grad)))
+            taken = ok and (certify(coord, grad, not several) if certify is not None else several)
             unit_grad = grad / grad.norm()
             if taken and not any(same_direction(unit_grad, g / g.norm()) for _, g in exact):
                 exact.append((coord, grad))
@@ -163,38 +163,41 @@ def row_candidates(
     return len(exact)
 
 
-def certified_alone(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], bool] | None:
-    """Whether one row's candidate ``coord`` ``(b,)`` with its column ``grad`` ``(m,)`` is an
-    exact example, from the model after the layer (``None`` when it is not known).
+def certified_alone(
+    problem: Problem,
+) -> Callable[[torch.Tensor, torch.Tensor, bool], bool] | None:
+    """Whether a row candidate ``coord`` ``(b,)`` with its column ``grad`` ``(m,)`` is an
+    exact example by the model after the layer (``None`` when it is not known); the third
+    argument says whether one row alone gave it.
 
     A row that one example alone turns on gives that example exactly; a row several
     examples turn on gives a mixture, which may have the ReLU patterns of one of them
     (when the others' gradients are small at that unit) and then passes every pattern
     check. Its column must lie in the range of the Jacobian at the candidate and fit
-    softmax cross-entropy there (:meth:`spear.downstream.Downstream.cross_entropy_fit`,
-    to :func:`spear.labels.label_fit_tol`), with the divisor of a plain mean (``b``) or
-    sum (1) of per-example losses (:meth:`spear.downstream.Downstream.plain_fit`). The
-    divisor settles it: a mixture with weight ``w`` on the example whose patterns it has
-    gets that example's column scaled by ``1 / w``, so its divisor is ``w b`` (measured on
-    the VGG-style CNN, float32, b = 8: mixtures 4 to 9% off fit cross-entropy to 1e-4,
-    as a flat softmax barely changes, but their divisors were 0.8 to 5.1 instead of 8).
-    Two rows that agree need no such check (fact 8); one row on its own does. Updates
-    whose divisors are neither (duplicates, clipping, sums over clients) peel no single
-    row.
+    softmax cross-entropy there with the divisor of a plain mean (``b``) or sum (1) of
+    per-example losses (:meth:`spear.downstream.Downstream.plain_fit`). The divisor
+    settles it: a mixture with weight ``w`` on the example whose patterns it has gets
+    that example's column scaled by ``1 / w``, so its divisor is ``w b`` (measured on the
+    VGG-style CNN, float32, b = 8: mixtures 4 to 9% off fit cross-entropy to 1e-4, as a
+    flat softmax barely changes, but their divisors were 0.8 to 5.1 instead of 8). Two
+    rows that agree need only what every verified example needs
+    (:func:`spear.inversion.checks.verified_indices`): the range, and the plain fit once
+    the update has shown one. Updates whose divisors are neither (duplicates, clipping,
+    sums over clients) peel no single row.
     """
     downstream, layer = problem.downstream, problem.layer
     if downstream is None or layer is None:
         return None
     limit = range_tolerance(problem.tol.zero_tol)
 
-    def certify(coord: torch.Tensor, grad: torch.Tensor) -> bool:
+    def certify(coord: torch.Tensor, grad: torch.Tensor, alone: bool) -> bool:
         x = (coord @ layer.right)[None]
         if float(downstream.off_range(x, grad[:, None])[0]) > limit:
             return False
-        if not bool(downstream.plain_fit(x, grad[:, None], problem.rank)[0]):
-            return False
-        problem.evidence.plain_cross_entropy = True
-        return True
+        if bool(downstream.plain_fit(x, grad[:, None], problem.rank)[0]):
+            problem.evidence.plain_cross_entropy = True
+            return True
+        return not alone and not problem.evidence.plain_cross_entropy
 
     return certify
 

@@ -22,10 +22,11 @@ import time
 import torch
 
 from spear.candidates import residual_svd, unknown_subspace_from
-from spear.downstream import range_tolerance
+from spear.downstream import Downstream, range_tolerance
 from spear.inversion.checks import verified_indices
 from spear.inversion.pool import same_direction
 from spear.inversion.problem import Problem
+from spear.inversion.settle import settle
 from spear.inversion.solve import complete_last, solve_complete
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
@@ -65,7 +66,27 @@ class LineScan:
         tol = range_tolerance(problem.tol.zero_tol)
         pooled = state.pool.stack(dim=1)  # (m, r - 2)
         tried: list[torch.Tensor] = []
-        found = downstream.intersections(basis, points @ layer.right, tol)
+        inputs = points @ layer.right
+        found = downstream.intersections(basis, inputs, tol)
+        for shared in _shared_spans(downstream, basis, inputs, found, tol):
+            # the two examples have the same patterns: their columns span the one
+            # two-dimensional intersection, and their own cross-entropy columns tell
+            # them apart (fixed point from that span)
+            if time.perf_counter() > problem.deadline:
+                break
+            start = torch.cat([pooled, shared], dim=1)
+            cols = settle(problem, res, basis, start, pooled.shape[1])
+            if cols is None or not self._verifies(problem, state, cols, live):
+                continue
+            state.pool.add(cols[:, -2])
+            state.pool.add(cols[:, -1])
+            record = SolverStats(
+                self.name,
+                samples=int(points.shape[0]),
+                candidates=2,
+                seconds=time.perf_counter() - t0,
+            )
+            return StepReport(stats=record, progressed=True)
         for unit in found:
             if unit is None or any(same_direction(unit, t) for t in tried):
                 continue
@@ -77,11 +98,7 @@ class LineScan:
             if last is None:
                 continue
             cols = torch.cat([others, (last / last.norm())[:, None]], dim=1)
-            solved = solve_complete(res.left, res.bias, cols)
-            if solved is None:
-                continue
-            coords, grads = solved[0].clone(), solved[1].clone()
-            if len(verified_indices(problem, coords, grads, live)) < state.remaining:
+            if not self._verifies(problem, state, cols, live):
                 continue
             state.pool.add(unit)
             state.pool.add(last / last.norm())
@@ -93,6 +110,47 @@ class LineScan:
             )
             return StepReport(stats=record, progressed=True)
         return StepReport()
+
+    @staticmethod
+    def _verifies(
+        problem: Problem, state: SearchState, cols: torch.Tensor, live: torch.Tensor
+    ) -> bool:
+        """Whether the complete solve with ``cols`` ``(m, r)`` verifies every example."""
+        res = state.residual
+        solved = solve_complete(res.left, res.bias, cols)
+        if solved is None:
+            return False
+        coords, grads = solved[0].clone(), solved[1].clone()
+        return len(verified_indices(problem, coords, grads, live)) == state.remaining
+
+
+def _shared_spans(
+    downstream: Downstream,
+    basis: torch.Tensor,
+    inputs: torch.Tensor,
+    found: list[torch.Tensor | None],
+    tol: float,
+) -> list[torch.Tensor]:
+    """Distinct ``(m, 2)`` two-dimensional intersections of ``span(basis)`` with the range
+    of the Jacobian at the points of ``inputs`` ``(k, n)`` that gave no single direction
+    (``found``)."""
+    out: list[torch.Tensor] = []
+    rest = [i for i, unit in enumerate(found) if unit is None]
+    if not rest:
+        return out
+    for i, span in zip(rest, downstream.ranges(inputs[rest]), strict=True):
+        if span.shape[1] == 0:
+            continue
+        u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)
+        vecs = basis @ u
+        dist = (vecs - span @ (span.T @ vecs)).norm(dim=0)
+        if int((dist <= tol).sum()) != 2:
+            continue
+        pair = vecs[:, :2]
+        if any(float(torch.linalg.svdvals(pair.T @ seen)[-1]) > 1.0 - tol for seen in out):
+            continue
+        out.append(pair)
+    return out
 
 
 def _line_points(problem: Problem, state: SearchState) -> torch.Tensor | None:
