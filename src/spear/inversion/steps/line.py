@@ -138,7 +138,7 @@ def _shared_spans(
     rest = [i for i, unit in enumerate(found) if unit is None]
     if not rest:
         return out
-    for i, span in zip(rest, downstream.ranges(inputs[rest]), strict=True):
+    for span in downstream.ranges(inputs[rest]):
         if span.shape[1] == 0:
             continue
         u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)
