@@ -75,7 +75,7 @@ def run_case(
                 float((rec.labels[match.rec_index] == labels[match.truth_index]).sum()) / b
             )
     verified = rec.layer_result is not None and rec.layer_result.verified
-    note = next((n for n in rec.notes if "identif" in n or "partial" in n), "")
+    note = next((n for n in rec.notes if "identified" in n), "")
     return {
         "exact": exact,
         "labels": labels_right,
@@ -83,7 +83,7 @@ def run_case(
         "verified": verified,
         "false": verified and not all_exact,
         "found": k,
-        "note": note[:160],
+        "note": note,
     }
 
 
