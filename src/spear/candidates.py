@@ -197,7 +197,11 @@ def certified_alone(
         if bool(downstream.plain_fit(x, grad[:, None], problem.rank)[0]):
             problem.evidence.plain_cross_entropy = True
             return True
-        return not alone and not problem.evidence.plain_cross_entropy
+        if alone:
+            return False
+        if not problem.evidence.plain_cross_entropy:
+            return True
+        return bool(downstream.plain_fit(x, grad[:, None], problem.rank, duplicates=True)[0])
 
     return certify
 

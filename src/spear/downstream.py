@@ -157,18 +157,34 @@ class Downstream:
             out[i] = float((g - span @ (span.T @ g)).norm()) / norm
         return out
 
-    def plain_fit(self, inputs: torch.Tensor, grads: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def plain_fit(
+        self,
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        batch_size: int,
+        *,
+        duplicates: bool = False,
+    ) -> torch.Tensor:
         """``(k,)`` bool: column ``grads[:, i]`` ``(m, k)`` fits softmax cross-entropy at
         ``inputs[i]`` ``(k, n)`` (:func:`spear.labels.label_fit_tol`) with the divisor of a
-        plain mean over ``batch_size`` examples or a plain sum (:func:`divisor_tolerance`)."""
+        plain mean over ``batch_size`` examples or a plain sum (:func:`divisor_tolerance`).
+
+        ``duplicates``: an example that occurs ``c`` times in the batch has ``c`` times
+        its column, so its divisor is the plain one over ``c`` (``c`` up to
+        ``batch_size``); allowed when the update is known to be such a mean or sum.
+        """
         from spear.labels import label_fit_tol
 
         fit, divisor = self.cross_entropy_fit(inputs, grads)
         tol = divisor_tolerance(self.dtype)
         ok = fit <= label_fit_tol(self.dtype)
-        mean = (divisor - batch_size).abs() <= tol * batch_size
-        total = (divisor - 1.0).abs() <= tol
-        return ok & (mean | total)
+        counts = range(1, batch_size + 1) if duplicates else range(1, 2)
+        plain = torch.zeros_like(ok)
+        for c in counts:
+            for whole in (float(batch_size), 1.0):
+                target = whole / c
+                plain |= (divisor - target).abs() <= tol * target
+        return ok & plain
 
     def cross_entropy_fit(
         self, inputs: torch.Tensor, grads: torch.Tensor

@@ -74,7 +74,8 @@ def verified_indices(
         if bool(plain.any()):
             problem.evidence.plain_cross_entropy = True
         if problem.evidence.plain_cross_entropy:
-            near &= plain
+            # duplicates (an example counted c times) have the plain divisor over c
+            near &= downstream.plain_fit(inputs, grads[:, pick], problem.rank, duplicates=True)
         accepted = [i for i, ok in zip(accepted, near.tolist(), strict=True) if ok]
     return accepted
 
