@@ -147,7 +147,13 @@ class Downstream:
     def off_range(self, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """``(k,)`` relative distance of each column ``grads[:, i]`` ``(m, k)`` from the
         range of the Jacobian at its own input ``inputs[i]`` ``(k, n)``."""
-        out = torch.zeros(inputs.shape[0], dtype=torch.float64, device=grads.device)
+        out = torch.full((inputs.shape[0],), math.inf, dtype=torch.float64, device=grads.device)
+        finite = torch.isfinite(inputs).all(dim=1) & torch.isfinite(grads).all(dim=0)
+        if not bool(finite.all()):
+            kept = torch.nonzero(finite).flatten()
+            if kept.numel():
+                out[kept] = self.off_range(inputs[kept], grads[:, kept])
+            return out
         for i, span in enumerate(self.ranges(inputs)):
             g = grads[:, i]
             norm = float(g.norm())
@@ -212,7 +218,7 @@ class Downstream:
         for i in range(k):
             column = grads[:, i : i + 1]
             size = float(column.abs().max())
-            if size == 0.0:
+            if not (math.isfinite(size) and size > 0.0 and bool(torch.isfinite(jac[i]).all())):
                 continue
             r = torch.linalg.lstsq(jac[i].T, column / size).solution[:, 0]
             p = torch.softmax(logits[i], dim=0)
@@ -264,6 +270,15 @@ class Downstream:
         """
         from spear.linalg import KERNEL_GAP
 
+        finite = torch.isfinite(inputs).all(dim=1)
+        if not bool(finite.all()):
+            # an ill-conditioned solve's examples: no direction for those
+            kept = torch.nonzero(finite).flatten().tolist()
+            some = self.intersections(basis, inputs[kept], tol) if kept else []
+            out_all: list[torch.Tensor | None] = [None] * inputs.shape[0]
+            for i, unit in zip(kept, some, strict=True):
+                out_all[i] = unit
+            return out_all
         logits, jac = self.logits_and_jacobians(inputs)
         spans = self._ranges(jac)
         out: list[torch.Tensor | None] = []

@@ -47,10 +47,12 @@ def settle(
     free = cols[:, fixed:]
     for _ in range(MAX_SETTLE_ROUNDS):
         solved = solve_complete(residual.left, residual.bias, torch.cat([kept, free], dim=1))
-        if solved is None:
+        if solved is None or not bool(torch.isfinite(solved[0]).all()):
             return None
         inputs = solved[0][kept.shape[1] :] @ layer.right
         new, dist = own_columns(downstream, basis, inputs)
+        if not bool(torch.isfinite(new).all()):
+            return None
         still: list[torch.Tensor] = []
         for j in range(new.shape[1]):
             column = new[:, j]

@@ -25,6 +25,7 @@ import torch
 
 from spear.downstream import range_tolerance
 from spear.inversion.problem import Problem
+from spear.inversion.settle import settle
 from spear.inversion.solve import solve_complete
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
@@ -96,9 +97,16 @@ class TentativeCompletion:
                 continue
             coords = solved[0][len(state.pool) :]
             found = downstream.directions(basis, coords @ layer.right, tol)
+            if not any(unit is not None for unit in found):
+                # no single intersection: the examples' own cross-entropy columns, from
+                # this start, settle them when it holds their patterns (fact 12)
+                start = torch.stack(cols, dim=1)
+                settled = settle(problem, res, basis, start, len(state.pool))
+                if settled is not None:
+                    found = list(settled[:, len(state.pool) :].T)
             added = 0
             for unit in found:
-                if unit is None:
+                if unit is None or not bool(torch.isfinite(unit).all()):
                     continue
                 now = _coords(state, basis)
                 if beyond_span((basis.T @ unit)[:, None], now, problem.tol.degeneracy_tol) is None:
