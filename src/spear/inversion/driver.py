@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from spear.errors import NoReluSparsityError
 from spear.inversion.checks import verified_indices
 from spear.inversion.problem import Problem
@@ -177,6 +179,28 @@ def _fallback_applies(problem: Problem, state: SearchState) -> bool:
     )
 
 
+def _withhold_loose(problem: Problem, state: SearchState, start: int) -> int:
+    """Drop the examples found from ``start`` on that the shift of a wrong direction may
+    have moved; returns how many were dropped.
+
+    Where the update has fitted a plain cross-entropy mean or sum (fact 12), a shifted
+    example's divisor moves with the shift: those that still fit it with their own
+    columns are kept. Otherwise all of them are dropped.
+    """
+    downstream, layer = problem.downstream, problem.layer
+    res = state.residual
+    if downstream is None or layer is None or not problem.evidence.plain_cross_entropy:
+        return state.withhold_from(start)
+    tail = list(range(start, res.found))
+    if not tail:
+        return 0
+    coords = torch.stack([res.coords[i] for i in tail])
+    grads = torch.stack([res.grads[i] for i in tail], dim=1)
+    fits = downstream.plain_fit(coords @ layer.right, grads, problem.rank, duplicates=True)
+    keep = list(range(start)) + [i for i, ok in zip(tail, fits.tolist(), strict=True) if ok]
+    return state.keep(keep)
+
+
 def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerReconstruction:
     """Check loosely peeled examples as a whole (or withhold them) and build the result."""
     start_loose = state.loose_from
@@ -191,7 +215,7 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
             lambda c, g, live: verified_indices(problem, c, g, live),
         )
     ):
-        withheld = state.withhold_from(start_loose)
+        withheld = _withhold_loose(problem, state, start_loose)
         if withheld:
             state.notes.append(
                 f"{withheld} examples found after a complete solve in which some example "

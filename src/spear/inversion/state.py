@@ -109,6 +109,15 @@ class SearchState:
         del self.found_by[kept:]
         return kept
 
+    def keep(self, indices: list[int]) -> int:
+        """Keep only the examples at ``indices`` (in order); returns how many were dropped."""
+        res = self.residual
+        dropped = res.found - len(indices)
+        res.coords = [res.coords[i] for i in indices]
+        res.grads = [res.grads[i] for i in indices]
+        self.found_by[:] = [self.found_by[i] for i in indices if i < len(self.found_by)]
+        return dropped
+
     def withhold_from(self, count: int) -> int:
         """Keep only the first ``count`` examples found; returns how many were dropped."""
         res = self.residual
