@@ -55,7 +55,7 @@ RANGE_HEADROOM = 1.0
 #: fit to at most 3e-4, accidental ones 0.32 and worse.
 CANDIDATE_FIT = 0.05
 #: Candidates are pushed through the model after the layer in chunks of this many.
-JACOBIAN_CHUNK = 4096
+JACOBIAN_CHUNK = 512
 
 
 #: A cross-entropy divisor is the batch's (``b`` for a mean, 1 for a sum) when it is within
@@ -144,9 +144,15 @@ class Downstream:
         """Orthonormal bases ``(m, c_i)`` of ``range(J(x_i)^T)`` for ``inputs`` ``(k, n)``."""
         return self._ranges(self.jacobians(inputs))
 
-    def off_range(self, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def off_range(
+        self,
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``(k,)`` relative distance of each column ``grads[:, i]`` ``(m, k)`` from the
-        range of the Jacobian at its own input ``inputs[i]`` ``(k, n)``."""
+        range of the Jacobian at its own input ``inputs[i]`` ``(k, n)`` (``at``: the
+        logits and Jacobians there, when already computed)."""
         out = torch.full((inputs.shape[0],), math.inf, dtype=torch.float64, device=grads.device)
         finite = torch.isfinite(inputs).all(dim=1) & torch.isfinite(grads).all(dim=0)
         if not bool(finite.all()):
@@ -154,7 +160,8 @@ class Downstream:
             if kept.numel():
                 out[kept] = self.off_range(inputs[kept], grads[:, kept])
             return out
-        for i, span in enumerate(self.ranges(inputs)):
+        jac = at[1] if at is not None else self.jacobians(inputs)
+        for i, span in enumerate(self._ranges(jac)):
             g = grads[:, i]
             norm = float(g.norm())
             if norm == 0.0:
@@ -179,9 +186,27 @@ class Downstream:
         its column, so its divisor is the plain one over ``c`` (``c`` up to
         ``batch_size``); allowed when the update is known to be such a mean or sum.
         """
+        fit, divisor = self.cross_entropy_fit(inputs, grads)
+        return self._plain(fit, divisor, batch_size, duplicates)
+
+    def checks(
+        self, inputs: torch.Tensor, grads: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`off_range`, :meth:`plain_fit` and :meth:`plain_fit` with duplicates of
+        the same examples, from one evaluation of their Jacobians."""
+        at = self.logits_and_jacobians(inputs)
+        far = self.off_range(inputs, grads, at)
+        fit, divisor = self.cross_entropy_fit(inputs, grads, at)
+        plain = self._plain(fit, divisor, batch_size, False)
+        repeated = self._plain(fit, divisor, batch_size, True)
+        return far, plain, repeated
+
+    def _plain(
+        self, fit: torch.Tensor, divisor: torch.Tensor, batch_size: int, duplicates: bool
+    ) -> torch.Tensor:
+        """Which fits are within tolerance with a plain (or duplicated) divisor."""
         from spear.labels import label_fit_tol
 
-        fit, divisor = self.cross_entropy_fit(inputs, grads)
         tol = divisor_tolerance(self.dtype)
         ok = fit <= label_fit_tol(self.dtype)
         counts = range(1, batch_size + 1) if duplicates else range(1, 2)
@@ -193,7 +218,10 @@ class Downstream:
         return ok & plain
 
     def cross_entropy_fit(
-        self, inputs: torch.Tensor, grads: torch.Tensor
+        self,
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """How well each column ``grads[:, i]`` ``(m, k)`` is softmax cross-entropy's
         gradient at ``inputs[i]`` ``(k, n)``, with its own positive divisor.
@@ -210,8 +238,10 @@ class Downstream:
             ``(k,)`` relative error of ``r_i`` against ``(p_i - e_y) / B_i``.
         divisor:
             ``(k,)`` ``B_i`` (positive for a gradient: ``b`` under mean reduction).
+
+        ``at``: the logits and Jacobians at ``inputs`` when already computed.
         """
-        logits, jac = self.logits_and_jacobians(inputs)
+        logits, jac = at if at is not None else self.logits_and_jacobians(inputs)
         k = inputs.shape[0]
         fit = torch.full((k,), math.inf, dtype=torch.float64, device=grads.device)
         divisor = torch.zeros(k, dtype=torch.float64, device=grads.device)

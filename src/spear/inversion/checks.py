@@ -69,13 +69,13 @@ def verified_indices(
     if downstream is not None and accepted:
         pick = torch.tensor(accepted, device=coords.device)
         inputs = coords[pick] @ layer.right
-        near = downstream.off_range(inputs, grads[:, pick]) <= range_tolerance(problem.tol.zero_tol)
-        plain = downstream.plain_fit(inputs, grads[:, pick], problem.rank)
+        far, plain, repeated = downstream.checks(inputs, grads[:, pick], problem.rank)
+        near = far <= range_tolerance(problem.tol.zero_tol)
         if bool(plain.any()):
             problem.evidence.plain_cross_entropy = True
         if problem.evidence.plain_cross_entropy:
             # duplicates (an example counted c times) have the plain divisor over c
-            near &= downstream.plain_fit(inputs, grads[:, pick], problem.rank, duplicates=True)
+            near &= repeated
         accepted = [i for i, ok in zip(accepted, near.tolist(), strict=True) if ok]
     return accepted
 
