@@ -55,7 +55,7 @@ RANGE_HEADROOM = 1.0
 #: fit to at most 3e-4, accidental ones 0.32 and worse.
 CANDIDATE_FIT = 0.05
 #: Candidates are pushed through the model after the layer in chunks of this many.
-JACOBIAN_CHUNK = 512
+JACOBIAN_CHUNK = 256
 
 
 #: A cross-entropy divisor is the batch's (``b`` for a mean, 1 for a sum) when it is within
@@ -374,8 +374,14 @@ def own_columns(
         ``(k,)`` relative distance of each unprojected column from ``span(basis)`` (zero,
         to roundoff, at an exact example).
     """
-    logits, jac = downstream.logits_and_jacobians(inputs)
     k = inputs.shape[0]
+    if k > JACOBIAN_CHUNK:
+        parts = [
+            own_columns(downstream, basis, inputs[start : start + JACOBIAN_CHUNK])
+            for start in range(0, k, JACOBIAN_CHUNK)
+        ]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
+    logits, jac = downstream.logits_and_jacobians(inputs)
     out = basis.new_zeros(basis.shape[0], k)
     dist = basis.new_zeros(k)
     for i in range(k):
