@@ -91,7 +91,9 @@ class DirectionSearch:
         if not added and self._no_sparsity(problem, state, name, dirs, search_budget):
             state.bar.close()
             raise NoReluSparsityError(_no_sparsity_message(dirs.samples, remaining))
-        return StepReport(stats=record, progressed=bool(added), searching=dirs.early)
+        # a solver cut short by its share of the time has not given up either
+        cut = search_budget.deadline < problem.deadline and search_budget.expired()
+        return StepReport(stats=record, progressed=bool(added), searching=dirs.early or cut)
 
     @staticmethod
     def _solver_name(problem: Problem, state: SearchState) -> str:
