@@ -404,6 +404,8 @@ def beyond_span(kern: torch.Tensor, span: torch.Tensor, tol: float) -> torch.Ten
         or ``None`` when ``span(kern)`` reaches more or fewer than one dimension beyond.
     """
     d = kern.shape[1]
+    if not (bool(torch.isfinite(kern).all()) and bool(torch.isfinite(span).all())):
+        return None
     if span.shape[1] == 0:
         return kern[:, 0] if d == 1 else None
     u, _, _ = torch.linalg.svd(kern.T @ span, full_matrices=True)  # (d, d), nearest first
