@@ -64,7 +64,9 @@ class LineScan:
         basis = state.basis
         live = live_rows(basis, problem.tol.zero_tol)
         tol = range_tolerance(problem.tol.zero_tol)
-        pooled = state.pool.stack(dim=1)  # (m, r - 2)
+        pooled = (
+            state.pool.stack(dim=1) if state.pool else basis.new_zeros(basis.shape[0], 0)
+        )  # (m, r - 2)
         tried: list[torch.Tensor] = []
         inputs = points @ layer.right
         found = downstream.intersections(basis, inputs, tol)

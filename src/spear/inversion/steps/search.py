@@ -55,7 +55,7 @@ class DirectionSearch:
         remaining = state.remaining
         if len(state.pool) >= remaining:
             return StepReport()
-        if len(state.pool) != state.known.shape[0]:
+        if state.pool and len(state.pool) != state.known.shape[0]:
             # a step before this one pooled a direction (the last one, say)
             state.known = unit_rows(state.pool.stack() @ state.basis)
         name = self._solver_name(problem, state)
