@@ -369,7 +369,8 @@ def own_columns(
     Returns
     -------
     columns:
-        ``(m, k)`` unit columns in ``span(basis)`` for ``inputs`` ``(k, n)``.
+        ``(m, k)`` unit columns in ``span(basis)`` for ``inputs`` ``(k, n)``, exactly zero
+        on the units each candidate turns off.
     distance:
         ``(k,)`` relative distance of each unprojected column from ``span(basis)`` (zero,
         to roundoff, at an exact example).
@@ -392,6 +393,10 @@ def own_columns(
         inside = basis @ (basis.T @ cols)
         far = (cols - inside).norm(dim=0)
         best = int(torch.argmin(far))
-        out[:, i] = inside[:, best] / inside[:, best].norm().clamp_min(torch.finfo(cols.dtype).tiny)
+        # units the candidate turns off have zero Jacobian rows: its column is exactly
+        # zero there, and the projection's roundoff is not kept (in float32 it would
+        # stay in the residual of every peel)
+        column = torch.where(jac[i].abs().sum(dim=0) > 0, inside[:, best], 0.0)
+        out[:, i] = column / column.norm().clamp_min(torch.finfo(cols.dtype).tiny)
         dist[i] = far[best]
     return out, dist
