@@ -1,13 +1,58 @@
-"""Exact features of a small conv net whose first linear layer sees bias-dominated inputs."""
+"""Exact features of small conv nets whose first linear layer sees bias-dominated inputs.
+
+Conv features (norm 1 to 2 over 400 or 1024 entries) leave ``|W x|`` about the size of
+the bias: most units of ``fc1`` are on, or off, for the whole batch, so an example's zero
+set often leaves a kernel of several dimensions and the layer's own update holds a
+continuum of batches that pass every pattern check. ``spear.attack`` passes the model
+after the layer, whose Jacobians single out the true batch (:mod:`spear.downstream`).
+"""
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 
 import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
-from spear.networks import FlowerCnn
+from spear.downstream import Downstream
+from spear.inversion.checks import verified_indices
+from spear.inversion.problem import Problem, Request
+from spear.inversion.solve import solve_complete
+from spear.linalg import kernel
+from spear.networks import FlowerCnn, build_cnn
+
+
+def _batch(
+    name: str, b: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The network, a FedSGD update on ``b`` RGB patches, the true features and labels."""
+    net = build_cnn(name, seed, dtype=dtype)
+    pool = rgb_patches(1000, seed=0)
+    images, labels = sample_batch(pool.subset(500), b, seed=seed + 1)
+    images = images.to(dtype)
+    update = fedsgd_update(net, images, labels)
+    with torch.no_grad():
+        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
+    return net, update, truth, labels
+
+
+def _assert_exact(
+    rec: spear.Reconstruction, truth: torch.Tensor, labels: torch.Tensor, rel: float
+) -> None:
+    b = truth.shape[0]
+    assert rec.feature_space
+    assert rec.inputs.shape[0] == b
+    found = rec.inputs.reshape(b, -1).to(torch.float64)
+    match = spear.metrics.match(found, truth)
+    assert spear.metrics.exact_rate(found, truth, rel_tol=rel, matching=match) == 1.0
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[match.rec_index], labels[match.truth_index])
+    # feature space: no end-to-end certificate; the layer's own verification holds
+    assert rec.layer_result is not None
+    assert rec.layer_result.verified
 
 
 def test_flower_cnn_features_exact_at_b4() -> None:
@@ -21,9 +66,100 @@ def test_flower_cnn_features_exact_at_b4() -> None:
     update = fedsgd_update(net, images, labels)
     rec = spear.attack(net, update, time_budget=30, progress=False, image_budget=0)
     truth = net.features(images).detach()
-    assert rec.feature_space
-    assert rec.inputs.shape[0] == 4
-    assert spear.metrics.exact_rate(rec.inputs.reshape(4, -1), truth, rel_tol=1e-8) == 1.0
-    # feature space: no end-to-end certificate; the layer's own verification holds
+    _assert_exact(rec, truth, labels, 1e-8)
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float64, 1e-6), (torch.float32, 1e-3)])
+def test_flower_cnn_features_exact_at_b8(dtype: torch.dtype, rel: float) -> None:
+    # two of the eight zero sets leave a two-dimensional kernel: the layer alone cannot
+    # single those examples out, their Jacobians can
+    net, update, truth, labels = _batch("flower-cnn", 8, dtype)
+    rec = spear.attack(net, update, time_budget=15, progress=False)
+    _assert_exact(rec, truth, labels, rel)
+
+
+def test_vgg_cnn_features_exact_at_b8() -> None:
+    net, update, truth, labels = _batch("vgg", 8, torch.float64)
+    rec = spear.attack(net, update, time_budget=15, progress=False)
+    _assert_exact(rec, truth, labels, 1e-6)
+
+
+def test_unidentifiable_batch_says_why() -> None:
+    # untrained VGG-style CNN, b = 16: every example's zero set holds only 6 to 9 of the
+    # 144 live units (a direction needs 15), 17 units separate the batch: the update
+    # holds a continuum of batches that pass every check of the layer
+    net, update, truth, _ = _batch("vgg", 16, torch.float64)
+    rec = spear.attack(net, update, time_budget=4, progress=False)
     assert rec.layer_result is not None
-    assert rec.layer_result.verified
+    assert not rec.complete
+    note = next(n for n in rec.notes if "could not be identified" in n)
+    missing = 16 - rec.inputs.shape[0]
+    assert f"{missing} of the 16 examples" in note
+    assert "of the 256 units, 144 are on for some example" in note
+    assert "separate the batch" in note and "single-example rows" in note
+    assert "15 independent live units" in note
+    # whatever is returned is exact (never a wrong example marked verified)
+    if rec.inputs.shape[0]:
+        found = rec.inputs.reshape(rec.inputs.shape[0], -1).to(torch.float64)
+        assert spear.metrics.exact_rate(found, truth, rel_tol=1e-6) * 16 == found.shape[0]
+
+
+def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:
+    # a zero set whose kernel has two dimensions: its direction moved by a small
+    # multiple of the other kernel vector, the batch solved with it passes every ReLU
+    # pattern check (fact 12); the range of the Jacobians rejects it
+    net, update, truth, _ = _batch("flower-cnn", 8, torch.float64)
+    fc1 = net.fc1  # type: ignore[attr-defined]
+    weight, bias = fc1.weight.detach(), fc1.bias.detach()
+
+    def tail(z: torch.Tensor) -> torch.Tensor:
+        return net.fc3(torch.relu(net.fc2(torch.relu(z))))  # type: ignore[operator]
+
+    def problem(downstream: Downstream | None) -> Problem:
+        request = Request(
+            weight_grad=update["fc1.weight"],
+            bias_grad=update["fc1.bias"],
+            weight=weight,
+            bias=bias,
+            batch_size=None,
+            seed=0,
+            solver="auto",
+            update_kind="gradient",
+            time_budget=10.0,
+            max_samples=None,
+            zero_tol=None,
+            min_zero_fraction=0.1,
+            device=None,
+            progress=False,
+            search_with_weights=True,
+            downstream=downstream,
+        )
+        return Problem.build(request, time.perf_counter())
+
+    plain, checked = problem(None), problem(Downstream(tail, weight, bias))
+    basis, live = plain.original
+    pre = truth @ weight.T.to(torch.float64) + bias.to(torch.float64)  # (b, m)
+    coords = torch.linalg.lstsq(plain.fac.right.T, truth.T).solution.T  # truth = coords R
+    true_cols = torch.linalg.lstsq(coords.T, plain.fac.left.T).solution.T  # L = G coords
+    grads = true_cols / true_cols.norm(dim=0)
+    q = basis.T @ grads
+    shifted = None
+    for i in range(8):
+        zeros = (pre[i] <= 0) & live
+        kern, _ = kernel(basis[zeros], plain.tol.degeneracy_tol)
+        if kern.shape[1] < 2:
+            continue
+        other = kern - q[:, i : i + 1] @ (q[:, i : i + 1].T @ kern)
+        move = torch.linalg.svd(other).U[:, 0]
+        cols = q.clone()
+        cols[:, i] = q[:, i] + 1e-3 * move
+        shifted = basis @ (cols / cols.norm(dim=0))
+        break
+    assert shifted is not None, "this batch has a zero set with a two-dimensional kernel"
+    solved = solve_complete(plain.fac.left, plain.bias_grad, shifted)
+    assert solved is not None
+    found, cols = solved
+    off = ((found @ plain.fac.right)[:, None, :] - truth[None]).abs().amax(dim=2).min(dim=1)
+    assert float(off.values.max()) > 1e-5  # the shifted batch is wrong ...
+    assert len(verified_indices(plain, found.clone(), cols.clone(), live)) == 8  # ... passes
+    assert len(verified_indices(checked, found.clone(), cols.clone(), live)) < 8  # ... caught

@@ -154,6 +154,7 @@ def attack(
             time_budget=budget,
             progress=progress,
             device=device,
+            after=target.after if kind == "gradient" else None,
         )
 
     half = (

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from spear.inversion.pool import DirectionPool
+from spear.downstream import Downstream, own_columns, range_tolerance
+from spear.inversion.pool import DirectionPool, same_direction
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, orthonormal_basis, zero_mask
@@ -22,8 +23,10 @@ from spear.solvers.polish import live_rows
 from spear.verify import LayerView, direction_for, pattern_check
 
 __all__ = [
+    "ChunkedDirections",
     "DirectionOf",
     "agreeing_direction",
+    "certified_alone",
     "guided_weights",
     "residual_svd",
     "row_candidates",
@@ -49,6 +52,9 @@ DIRECTION_AGREEMENT = 0.9
 #: b = 256, m = 2000: the first scan's 20 hits came within its first 600 of 1,987 rows, 19 of
 #: them within the first 40).
 ROW_PATIENCE = 200
+#: Scan candidates whose kernel gives no direction get one from the model after the layer,
+#: computed for this many candidates at once (:class:`ChunkedDirections`).
+SCAN_CHUNK = 64
 #: Exponent of the estimated off-rate in the row weights for guided sampling.
 GUIDED_WEIGHT_POWER = 3.0
 
@@ -99,8 +105,10 @@ def row_candidates(
     problem's deadline. ``direction_of`` turns a candidate into a direction (default
     :func:`agreeing_direction`).
     """
+    fallback = direction_of is None
     if direction_of is None:
         direction_of = agreeing_direction
+    certify = certified_alone(problem)
     layer = problem.layer
     if layer is None or state.bias is None:
         return 0
@@ -122,10 +130,33 @@ def row_candidates(
     order = torch.argsort(support * 1e6 - row_norm[idx] / row_norm.max(), descending=True)
     basis = orthonormal_basis(state.left, remaining)
     live = live_rows(basis, tol.zero_tol)
+    if certify is not None and fallback:
+        # every row's candidate at once: exact examples give their own column (fact 12)
+        # and are peeled without the row-by-row scan, which runs when none is left
+        quick = _own_column_examples(problem, state, cand, basis, live, certify)
+        if quick:
+            for example, column in quick:
+                state.directions.remove(column / column.norm())
+                state.peel(example, column)
+            return len(quick)
     handled = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
     exact: list[tuple[torch.Tensor, torch.Tensor]] = []
     idle = 0
-    for i in order.tolist():
+    ordered = order.tolist()
+    downstream = problem.downstream
+    extra = (
+        ChunkedDirections(
+            downstream,
+            layer,
+            basis,
+            tol,
+            lambda start, stop: cand[ordered[start:stop]],
+            len(ordered),
+        )
+        if fallback and downstream is not None
+        else None
+    )
+    for position, i in enumerate(ordered):
         if time.perf_counter() > deadline or len(state.directions) >= remaining or idle >= patience:
             break
         if bool(handled[i]):
@@ -134,24 +165,106 @@ def row_candidates(
         coord = cand[i]
         idle += 1
         unit = direction_of(layer, basis, coord, live, tol, eps, delta)
+        if unit is None and extra is not None:
+            unit = extra(position)
         if unit is None:
             continue
         known = not state.directions.add(unit)
         if not known:
             idle = 0
-        if int(support[i]) >= 2 and not known:
+        several = int(support[i]) >= 2
+        if (several and not known) or (not several and certify is not None):
             grad = scaled_grad(state, coord, unit)
             if grad is None:
                 continue
             ok, _ = pattern_check(
                 layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0], live, eps, delta
             )
-            if ok:
+            taken = ok and (certify(coord, grad, not several) if certify is not None else several)
+            unit_grad = grad / grad.norm()
+            if taken and not any(same_direction(unit_grad, g / g.norm()) for _, g in exact):
                 exact.append((coord, grad))
+                idle = 0
     for coord, grad in exact:
         state.directions.remove(grad / grad.norm())
         state.peel(coord, grad)
     return len(exact)
+
+
+def _own_column_examples(
+    problem: Problem,
+    state: Residual,
+    cand: torch.Tensor,
+    basis: torch.Tensor,
+    live: torch.Tensor,
+    certify: Callable[[torch.Tensor, torch.Tensor, bool], bool],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row candidates ``cand`` ``(k, b)`` that are exact examples, with their columns.
+
+    An exact example's own cross-entropy column lies in the column space of the update
+    (:func:`spear.downstream.own_columns`); those that do, scaled to the residual and
+    passing their pattern check and :func:`certified_alone`, are returned (one per
+    example). One batched Jacobian for all candidates replaces a kernel per row.
+    """
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    tol = problem.tol
+    columns, dist = own_columns(downstream, basis, cand @ layer.right)
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i in torch.nonzero(dist <= range_tolerance(tol.zero_tol)).flatten().tolist():
+        unit = columns[:, i]
+        if any(same_direction(unit, g / g.norm()) for _, g in found):
+            continue
+        grad = scaled_grad(state, cand[i], unit)
+        if grad is None:
+            continue
+        zeros = zero_mask(grad[:, None], tol.zero_tol)[:, 0]
+        ok, _ = pattern_check(layer, cand[i], zeros, live, problem.eps, problem.delta)
+        if ok and certify(cand[i], grad, True):
+            found.append((cand[i], grad))
+    return found
+
+
+def certified_alone(
+    problem: Problem,
+) -> Callable[[torch.Tensor, torch.Tensor, bool], bool] | None:
+    """Whether a row candidate ``coord`` ``(b,)`` with its column ``grad`` ``(m,)`` is an
+    exact example by the model after the layer (``None`` when it is not known); the third
+    argument says whether one row alone gave it.
+
+    A row that one example alone turns on gives that example exactly; a row several
+    examples turn on gives a mixture, which may have the ReLU patterns of one of them
+    (when the others' gradients are small at that unit) and then passes every pattern
+    check. Its column must lie in the range of the Jacobian at the candidate and fit
+    softmax cross-entropy there with the divisor of a plain mean (``b``) or sum (1) of
+    per-example losses (:meth:`spear.downstream.Downstream.plain_fit`). The divisor
+    settles it: a mixture with weight ``w`` on the example whose patterns it has gets
+    that example's column scaled by ``1 / w``, so its divisor is ``w b`` (measured on the
+    VGG-style CNN, float32, b = 8: mixtures 4 to 9% off fit cross-entropy to 1e-4, as a
+    flat softmax barely changes, but their divisors were 0.8 to 5.1 instead of 8). Two
+    rows that agree need only what every verified example needs
+    (:func:`spear.inversion.checks.verified_indices`): the range, and the plain fit once
+    the update has shown one. Updates whose divisors are neither (duplicates, clipping,
+    sums over clients) peel no single row.
+    """
+    downstream, layer = problem.downstream, problem.layer
+    if downstream is None or layer is None:
+        return None
+    limit = range_tolerance(problem.tol.zero_tol)
+
+    def certify(coord: torch.Tensor, grad: torch.Tensor, alone: bool) -> bool:
+        x = (coord @ layer.right)[None]
+        far, plain, repeated = downstream.checks(x, grad[:, None], problem.rank)
+        if float(far[0]) > limit:
+            return False
+        if bool(plain[0]):
+            problem.evidence.plain_cross_entropy = True
+            return True
+        if alone:
+            return False
+        return not problem.evidence.plain_cross_entropy or bool(repeated[0])
+
+    return certify
 
 
 def unknown_subspace(state: Residual, rank: int) -> torch.Tensor:
@@ -215,6 +328,7 @@ def subspace_candidates(
     ``direction_of`` turns a projection into a direction (default
     :func:`agreeing_direction`).
     """
+    fallback = direction_of is None
     if direction_of is None:
         direction_of = agreeing_direction
     layer = problem.layer
@@ -235,8 +349,21 @@ def subspace_candidates(
     live = live_rows(basis, tol.zero_tol)
     row_space = residual_svd(state, rank)
     span = unknown_subspace_from(row_space, state.directions)
+    downstream = problem.downstream
+    extra = (
+        ChunkedDirections(
+            downstream,
+            layer,
+            basis,
+            tol,
+            lambda start, stop: cand[start:stop] @ span @ span.T,
+            cand.shape[0],
+        )
+        if fallback and downstream is not None
+        else None
+    )
     added = idle = 0
-    for ratio in cand:
+    for position, ratio in enumerate(cand):
         if time.perf_counter() > deadline or len(state.directions) >= remaining or idle >= patience:
             break
         idle += 1
@@ -244,10 +371,14 @@ def subspace_candidates(
         if float(coord.norm()) <= tol.zero_tol * float(ratio.norm()):
             continue
         unit = direction_of(layer, basis, coord, live, tol, eps, delta)
+        if unit is None and extra is not None:
+            unit = extra(position)
         if unit is not None and state.directions.add(unit):
             added += 1
             idle = 0
             span = unknown_subspace_from(row_space, state.directions)
+            if extra is not None:
+                extra.reset()
     return added
 
 
@@ -308,6 +439,44 @@ def agreeing_direction(
     if agreement < DIRECTION_AGREEMENT:
         return None
     return direction / direction.norm()
+
+
+class ChunkedDirections:
+    """Directions from the model after the layer for scan candidates, computed a chunk at
+    a time (:meth:`spear.downstream.Downstream.directions`; one batched Jacobian per chunk
+    instead of one per candidate).
+
+    ``coords_of`` gives the ``(k, b)`` candidates at scan positions ``[start, stop)``;
+    :meth:`reset` drops what was computed (the candidates changed).
+    """
+
+    def __init__(
+        self,
+        downstream: Downstream,
+        layer: LayerView,
+        basis: torch.Tensor,
+        tol: Tolerances,
+        coords_of: Callable[[int, int], torch.Tensor],
+        total: int,
+    ) -> None:
+        self.downstream, self.layer, self.basis = downstream, layer, basis
+        self.limit = range_tolerance(tol.zero_tol)
+        self.coords_of, self.total = coords_of, total
+        self.found: dict[int, torch.Tensor | None] = {}
+
+    def reset(self) -> None:
+        """Forget the directions computed so far."""
+        self.found.clear()
+
+    def __call__(self, position: int) -> torch.Tensor | None:
+        """The unit direction ``(m,)`` of the candidate at ``position``, or ``None``."""
+        if position not in self.found:
+            stop = min(self.total, position + SCAN_CHUNK)
+            coords = self.coords_of(position, stop)
+            units = self.downstream.directions(self.basis, coords @ self.layer.right, self.limit)
+            for offset, unit in enumerate(units):
+                self.found[position + offset] = None if unit is None else unit / unit.norm()
+        return self.found.get(position)
 
 
 def guided_weights(state: Residual, layer: LayerView, tol: Tolerances) -> torch.Tensor:

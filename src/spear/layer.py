@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
 from spear import validate
+from spear.downstream import Downstream
 from spear.errors import InputError
 from spear.inversion.driver import invert
 from spear.inversion.problem import MIN_RANK_GAP, Problem, Request
@@ -109,6 +111,7 @@ def invert_layer(
     device: str | torch.device | None = None,
     progress: bool | None = None,
     search_with_weights: bool = True,
+    after: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LayerReconstruction:
     """Rebuild the ``b`` inputs of a linear layer followed by ReLU from its gradient.
 
@@ -149,6 +152,12 @@ def invert_layer(
         to verify them. When the guided search stalls on a small problem, a search
         without guidance runs in the remaining time and its examples are verified with
         the weights all the same.
+    after:
+        The model after the layer: maps its pre-activations ``(k, m)`` to logits
+        ``(k, C)``, example by example (:attr:`spear.model.AttackTarget.after`). With the
+        weights and an exact one-step gradient, it finds the examples whose zero sets
+        leave the layer's own update ambiguous and checks every example whose direction
+        it found (:mod:`spear.downstream`); :func:`spear.attack` passes it.
 
     Returns
     -------
@@ -191,6 +200,9 @@ def invert_layer(
         device=device,
         progress=progress,
         search_with_weights=search_with_weights,
+        downstream=(
+            Downstream(after, weight, bias) if after is not None and weight is not None else None
+        ),
     )
     result = invert(Problem.build(request, start))
     if scale != 1.0:

@@ -16,6 +16,7 @@ __all__ = [
     "TINY_NORM",
     "Factorisation",
     "Tolerances",
+    "beyond_span",
     "estimate_rank",
     "factorise",
     "kernel",
@@ -382,6 +383,39 @@ def kernel(rows: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     d = int((asc <= tol * math.sqrt(max(k, 1))).sum())
     basis = vh[r - d :].T if d > 0 else torch.zeros(r, 0, dtype=rows.dtype, device=rows.device)
     return basis, asc
+
+
+def beyond_span(kern: torch.Tensor, span: torch.Tensor, tol: float) -> torch.Tensor | None:
+    """The one direction of ``span(kern)`` outside ``span(span)``, when there is exactly one.
+
+    Parameters
+    ----------
+    kern:
+        ``(r, d)`` orthonormal columns (a kernel).
+    span:
+        ``(r, k)`` orthonormal columns (known directions).
+    tol:
+        A principal vector of ``kern`` within this distance of ``span(span)`` lies in it.
+
+    Returns
+    -------
+    torch.Tensor | None
+        ``(r,)`` unit vector of ``span(kern)`` orthogonal to its part in ``span(span)``,
+        or ``None`` when ``span(kern)`` reaches more or fewer than one dimension beyond.
+    """
+    d = kern.shape[1]
+    if not (bool(torch.isfinite(kern).all()) and bool(torch.isfinite(span).all())):
+        return None
+    if span.shape[1] == 0:
+        return kern[:, 0] if d == 1 else None
+    u, _, _ = torch.linalg.svd(kern.T @ span, full_matrices=True)  # (d, d), nearest first
+    vecs = kern @ u
+    dist = (vecs - span @ (span.T @ vecs)).norm(dim=0)
+    outside = torch.nonzero(dist > tol).flatten()
+    if outside.numel() != 1:
+        return None
+    w = vecs[:, int(outside[0])]
+    return w / w.norm()
 
 
 #: A row whose leverage in a row subset is within this of 1 is essential to it.

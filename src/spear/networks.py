@@ -26,6 +26,7 @@ __all__ = [
     "VggCnn",
     "build_cnn",
     "build_model",
+    "pretrain",
 ]
 
 #: Shape of one input of the default network: a 28x28 grey image (MNIST, Fashion-MNIST).
@@ -173,4 +174,48 @@ def build_cnn(name: str, seed: int, *, dtype: torch.dtype = torch.float64) -> nn
     torch.manual_seed(seed)
     model = CNNS[name]().to(dtype)
     torch.random.set_rng_state(generator_state)
+    return model
+
+
+def pretrain(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int = 200,
+    lr: float = 0.05,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> nn.Module:
+    """``steps`` SGD steps of softmax cross-entropy on random mini-batches, in place.
+
+    A trained network's features and ReLU patterns differ from an untrained one's (the
+    attack's benchmarks cover both). The mini-batches are drawn with a generator seeded
+    by ``seed``; torch's global random state is not touched.
+
+    Parameters
+    ----------
+    model:
+        Maps ``images`` to logits; trained in place (and returned).
+    images, labels:
+        ``(N, ...)`` in the model's dtype (converted when not) and ``(N,)`` int64.
+    steps, lr, batch_size:
+        SGD steps, learning rate and mini-batch size (at most ``N``).
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, with its gradients cleared.
+    """
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr)
+    size = min(batch_size, images.shape[0])
+    for _ in range(steps):
+        index = torch.randperm(images.shape[0], generator=generator)[:size]
+        optimiser.zero_grad()
+        loss = nn.functional.cross_entropy(model(images[index].to(dtype)), labels[index])
+        loss.backward()
+        optimiser.step()
+    model.zero_grad(set_to_none=True)
     return model

@@ -8,17 +8,21 @@ peeled) and, in one :class:`~spear.inversion.pool.DirectionPool`, the found dire
 The steps, in order:
 
 0. ``exhaustive`` (once, small layers): every row subset, then a verified combination.
-1. ``peeling``: rows of the residual as candidates; agreeing pairs peeled (fact 8).
+1. ``peeling``: rows of the residual as candidates; agreeing pairs peeled (fact 8), and
+   single rows certified by the model after the layer (fact 12).
 2. ``setup``: stop when done; prune the pool; the residual's basis for the round.
-3. ``search``: a registered solver finds the sparse directions the pool lacks.
-4. ``subspace``: row candidates on the unknown subspace give missing directions.
-5. ``focused``: row subsets steered by predicted ReLU patterns (large residuals).
-6. ``prune``: drop pooled directions that are combinations of other pooled ones.
-7. ``last``: the one missing direction from its example's own ReLU pattern.
-8. ``solve``: all directions known: solve, verify, peel (facts 5-7).
+3. ``last``: the one missing direction from its example's own ReLU pattern (or Jacobian).
+4. ``search``: a registered solver finds the sparse directions the pool lacks.
+5. ``tentative``: directions known up to pooled ones, settled by the Jacobians (fact 12).
+6. ``subspace``: row candidates on the unknown subspace give missing directions.
+7. ``line``: two directions missing: their examples' line, scanned (fact 12).
+8. ``focused``: row subsets steered by predicted ReLU patterns (large residuals).
+9. ``prune``: drop pooled directions that are combinations of other pooled ones.
+10. ``last`` again, then ``solve``: all directions known: solve, verify, peel (facts 5-7).
 
-Steps 1, 4, 5 and 7 need the layer's weights to guide the search; without them (or with
-``search_with_weights=False``) the weight-free pipeline runs 0, 2, 3, 6 and 8, and a
+Steps 1, 3 and 5 to 8 need the layer's weights to guide the search (5 and 7, and parts of
+1 and 3, the model after the layer too); without them (or with
+``search_with_weights=False``) the weight-free pipeline runs 0, 2, 4, 9 and the solve, and a
 guided search that stalls on a small batch is followed by it. Only verified examples are
 returned (:mod:`~spear.inversion.checks`, :mod:`~spear.inversion.result`).
 """

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from spear.downstream import range_tolerance
 from spear.inversion.problem import Problem
 from spear.linalg import zero_mask
 from spear.realizable import RealizabilityTest
@@ -23,6 +24,17 @@ def verified_indices(
     problem: Problem, coords: torch.Tensor, grads: torch.Tensor, live: torch.Tensor
 ) -> list[int]:
     """Indices of a solve's examples that pass verification.
+
+    Every example's gradient column must be zero exactly where its own ReLU pattern puts
+    it (:func:`spear.verify.pattern_check`) and, when the model after the layer is known
+    (:attr:`Problem.downstream`), lie in the range of the Jacobian at its own input
+    (:meth:`spear.downstream.Downstream.off_range`): a direction of a zero set whose
+    kernel has several dimensions can be wrong by a small multiple of another example's
+    column and still pass every pattern check, and the Jacobian catches it. The examples
+    mixed into such a direction are shifted without leaving their Jacobian's range; once
+    some example has fitted softmax cross-entropy with the divisor of a plain mean or sum
+    (:meth:`spear.downstream.Downstream.plain_fit`), every example must, and a shifted
+    one fails (its divisor moves with the shift).
 
     Parameters
     ----------
@@ -53,6 +65,18 @@ def verified_indices(
                 grads[:, i] = -grads[:, i]
         if ok:
             accepted.append(i)
+    downstream = problem.downstream
+    if downstream is not None and accepted:
+        pick = torch.tensor(accepted, device=coords.device)
+        inputs = coords[pick] @ layer.right
+        far, plain, repeated = downstream.checks(inputs, grads[:, pick], problem.rank)
+        near = far <= range_tolerance(problem.tol.zero_tol)
+        if bool(plain.any()):
+            problem.evidence.plain_cross_entropy = True
+        if problem.evidence.plain_cross_entropy:
+            # duplicates (an example counted c times) have the plain divisor over c
+            near &= repeated
+        accepted = [i for i, ok in zip(accepted, near.tolist(), strict=True) if ok]
     return accepted
 
 

@@ -12,6 +12,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
+from spear.errors import NoReluSparsityError
 from spear.inversion.checks import verified_indices
 from spear.inversion.problem import Problem
 from spear.inversion.result import finish
@@ -23,12 +26,14 @@ from spear.inversion.steps import (
     ExhaustiveSolve,
     FocusedSampling,
     LastDirection,
+    LineScan,
     PrunePool,
     RoundSetup,
     RowPeeling,
     Step,
     StepReport,
     SubspaceCompletion,
+    TentativeCompletion,
 )
 from spear.inversion.steps.search import SAMPLING_AFFORDABLE_RANK
 from spear.results import LayerReconstruction
@@ -47,14 +52,19 @@ class Pipeline:
     rounds: Sequence[Step]
 
 
-#: The weights find examples: row peeling, search, subspace and focused completion.
+#: The weights find examples: row peeling, search, subspace and focused completion. The
+#: last direction is tried before the search as well: with one direction missing it is
+#: exact at once, and sparsity alone may never single it out.
 GUIDED = Pipeline(
     opening=(ExhaustiveSolve(),),
     rounds=(
         RowPeeling(),
         RoundSetup(),
+        LastDirection(),
         DirectionSearch(),
+        TentativeCompletion(),
         SubspaceCompletion(),
+        LineScan(),
         FocusedSampling(),
         PrunePool(),
         LastDirection(),
@@ -81,7 +91,14 @@ def invert(problem: Problem, pipeline: Pipeline | None = None) -> LayerReconstru
         # the weight-guided search can stall where plain sampling does not (narrow
         # layers, ambiguous residuals): search again without them, verify with them
         plain = problem.weight_free()
-        plain_state, interrupted = search(plain, WEIGHT_FREE)
+        try:
+            plain_state, interrupted = search(plain, WEIGHT_FREE)
+        except NoReluSparsityError:
+            if not (state.found or any(record.candidates for record in state.stats)):
+                raise
+            # the guided search found sparse directions: plain sampling finding none
+            # means the zero sets are too small for it, not that there are none
+            return conclude(problem, state, interrupted)
         alt = conclude(plain, plain_state, interrupted)
         if alt.found > state.found:
             alt.notes.insert(0, "found by sampling without the weights' guidance.")
@@ -107,7 +124,7 @@ def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
             report = run_round(problem, state, pipeline.rounds)
             if report.end_search:
                 break
-            stalled = 0 if report.progressed else stalled + 1
+            stalled = 0 if report.progressed or report.searching else stalled + 1
             if stalled >= MAX_STALLED_ROUNDS:
                 break
     except KeyboardInterrupt:
@@ -122,14 +139,16 @@ def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
 
 
 def run_round(problem: Problem, state: SearchState, steps: Sequence[Step]) -> StepReport:
-    """Run every step once, in order; whether any progressed, or one ended the search."""
-    progressed = False
+    """Run every step once, in order; whether any progressed (or is still searching), or
+    one ended the search."""
+    progressed = searching = False
     for step in steps:
         report = _run_step(problem, state, step)
         progressed = progressed or report.progressed
+        searching = searching or report.searching
         if report.end_search:
             return StepReport(progressed=progressed, end_search=True)
-    return StepReport(progressed=progressed)
+    return StepReport(progressed=progressed, searching=searching)
 
 
 def _run_step(problem: Problem, state: SearchState, step: Step) -> StepReport:
@@ -160,6 +179,28 @@ def _fallback_applies(problem: Problem, state: SearchState) -> bool:
     )
 
 
+def _withhold_loose(problem: Problem, state: SearchState, start: int) -> int:
+    """Drop the examples found from ``start`` on that the shift of a wrong direction may
+    have moved; returns how many were dropped.
+
+    Where the update has fitted a plain cross-entropy mean or sum (fact 12), a shifted
+    example's divisor moves with the shift: those that still fit it with their own
+    columns are kept. Otherwise all of them are dropped.
+    """
+    downstream, layer = problem.downstream, problem.layer
+    res = state.residual
+    if downstream is None or layer is None or not problem.evidence.plain_cross_entropy:
+        return state.withhold_from(start)
+    tail = list(range(start, res.found))
+    if not tail:
+        return 0
+    coords = torch.stack([res.coords[i] for i in tail])
+    grads = torch.stack([res.grads[i] for i in tail], dim=1)
+    fits = downstream.plain_fit(coords @ layer.right, grads, problem.rank, duplicates=True)
+    keep = list(range(start)) + [i for i, ok in zip(tail, fits.tolist(), strict=True) if ok]
+    return state.keep(keep)
+
+
 def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerReconstruction:
     """Check loosely peeled examples as a whole (or withhold them) and build the result."""
     start_loose = state.loose_from
@@ -174,7 +215,7 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
             lambda c, g, live: verified_indices(problem, c, g, live),
         )
     ):
-        withheld = state.withhold_from(start_loose)
+        withheld = _withhold_loose(problem, state, start_loose)
         if withheld:
             state.notes.append(
                 f"{withheld} examples found after a complete solve in which some example "

@@ -84,8 +84,9 @@ class DirectionPool:
         return any(same_direction(unit, d) for d in self._items)
 
     def add(self, unit: torch.Tensor) -> bool:
-        """Pool a unit direction unless it is already there; True when added."""
-        if self.contains(unit):
+        """Pool a unit direction unless it is already there (or not finite: an
+        ill-conditioned solve's); True when added."""
+        if not bool(torch.isfinite(unit).all()) or self.contains(unit):
             return False
         self._items.append(unit)
         return True

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spear.downstream import Downstream
 from spear.errors import BatchTooLargeError, InputError
 from spear.linalg import Factorisation, Tolerances, factorise, noise_floor, orthonormal_basis
 from spear.solvers.base import Budget
@@ -30,6 +31,7 @@ __all__ = [
     "STRICT_COMPLETE_SOLVES",
     "UNLIMITED_SAMPLES",
     "VERIFIED_MIN_ZERO_FRACTION",
+    "Evidence",
     "Problem",
     "Request",
 ]
@@ -79,6 +81,23 @@ class Request:
     progress: bool | None
     search_with_weights: bool
     strict_solves: bool = STRICT_COMPLETE_SOLVES
+    downstream: Downstream | None = None
+
+
+@dataclass
+class Evidence:
+    """What the search has learnt about the update while it runs (shared by its steps).
+
+    Attributes
+    ----------
+    plain_cross_entropy:
+        Some example's column fitted softmax cross-entropy at its own input with the
+        divisor of a plain mean (``b``) or sum (1) of per-example losses (with the model
+        after the layer): the update is such a mean or sum, and every example must fit
+        it too (:func:`spear.inversion.checks.verified_indices`).
+    """
+
+    plain_cross_entropy: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,8 @@ class Problem:
         The one random source of the run, seeded once.
     notes:
         Findings made while building the problem (rank, noise).
+    evidence:
+        What the search learns about the update as it runs (mutable).
     """
 
     request: Request
@@ -139,6 +160,7 @@ class Problem:
     budget: Budget
     generator: torch.Generator
     notes: tuple[str, ...]
+    evidence: Evidence = dataclasses.field(default_factory=Evidence)
 
     @property
     def delta(self) -> bool:
@@ -161,6 +183,15 @@ class Problem:
         :data:`VERIFIED_MIN_ZERO_FRACTION` when the weights verify an exact update."""
         tau = self.request.min_zero_fraction
         return min(tau, VERIFIED_MIN_ZERO_FRACTION) if self.strict else tau
+
+    @property
+    def downstream(self) -> Downstream | None:
+        """The model after the layer, where it may find and check examples: given, the
+        update an exact one-step gradient, and the weights given (the Jacobian at an
+        input is the one the client used only when the ReLU patterns did not move)."""
+        found = self.request.downstream
+        usable = self.layer is not None and not self.noisy and not self.delta
+        return found if usable else None
 
     def time_left(self) -> bool:
         """Whether the deadline has not passed."""

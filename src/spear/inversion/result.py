@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from spear.inversion.identifiability import identifiability_note
 from spear.inversion.problem import Problem
 from spear.inversion.state import SearchState
 from spear.linalg import TINY_NORM, zero_mask
@@ -114,6 +115,8 @@ def _closing_notes(problem: Problem, state: SearchState, residual: float) -> Non
             f"{PARTIAL_RECOVERY} {k} of {rank} examples recovered; {rank - k} "
             "remain (raise time_budget, or try another solver)."
         )
+        if problem.layer is not None and not problem.noisy:
+            notes.append(identifiability_note(problem, state))
     if problem.layer is None and k:
         notes.append(
             "the layer's weight and bias were not given: examples are backed by the sparsity "

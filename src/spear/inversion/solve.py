@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from spear.downstream import Downstream, range_tolerance
 from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, kernel, orthonormal_basis
 from spear.verify import LayerView, pre_activations
@@ -82,6 +83,7 @@ def complete_last(
     others: torch.Tensor,
     layer: LayerView,
     tol: Tolerances,
+    downstream: Downstream | None = None,
 ) -> torch.Tensor | None:
     """The direction ``(m,)`` of the one example that ``others`` ``(m, r-1)`` leave out.
 
@@ -90,8 +92,9 @@ def complete_last(
     into it); its own ReLU pattern then gives its direction, the kernel of the rows of
     ``basis`` ``(m, r)`` it clearly turns off (by ``REPAIR_MARGIN`` of their roundoff
     bound). This holds even when that zero set has just ``r - 1`` live rows, where
-    sparsity alone cannot single the direction out. ``None`` when the kernel is not
-    one-dimensional.
+    sparsity alone cannot single the direction out. When the kernel is not
+    one-dimensional, the range of the Jacobian at the example (``downstream``, the model
+    after the layer) singles it out (:mod:`spear.downstream`); ``None`` when neither does.
     """
     r = basis.shape[1]
     known = basis.T @ others  # (r, r-1)
@@ -101,10 +104,14 @@ def complete_last(
         return None
     z, bound = pre_activations(layer, first[0][-1])
     off = z < -REPAIR_MARGIN * bound
-    if int(off.sum()) < r - 1:
+    if int(off.sum()) >= r - 1:
+        kern, _ = kernel(basis[off], tol.degeneracy_tol)
+        if kern.shape[1] == 1:
+            return basis @ kern[:, 0]
+    if downstream is None:
         return None
-    kern, _ = kernel(basis[off], tol.degeneracy_tol)
-    return basis @ kern[:, 0] if kern.shape[1] == 1 else None
+    x = (first[0][-1] @ layer.right)[None]
+    return downstream.directions(basis, x, range_tolerance(tol.zero_tol))[0]
 
 
 def repair_one_direction(

@@ -64,6 +64,8 @@ class SearchState:
     loose_from: int | None = None
     found_by: list[str] = field(default_factory=list)
     step: str = ""
+    tentatives: list[torch.Tensor] = field(default_factory=list)
+    tentatives_at: int = 0
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:
@@ -106,6 +108,15 @@ class SearchState:
         res.coords, res.grads = res.coords[:kept], res.grads[:kept]
         del self.found_by[kept:]
         return kept
+
+    def keep(self, indices: list[int]) -> int:
+        """Keep only the examples at ``indices`` (in order); returns how many were dropped."""
+        res = self.residual
+        dropped = res.found - len(indices)
+        res.coords = [res.coords[i] for i in indices]
+        res.grads = [res.grads[i] for i in indices]
+        self.found_by[:] = [self.found_by[i] for i in indices if i < len(self.found_by)]
+        return dropped
 
     def withhold_from(self, count: int) -> int:
         """Keep only the first ``count`` examples found; returns how many were dropped."""

@@ -78,6 +78,11 @@ class SearchSpec:
         A zero set's kernel counts as one-dimensional only when its second-smallest
         singular value is at least this fraction of the one expected of random rows
         (:func:`spear.linalg.pure_kernel`; ``Tolerances.separation``, 0 for float64).
+    tentative:
+        Also return, as weak directions, every direction known only up to ``known`` ones
+        (a zero set whose kernel reaches one dimension beyond them) and every weak one,
+        not only as many as the target lacks: the caller settles them with the model
+        after the layer (:class:`spear.inversion.steps.TentativeCompletion`).
     """
 
     basis: torch.Tensor
@@ -90,6 +95,7 @@ class SearchSpec:
     generator: torch.Generator
     on_progress: Callable[[int], None] | None = None
     separation: float = 0.0
+    tentative: bool = False
 
 
 @dataclass
@@ -109,12 +115,16 @@ class Directions:
         kernel, but with an essential row, so only the layer's ReLU patterns can confirm
         them (see :func:`spear.solvers.polish.purify`). They are offered only when the
         strong ones fall short of the target.
+    early:
+        The solver returned before its budget was spent and without its target, to let
+        the caller settle weak directions (``spec.tentative``); it has not given up.
     """
 
     vectors: torch.Tensor
     zero_fraction: torch.Tensor
     samples: int
     weak: int = 0
+    early: bool = False
 
 
 class DirectionSolver(Protocol):

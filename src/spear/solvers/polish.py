@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from spear.inversion.pool import same_direction
-from spear.linalg import kernel, null_vectors, pure_kernel, zero_mask
+from spear.linalg import beyond_span, kernel, null_vectors, pure_kernel, zero_mask
 from spear.solvers.base import SearchSpec
 
 __all__ = ["live_rows", "purify"]
@@ -102,6 +102,11 @@ def purify(
         an essential row: a true column whose zero set barely differs from another
         example's (common in small residual problems) or a mixture fitted to cancel on
         that row. Sparsity alone cannot tell them apart; the layer's ReLU patterns can.
+        It also receives, from a zero set whose kernel reaches exactly one dimension
+        beyond the directions already known (``spec.known``), that dimension: the
+        example's direction up to known ones (where the bias dominates small inputs,
+        another example's zero set often contains this one's, and its direction then
+        shares the kernel).
 
     Returns
     -------
@@ -120,6 +125,11 @@ def purify(
         if pure is None and weak is not None:
             weak.append(ker[:, 0])
         return [pure] if pure is not None else []
+    if weak is not None and spec.tentative and depth == 0 and spec.known.shape[0]:
+        known = torch.linalg.qr(spec.known.T).Q  # (r, k)
+        beyond = beyond_span(ker, known, spec.degeneracy_tol)
+        if beyond is not None:
+            weak.append(beyond)
     if d > MAX_SUBPROBLEM_DIM or depth > 1:
         return []
     return _split(basis, ker, zeros, spec, live, depth, weak)

@@ -33,6 +33,10 @@ PROBE_ROWS = 64
 #: has half that many among the probes at least about 9 times in 10 (64 probe rows, 0.1).
 PROBE_ZERO_SHARE = 0.5
 MIN_PROBE_ZEROS = 2
+#: With ``spec.tentative``, return once strong and weak directions together number this
+#: many times the target: the caller settles weak ones far faster than sampling finds
+#: strong ones where zero sets are too small to single out every example.
+TENTATIVE_SURPLUS = 3
 #: Enumerate every row subset instead of sampling when there are at most this many.
 EXHAUSTIVE_LIMIT = 50_000
 #: Fewer probe rows than this make the probe test meaningless: check in full instead.
@@ -81,6 +85,7 @@ class SamplingSolver:
         rejected: list[torch.Tensor] = []
         weak: list[torch.Tensor] = []
         samples = 0
+        early = False
         if r == 0:
             return _pack(basis, found, samples, spec)
         if r == 1:
@@ -108,6 +113,9 @@ class SamplingSolver:
             n_probe = 0
         while len(found) < spec.target and samples < budget.max_samples:
             if budget.expired():
+                break
+            if spec.tentative and len(found) + len(weak) >= TENTATIVE_SURPLUS * spec.target:
+                early = True  # enough for the caller to settle (the next call draws afresh)
                 break
             k = min(self.chunk, budget.max_samples - samples)
             if every is not None:
@@ -177,12 +185,13 @@ class SamplingSolver:
                             spec.on_progress(len(found))
         extra: list[torch.Tensor] = []
         for q in weak:
-            if len(found) + len(extra) >= spec.target:
+            if len(found) + len(extra) >= spec.target and not spec.tentative:
                 break
             if not in_span(q, _span_basis(found + known + extra, r, basis)):
                 extra.append(q)
         packed = _pack(basis, found + extra, samples, spec)
         packed.weak = len(extra)
+        packed.early = early
         return packed
 
 

@@ -5,10 +5,12 @@ from spear.inversion.steps.complete import CompleteSolve
 from spear.inversion.steps.exhaustive import ExhaustiveSolve
 from spear.inversion.steps.focused import FocusedSampling
 from spear.inversion.steps.last import LastDirection
+from spear.inversion.steps.line import LineScan
 from spear.inversion.steps.peeling import RowPeeling
 from spear.inversion.steps.search import DirectionSearch
 from spear.inversion.steps.setup import PrunePool, RoundSetup
 from spear.inversion.steps.subspace import SubspaceCompletion
+from spear.inversion.steps.tentative import TentativeCompletion
 
 __all__ = [
     "CompleteSolve",
@@ -16,10 +18,12 @@ __all__ = [
     "ExhaustiveSolve",
     "FocusedSampling",
     "LastDirection",
+    "LineScan",
     "PrunePool",
     "RoundSetup",
     "RowPeeling",
     "Step",
     "StepReport",
     "SubspaceCompletion",
+    "TentativeCompletion",
 ]

@@ -25,11 +25,15 @@ class StepReport:
         It pooled a direction or peeled an example.
     end_search:
         The search stops here (done, out of time, or given up).
+    searching:
+        It made no progress but has not given up either (a solver that returned early
+        with candidates for a later step): the round does not count as stalled.
     """
 
     stats: SolverStats | None = None
     progressed: bool = False
     end_search: bool = False
+    searching: bool = False
 
 
 class Step(Protocol):

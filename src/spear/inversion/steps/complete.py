@@ -110,6 +110,11 @@ def peel_verified(problem: Problem, state: SearchState, cols: torch.Tensor) -> i
     coords, grads = solved
     if len(accepted) < r and state.loose_from is None:
         state.loose_from = state.found
+    if problem.downstream is not None:
+        # the model after the layer finds directions again; a failed example's direction
+        # left in the pool (a mixture, say) would spoil every later solve of the rest
+        for i in sorted(set(range(r)) - set(accepted)):
+            state.pool.remove(cols[:, i] / cols[:, i].norm())
     for i in accepted:
         state.pool.remove(grads[:, i] / grads[:, i].norm())
         res.peel(coords[i], grads[:, i])

@@ -29,6 +29,14 @@ class LastDirection:
         ):
             return StepReport()
         others = state.pool.stack(dim=1)  # (m, r - 1)
-        last = complete_last(state.residual.left, bias, state.basis, others, layer, problem.tol)
+        last = complete_last(
+            state.residual.left,
+            bias,
+            state.basis,
+            others,
+            layer,
+            problem.tol,
+            problem.downstream,
+        )
         added = last is not None and state.pool.add(last / last.norm())
         return StepReport(progressed=added)

@@ -7,6 +7,7 @@ import time
 
 from spear.candidates import guided_weights
 from spear.errors import NoReluSparsityError
+from spear.inversion.pool import same_direction
 from spear.inversion.problem import UNLIMITED_SAMPLES, Problem
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
@@ -29,6 +30,14 @@ NO_SPARSITY_FACTOR = 30.0
 #: The first, capped sampling search draws at least this many samples (four of the
 #: sampling solver's default chunks), however small the rank.
 MIN_EVIDENCE_SAMPLES = 4 * 8192
+#: Where the weights guide the search, one round's solver call gets at most this share of
+#: the time left, so that the steps after it (subspace completion, the last direction,
+#: the complete solve) run in every round. Sparsity alone cannot single out an example
+#: whose zero set leaves a kernel of several dimensions (small inputs dominated by the
+#: bias: conv features entering fc1); measured on Flower's CNN at b = 8, sampling spent
+#: a 30 s budget on the one direction the last-direction step then found at once. A
+#: solver that finds what it is asked for returns long before its share is spent.
+GUIDED_SEARCH_SHARE = 0.25
 
 
 class DirectionSearch:
@@ -44,8 +53,11 @@ class DirectionSearch:
         """One solver call on the round's basis; raises :class:`NoReluSparsityError` when a
         first search finds nothing where ReLU zeros would be found many times over."""
         remaining = state.remaining
-        if state.known.shape[0] >= remaining:
+        if len(state.pool) >= remaining:
             return StepReport()
+        if state.pool and len(state.pool) != state.known.shape[0]:
+            # a step before this one pooled a direction (the last one, say)
+            state.known = unit_rows(state.pool.stack() @ state.basis)
         name = self._solver_name(problem, state)
         spec = self._spec(problem, state)
         t0 = time.perf_counter()
@@ -61,16 +73,27 @@ class DirectionSearch:
         if budget.max_samples < UNLIMITED_SAMPLES:
             budget.max_samples = max(0, budget.max_samples - dirs.samples)
         usable = dirs.vectors
-        if problem.layer is None and dirs.weak:
-            # weak directions need the layer's ReLU patterns to be confirmed
-            usable = dirs.vectors[: dirs.vectors.shape[0] - dirs.weak]
+        if (problem.layer is None or problem.downstream is not None) and dirs.weak:
+            # weak directions need the layer's ReLU patterns to be confirmed; where the
+            # model after the layer is known they are tentatives, settled by its
+            # Jacobians (pooled, the mixtures among them spoil the unknown subspace of
+            # the completion steps: measured 10 of 11 on Flower's CNN at b = 16)
+            strong = dirs.vectors.shape[0] - dirs.weak
+            if problem.downstream is not None:
+                for v in unit_rows(dirs.vectors[strong:]):
+                    unit = state.basis @ v
+                    if not any(same_direction(unit, t) for t in state.tentatives):
+                        state.tentatives.append(unit)
+            usable = dirs.vectors[:strong]
         added = sum(state.pool.add(state.basis @ v) for v in unit_rows(usable))
         if name == "sparse" and not added:
             state.sparse_stalled = True
         if not added and self._no_sparsity(problem, state, name, dirs, search_budget):
             state.bar.close()
             raise NoReluSparsityError(_no_sparsity_message(dirs.samples, remaining))
-        return StepReport(stats=record, progressed=bool(added))
+        # a solver cut short by its share of the time has not given up either
+        cut = search_budget.deadline < problem.deadline and search_budget.expired()
+        return StepReport(stats=record, progressed=bool(added), searching=dirs.early or cut)
 
     @staticmethod
     def _solver_name(problem: Problem, state: SearchState) -> str:
@@ -103,6 +126,7 @@ class DirectionSearch:
             known=state.known,
             generator=problem.generator,
             on_progress=lambda k: bar.set_postfix_str(f"directions {k}"),
+            tentative=problem.downstream is not None,
         )
 
     @staticmethod
@@ -114,11 +138,15 @@ class DirectionSearch:
         """The shared budget, or for a first search a capped one: enough samples to find
         a direction many times over when ReLU zeros exist (none found means none exist)."""
         budget = problem.budget
+        deadline = budget.deadline
+        if problem.layer is not None and problem.guided:
+            share = GUIDED_SEARCH_SHARE * budget.seconds_left()
+            deadline = min(deadline, time.perf_counter() + share)
         if not self._first(problem, state, name):
-            return budget
+            return Budget(deadline=deadline, max_samples=budget.max_samples)
         evidence = int(NO_SPARSITY_FACTOR * expected_samples(state.remaining) / state.remaining)
         cap = min(budget.max_samples, max(evidence, MIN_EVIDENCE_SAMPLES))
-        return Budget(deadline=budget.deadline, max_samples=cap)
+        return Budget(deadline=deadline, max_samples=cap)
 
     def _no_sparsity(
         self,

@@ -24,6 +24,9 @@ class RoundSetup:
         if remaining == 0 or not problem.time_left():
             return StepReport(end_search=True)
         state.pool.drop_dependent(state.residual.left, remaining, problem.tol.zero_tol)
+        if state.tentatives_at != state.found:
+            state.tentatives.clear()  # they belong to a residual with more examples
+            state.tentatives_at = state.found
         state.remaining = remaining
         state.basis = orthonormal_basis(state.residual.left, remaining)
         state.known = (

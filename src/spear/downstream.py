@@ -1,0 +1,402 @@
+"""The model after the attacked layer: every example's gradient column lies in the range
+of its own Jacobian.
+
+For a loss computed from the logits of each example alone (softmax cross-entropy, with
+any reduction, clipping or label smoothing), example ``i``'s gradient at the attacked
+layer's pre-activations is ``g_i = J_i^T d_i``: ``J_i`` ``(C, m)`` is the Jacobian of
+the logits with respect to those pre-activations at the example's own input, and ``d_i``
+``(C,)`` the loss's gradient with respect to the logits. The server knows the model after
+the layer, so a candidate input ``x`` gives ``J(x)``, and the example's column lies in
+``range(J(x)^T)``, a subspace of at most ``C`` dimensions (docs/algorithm.md, fact 12).
+
+This decides what the layer alone cannot. Where the bias dominates small inputs (conv
+features entering ``fc1``), an example's zero set can leave a kernel of several
+dimensions in the column space of ``dW``: its direction ``g_r`` is then one of a family
+``g_r + t v`` (``v`` a combination of other examples' columns that vanishes on the same
+units), and every member, with the examples of ``v`` shifted by ``t`` times ``x_r``,
+passes every ReLU-pattern check for small ``t`` (measured on Flower's CNN, ``b = 8``:
+``t`` up to ``1e-2``, features ``3e-3`` off, all 8 examples pass). The Jacobian pins the
+member: ``g_r`` lies in ``range(J(x_r)^T)``, ``v`` does not.
+
+* :meth:`Downstream.direction` intersects the column space of ``dW`` with
+  ``range(J(x)^T)``: when the candidate ``x`` has a true example's ReLU patterns (at the
+  attacked layer and after it), the intersection is that example's exact column,
+  whatever the dimension of its zero set's kernel.
+* :meth:`Downstream.off_range` is the check: a solved example's column must lie in the
+  range of the Jacobian at its own input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RANGE_RANK_ULPS", "Downstream", "divisor_tolerance", "range_tolerance"]
+
+#: Singular values of ``J^T`` below this many machine epsilons (of the model's dtype) of
+#: the largest do not count in its range (classes the network cannot tell apart there).
+RANGE_RANK_ULPS = 1e3
+#: A column lies in a Jacobian's range when its distance from it, relative to its norm, is
+#: at most this many zero tolerances (:attr:`spear.linalg.Tolerances.zero_tol`, derived
+#: from the update's dtype and noise floor). Measured on Flower's CNN and the VGG-style
+#: CNN (``b = 8, 16``): true columns lie ``1e-15`` (float64) and ``2e-7`` to ``8e-7``
+#: (float32) from their range, where the zero tolerance is ``1e-11`` and ``1e-5``; the
+#: next principal vector of the column space lies ``0.07`` or more from it.
+RANGE_HEADROOM = 1.0
+#: An intersection direction is kept only when, with one of its signs, it fits softmax
+#: cross-entropy's gradient at the candidate to this relative error (any positive
+#: divisor). Where few units separate the examples, most of every column lies in the
+#: same few-dimensional range (on units every example turns on, all Jacobians agree), and
+#: combinations of several examples' columns meet the range by accident. Measured on the
+#: two CNNs (b = 8 to 32, float64 and float32, untrained and trained): true directions
+#: fit to at most 3e-4, accidental ones 0.32 and worse.
+CANDIDATE_FIT = 0.05
+#: Candidates are pushed through the model after the layer in chunks of this many.
+JACOBIAN_CHUNK = 256
+
+
+#: A cross-entropy divisor is the batch's (``b`` for a mean, 1 for a sum) when it is within
+#: this many machine epsilons of the model's dtype of it, and never closer than
+#: ``MIN_DIVISOR_TOL`` is asked for. Measured (Flower's CNN and the VGG-style CNN, b = 8
+#: and 16): examples read off single rows give divisors within 7e-8 (float32) and 1e-13
+#: (float64) of ``b``, examples solved again after 15 float32 peels within 1.6e-5; a
+#: mixture is off by its weight on other examples, an example shifted along a direction
+#: its zero set does not fix by the shift (0.4 and more measured).
+DIVISOR_ULPS = 1000.0
+MIN_DIVISOR_TOL = 1e-9
+
+
+def divisor_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of a cross-entropy divisor for a model of ``dtype``."""
+    return max(MIN_DIVISOR_TOL, DIVISOR_ULPS * float(torch.finfo(dtype).eps))
+
+
+def range_tolerance(zero_tol: float) -> float:
+    """Largest relative distance of a column from a Jacobian's range that counts as zero."""
+    return RANGE_HEADROOM * zero_tol
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """The attacked layer and the model after it, as the server knows them.
+
+    Attributes
+    ----------
+    after:
+        Maps the layer's pre-activations ``(k, m)`` to logits ``(k, C)`` (or a tuple whose
+        first entry they are), example by example.
+    weight, bias:
+        ``(m, n)`` and ``(m,)`` the layer's parameters, in the model's dtype.
+    """
+
+    after: Callable[[torch.Tensor], torch.Tensor]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype (its Jacobians carry that dtype's roundoff)."""
+        return self.weight.dtype
+
+    def jacobians(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(k, C, m)`` float64 Jacobians of the logits at ``inputs`` ``(k, n)``.
+
+        The layer's pre-activations are computed in the model's dtype; one backward pass
+        per class gives every example's row of that class at once (examples do not
+        interact after the layer).
+        """
+        return self.logits_and_jacobians(inputs)[1]
+
+    def logits_and_jacobians(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, C)`` logits and ``(k, C, m)`` Jacobians at ``inputs`` ``(k, n)``, float64."""
+        parts = [
+            self._jacobians(inputs[start : start + JACOBIAN_CHUNK])
+            for start in range(0, inputs.shape[0], JACOBIAN_CHUNK)
+        ]
+        if not parts:
+            m = self.weight.shape[0]
+            return inputs.new_zeros(0, 0), inputs.new_zeros(0, 0, m)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _jacobians(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.weight.detach()
+        x = inputs.detach().to(weight.device, weight.dtype)
+        bias = self.bias.detach() if self.bias is not None else None
+        with torch.enable_grad():
+            z = torch.nn.functional.linear(x, weight, bias).requires_grad_(True)
+            out = self.after(z)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            classes = int(logits.shape[1])
+            rows = [
+                torch.autograd.grad(
+                    logits[:, c].sum(), z, retain_graph=c < classes - 1, allow_unused=True
+                )[0]
+                for c in range(classes)
+            ]
+        filled = [r if r is not None else torch.zeros_like(z) for r in rows]
+        jac = torch.stack(filled, dim=1).detach().to(inputs.device, torch.float64)
+        return logits.detach().to(inputs.device, torch.float64), jac
+
+    def ranges(self, inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Orthonormal bases ``(m, c_i)`` of ``range(J(x_i)^T)`` for ``inputs`` ``(k, n)``."""
+        return self._ranges(self.jacobians(inputs))
+
+    def off_range(
+        self,
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``(k,)`` relative distance of each column ``grads[:, i]`` ``(m, k)`` from the
+        range of the Jacobian at its own input ``inputs[i]`` ``(k, n)`` (``at``: the
+        logits and Jacobians there, when already computed)."""
+        out = torch.full((inputs.shape[0],), math.inf, dtype=torch.float64, device=grads.device)
+        finite = torch.isfinite(inputs).all(dim=1) & torch.isfinite(grads).all(dim=0)
+        if not bool(finite.all()):
+            kept = torch.nonzero(finite).flatten()
+            if kept.numel():
+                out[kept] = self.off_range(inputs[kept], grads[:, kept])
+            return out
+        jac = at[1] if at is not None else self.jacobians(inputs)
+        for i, span in enumerate(self._ranges(jac)):
+            g = grads[:, i]
+            norm = float(g.norm())
+            if norm == 0.0:
+                out[i] = math.inf
+                continue
+            out[i] = float((g - span @ (span.T @ g)).norm()) / norm
+        return out
+
+    def plain_fit(
+        self,
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        batch_size: int,
+        *,
+        duplicates: bool = False,
+    ) -> torch.Tensor:
+        """``(k,)`` bool: column ``grads[:, i]`` ``(m, k)`` fits softmax cross-entropy at
+        ``inputs[i]`` ``(k, n)`` (:func:`spear.labels.label_fit_tol`) with the divisor of a
+        plain mean over ``batch_size`` examples or a plain sum (:func:`divisor_tolerance`).
+
+        ``duplicates``: an example that occurs ``c`` times in the batch has ``c`` times
+        its column, so its divisor is the plain one over ``c`` (``c`` up to
+        ``batch_size``); allowed when the update is known to be such a mean or sum.
+        """
+        fit, divisor = self.cross_entropy_fit(inputs, grads)
+        return self._plain(fit, divisor, batch_size, duplicates)
+
+    def checks(
+        self, inputs: torch.Tensor, grads: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`off_range`, :meth:`plain_fit` and :meth:`plain_fit` with duplicates of
+        the same examples, from one evaluation of their Jacobians."""
+        at = self.logits_and_jacobians(inputs)
+        far = self.off_range(inputs, grads, at)
+        fit, divisor = self.cross_entropy_fit(inputs, grads, at)
+        plain = self._plain(fit, divisor, batch_size, False)
+        repeated = self._plain(fit, divisor, batch_size, True)
+        return far, plain, repeated
+
+    def _plain(
+        self, fit: torch.Tensor, divisor: torch.Tensor, batch_size: int, duplicates: bool
+    ) -> torch.Tensor:
+        """Which fits are within tolerance with a plain (or duplicated) divisor."""
+        from spear.labels import label_fit_tol
+
+        tol = divisor_tolerance(self.dtype)
+        ok = fit <= label_fit_tol(self.dtype)
+        counts = range(1, batch_size + 1) if duplicates else range(1, 2)
+        plain = torch.zeros_like(ok)
+        for c in counts:
+            for whole in (float(batch_size), 1.0):
+                target = whole / c
+                plain |= (divisor - target).abs() <= tol * target
+        return ok & plain
+
+    def cross_entropy_fit(
+        self,
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """How well each column ``grads[:, i]`` ``(m, k)`` is softmax cross-entropy's
+        gradient at ``inputs[i]`` ``(k, n)``, with its own positive divisor.
+
+        Solves ``J_i^T r_i = g_i`` and compares ``r_i`` with ``(p_i - e_y) / B_i``
+        (``p_i`` the softmax at the input, ``y`` the most negative entry of ``r_i``), as
+        :func:`spear.labels.recover_labels` does. Unlike the range test, this depends on
+        the input itself and not only on its ReLU patterns: a mixture of two examples
+        with the same patterns as one of them fails it.
+
+        Returns
+        -------
+        fit:
+            ``(k,)`` relative error of ``r_i`` against ``(p_i - e_y) / B_i``.
+        divisor:
+            ``(k,)`` ``B_i`` (positive for a gradient: ``b`` under mean reduction).
+
+        ``at``: the logits and Jacobians at ``inputs`` when already computed.
+        """
+        logits, jac = at if at is not None else self.logits_and_jacobians(inputs)
+        k = inputs.shape[0]
+        fit = torch.full((k,), math.inf, dtype=torch.float64, device=grads.device)
+        divisor = torch.zeros(k, dtype=torch.float64, device=grads.device)
+        for i in range(k):
+            column = grads[:, i : i + 1]
+            size = float(column.abs().max())
+            if not (math.isfinite(size) and size > 0.0 and bool(torch.isfinite(jac[i]).all())):
+                continue
+            r = torch.linalg.lstsq(jac[i].T, column / size).solution[:, 0]
+            p = torch.softmax(logits[i], dim=0)
+            target = p.clone()
+            target[int(torch.argmin(r))] -= 1.0
+            rr = float(r @ r)
+            if rr == 0.0:
+                continue
+            div = float(target @ r) / rr
+            fit[i] = float((r * div - target).norm()) / (float(target.norm()) or 1.0)
+            divisor[i] = div / size
+        return fit, divisor
+
+    def directions(
+        self, basis: torch.Tensor, inputs: torch.Tensor, tol: float
+    ) -> list[torch.Tensor | None]:
+        """The one unit direction ``(m,)`` of ``span(basis)`` in ``range(J(x_i)^T)`` for
+        each candidate ``inputs[i]`` ``(k, n)``, or ``None``.
+
+        ``basis`` ``(m, r)`` has orthonormal columns. A candidate gets a direction when
+        exactly one principal vector of the two subspaces lies within ``tol`` of both
+        (its distance from the range, relative), the next is clearly farther
+        (:data:`spear.linalg.KERNEL_GAP` times), and it fits cross-entropy's gradient at
+        the candidate to :data:`CANDIDATE_FIT` (with either sign).
+        """
+        found = self.intersections(basis, inputs, tol)
+        keep = [i for i, unit in enumerate(found) if unit is not None]
+        if not keep:
+            return found
+        units = torch.stack([found[i] for i in keep], dim=1)  # type: ignore[misc]
+        x = inputs[keep]
+        plus, _ = self.cross_entropy_fit(x, units)
+        minus, _ = self.cross_entropy_fit(x, -units)
+        for j, i in enumerate(keep):
+            if min(float(plus[j]), float(minus[j])) > CANDIDATE_FIT:
+                found[i] = None
+        return found
+
+    def intersections(
+        self, basis: torch.Tensor, inputs: torch.Tensor, tol: float
+    ) -> list[torch.Tensor | None]:
+        """:meth:`directions` without the cross-entropy fit: for candidates that are not
+        near an example (the fit needs that), whose directions the caller verifies.
+
+        Where the intersection has several dimensions (two examples with the same ReLU
+        patterns have the same Jacobian), the candidate's own cross-entropy column
+        ``J^T (p - e_y)`` is taken when it lies in ``span(basis)`` for one label ``y``:
+        exact for an exact example.
+        """
+        from spear.linalg import KERNEL_GAP
+
+        finite = torch.isfinite(inputs).all(dim=1)
+        if not bool(finite.all()):
+            # an ill-conditioned solve's examples: no direction for those
+            kept = torch.nonzero(finite).flatten().tolist()
+            some = self.intersections(basis, inputs[kept], tol) if kept else []
+            out_all: list[torch.Tensor | None] = [None] * inputs.shape[0]
+            for i, unit in zip(kept, some, strict=True):
+                out_all[i] = unit
+            return out_all
+        logits, jac = self.logits_and_jacobians(inputs)
+        spans = self._ranges(jac)
+        out: list[torch.Tensor | None] = []
+        for i, span in enumerate(spans):
+            if span.shape[1] == 0:
+                out.append(None)
+                continue
+            u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)  # (r, c)
+            vecs = basis @ u  # (m, c) unit vectors of span(basis), nearest first
+            dist = (vecs - span @ (span.T @ vecs)).norm(dim=0)
+            inside = int((dist <= tol).sum())
+            clear = dist.numel() < 2 or float(dist[1]) > KERNEL_GAP * tol
+            if inside == 1 and clear:
+                out.append(vecs[:, 0])
+            elif inside >= 2:
+                out.append(_own_column(basis, jac[i], logits[i], tol))
+            else:
+                out.append(None)
+        return out
+
+    def _ranges(self, jac: torch.Tensor) -> list[torch.Tensor]:
+        """Orthonormal bases ``(m, c_i)`` of ``range(J_i^T)`` for ``jac`` ``(k, C, m)``."""
+        u, s, _ = torch.linalg.svd(jac.mT, full_matrices=False)  # (k, m, C), (k, C)
+        cut = RANGE_RANK_ULPS * float(torch.finfo(self.dtype).eps)
+        keep = s > cut * s[:, :1].clamp_min(torch.finfo(torch.float64).tiny)
+        return [u[i][:, keep[i]] for i in range(jac.shape[0])]
+
+
+def _own_column(
+    basis: torch.Tensor, jac: torch.Tensor, logits: torch.Tensor, tol: float
+) -> torch.Tensor | None:
+    """The unit column ``J^T (p - e_y)`` ``(m,)`` of the one label ``y`` for which it lies
+    within ``tol`` of ``span(basis)`` ``(m, r)``, the next label clearly farther; else
+    ``None``. ``jac`` ``(C, m)`` and ``logits`` ``(C,)`` are at the candidate."""
+    from spear.linalg import KERNEL_GAP
+
+    p = torch.softmax(logits, dim=0)
+    targets = p[None, :] - torch.eye(p.numel(), dtype=p.dtype, device=p.device)  # (C, C)
+    cols = jac.T @ targets.T  # (m, C): column of each label
+    norms = cols.norm(dim=0).clamp_min(torch.finfo(cols.dtype).tiny)
+    cols = cols / norms
+    dist = (cols - basis @ (basis.T @ cols)).norm(dim=0)
+    order = torch.argsort(dist)
+    best = int(order[0])
+    if float(dist[best]) > tol:
+        return None
+    if order.numel() > 1 and float(dist[int(order[1])]) <= KERNEL_GAP * tol:
+        return None
+    return cols[:, best]
+
+
+def own_columns(
+    downstream: Downstream, basis: torch.Tensor, inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's own cross-entropy column, of the label that fits ``span(basis)``
+    best, projected on ``span(basis)`` ``(m, r)``.
+
+    Returns
+    -------
+    columns:
+        ``(m, k)`` unit columns in ``span(basis)`` for ``inputs`` ``(k, n)``, exactly zero
+        on the units each candidate turns off.
+    distance:
+        ``(k,)`` relative distance of each unprojected column from ``span(basis)`` (zero,
+        to roundoff, at an exact example).
+    """
+    k = inputs.shape[0]
+    if k > JACOBIAN_CHUNK:
+        parts = [
+            own_columns(downstream, basis, inputs[start : start + JACOBIAN_CHUNK])
+            for start in range(0, k, JACOBIAN_CHUNK)
+        ]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
+    logits, jac = downstream.logits_and_jacobians(inputs)
+    out = basis.new_zeros(basis.shape[0], k)
+    dist = basis.new_zeros(k)
+    for i in range(k):
+        p = torch.softmax(logits[i], dim=0)
+        targets = p[None, :] - torch.eye(p.numel(), dtype=p.dtype, device=p.device)
+        cols = jac[i].T @ targets.T  # (m, C)
+        cols = cols / cols.norm(dim=0).clamp_min(torch.finfo(cols.dtype).tiny)
+        inside = basis @ (basis.T @ cols)
+        far = (cols - inside).norm(dim=0)
+        best = int(torch.argmin(far))
+        # units the candidate turns off have zero Jacobian rows: its column is exactly
+        # zero there, and the projection's roundoff is not kept (in float32 it would
+        # stay in the residual of every peel)
+        column = torch.where(jac[i].abs().sum(dim=0) > 0, inside[:, best], 0.0)
+        out[:, i] = column / column.norm().clamp_min(torch.finfo(cols.dtype).tiny)
+        dist[i] = far[best]
+    return out, dist

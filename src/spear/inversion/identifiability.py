@@ -1,0 +1,77 @@
+"""Why examples were not recovered: how many units separate the batch, how many rows one
+example alone turns on (docs/algorithm.md, "Identifiability").
+
+An example's gradient direction is fixed by the layer's update when its zero set (the
+live units it turns off) holds ``b - 1`` independent rows, or when one unit is on for it
+alone (a single-example row). Where the bias dominates ``W x`` (small inputs: conv
+features entering ``fc1``), most units are on, or off, for the whole batch; only the
+units that *separate* the batch (on for some examples, off for others) can be in a zero
+set, and with few of them the zero sets are too small: the update then holds a
+continuum of batches that pass every check of the layer (fact 12), and the model after
+the layer has to single out the true one. The note says how far the attack got and
+what the update shows.
+
+What the update shows exactly: the live units (rows of ``dW`` that are not zero), the
+units the recovered examples turn off (each separates the batch: some example is on
+there), and the units on for recovered examples only. Which of the units every
+recovered example turns on separate the batch depends on the missing examples, so the
+count of separating units is a lower bound while examples are missing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spear.inversion.problem import Problem
+from spear.inversion.state import SearchState
+from spear.linalg import TINY_NORM, zero_mask
+from spear.solvers.polish import live_rows
+
+__all__ = ["identifiability_note"]
+
+
+def identifiability_note(problem: Problem, state: SearchState) -> str:
+    """The note of a result that misses examples: what separates the batch, and why the
+    rest could not be singled out (the numbers the update and the recovered examples
+    give)."""
+    b, m, k = problem.rank, problem.m, state.found
+    tol = problem.tol.zero_tol
+    left = problem.fac.left
+    live = live_rows(left / left.norm(dim=0).clamp_min(TINY_NORM), tol)
+    n_live = int(live.sum())
+    res = state.residual.left
+    res_norm = res.norm(dim=1)
+    residual_live = res_norm > tol * float(left.norm(dim=1).max())
+    missing = b - k
+    text = (
+        f"{missing} of the {b} examples could not be identified: of the {m} units, "
+        f"{n_live} are on for some example"
+    )
+    if k:
+        grads = torch.stack(state.residual.grads, dim=1)  # (m, k)
+        on = ~zero_mask(grads, tol) & live[:, None]
+        off = live[:, None] & ~on
+        separating = int((off.any(dim=1)).sum())
+        alone = int(((on.sum(dim=1) == 1) & ~residual_live).sum())
+        sizes = off.sum(dim=0)
+        text += (
+            f"; at least {separating} separate the batch (on for some examples and off "
+            f"for others) and {alone} are single-example rows (on for one example alone) "
+            f"of the {k} recovered examples, whose zero sets hold {int(sizes.min())} to "
+            f"{int(sizes.max())} live units"
+        )
+    else:
+        text += (
+            "; with no example recovered, how many of them separate the batch (on for "
+            "some examples and off for others) is not known"
+        )
+    text += (
+        f". An example is singled out by a single-example row, or by its zero set when "
+        f"that holds {b - 1} independent live units ({missing - 1} once the others are "
+        f"found); the {missing} missing examples, on at {int(residual_live.sum())} "
+        "units, have no single-example row that passed its checks and no zero set that "
+        "singled one out. Where the bias dominates W x (small inputs, such as pooled "
+        "conv features) most units are on, or off, for the whole batch, zero sets are "
+        "small, and the update holds many batches that pass every check of the layer."
+    )
+    return text
