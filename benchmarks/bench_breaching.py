@@ -96,20 +96,20 @@ def _fmt(value: float) -> str:
 
 def _measure_images(
     out: Outcome,
-    rec: Reconstruction,
     truth: torch.Tensor,
     truth_labels: torch.Tensor,
     images: torch.Tensor | None,
+    labels: torch.Tensor | None,
 ) -> None:
-    """Fill ``out`` with the PSNR, SSIM and labels of ``images`` ``(k, C, H, W)``."""
+    """Fill ``out`` with the PSNR, SSIM and labels ``(k,)`` of ``images`` ``(k, C, H, W)``."""
     if images is None or images.shape[0] == 0:
         return
     found = images.detach().to(torch.float64).reshape(-1, *truth.shape[1:])
     matching = metrics.match(found, truth)
     out.psnr = metrics.psnr(found, truth, matching=matching, reduction="none").tolist()
     out.ssim = metrics.ssim(found, truth, matching=matching, reduction="none").tolist()
-    if rec.labels is not None and len(rec.labels) == found.shape[0]:
-        correct = metrics.label_accuracy(rec.labels, truth_labels, matching) * truth.shape[0]
+    if labels is not None and len(labels) == found.shape[0]:
+        correct = metrics.label_accuracy(labels, truth_labels, matching) * truth.shape[0]
         out.labels = round(correct)
 
 
@@ -177,9 +177,9 @@ def run_case(
         features_of: Callable[[torch.Tensor], torch.Tensor] = model.features  # type: ignore[assignment]
         with torch.no_grad():
             _measure_features(out, rec, features_of(images).to(torch.float64))
-        _measure_images(out, rec, images, labels, rec.images)
+        _measure_images(out, images, labels, rec.images, rec.image_labels)
     else:
-        _measure_images(out, rec, images, labels, rec.inputs)
+        _measure_images(out, images, labels, rec.inputs, rec.labels)
     outcomes = [out]
 
     attacks: list[tuple[str, Callable[..., Reconstruction], dict[str, object]]] = [
@@ -202,7 +202,7 @@ def run_case(
         seconds = time.perf_counter() - start
         steps = next(note.split(" Adam steps")[0] for note in rec.notes if "Adam steps" in note)
         out = Outcome(setting, b, f"{attack} ({steps.split()[-1]} steps)", seconds)
-        _measure_images(out, rec, images, labels, rec.inputs)
+        _measure_images(out, images, labels, rec.inputs, rec.labels)
         outcomes.append(out)
     return outcomes
 

@@ -49,7 +49,9 @@ def run_case(
     tol = 1e-6 if dtype == torch.float64 else 1e-3
     start = time.perf_counter()
     try:
-        rec = spear.attack(net, update, seed=seed, time_budget=budget, progress=False)
+        rec = spear.attack(
+            net, update, seed=seed, time_budget=budget, progress=False, image_budget=0
+        )
     except BatchTooLargeError as err:
         return {
             "exact": 0.0,

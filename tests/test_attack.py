@@ -336,3 +336,53 @@ def test_attack_named_layer_must_be_linear_followed_by_relu(layer: str) -> None:
     x, y = fashion(4, seed=2)
     with pytest.raises(NotAttackableError, match=f"layer '{layer}' is not a linear layer"):
         spear.attack(model, fedsgd_update(model, x, y), layer=layer)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_missing_labels_from_the_head_less_the_recovered_examples(reduction: str) -> None:
+    """The head's bias gradient less the recovered examples' exact terms leaves the
+    missing examples' labels, also where counting the whole batch gets them wrong."""
+    from spear.baselines.labels import infer_labels
+    from spear.labels import LabelResult, missing_labels
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 10)).double()
+    x = torch.rand(12, 20, dtype=torch.float64)
+    y = torch.tensor([7, 7, 7, 7, 7, 2, 2, 9, 1, 1, 4, 0])
+    loss = nn.functional.cross_entropy(model(x), y, reduction=reduction)
+    update = dict(
+        zip(
+            (n for n, _ in model.named_parameters()),
+            torch.autograd.grad(loss, list(model.parameters())),
+            strict=True,
+        )
+    )
+    k = 9
+    divisor = torch.full((k,), 12.0 if reduction == "mean" else 1.0, dtype=torch.float64)
+    found = LabelResult(
+        y[:k],
+        divisor,
+        torch.zeros(k, dtype=torch.float64),
+        reduction,
+        torch.ones(k, dtype=torch.int64),
+        torch.ones(k, dtype=torch.int64),
+        1e-6,
+    )
+    after = model[1:]
+    read = missing_labels(model, update, after, model[0].weight, model[0].bias, x[:k], found, 3)
+    assert read is not None and sorted(read.tolist()) == sorted(y[k:].tolist())
+    # a found result whose labels are not exact gives no terms to subtract
+    found.fit_error[0] = 1.0
+    assert (
+        missing_labels(model, update, after, model[0].weight, model[0].bias, x[:k], found, 3)
+        is None
+    )
+    # counting the whole batch over-counts the frequent class: less the found labels,
+    # it leaves [7, 7, 7]
+    whole = infer_labels(model, update, batch_size=12).labels
+    assert whole is not None
+    left = whole.tolist()
+    for label in y[:k].tolist():
+        if label in left:
+            left.remove(label)
+    assert sorted(left) != sorted(y[k:].tolist())

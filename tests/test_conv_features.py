@@ -74,13 +74,13 @@ def test_flower_cnn_features_exact_at_b8(dtype: torch.dtype, rel: float) -> None
     # two of the eight zero sets leave a two-dimensional kernel: the layer alone cannot
     # single those examples out, their Jacobians can
     net, update, truth, labels = _batch("flower-cnn", 8, dtype)
-    rec = spear.attack(net, update, time_budget=15, progress=False)
+    rec = spear.attack(net, update, time_budget=15, progress=False, image_budget=0)
     _assert_exact(rec, truth, labels, rel)
 
 
 def test_vgg_cnn_features_exact_at_b8() -> None:
     net, update, truth, labels = _batch("vgg", 8, torch.float64)
-    rec = spear.attack(net, update, time_budget=15, progress=False)
+    rec = spear.attack(net, update, time_budget=15, progress=False, image_budget=0)
     _assert_exact(rec, truth, labels, 1e-6)
 
 
@@ -88,8 +88,10 @@ def test_unidentifiable_batch_says_why() -> None:
     # untrained VGG-style CNN, b = 16: every example's zero set holds only 6 to 9 of the
     # 144 live units (a direction needs 15), 17 units separate the batch: the update
     # holds a continuum of batches that pass every check of the layer
-    net, update, truth, _ = _batch("vgg", 16, torch.float64)
-    rec = spear.attack(net, update, time_budget=4, progress=False)
+    net, update, truth, labels = _batch("vgg", 16, torch.float64)
+    rec = spear.attack(
+        net, update, time_budget=4, progress=False, image_budget=6, input_range=(0.0, 1.0)
+    )
     assert rec.layer_result is not None
     assert not rec.complete
     note = next(n for n in rec.notes if "could not be identified" in n)
@@ -102,6 +104,21 @@ def test_unidentifiable_batch_says_why() -> None:
     if rec.inputs.shape[0]:
         found = rec.inputs.reshape(rec.inputs.shape[0], -1).to(torch.float64)
         assert spear.metrics.exact_rate(found, truth, rel_tol=1e-6) * 16 == found.shape[0]
+    # an image for every example: the recovered features' images, then gradient-matching
+    # estimates of the missing examples, labelled from the head's gradient
+    k = rec.inputs.shape[0]
+    assert rec.images is not None and rec.images.shape == (16, 3, 32, 32)
+    assert rec.images_from_features == k
+    assert float(rec.images.min()) >= 0.0 and float(rec.images.max()) <= 1.0
+    assert rec.image_labels is not None and rec.image_labels.shape == (16,)
+    if rec.labels is not None:
+        assert torch.equal(rec.image_labels[:k], rec.labels)
+    assert any("gradient matching on the whole update" in n for n in rec.notes)
+    # the labels of a batch of 16 from the head's gradient: most of the true multiset
+    common = sum(
+        min(int((rec.image_labels == c).sum()), int((labels == c).sum())) for c in range(10)
+    )
+    assert common >= 12
 
 
 def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:

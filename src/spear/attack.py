@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,10 +18,17 @@ from torch import nn
 from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.errors import BatchTooLargeError, InputError
-from spear.images import ImageReconstruction, reconstruct_images
+from spear.images import (
+    FEATURE_IMAGE_SHARE,
+    ImageReconstruction,
+    MissingImages,
+    image_shape_for,
+    images_of_missing,
+    reconstruct_images,
+)
 from spear.inversion.problem import HALF_PRECISIONS
 from spear.inversion.result import PARTIAL_RECOVERY
-from spear.labels import LabelResult, recover_labels
+from spear.labels import LabelResult, missing_labels, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
 from spear.noisy import approximate_layer, noisy_batch_size
@@ -250,29 +258,21 @@ def attack(
             )
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
-    rebuilt: ImageReconstruction | None = None
-    if not target.first and target.before is not None and result.found and image_budget > 0:
-        rebuilt = reconstruct_images(
-            work,
-            target.before,
-            observed,
-            features.to(dtype),
-            labels,
-            update_kind=kind,
-            complete=result.complete,
-            input_shape=input_shape,
-            input_range=input_range,
-            time_budget=image_budget,
-            seed=seed,
-            progress=progress,
-        )
-        if rebuilt is not None:
-            notes.extend(rebuilt.notes)
-        else:
-            notes.append(
-                "no images from the features: the model's input shape could not be read off "
-                "the layers before the attacked one; pass input_shape=."
-            )
+    rebuilt, missing_images = _images(
+        work,
+        target,
+        observed,
+        features.to(dtype),
+        label_result,
+        result,
+        kind,
+        input_shape,
+        input_range,
+        image_budget,
+        seed,
+        progress,
+        notes,
+    )
     determined = rebuilt is not None and rebuilt.all_determined and result.complete
     if target.first and labels is not None:
         certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
@@ -368,10 +368,123 @@ def attack(
         estimate=source,
         error_rms=result.error_rms if source == "approximate" else None,
         noise=result.noise,
-        images=rebuilt.images if rebuilt is not None else None,
         images_determined=determined,
         image_feature_residual=rebuilt.feature_residual if rebuilt is not None else None,
+        **_image_fields(rebuilt, labels, missing_images),
     )
+
+
+def _images(
+    model: nn.Module,
+    target: AttackTarget,
+    update: dict[str, torch.Tensor],
+    features: torch.Tensor,
+    label_result: LabelResult | None,
+    result: LayerReconstruction,
+    kind: UpdateKind,
+    input_shape: tuple[int, ...] | None,
+    input_range: tuple[float, float] | None,
+    image_budget: float,
+    seed: int,
+    progress: bool | None,
+    notes: list[str],
+) -> tuple[ImageReconstruction | None, MissingImages | None]:
+    """Model inputs for a feature-space result: images of the recovered features ``(k,
+    n)`` (:func:`spear.images.reconstruct_images`) and, when examples are missing,
+    gradient-matching estimates of those (:func:`spear.images.images_of_missing`); notes
+    are appended to ``notes``."""
+    if target.first or target.before is None or image_budget <= 0:
+        return None, None
+    start = time.perf_counter()
+    labels = label_result.labels if label_result is not None else None
+    missing = result.batch_size - result.found
+    fill = missing > 0 and (labels is not None or not result.found)
+    rebuilt: ImageReconstruction | None = None
+    if result.found:
+        rebuilt = reconstruct_images(
+            model,
+            target.before,
+            update,
+            features,
+            labels,
+            update_kind=kind,
+            complete=result.complete,
+            input_shape=input_shape,
+            input_range=input_range,
+            time_budget=image_budget * (FEATURE_IMAGE_SHARE if fill else 1.0),
+            seed=seed,
+            progress=progress,
+        )
+        if rebuilt is None:
+            notes.append(
+                "no images from the features: the model's input shape could not be read off "
+                "the layers before the attacked one; pass input_shape=."
+            )
+            return None, None
+        notes.extend(rebuilt.notes)
+    if not fill:
+        return rebuilt, None
+    shape = (
+        tuple(rebuilt.images.shape[1:])
+        if rebuilt is not None
+        else input_shape or image_shape_for(target.before, features.shape[1], features.dtype)
+    )
+    if shape is None:
+        return rebuilt, None
+    known = None
+    if rebuilt is not None and labels is not None:
+        known = (rebuilt.images, labels)
+    read = None
+    if kind == "gradient" and label_result is not None and target.after is not None:
+        read = missing_labels(
+            model,
+            update,
+            target.after,
+            target.weight.detach(),
+            target.bias.detach() if target.bias is not None else None,
+            features,
+            label_result,
+            missing,
+        )
+    filled = images_of_missing(
+        model,
+        update,
+        known,
+        missing,
+        shape,
+        update_kind=kind,
+        input_range=input_range,
+        time_budget=max(1.0, image_budget - (time.perf_counter() - start)),
+        seed=seed,
+        labels=read,
+    )
+    if filled is not None:
+        notes.extend(filled.notes)
+    return rebuilt, filled
+
+
+def _image_fields(
+    rebuilt: ImageReconstruction | None,
+    labels: torch.Tensor | None,
+    filled: MissingImages | None,
+) -> dict[str, Any]:
+    """``images``, ``image_labels`` and ``images_from_features`` of a :class:`Reconstruction`:
+    the recovered features' images first (in the order of ``.inputs``), then the missing
+    examples' estimates."""
+    images: list[torch.Tensor] = []
+    tags: list[torch.Tensor] | None = []
+    if rebuilt is not None:
+        images.append(rebuilt.images)
+        tags = [labels.cpu()] if labels is not None else None
+    if filled is not None:
+        images.append(filled.images.to(images[0].dtype) if images else filled.images)
+        if tags is not None:
+            tags.append(filled.labels.cpu())
+    return {
+        "images": torch.cat(images) if images else None,
+        "image_labels": torch.cat(tags) if images and tags else None,
+        "images_from_features": rebuilt.images.shape[0] if rebuilt is not None else 0,
+    }
 
 
 def _mixed_precision(

@@ -58,22 +58,26 @@ from spear.errors import InputError
 
 __all__ = [
     "CALIBRATION_STEPS",
+    "FEATURE_IMAGE_SHARE",
     "GRADIENT_WEIGHT",
     "IMAGE_LEARNING_RATE",
     "IMAGE_STEPS",
     "JACOBIAN_MAX_ENTRIES",
     "LEAKY_SHARE",
     "LEAKY_START",
+    "MISSING_IMAGE_STEPS",
     "NEWTON_STEPS",
     "SEARCH_SHARE",
     "START_STEPS",
     "TV_WEIGHT",
     "ZERO_FEATURE_EPS",
     "ImageReconstruction",
+    "MissingImages",
     "gradient_term",
     "guess_image_shape",
     "image_shape_for",
     "images_from_features",
+    "images_of_missing",
     "leaky_copy",
     "reconstruct_images",
 ]
@@ -111,6 +115,13 @@ JACOBIAN_MAX_ENTRIES = 20_000_000
 #: A recovered feature within this many rounding units (``eps``) of its example's largest
 #: feature counts as a ReLU zero (the layer inversion leaves rounding where zeros were).
 ZERO_FEATURE_EPS = 1000.0
+#: Share of the image budget for the images of the recovered features when some examples'
+#: features were not recovered; gradient matching for the missing ones has the rest.
+FEATURE_IMAGE_SHARE = 0.5
+#: Adam steps (at most, within the time left) of the gradient-matching search for the
+#: examples whose features were not recovered: the steps of the reference Inverting
+#: Gradients comparison (docs/benchmarks.md).
+MISSING_IMAGE_STEPS = 2000
 #: Smallest probed side when the image shape is guessed (``guess_image_shape``).
 _MIN_SIDE = 4
 #: Largest probed side.
@@ -606,3 +617,78 @@ def reconstruct_images(
         "their features.",
     )
     return found
+
+
+@dataclass
+class MissingImages:
+    """Estimates of the examples whose features were not recovered.
+
+    Attributes
+    ----------
+    images:
+        ``(r, *input_shape)`` gradient-matching estimates, in no particular order.
+    labels:
+        ``(r,)`` their labels, read off the classifier head's gradient
+        (:func:`spear.labels.missing_labels`, or
+        :func:`spear.baselines.labels.infer_labels` less the recovered examples' labels).
+    notes:
+        Plain-language findings.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    notes: list[str] = field(default_factory=list)
+
+
+def images_of_missing(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    known: tuple[torch.Tensor, torch.Tensor] | None,
+    missing: int,
+    input_shape: tuple[int, ...],
+    *,
+    update_kind: str,
+    input_range: tuple[float, float] | None,
+    time_budget: float,
+    seed: int,
+    labels: torch.Tensor | None = None,
+) -> MissingImages | None:
+    """Images of the ``missing`` examples whose features the layer inversion did not
+    recover, by gradient matching on the whole update (Inverting Gradients, the recipe of
+    :func:`spear.baselines.gradient_matching.gradient_matching_attack`, boxed by
+    ``input_range``), with the recovered examples' images and labels ``known``
+    (``(k, *input_shape)``, ``(k,)``) held fixed in the batch, and ``labels``
+    ``(missing,)`` when known (:func:`spear.labels.missing_labels`; else inferred from the
+    classifier head's gradient). Estimates only: nothing in the update pins these images
+    down the way exact features do. ``None`` when no label can be inferred for them.
+    """
+    from spear.baselines.gradient_matching import gradient_matching_attack
+
+    estimate = gradient_matching_attack(
+        model,
+        update,
+        batch_size=missing,
+        input_shape=input_shape,
+        update_kind=update_kind,
+        seed=seed,
+        time_budget=time_budget,
+        iterations=MISSING_IMAGE_STEPS,
+        box=input_range,
+        known=known,
+        labels=labels,
+    )
+    if estimate.labels is None or estimate.labels.shape[0] != missing:
+        return None
+    steps = next((n for n in estimate.notes if "Adam steps" in n), "")
+    held = known[0].shape[0] if known is not None else 0
+    return MissingImages(
+        images=estimate.inputs.detach(),
+        labels=estimate.labels,
+        notes=[
+            f"{missing} images of the examples whose features were not recovered estimated by "
+            f"gradient matching on the whole update"
+            + (f" with the {held} recovered examples held" if held else "")
+            + f" ({steps.split(';')[0]}); labels from the classifier head's gradient. "
+            "Estimates, not exact."
+        ],
+    )

@@ -11,14 +11,14 @@ reduction and how many times each example occurred (duplicates).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from spear.linalg import TINY_NORM
 
-__all__ = ["LabelResult", "recover_labels"]
+__all__ = ["LabelResult", "missing_labels", "recover_labels"]
 
 #: ``r_i`` must match ``(p_i - e_y) / B`` to this relative error for the label (and the
 #: divisor) to count as exact.
@@ -203,3 +203,45 @@ def _interpret(
             f"{float(fit.max()):.1e}); is the loss cross-entropy?"
         )
     return LabelResult(labels, divisor, fit, reduction, multiplicity, sign, tol, notes)
+
+
+def missing_labels(
+    model: torch.nn.Module,
+    update: Mapping[str, torch.Tensor],
+    after: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    features: torch.Tensor,
+    found: LabelResult,
+    count: int,
+) -> torch.Tensor | None:
+    """``(count,)`` labels of the examples whose inputs were not recovered.
+
+    The classifier head's bias gradient is ``sum_i (p_i - e_{y_i}) / B_i`` over the batch.
+    The recovered examples' terms are known exactly (their features ``(k, n)`` give
+    ``p_i``; ``found`` their labels and divisors ``B_i``); what is left is the missing
+    examples' sum, whose labels the LLG-style greedy count reads
+    (:func:`spear.baselines.labels.greedy_count`). ``None`` when the head has no bias
+    gradient in the update or ``found``'s labels are not exact (then their terms are not
+    known).
+    """
+    from spear.baselines.labels import find_linear, greedy_count, parameter_name
+
+    head = find_linear(model, last=True)
+    if head is None or head[1].bias is None or not found.exact or count < 1:
+        return None
+    key = parameter_name(head[0], "bias")
+    if key not in update:
+        return None
+    scores = update[key].detach().to(torch.float64).cpu()
+    if features.shape[0]:
+        with torch.no_grad():
+            pre = torch.nn.functional.linear(features.to(weight.dtype), weight, bias)
+            out = after(pre)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+        p = torch.softmax(logits.detach().to(torch.float64).cpu(), dim=1)  # (k, C)
+        if p.shape[1] != scores.numel():
+            return None
+        p[torch.arange(p.shape[0]), found.labels] -= 1.0
+        scores = scores - (p / found.divisor[:, None]).sum(dim=0)
+    return greedy_count(scores, count)

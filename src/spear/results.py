@@ -211,9 +211,17 @@ class Reconstruction:
         The noise estimated from a noisy update (:class:`spear.noise.NoiseEstimate`), or
         ``None``.
     images:
-        ``(k, *input_shape)`` model inputs rebuilt from the features when :attr:`inputs`
-        are features (a layer behind convolutions, or a deeper layer), else ``None``; see
-        :mod:`spear.images`. Estimates unless :attr:`images_determined`.
+        Model inputs when :attr:`inputs` are features (a layer behind convolutions, or a
+        deeper layer), else ``None``; see :mod:`spear.images`. The first
+        :attr:`images_from_features` are rebuilt from the recovered features, in the order
+        of :attr:`inputs`; when examples are missing, gradient-matching estimates of those
+        follow (``(b, *input_shape)`` in all). Estimates unless :attr:`images_determined`.
+    image_labels:
+        Labels of :attr:`images`: :attr:`labels` for those rebuilt from features, then the
+        missing examples' labels inferred from the classifier head's gradient; ``None``
+        when not known.
+    images_from_features:
+        How many of :attr:`images` (the first ones) are rebuilt from recovered features.
     images_determined:
         True when the batch is complete, the features determine every image in
         :attr:`images` (the layers before the attacked one are locally invertible there)
@@ -242,3 +250,5 @@ class Reconstruction:
     images: torch.Tensor | None = None
     images_determined: bool = False
     image_feature_residual: torch.Tensor | None = None
+    image_labels: torch.Tensor | None = None
+    images_from_features: int = 0

@@ -33,7 +33,7 @@ from spear.baselines.analytic import CERTIFICATE_NOTE
 from spear.baselines.labels import as_gradient, infer_labels
 from spear.errors import InputError
 from spear.results import Reconstruction
-from spear.update import check_partial_update, check_update_kind
+from spear.update import UpdateKind, check_partial_update, check_update_kind
 
 __all__ = ["gradient_matching_attack", "total_variation"]
 
@@ -98,6 +98,8 @@ def gradient_matching_attack(
     box: tuple[float, float] | None = None,
     signed_gradients: bool = True,
     restarts: int = 1,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> Reconstruction:
     """Reconstruct a batch by matching gradient directions (Inverting Gradients).
 
@@ -144,6 +146,15 @@ def gradient_matching_attack(
         is robust to the widely varying scale of the objective's gradient.
     restarts:
         Independent starts; the one with the lowest final objective is returned.
+    known:
+        ``(images (k, *input_shape), labels (k,))`` of examples of the same batch already
+        recovered by other means: they are held fixed in the batch whose gradient is
+        matched, and ``batch_size`` more dummies are optimised (the examples still
+        missing). The dummies' labels are those inferred for the whole batch of
+        ``k + batch_size`` less one occurrence of each known label.
+    labels:
+        ``(batch_size,)`` labels of the optimised inputs when known by other means; they
+        are then not inferred.
 
     Returns
     -------
@@ -188,9 +199,9 @@ def gradient_matching_attack(
         raise InputError("the update is zero everywhere: there is nothing to match.")
 
     notes: list[str] = []
-    inference = infer_labels(model, checked, batch_size=batch_size, update_kind=kind)
-    notes.extend(inference.notes)
-    fixed_labels = None if inference.labels is None else inference.labels.to(device)
+    held, held_labels = _held(known, input_shape, dtype, device)
+    fixed_labels = _dummy_labels(model, checked, kind, batch_size, held_labels, labels, notes)
+    fixed_labels = None if fixed_labels is None else fixed_labels.to(device)
     if fixed_labels is None:
         notes.append("labels could not be inferred: optimised jointly as soft labels (DLG).")
 
@@ -230,12 +241,14 @@ def gradient_matching_attack(
             dummy: torch.Tensor = dummy, label_logits: torch.Tensor | None = label_logits
         ) -> tuple[torch.Tensor, torch.Tensor]:
             """(full objective, cosine distance) at the current dummies."""
-            outputs = attacked(dummy)
+            outputs = attacked(torch.cat([held, dummy]))
             if label_logits is None:
                 assert fixed_labels is not None
-                loss = functional.cross_entropy(outputs, fixed_labels)
+                loss = functional.cross_entropy(outputs, torch.cat([held_labels, fixed_labels]))
             else:
-                loss = functional.cross_entropy(outputs, label_logits.softmax(dim=-1))
+                soft = label_logits.softmax(dim=-1)
+                hard = functional.one_hot(held_labels, soft.shape[1]).to(soft.dtype)
+                loss = functional.cross_entropy(outputs, torch.cat([hard, soft]))
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             distance = _cosine_distance(list(grads), target, target_norm)
             total = distance + tv_weight * total_variation(dummy) if use_tv else distance
@@ -278,6 +291,11 @@ def gradient_matching_attack(
             break
 
     assert best_inputs is not None and best_labels is not None
+    if held.shape[0]:
+        notes.append(
+            f"{held.shape[0]} known examples held fixed; the {batch_size} inputs returned "
+            "are the missing ones."
+        )
     notes.append(
         f"{steps_done} Adam steps over {restart + 1} restart(s); final cosine similarity "
         f"between the dummy and observed gradients {best_cosine:.6f} (1 = same direction)."
@@ -303,3 +321,61 @@ def gradient_matching_attack(
         seconds=time.perf_counter() - start,
         notes=notes,
     )
+
+
+def _held(
+    known: tuple[torch.Tensor, torch.Tensor] | None,
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The known examples ``(k, *input_shape)`` and labels ``(k,)`` (``k = 0`` for none)."""
+    if known is None:
+        empty = torch.zeros((0, *input_shape), dtype=dtype, device=device)
+        return empty, torch.zeros(0, dtype=torch.int64, device=device)
+    images, labels = known
+    if tuple(images.shape[1:]) != tuple(input_shape) or labels.shape != images.shape[:1]:
+        raise InputError(
+            f"known must be (images (k, *{tuple(input_shape)}), labels (k,)); got images "
+            f"{tuple(images.shape)} and labels {tuple(labels.shape)}."
+        )
+    return images.detach().to(device, dtype), labels.detach().to(device, torch.int64)
+
+
+def _dummy_labels(
+    model: nn.Module,
+    update: Mapping[str, torch.Tensor],
+    kind: UpdateKind,
+    batch_size: int,
+    held_labels: torch.Tensor,
+    labels: torch.Tensor | None,
+    notes: list[str],
+) -> torch.Tensor | None:
+    """``(batch_size,)`` labels of the optimised inputs: ``labels`` when given, else those
+    inferred for the whole batch less the held examples' (``None``: not inferable)."""
+    if labels is not None:
+        if labels.shape != (batch_size,):
+            raise InputError(
+                f"labels must have shape ({batch_size},), one per optimised input; got "
+                f"{tuple(labels.shape)}."
+            )
+        return labels.detach().to(torch.int64)
+    total = batch_size + held_labels.shape[0]
+    inference = infer_labels(model, update, batch_size=total, update_kind=kind)
+    notes.extend(inference.notes)
+    if inference.labels is None:
+        return None
+    return _without(inference.labels, held_labels.cpu())[:batch_size]
+
+
+def _without(labels: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """``labels`` ``(n,)`` less one occurrence of each entry of ``removed``, order kept.
+
+    >>> _without(torch.tensor([3, 1, 3, 2]), torch.tensor([3, 5])).tolist()
+    [1, 3, 2]
+    """
+    left = labels.tolist()
+    for label in removed.tolist():
+        if label in left:
+            left.remove(label)
+    return torch.tensor(left, dtype=torch.int64)

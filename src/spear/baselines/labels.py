@@ -24,6 +24,7 @@ __all__ = [
     "LabelInference",
     "as_gradient",
     "find_linear",
+    "greedy_count",
     "infer_labels",
     "parameter_name",
 ]
@@ -154,14 +155,7 @@ def infer_labels(
                 f"for one example, found {negatives}; took the most negative."
             )
     else:
-        impact = float(scores.abs().sum()) / (2 * batch_size)
-        work = scores.clone()
-        chosen: list[int] = []
-        for _ in range(batch_size):
-            index = int(work.argmin())
-            chosen.append(index)
-            work[index] += impact
-        labels = torch.tensor(chosen, dtype=torch.int64)
+        labels = greedy_count(scores, batch_size)
         notes.append(
             f"labels from the {source} gradient of {name!r} by the LLG-style greedy count "
             "(a heuristic for batch_size > 1: repeated or confident classes may be miscounted)."
@@ -169,3 +163,21 @@ def infer_labels(
     return LabelInference(
         labels.to(torch.int64), layer=name, source=source, scores=scores, notes=notes
     )
+
+
+def greedy_count(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count,)`` labels from a head's bias gradient ``scores`` ``(C,)`` by the LLG-style
+    greedy count: ``sum |scores| / (2 count)`` estimates one example's impact; the most
+    negative class is taken ``count`` times, the impact added back each time.
+
+    >>> greedy_count(torch.tensor([-0.5, 0.2, -0.1, 0.4]), 2).tolist()
+    [0, 2]
+    """
+    impact = float(scores.abs().sum()) / (2 * count)
+    work = scores.detach().to(torch.float64).clone()
+    chosen: list[int] = []
+    for _ in range(count):
+        index = int(work.argmin())
+        chosen.append(index)
+        work[index] += impact
+    return torch.tensor(chosen, dtype=torch.int64)

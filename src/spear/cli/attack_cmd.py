@@ -177,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         tensors["labels"] = rec.labels.contiguous()
     if rec.images is not None:
         tensors["images"] = rec.images.contiguous()
+    if rec.image_labels is not None:
+        tensors["image_labels"] = rec.image_labels.contiguous()
     save_file(tensors, str(out / "reconstruction.safetensors"))
     images = rec.images if rec.images is not None else rec.inputs
     if (
@@ -198,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
         "layer": rec.layer,
         "feature_space": rec.feature_space,
         "images": rec.images is not None,
+        "images_from_features": rec.images_from_features,
+        "image_labels": rec.image_labels.tolist() if rec.image_labels is not None else None,
         "images_determined": rec.images_determined,
         "seconds": rec.seconds,
         "interrupted": rec.interrupted,
