@@ -22,7 +22,7 @@ __all__ = ["add_parser", "max_batch_size", "run", "run_demo"]
 #: Examples in the demo's batch (the MLP).
 DEFAULT_BATCH_SIZE = 16
 #: Examples in the batch of a CNN demo when --batch-size is not given.
-CNN_BATCH_SIZE = 4
+CNN_BATCH_SIZE = 8
 #: Pixel range of the shipped images, told to the attack (clips noisy estimates, boxes
 #: the gradient-matching fallback).
 PIXEL_RANGE = (0.0, 1.0)
