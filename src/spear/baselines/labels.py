@@ -170,7 +170,7 @@ def greedy_count(scores: torch.Tensor, count: int) -> torch.Tensor:
     greedy count: ``sum |scores| / (2 count)`` estimates one example's impact; the most
     negative class is taken ``count`` times, the impact added back each time.
 
-    >>> greedy_count(torch.tensor([-0.5, 0.2, -0.1, 0.4]), 2).tolist()
+    >>> greedy_count(torch.tensor([-0.5, 0.2, -0.3, 0.6]), 2).tolist()
     [0, 2]
     """
     impact = float(scores.abs().sum()) / (2 * count)
