@@ -180,3 +180,21 @@ def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:
     assert float(off.values.max()) > 1e-5  # the shifted batch is wrong ...
     assert len(verified_indices(plain, found.clone(), cols.clone(), live)) == 8  # ... passes
     assert len(verified_indices(checked, found.clone(), cols.clone(), live)) < 8  # ... caught
+
+
+def test_no_sparse_direction_behind_a_relu_is_a_partial_result_not_an_error() -> None:
+    # trained VGG-style CNN, float32, b = 8: the update shows rank 4 (confident
+    # examples' gradients sink under float32 rounding) and sampling finds no sparse
+    # direction; a ReLU follows the layer, so the answer is an empty partial result
+    # with the reason, not NoReluSparsityError
+    from spear.networks import pretrain
+
+    net = build_cnn("vgg", 2, dtype=torch.float32)
+    pool = rgb_patches(1000, seed=0)
+    pretrain(net, pool.images[500:], pool.labels[500:], seed=2)
+    images, labels = sample_batch(pool.subset(500), 8, seed=3)
+    update = fedsgd_update(net, images.to(torch.float32), labels)
+    rec = spear.attack(net, update, seed=2, time_budget=20, progress=False, image_budget=0)
+    assert not rec.complete and not rec.verified
+    assert any("no sparse direction" in n and "ReLU follows" in n for n in rec.notes)
+    assert any("could not be identified" in n for n in rec.notes)

@@ -94,10 +94,12 @@ def invert(problem: Problem, pipeline: Pipeline | None = None) -> LayerReconstru
         try:
             plain_state, interrupted = search(plain, WEIGHT_FREE)
         except NoReluSparsityError:
-            if not (state.found or any(record.candidates for record in state.stats)):
+            searched = state.found or any(record.candidates for record in state.stats)
+            if not searched and problem.downstream is None:
                 raise
-            # the guided search found sparse directions: plain sampling finding none
-            # means the zero sets are too small for it, not that there are none
+            # the guided search found sparse directions, or the model after the layer
+            # shows a ReLU follows it: plain sampling finding none means the zero sets
+            # are too small for it, not that there are none
             return conclude(problem, state, interrupted)
         alt = conclude(plain, plain_state, interrupted)
         if alt.found > state.found:
@@ -127,6 +129,15 @@ def search(problem: Problem, pipeline: Pipeline) -> tuple[SearchState, bool]:
             stalled = 0 if report.progressed or report.searching else stalled + 1
             if stalled >= MAX_STALLED_ROUNDS:
                 break
+    except NoReluSparsityError:
+        if problem.downstream is None:
+            raise
+        # the model after the layer is known, so a ReLU follows it: no sparse direction
+        # means zero sets too small to single directions out, not a missing ReLU
+        state.notes.append(
+            "the direction search found no sparse direction within its samples although a "
+            "ReLU follows the layer: the examples' zero sets are too small for it."
+        )
     except KeyboardInterrupt:
         interrupted = True
         kept = state.keep_verified()
