@@ -19,7 +19,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from spear.inversion.problem import Problem, Request
+from spear.downstream import Downstream
+from spear.inversion.problem import STRICT_COMPLETE_SOLVES, Problem, Request
 from spear.linalg import Factorisation, Tolerances, factorise, orthonormal_basis
 from spear.verify import LayerView
 
@@ -182,11 +183,36 @@ def problem_for(
     """The inversion problem of a case as :func:`spear.invert_layer` builds it (weights
     given, batch size from the rank), its deadline ``time_budget`` seconds from now;
     ``strict_solves`` as :data:`spear.inversion.problem.STRICT_COMPLETE_SOLVES`."""
+    return problem_from(
+        case.weight_grad,
+        case.bias_grad,
+        case.weight,
+        case.bias,
+        time_budget=time_budget,
+        seed=seed,
+        strict_solves=strict_solves,
+    )
+
+
+def problem_from(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    time_budget: float = 60.0,
+    seed: int = 0,
+    strict_solves: bool = STRICT_COMPLETE_SOLVES,
+    downstream: Downstream | None = None,
+) -> Problem:
+    """The inversion problem of a layer's update ``(m, n)``, ``(m,)`` with its weights, as
+    :func:`spear.invert_layer` builds it (batch size from the rank); ``downstream``: the
+    model after the layer, as :func:`spear.attack` passes it."""
     request = Request(
-        weight_grad=case.weight_grad,
-        bias_grad=case.bias_grad,
-        weight=case.weight,
-        bias=case.bias,
+        weight_grad=weight_grad,
+        bias_grad=bias_grad,
+        weight=weight,
+        bias=bias,
         batch_size=None,
         seed=seed,
         solver="auto",
@@ -199,6 +225,7 @@ def problem_for(
         progress=False,
         search_with_weights=True,
         strict_solves=strict_solves,
+        downstream=downstream,
     )
     return Problem.build(request, time.perf_counter())
 

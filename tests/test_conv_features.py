@@ -9,17 +9,16 @@ after the layer, whose Jacobians single out the true batch (:mod:`spear.downstre
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from tests.conftest import problem_from
 
 import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.downstream import Downstream
 from spear.inversion.checks import verified_indices
-from spear.inversion.problem import Problem, Request
+from spear.inversion.problem import Problem
 from spear.inversion.solve import solve_complete
 from spear.linalg import kernel
 from spear.networks import FlowerCnn, build_cnn
@@ -133,25 +132,14 @@ def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:
         return net.fc3(torch.relu(net.fc2(torch.relu(z))))  # type: ignore[operator]
 
     def problem(downstream: Downstream | None) -> Problem:
-        request = Request(
-            weight_grad=update["fc1.weight"],
-            bias_grad=update["fc1.bias"],
-            weight=weight,
-            bias=bias,
-            batch_size=None,
-            seed=0,
-            solver="auto",
-            update_kind="gradient",
+        return problem_from(
+            update["fc1.weight"],
+            update["fc1.bias"],
+            weight,
+            bias,
             time_budget=10.0,
-            max_samples=None,
-            zero_tol=None,
-            min_zero_fraction=0.1,
-            device=None,
-            progress=False,
-            search_with_weights=True,
             downstream=downstream,
         )
-        return Problem.build(request, time.perf_counter())
 
     plain, checked = problem(None), problem(Downstream(tail, weight, bias))
     basis, live = plain.original
