@@ -1,7 +1,8 @@
 """spear and breaching's Inverting Gradients (``breaching-ig``) on the same updates.
 
 For each case one FedSGD client (mean cross-entropy, one step) sends its gradient, and
-every attack gets exactly that update:
+every attack gets exactly that update and the batch size (as a Flower server gets the
+client's ``num_examples``):
 
 * ``mlp``: ``spear.networks.build_model(1000, seed)`` (``784 -> 1000 -> 128 -> 10``) on
   Fashion-MNIST (the local test split when installed, else the shipped images), at
@@ -166,6 +167,7 @@ def run_case(
         model,
         update,
         input_shape=shape,
+        batch_size=b,
         seed=seed,
         time_budget=args.time_budget,
         progress=False,

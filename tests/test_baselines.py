@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from spear.baselines import ATTACKS, analytic_attack, get_attack, gradient_matching_attack
-from spear.baselines.gradient_matching import total_variation
+from spear.baselines.gradient_matching import (
+    learning_rate,
+    planned_steps,
+    total_variation,
+)
 from spear.baselines.labels import infer_labels
 from spear.errors import InputError, NotAttackableError
 
@@ -199,6 +203,19 @@ def test_gradient_matching_float32_flat_and_time_budget() -> None:
     assert rec.inputs.dtype == torch.float32 and rec.inputs.shape == (1, 16)
     assert rec.labels is not None and rec.labels.tolist() == [2]
     assert any("time budget" in note for note in rec.notes)
+
+
+def test_gradient_matching_schedule_follows_the_steps_that_fit_the_budget() -> None:
+    # 10 steps took 1 s: 0.9 of 4 s more allow 36 more, within the 2000 asked for.
+    assert planned_steps(2000, 10, 1.0, 4.0) == 46
+    assert planned_steps(2000, 10, 1.0, 1e6) == 2000
+    assert planned_steps(2000, 10, 1.0, -1.0) == 10
+    assert planned_steps(2000, 0, 0.0, 4.0) == 2000
+    rates = [learning_rate(0.1, step, 80) for step in range(80)]
+    assert rates[0] == rates[29] == 0.1
+    assert rates[30] == pytest.approx(0.01) and rates[49] == pytest.approx(0.01)
+    assert rates[50] == pytest.approx(1e-3) and rates[70] == pytest.approx(1e-4)
+    assert rates[-1] == pytest.approx(1e-4)
 
 
 def test_gradient_matching_without_label_layer() -> None:

@@ -19,9 +19,9 @@ from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.errors import BatchTooLargeError, InputError
 from spear.images import (
-    FEATURE_IMAGE_SHARE,
     ImageReconstruction,
     MissingImages,
+    feature_image_share,
     image_shape_for,
     images_of_missing,
     reconstruct_images,
@@ -265,6 +265,7 @@ def attack(
         features.to(dtype),
         label_result,
         result,
+        max(result.batch_size, batch_size or 0),
         kind,
         input_shape,
         input_range,
@@ -381,6 +382,7 @@ def _images(
     features: torch.Tensor,
     label_result: LabelResult | None,
     result: LayerReconstruction,
+    batch_size: int,
     kind: UpdateKind,
     input_shape: tuple[int, ...] | None,
     input_range: tuple[float, float] | None,
@@ -392,12 +394,14 @@ def _images(
     """Model inputs for a feature-space result: images of the recovered features ``(k,
     n)`` (:func:`spear.images.reconstruct_images`) and, when examples are missing,
     gradient-matching estimates of those (:func:`spear.images.images_of_missing`); notes
-    are appended to ``notes``."""
+    are appended to ``notes``. ``batch_size`` examples are imaged in all: the caller's
+    batch size where it exceeds the examples the update shows (duplicates, or columns
+    that agree to rounding)."""
     if target.first or target.before is None or image_budget <= 0:
         return None, None
     start = time.perf_counter()
     labels = label_result.labels if label_result is not None else None
-    missing = result.batch_size - result.found
+    missing = batch_size - result.found
     fill = missing > 0 and (labels is not None or not result.found)
     rebuilt: ImageReconstruction | None = None
     if result.found:
@@ -411,7 +415,8 @@ def _images(
             complete=result.complete,
             input_shape=input_shape,
             input_range=input_range,
-            time_budget=image_budget * (FEATURE_IMAGE_SHARE if fill else 1.0),
+            time_budget=image_budget
+            * (feature_image_share(result.found, batch_size) if fill else 1.0),
             seed=seed,
             progress=progress,
         )

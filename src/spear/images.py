@@ -76,6 +76,7 @@ __all__ = [
     "ZERO_FEATURE_EPS",
     "ImageReconstruction",
     "MissingImages",
+    "feature_image_share",
     "gradient_term",
     "guess_image_shape",
     "image_shape_for",
@@ -124,9 +125,10 @@ JACOBIAN_MAX_ENTRIES = 20_000_000
 #: A recovered feature within this many rounding units (``eps``) of its example's largest
 #: feature counts as a ReLU zero (the layer inversion leaves rounding where zeros were).
 ZERO_FEATURE_EPS = 1000.0
-#: Share of the image budget for the images of the recovered features when some examples'
-#: features were not recovered; gradient matching for the missing ones has the rest.
-FEATURE_IMAGE_SHARE = 0.5
+#: Bounds of the share of the image budget for the images of the recovered features when
+#: some examples' features were not recovered (:func:`feature_image_share`); gradient
+#: matching for the missing ones has the rest.
+FEATURE_IMAGE_SHARE = (0.2, 0.8)
 #: Adam steps (at most, within the time left) of the gradient-matching search for the
 #: examples whose features were not recovered: the steps of the reference Inverting
 #: Gradients comparison (docs/benchmarks.md).
@@ -460,6 +462,19 @@ def _newton(
         ((x >= input_range[0] - eps) & (x <= input_range[1] + eps)).all()
     )
     return x, inside and float(residual.norm()) <= 10 * math.sqrt(size) * eps * norm
+
+
+def feature_image_share(found: int, batch_size: int) -> float:
+    """Share of the image budget for the images of ``found`` recovered features in a batch
+    of ``batch_size``: their share of the batch, within :data:`FEATURE_IMAGE_SHARE`; the
+    rest goes to gradient matching for the missing examples, whose every step costs a
+    forward and a double backward pass of the whole batch.
+
+    >>> feature_image_share(2, 16), feature_image_share(8, 16), feature_image_share(15, 16)
+    (0.2, 0.5, 0.8)
+    """
+    low, high = FEATURE_IMAGE_SHARE
+    return min(high, max(low, found / max(1, batch_size)))
 
 
 def images_from_features(

@@ -42,9 +42,33 @@ __all__ = ["gradient_matching_attack", "total_variation"]
 _NORM_FLOOR = 1e-30
 
 #: Learning-rate schedule of Geiping et al.: multiply by ``_LR_DECAY`` at these fractions of
-#: the iterations.
+#: the planned steps.
 _LR_MILESTONES = (3 / 8, 5 / 8, 7 / 8)
 _LR_DECAY = 0.1
+#: Steps timed before a run under a time budget plans how many it can take: the schedule
+#: then follows the planned steps, so that a budget cut does not leave the learning rate
+#: undecayed (the last, small steps are where the images settle).
+PLAN_AFTER_STEPS = 10
+#: Share of the time left that the planned steps fill: the pace of the timed steps varies by
+#: a few percent over a run, and the run should end on its schedule, not on the deadline.
+PLAN_SHARE = 0.9
+
+
+def planned_steps(iterations: int, taken: int, seconds: float, time_left: float) -> int:
+    """Steps a run can take in all: the ``taken`` steps that used ``seconds``, and as many
+    more at that pace as :data:`PLAN_SHARE` of ``time_left`` allows, at most
+    ``iterations``."""
+    if taken <= 0 or seconds <= 0.0:
+        return iterations
+    more = int(PLAN_SHARE * max(0.0, time_left) * taken / seconds)
+    return max(taken, min(iterations, taken + more))
+
+
+def learning_rate(lr: float, step: int, planned: int) -> float:
+    """The Inverting Gradients schedule: ``lr`` divided by 10 at 3/8, 5/8 and 7/8 of the
+    ``planned`` steps; ``step`` counts from 0."""
+    passed = sum(step >= max(1, int(f * planned)) for f in _LR_MILESTONES)
+    return lr * _LR_DECAY**passed
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -133,7 +157,10 @@ def gradient_matching_attack(
     iterations:
         Adam steps per restart.
     lr:
-        Initial Adam learning rate; divided by 10 at 3/8, 5/8 and 7/8 of the iterations.
+        Initial Adam learning rate; divided by 10 at 3/8, 5/8 and 7/8 of the steps. Under
+        a ``time_budget`` the steps are planned after :data:`PLAN_AFTER_STEPS` timed ones
+        (at most ``iterations``, the time left shared by the restarts still to run), and
+        the schedule follows that plan.
     tv_weight:
         Weight of the total-variation prior (ignored for flat inputs).
     box:
@@ -207,7 +234,6 @@ def gradient_matching_attack(
 
     image_like = len(input_shape) == 3 and input_shape[1] > 1 and input_shape[2] > 1
     use_tv = image_like and tv_weight > 0
-    milestones = sorted({max(1, int(f * iterations)) for f in _LR_MILESTONES})
 
     best_inputs: torch.Tensor | None = None
     best_labels: torch.Tensor | None = None
@@ -215,6 +241,7 @@ def gradient_matching_attack(
     best_cosine = math.nan
     steps_done = 0
     out_of_time = False
+    shortened = False
     for restart in range(restarts):
         generator = torch.Generator().manual_seed(seed + restart)
         dummy = torch.randn((batch_size, *input_shape), generator=generator, dtype=dtype)
@@ -233,9 +260,8 @@ def gradient_matching_attack(
             label_logits.requires_grad_(True)
             variables.append(label_logits)
         optimizer = torch.optim.Adam(variables, lr=lr)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=milestones, gamma=_LR_DECAY
-        )
+        planned = iterations
+        began = time.perf_counter()
 
         def objective(
             dummy: torch.Tensor = dummy, label_logits: torch.Tensor | None = label_logits
@@ -260,16 +286,24 @@ def gradient_matching_attack(
             disable=not sys.stderr.isatty(),
             leave=False,
         )
-        for _ in progress:
-            if time.perf_counter() >= deadline:
+        for step in progress:
+            now = time.perf_counter()
+            if now >= deadline:
                 out_of_time = True
                 break
+            if step >= planned:
+                shortened = True
+                break
+            if step == PLAN_AFTER_STEPS and math.isfinite(deadline):
+                share = (deadline - now) / (restarts - restart)
+                planned = planned_steps(iterations, step, now - began, share)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(lr, step, planned)
             total, _distance = objective()
             steps = torch.autograd.grad(total, variables)
             for variable, step in zip(variables, steps, strict=True):
                 variable.grad = step.sign() if signed_gradients else step
             optimizer.step()
-            scheduler.step()
             if box is not None:
                 with torch.no_grad():
                     dummy.clamp_(box[0], box[1])
@@ -304,6 +338,11 @@ def gradient_matching_attack(
         notes.append(
             f"stopped early: the time budget of {time_budget} s ran out; returned the best "
             "inputs found so far."
+        )
+    elif shortened:
+        notes.append(
+            f"fewer than {iterations} steps per restart fit the time budget of {time_budget} s: "
+            "the learning-rate schedule followed the steps planned."
         )
     notes.append(
         "inputs are approximations from optimisation (complete=False): nothing guarantees "
