@@ -143,18 +143,8 @@ def row_candidates(
     exact: list[tuple[torch.Tensor, torch.Tensor]] = []
     idle = 0
     ordered = order.tolist()
-    downstream = problem.downstream
-    extra = (
-        ChunkedDirections(
-            downstream,
-            layer,
-            basis,
-            tol,
-            lambda start, stop: cand[ordered[start:stop]],
-            len(ordered),
-        )
-        if fallback and downstream is not None
-        else None
+    extra = ChunkedDirections.when(
+        fallback, problem, basis, lambda start, stop: cand[ordered[start:stop]], len(ordered)
     )
     for position, i in enumerate(ordered):
         if time.perf_counter() > deadline or len(state.directions) >= remaining or idle >= patience:
@@ -349,18 +339,8 @@ def subspace_candidates(
     live = live_rows(basis, tol.zero_tol)
     row_space = residual_svd(state, rank)
     span = unknown_subspace_from(row_space, state.directions)
-    downstream = problem.downstream
-    extra = (
-        ChunkedDirections(
-            downstream,
-            layer,
-            basis,
-            tol,
-            lambda start, stop: cand[start:stop] @ span @ span.T,
-            cand.shape[0],
-        )
-        if fallback and downstream is not None
-        else None
+    extra = ChunkedDirections.when(
+        fallback, problem, basis, lambda start, stop: cand[start:stop] @ span @ span.T, len(cand)
     )
     added = idle = 0
     for position, ratio in enumerate(cand):
@@ -463,6 +443,21 @@ class ChunkedDirections:
         self.limit = range_tolerance(tol.zero_tol)
         self.coords_of, self.total = coords_of, total
         self.found: dict[int, torch.Tensor | None] = {}
+
+    @classmethod
+    def when(
+        cls,
+        wanted: bool,
+        problem: Problem,
+        basis: torch.Tensor,
+        coords_of: Callable[[int, int], torch.Tensor],
+        total: int,
+    ) -> ChunkedDirections | None:
+        """The scan's fallback through :attr:`Problem.downstream` when ``wanted`` and the
+        problem has the model after the layer and the weights; else ``None``."""
+        if not wanted or problem.downstream is None or problem.layer is None:
+            return None
+        return cls(problem.downstream, problem.layer, basis, problem.tol, coords_of, total)
 
     def reset(self) -> None:
         """Forget the directions computed so far."""

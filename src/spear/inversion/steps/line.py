@@ -82,13 +82,7 @@ class LineScan:
                 continue
             state.pool.add(cols[:, -2])
             state.pool.add(cols[:, -1])
-            record = SolverStats(
-                self.name,
-                samples=int(points.shape[0]),
-                candidates=2,
-                seconds=time.perf_counter() - t0,
-            )
-            return StepReport(stats=record, progressed=True)
+            return self._found_two(points, t0)
         for unit in found:
             if unit is None or any(same_direction(unit, t) for t in tried):
                 continue
@@ -104,14 +98,19 @@ class LineScan:
                 continue
             state.pool.add(unit)
             state.pool.add(last / last.norm())
-            record = SolverStats(
-                self.name,
-                samples=int(points.shape[0]),
-                candidates=2,
-                seconds=time.perf_counter() - t0,
-            )
-            return StepReport(stats=record, progressed=True)
+            return self._found_two(points, t0)
         return StepReport()
+
+    def _found_two(self, points: torch.Tensor, t0: float) -> StepReport:
+        """The report of a scan that pooled the two directions, from ``points`` ``(k, b)``
+        scanned since ``t0``."""
+        record = SolverStats(
+            self.name,
+            samples=int(points.shape[0]),
+            candidates=2,
+            seconds=time.perf_counter() - t0,
+        )
+        return StepReport(stats=record, progressed=True)
 
     @staticmethod
     def _verifies(
