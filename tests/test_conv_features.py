@@ -120,6 +120,23 @@ def test_unidentifiable_batch_says_why() -> None:
     assert common >= 12
 
 
+def test_a_duplicate_is_found_with_the_batch_size_given() -> None:
+    # a duplicated example: the update shows 3 distinct examples of a batch of 4; told
+    # b = 4, the attack still searches with its whole budget (a rank below b with a clear
+    # gap is repeated examples, not noise) and counts the duplicate as found, not missing
+    net = build_cnn("flower-cnn", 0, dtype=torch.float64)
+    images, labels = sample_batch(rgb_patches(1000, seed=0).subset(500), 4, seed=1)
+    images, labels = images.to(torch.float64), labels.clone()
+    images[3], labels[3] = images[0], labels[0]
+    update = fedsgd_update(net, images, labels)
+    rec = spear.attack(net, update, batch_size=4, time_budget=30, progress=False, image_budget=2)
+    _assert_exact(rec, net.features(images[:3]).detach(), labels[:3], 1e-8)
+    assert any("example 0 appears 2 times" in n for n in rec.notes)
+    assert rec.images is not None and rec.images.shape == (3, 3, 32, 32)
+    assert rec.images_from_features == 3
+    assert not any("gradient matching" in n for n in rec.notes)
+
+
 def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:
     # a zero set whose kernel has two dimensions: its direction moved by a small
     # multiple of the other kernel vector, the batch solved with it passes every ReLU

@@ -30,6 +30,7 @@ from spear.inversion.problem import HALF_PRECISIONS
 from spear.inversion.result import PARTIAL_RECOVERY
 from spear.labels import LabelResult, missing_labels, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
+from spear.linalg import estimate_rank
 from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
 from spear.noisy import approximate_layer, noisy_batch_size
 from spear.results import LayerReconstruction, Reconstruction
@@ -394,14 +395,18 @@ def _images(
     """Model inputs for a feature-space result: images of the recovered features ``(k,
     n)`` (:func:`spear.images.reconstruct_images`) and, when examples are missing,
     gradient-matching estimates of those (:func:`spear.images.images_of_missing`); notes
-    are appended to ``notes``. ``batch_size`` examples are imaged in all: the caller's
-    batch size where it exceeds the examples the update shows (duplicates, or columns
-    that agree to rounding)."""
+    are appended to ``notes``. The batch holds ``batch_size`` examples (the caller's batch
+    size where it exceeds the distinct examples the update shows: columns that agree to
+    rounding); the recovered ones count with their multiplicity (duplicates), the rest
+    are missing."""
     if target.first or target.before is None or image_budget <= 0:
         return None, None
     start = time.perf_counter()
     labels = label_result.labels if label_result is not None else None
-    missing = batch_size - result.found
+    known_examples = (
+        int(label_result.multiplicity.sum()) if label_result is not None else result.found
+    )
+    missing = max(0, batch_size - known_examples)
     fill = missing > 0 and (labels is not None or not result.found)
     rebuilt: ImageReconstruction | None = None
     if result.found:
@@ -543,8 +548,13 @@ def _mixed_precision(
 
 
 def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
-    """``s_b / s_{b+1}`` of ``weight_grad`` ``(m, n)`` (``inf`` past its last value)."""
+    """``s_b / s_{b+1}`` of ``weight_grad`` ``(m, n)`` (``inf`` past its last value), or the
+    gap at the numerical rank where that is clear and below ``b`` (repeated examples: fewer
+    distinct columns than the batch, not noise)."""
     s = torch.linalg.svdvals(weight_grad.detach().to(torch.float64))
+    rank, gap = estimate_rank(s, float(torch.finfo(weight_grad.dtype).eps))
+    if rank < batch_size and gap >= MIN_RANK_GAP:
+        return gap
     if batch_size >= s.numel() or batch_size < 1:
         return math.inf
     following = float(s[batch_size])
