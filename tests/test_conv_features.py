@@ -187,6 +187,44 @@ def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:
     assert len(verified_indices(checked, found.clone(), cols.clone(), live)) < 8  # ... caught
 
 
+def test_examples_merged_by_float32_are_not_taken_for_a_duplicate() -> None:
+    # untrained Flower CNN (seed 2), float32: examples 0 and 1 of this batch have the
+    # same label and the same patterns after fc1, and logits that barely depend on the
+    # input, so their gradient columns agree to about 3e-6; the update shows their mean
+    # once with twice the column, which fits cross-entropy as an example counted twice
+    net = build_cnn("flower-cnn", 2, dtype=torch.float32)
+    images, labels = sample_batch(rgb_patches(1000, seed=0).subset(500), 16, seed=3)
+    images, labels = images[[8, 10, 0, 1]].to(torch.float32), labels[[8, 10, 0, 1]]
+    fc1 = net.fc1  # type: ignore[attr-defined]
+    weight, bias = fc1.weight.detach(), fc1.bias.detach()
+
+    def tail(z: torch.Tensor) -> torch.Tensor:
+        return net.fc3(torch.relu(net.fc2(torch.relu(z))))  # type: ignore[operator]
+
+    feats = net.features(images).detach()  # type: ignore[operator]
+    pre = (feats @ weight.T + bias).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(tail(pre), labels)
+    (cols,) = torch.autograd.grad(loss, pre)  # (4, m): each example's column
+    feats, cols = feats.to(torch.float64), cols.to(torch.float64).T
+    assert labels[0] == labels[1]
+    gap = (cols[:, 0] / cols[:, 0].norm() - cols[:, 1] / cols[:, 1].norm()).norm()
+    assert float(gap) < 1e-4
+    downstream = Downstream(tail, weight, bias)
+    assert not bool(downstream.repeated(feats, cols).any())
+    merged = torch.stack([(feats[0] + feats[1]) / 2, feats[2], feats[3]])
+    merged_cols = torch.stack([cols[:, 0] + cols[:, 1], cols[:, 2], cols[:, 3]], dim=1)
+    assert downstream.repeated(merged, merged_cols).tolist() == [True, False, False]
+    # the whole attack: whatever it returns, the merged example is not verified
+    update = fedsgd_update(net, images, labels)
+    rec = spear.attack(net, update, time_budget=20, progress=False, image_budget=0)
+    assert rec.layer_result is not None
+    if rec.layer_result.found:
+        truth = net.features(images).detach().to(torch.float64)  # type: ignore[operator]
+        found = rec.inputs.reshape(rec.inputs.shape[0], -1).to(torch.float64)
+        wrong = spear.metrics.exact_rate(found, truth, rel_tol=1e-3) * 4 < found.shape[0]
+        assert not (wrong and rec.layer_result.verified)
+
+
 def test_no_sparse_direction_behind_a_relu_is_a_partial_result_not_an_error() -> None:
     # trained VGG-style CNN, float32, b = 8: the update shows rank 4 (confident
     # examples' gradients sink under float32 rounding) and sampling finds no sparse

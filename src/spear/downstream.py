@@ -189,6 +189,23 @@ class Downstream:
         fit, divisor = self.cross_entropy_fit(inputs, grads)
         return self._plain(fit, divisor, batch_size, duplicates)
 
+    def repeated(self, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` bool: examples whose column ``grads[:, i]`` ``(m, k)`` fits softmax
+        cross-entropy at ``inputs[i]`` ``(k, n)`` with a divisor that is the largest
+        one's over an integer ``c >= 2``: an example counted ``c`` times in a mean or sum
+        (:func:`divisor_tolerance`), or ``c`` examples whose columns agree to the
+        update's precision.
+        """
+        fit, divisor = self.cross_entropy_fit(inputs, grads)
+        from spear.labels import label_fit_tol
+
+        if divisor.numel() == 0:
+            return torch.zeros(0, dtype=torch.bool)
+        ratio = float(divisor.max()) / divisor.clamp_min(torch.finfo(divisor.dtype).tiny)
+        count = torch.round(ratio)
+        whole = (ratio - count).abs() <= divisor_tolerance(self.dtype) * ratio
+        return (fit <= label_fit_tol(self.dtype)) & whole & (count >= 2)
+
     def checks(
         self, inputs: torch.Tensor, grads: torch.Tensor, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ from spear.inversion.steps import (
 )
 from spear.inversion.steps.search import SAMPLING_AFFORDABLE_RANK
 from spear.results import LayerReconstruction
+from spear.verify import exact_precision
 
 __all__ = ["GUIDED", "WEIGHT_FREE", "Pipeline", "invert", "pipeline_for"]
 
@@ -212,6 +213,33 @@ def _withhold_loose(problem: Problem, state: SearchState, start: int) -> int:
     return state.keep(keep)
 
 
+def _unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
+    """Withdraw verification where a low-precision update shows an example counted more
+    than once: the update cannot tell ``c`` copies of one input from ``c`` inputs whose
+    gradient columns agree to its precision (the same label and the same activation
+    patterns after the layer, in a network whose logits barely depend on the input, such
+    as an untrained one), whose mean it then returns as one example."""
+    downstream = problem.downstream
+    if (
+        not result.verified
+        or downstream is None
+        or exact_precision(problem.eps)
+        or result.output_grads.shape[1] < 2
+    ):
+        return
+    repeated = downstream.repeated(result.inputs, result.output_grads)
+    if not bool(repeated.any()):
+        return
+    result.verified = False
+    result.notes.append(
+        f"examples {torch.nonzero(repeated).flatten().tolist()} fit the update as if counted "
+        f"more than once; at {problem.in_dtype}'s precision the update cannot tell a repeated "
+        "example from several examples whose gradients agree to that precision (the same "
+        "label and activation patterns after the layer), whose mean it would show as one: "
+        "not verified."
+    )
+
+
 def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerReconstruction:
     """Check loosely peeled examples as a whole (or withhold them) and build the result."""
     start_loose = state.loose_from
@@ -235,6 +263,7 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
                 "they could not be solved again as a whole."
             )
     result = finish(problem, state)
+    _unverify_merged(problem, result)
     if problem.noisy:
         result.verified = False  # patterns were allowed to disagree: estimates, not checks
     result.interrupted = interrupted
