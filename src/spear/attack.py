@@ -35,6 +35,7 @@ from spear.model import AttackTarget, check_batch_norm, find_target, guess_input
 from spear.noisy import approximate_layer, noisy_batch_size
 from spear.results import LayerReconstruction, Reconstruction
 from spear.update import UpdateKind, check_update, check_update_kind
+from spear.verify import exact_precision
 
 __all__ = ["attack"]
 
@@ -345,7 +346,18 @@ def attack(
         and source == "exact"
         and not kind_mismatch
     )
-    examples_verified = certified and result.verified and result.complete
+    repeated = (
+        label_result is not None
+        and bool((label_result.multiplicity > 1).any())
+        and not exact_precision(float(torch.finfo(dtype).eps))
+    )
+    if repeated and certified and result.verified:
+        notes.append(
+            f"an example fits the update as counted more than once; at {dtype}'s precision "
+            "that may be several examples whose gradients agree to rounding, shown as their "
+            "mean: not verified."
+        )
+    examples_verified = certified and result.verified and result.complete and not repeated
     labels_certified = kind == "gradient" and label_result is not None and label_result.exact
     verified = examples_verified and labels_certified
     if examples_verified and not verified and kind == "gradient":
