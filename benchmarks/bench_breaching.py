@@ -71,7 +71,8 @@ class Outcome:
     """What one attack returned on one case, measured against the truth.
 
     ``psnr`` and ``ssim`` hold one value per returned image (matched to the truth);
-    ``features`` counts exact feature vectors (``None`` where there are none to count).
+    ``features`` counts exact feature vectors (``None`` where there are none to count);
+    ``steps`` the Adam steps an optimisation attack ran (``None`` for spear).
     """
 
     setting: str
@@ -82,6 +83,12 @@ class Outcome:
     ssim: list[float] = field(default_factory=list)
     labels: int | None = None
     features: int | None = None
+    steps: int | None = None
+
+    def name(self, steps: str | None = None) -> str:
+        """The attack, with its steps (``steps``, or its own) when it counts them."""
+        shown = steps if steps is not None else self.steps
+        return self.attack if shown is None else f"{self.attack} ({shown} steps)"
 
 
 def _fashion() -> tuple[ImageData, str]:
@@ -203,7 +210,7 @@ def run_case(
         )
         seconds = time.perf_counter() - start
         steps = next(note.split(" Adam steps")[0] for note in rec.notes if "Adam steps" in note)
-        out = Outcome(setting, b, f"{attack} ({steps.split()[-1]} steps)", seconds)
+        out = Outcome(setting, b, attack, seconds, steps=int(steps.split()[-1]))
         _measure_images(out, images, labels, rec.inputs, rec.labels)
         outcomes.append(out)
     return outcomes
@@ -226,7 +233,7 @@ def case_row(out: Outcome, seed: int) -> str:
         labels += f" (features: {out.features}/{out.b} exact)"
     ssim = f"{float(np.median(out.ssim)):.2f}" if out.ssim else "-"
     return (
-        f"| {out.setting} | {out.b} | {seed} | {out.attack} | {_percentiles(out.psnr)} "
+        f"| {out.setting} | {out.b} | {seed} | {out.name()} | {_percentiles(out.psnr)} "
         f"| {ssim} | {labels} | {out.seconds:.1f} |"
     )
 
@@ -242,8 +249,12 @@ def summary_row(group: list[Outcome]) -> str:
         features = f"{sum(out.features or 0 for out in group)}/{total}"
     labels = sum(out.labels or 0 for out in group)
     seconds = float(np.median([out.seconds for out in group]))
+    counts = sorted({out.steps for out in group if out.steps is not None})
+    steps = (
+        None if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    )
     return (
-        f"| {first.setting} | {first.b} | {first.attack} | {features} | {len(psnr)}/{total} "
+        f"| {first.setting} | {first.b} | {first.name(steps)} | {features} | {len(psnr)}/{total} "
         f"| {_percentiles(psnr)} | {_percentiles(ssim, 2)} "
         f"| {labels}/{total} | {seconds:.1f} |"
     )

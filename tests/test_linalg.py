@@ -85,6 +85,19 @@ def test_estimate_rank_float32_floor_is_coarser() -> None:
     assert estimate_rank(s, EPS32)[0] == 2
 
 
+def test_estimate_rank_small_last_value_clear_of_roundoff_is_a_clear_gap() -> None:
+    # a float32 update whose last example's gradient is tiny (a confident example of a
+    # trained network: 7e-6 of the largest) with roundoff after it: the gap is clear,
+    # although the ratio (466) is small; noise above the roundoff leaves the ratio
+    s = torch.tensor([1.0, 0.2, 0.03, 2.4e-4, 7e-6, 1.5e-8, 1.4e-8], dtype=torch.float64)
+    assert estimate_rank(s, EPS32) == (5, math.inf)
+    noisy = torch.diag(torch.tensor([1.0, 0.5, 0.1, 1e-3, 9e-4, 8e-4], dtype=torch.float64))
+    assert factorise(noisy, EPS32, rank=3).gap == pytest.approx(100.0)
+    a = torch.diag(s)
+    assert factorise(a, EPS32, rank=5).gap == math.inf
+    assert factorise(a, EPS64, rank=5).gap == pytest.approx(7e-6 / 1.5e-8)
+
+
 def test_factorise_with_given_rank_truncates() -> None:
     a = _low_rank(20, 15, 6, 0)
     fac = factorise(a, EPS64, rank=4)

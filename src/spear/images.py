@@ -68,6 +68,7 @@ __all__ = [
     "LEAKY_SHARE",
     "LEAKY_START",
     "MISSING_IMAGE_STEPS",
+    "MISSING_IMAGE_TV",
     "NEWTON_STEPS",
     "SEARCH_SHARE",
     "START_STEPS",
@@ -133,6 +134,12 @@ FEATURE_IMAGE_SHARE = (0.2, 0.8)
 #: examples whose features were not recovered: the steps of the reference Inverting
 #: Gradients comparison (docs/benchmarks.md).
 MISSING_IMAGE_STEPS = 2000
+#: Weight of the total-variation prior (mean absolute vertical plus horizontal
+#: difference) in that search, against ``1 - cos`` of the gradients: the default of the
+#: reference Inverting Gradients implementation (breaching) for the same objective.
+#: Measured on the untrained VGG-style CNN at b = 16 (15 examples missing, 60 s): median
+#: PSNR 13.3 dB against 8.3 dB with a weight of 1e-4.
+MISSING_IMAGE_TV = 0.2
 #: Smallest probed side when the image shape is guessed (``guess_image_shape``).
 _MIN_SIDE = 4
 #: Largest probed side.
@@ -717,6 +724,7 @@ def images_of_missing(
         seed=seed,
         time_budget=time_budget,
         iterations=MISSING_IMAGE_STEPS,
+        tv_weight=MISSING_IMAGE_TV,
         box=input_range,
         known=known,
         labels=labels,

@@ -213,7 +213,9 @@ def estimate_rank(singular_values: torch.Tensor, eps: float) -> tuple[int, float
 
     The rank is placed at the largest ratio ``s_k / s_{k+1}`` among the values that stand
     above the data's roundoff (``s_k > RANK_FLOOR * eps * s_1``); values below are noise of
-    the dtype and never start a gap.
+    the dtype and never start a gap. When the value after the rank is roundoff, the gap
+    is ``inf`` however small the ratio (the last example's gradient may be tiny, such as
+    a confident one's, and still stand clear of the dtype's rounding).
 
     Parameters
     ----------
@@ -227,13 +229,16 @@ def estimate_rank(singular_values: torch.Tensor, eps: float) -> tuple[int, float
     rank:
         The numerical rank (0 for a zero matrix).
     gap:
-        ``s_rank / s_{rank+1}``: ``inf`` when the next value is exactly zero or absent.
+        ``s_rank / s_{rank+1}``: ``inf`` when the values after the rank are roundoff,
+        exactly zero or absent.
 
     Examples
     --------
     >>> estimate_rank(torch.tensor([3.0, 2.0, 1.0, 1e-17, 1e-18], dtype=torch.float64),
     ...               2.2e-16)
-    (3, 1e+17)
+    (3, inf)
+    >>> estimate_rank(torch.tensor([1.0, 1e-8, 5e-9, 1e-16], dtype=torch.float64), 2.2e-16)
+    (1, 100000000.0)
     """
     s = singular_values.to(torch.float64)
     if s.numel() == 0 or float(s[0]) == 0.0:
@@ -244,7 +249,8 @@ def estimate_rank(singular_values: torch.Tensor, eps: float) -> tuple[int, float
     ratios = head / nxt.clamp_min(torch.finfo(torch.float64).tiny)
     rank = int(torch.argmax(ratios)) + 1
     following = float(nxt[rank - 1])
-    gap = math.inf if following == 0.0 else float(head[rank - 1]) / following
+    roundoff = following <= RANK_FLOOR * eps * float(s[0])
+    gap = math.inf if roundoff else float(head[rank - 1]) / following
     return rank, gap
 
 
@@ -269,7 +275,10 @@ def factorise(weight_grad: torch.Tensor, eps: float, rank: int | None = None) ->
     if rank is not None:
         b = max(0, min(int(rank), s.numel()))
         nxt = float(s[b]) if b < s.numel() else 0.0
-        gap = math.inf if nxt == 0.0 else float(s[b - 1]) / nxt if b > 0 else 0.0
+        if nxt <= RANK_FLOOR * eps * float(s[0]):
+            gap = math.inf if b > 0 else 0.0
+        else:
+            gap = float(s[b - 1]) / nxt if b > 0 else 0.0
     return Factorisation(left=u[:, :b] * s[:b], right=vh[:b], singular_values=s, rank=b, gap=gap)
 
 
