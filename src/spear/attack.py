@@ -561,11 +561,12 @@ def _mixed_precision(
 
 def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
     """``s_b / s_{b+1}`` of ``weight_grad`` ``(m, n)`` (``inf`` past its last value), or the
-    gap at the numerical rank where that is clear and below ``b`` (repeated examples: fewer
+    gap at the numerical rank where that is clear and at most ``b`` (:func:`estimate_rank`:
+    ``inf`` where roundoff follows; a rank below ``b`` is repeated examples, fewer
     distinct columns than the batch, not noise)."""
     s = torch.linalg.svdvals(weight_grad.detach().to(torch.float64))
     rank, gap = estimate_rank(s, float(torch.finfo(weight_grad.dtype).eps))
-    if rank < batch_size and gap >= MIN_RANK_GAP:
+    if rank <= batch_size and gap >= MIN_RANK_GAP:
         return gap
     if batch_size >= s.numel() or batch_size < 1:
         return math.inf
