@@ -33,7 +33,29 @@ def test_focused_sampling_pools_true_missing_directions() -> None:
     assert all(int(i) >= 20 for i in best.indices[true_new])
 
 
-def test_focused_sampling_needs_a_bias_and_pooled_directions() -> None:
+def test_focused_sampling_starts_from_peeled_examples_alone() -> None:
+    """20 of 64 examples peeled and nothing pooled (row peeling can leave the pool empty):
+    the residual is the missing examples' subspace, and the steered subsets find them."""
+    case = layer_case(1000, 784, 64, real=True, seed=2)
+    problem = problem_for(case, time_budget=30.0)
+    state = Residual(
+        left=problem.fac.left.clone(),
+        bias=case.bias_grad.clone(),
+        coords=[],
+        grads=[],
+        directions=DirectionPool(),
+    )
+    for i in range(20):
+        state.peel(problem.fac.right @ case.inputs[i], case.output_grads[:, i])
+    pooled, draws = focused_sampling(problem, state)
+    assert pooled >= 30, f"only {pooled} of 44 missing directions in {draws} subsets"
+    cols = case.output_grads / case.output_grads.norm(dim=0)
+    best = (cols.T @ torch.stack(list(state.directions), dim=1)).abs().max(dim=0)
+    assert bool((best.values > 1 - 1e-10).all())  # every pooled direction a true column
+    assert all(int(i) >= 20 for i in best.indices)
+
+
+def test_focused_sampling_needs_a_bias_and_something_known() -> None:
     case = layer_case(300, 100, 30, real=True)
     problem = problem_for(case, time_budget=5.0)
     state = Residual(

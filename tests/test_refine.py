@@ -11,7 +11,7 @@ from torch import nn
 import spear
 from spear.data import rgb_patches, sample_batch
 from spear.inversion.driver import invert
-from spear.inversion.solve import refine_columns
+from spear.inversion.solve import complete_last, refine_columns
 from spear.linalg import orthonormal_basis, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.sampling import SamplingSolver
@@ -36,6 +36,25 @@ def test_refine_columns_restores_exact_zeros_and_keeps_mixtures() -> None:
     assert float((out[:, 0] - mix).abs().max()) < 1e-12
     assert float((out[:, 1:] - truth[:, 1:]).abs().max()) < 1e-13
     assert torch.equal(zero_mask(out[:, 1:], tol.zero_tol), true_zero)
+
+
+def test_complete_last_from_the_original_basis_when_the_residual_drifted() -> None:
+    """Peel roundoff moves the residual's column space past the degeneracy tolerance: the
+    last example's zero set has no kernel there, but the original basis gives its exact
+    direction."""
+    case = layer_case(300, 100, 20, real=True, seed=1)
+    fac, layer, tol = server_view(case)
+    truth = case.output_grads / case.output_grads.norm(dim=0)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(fac.left.shape, generator=gen, dtype=torch.float64)
+    drifted = fac.left + 1e-8 * fac.left.norm() * noise / noise.norm()
+    basis = orthonormal_basis(drifted, 20)
+    others = truth[:, 1:]
+    args = (drifted, case.bias_grad, basis, others, layer, tol)
+    assert complete_last(*args) is None
+    last = complete_last(*args, original=orthonormal_basis(fac.left, 20))
+    assert last is not None
+    assert abs(float(last @ truth[:, 0])) > 1 - 1e-12
 
 
 @pytest.mark.slow

@@ -78,7 +78,8 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
         combinations of several examples that a softmax output creates.
     state:
         The residual (rank ``b - state.found``); found directions are appended to
-        ``state.directions``.
+        ``state.directions``. Something must be known: pooled directions, or peeled
+        examples (the residual is then the subspace of the missing ones).
 
     Returns
     -------
@@ -90,7 +91,8 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
     layer = problem.layer
     tol, rank, generator = problem.tol, problem.rank, problem.generator
     remaining = rank - state.found
-    if layer is None or state.bias is None or not state.directions or remaining < 2:
+    known_any = bool(state.directions) or state.found > 0
+    if layer is None or state.bias is None or not known_any or remaining < 2:
         return 0, 0
     basis = orthonormal_basis(state.left, remaining)  # (m, r)
     _m, r = basis.shape

@@ -84,6 +84,7 @@ def complete_last(
     layer: LayerView,
     tol: Tolerances,
     downstream: Downstream | None = None,
+    original: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The direction ``(m,)`` of the one example that ``others`` ``(m, r-1)`` leave out.
 
@@ -92,11 +93,21 @@ def complete_last(
     into it); its own ReLU pattern then gives its direction, the kernel of the rows of
     ``basis`` ``(m, r)`` it clearly turns off (by ``REPAIR_MARGIN`` of their roundoff
     bound). This holds even when that zero set has just ``r - 1`` live rows, where
-    sparsity alone cannot single the direction out. When the kernel is not
-    one-dimensional, the range of the Jacobian at the example (``downstream``, the model
-    after the layer) singles it out (:mod:`spear.downstream`); ``None`` when neither does.
+    sparsity alone cannot single the direction out.
+
+    Every peel leaves its roundoff in the residual (:func:`refine_columns`): after many
+    float32 peels the last example's column lies further from the residual's column space
+    than the degeneracy tolerance, and the kernel there is empty. ``original`` ``(m, b)``,
+    the orthonormal basis of the original ``dW``, carries no such error: the same rows of
+    it have the example's direction as their kernel (measured on float32 Fashion-MNIST,
+    ``784 -> 1000``, b = 128, after 115 peels: smallest singular value of the residual's
+    rows ``7.8e-5`` against a limit of ``6.7e-5``, of the original's ``2.5e-7``, the
+    direction within ``1e-12`` of the truth). Either kernel must be one-dimensional; the
+    example's whole solve is verified afterwards as always.
+
+    When neither is, the range of the Jacobian at the example (``downstream``, the model
+    after the layer) singles it out (:mod:`spear.downstream`); ``None`` when nothing does.
     """
-    r = basis.shape[1]
     known = basis.T @ others  # (r, r-1)
     filler = basis @ torch.linalg.svd(known.T, full_matrices=True).Vh[-1]
     first = solve_complete(left, bias, torch.cat([others, filler[:, None]], dim=1))
@@ -104,10 +115,12 @@ def complete_last(
         return None
     z, bound = pre_activations(layer, first[0][-1])
     off = z < -REPAIR_MARGIN * bound
-    if int(off.sum()) >= r - 1:
-        kern, _ = kernel(basis[off], tol.degeneracy_tol)
+    for rows in (basis, original):
+        if rows is None or int(off.sum()) < rows.shape[1] - 1:
+            continue
+        kern, _ = kernel(rows[off], tol.degeneracy_tol)
         if kern.shape[1] == 1:
-            return basis @ kern[:, 0]
+            return rows @ kern[:, 0]
     if downstream is None:
         return None
     x = (first[0][-1] @ layer.right)[None]

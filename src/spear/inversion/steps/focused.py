@@ -10,7 +10,7 @@ from spear.inversion.problem import Problem
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
 from spear.inversion.steps.search import AUTO_SAMPLING_MAX_RANK
-from spear.inversion.steps.subspace import directions_missing
+from spear.inversion.steps.subspace import examples_known
 from spear.results import SolverStats
 
 __all__ = ["FocusedSampling"]
@@ -28,7 +28,7 @@ class FocusedSampling:
             problem.layer is None
             or problem.noisy
             or state.remaining <= AUTO_SAMPLING_MAX_RANK
-            or not directions_missing(problem, state)
+            or not examples_known(problem, state)
         ):
             return StepReport()
         t0 = time.perf_counter()

@@ -37,6 +37,7 @@ class LastDirection:
             layer,
             problem.tol,
             problem.downstream,
+            problem.original[0],
         )
         added = last is not None and state.pool.add(last / last.norm())
         return StepReport(progressed=added)

@@ -11,12 +11,22 @@ from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
 from spear.results import SolverStats
 
-__all__ = ["SubspaceCompletion", "directions_missing"]
+__all__ = ["SubspaceCompletion", "directions_missing", "examples_known"]
 
 
 def directions_missing(problem: Problem, state: SearchState) -> bool:
     """Some directions pooled but not all of the round's, and time left."""
     return bool(state.pool) and len(state.pool) < state.remaining and problem.time_left()
+
+
+def examples_known(problem: Problem, state: SearchState) -> bool:
+    """Some examples pooled or peeled, not all of them, and time left.
+
+    Peeled examples are known as well as pooled ones: the residual they leave is the
+    subspace where the missing examples lie, with nothing of theirs left in it.
+    """
+    known = bool(state.pool) or state.found > 0
+    return known and len(state.pool) < state.remaining and problem.time_left()
 
 
 class SubspaceCompletion:
