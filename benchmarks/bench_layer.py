@@ -30,6 +30,10 @@ import sys
 import time
 from typing import Any
 
+#: ``--update fedavg``: the client's mini-batch size and learning rate (one epoch).
+FEDAVG_BATCH = 8
+FEDAVG_LR = 0.1
+
 
 def _warm_up() -> None:
     """One small inversion so that library start-up is not timed (fresh process per case)."""
@@ -45,6 +49,27 @@ def _warm_up() -> None:
     loss = torch.nn.functional.cross_entropy(net(x), torch.arange(4))
     gw, gb = torch.autograd.grad(loss, [net[0].weight, net[0].bias])
     spear.invert_layer(gw, gb, weight=net[0].weight.detach(), bias=net[0].bias.detach())
+
+
+def _client_update(
+    name: str, model: Any, images: Any, labels: Any, seed: int
+) -> tuple[dict[str, Any], str]:
+    """The client's update of ``name`` (``--update``) and its ``update_kind``."""
+    from spear import client
+
+    if name == "sum":
+        return client.fedsgd_update(model, images, labels, reduction="sum"), "gradient"
+    if name == "fedavg":
+        delta = client.fedavg_update(
+            model, images, labels, epochs=1, batch_size=FEDAVG_BATCH, lr=FEDAVG_LR, seed=seed
+        )
+        return delta, "delta"
+    if name == "clipped":
+        clipped = client.dp_sgd_update(
+            model, images, labels, max_grad_norm=1.0, noise_multiplier=0.0, seed=seed
+        )
+        return clipped.update, "gradient"
+    return client.fedsgd_update(model, images, labels), "gradient"
 
 
 def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -91,13 +116,18 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     _warm_up()
     if cfg["attack"]:
         # the whole model, as a server has it: spear.attack picks the layer and the solver
-        from spear.client import fedsgd_update
-
         model = torch.nn.Sequential(torch.nn.Flatten(), *net)
         shaped = images[:b]
-        update = fedsgd_update(model, shaped, y)
+        update, kind = _client_update(cfg.get("update", "fedsgd"), model, shaped, y, seed)
         start = time.perf_counter()
-        out = spear.attack(model, update, seed=seed, time_budget=cfg["budget"], progress=False)
+        out = spear.attack(
+            model,
+            update,
+            update_kind=kind,
+            seed=seed,
+            time_budget=cfg["budget"],
+            progress=False,
+        )
         seconds = time.perf_counter() - start
         found = out.inputs.shape[0]
         match = metrics.match(out.inputs, shaped) if found else None
@@ -172,13 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run spear.attack on the whole model (labels, certificate) instead of the layer",
     )
+    parser.add_argument(
+        "--update",
+        choices=["fedsgd", "sum", "fedavg", "clipped"],
+        default="fedsgd",
+        help="with --attack: FedSGD mean (default) or sum, a FedAvg delta (one epoch in "
+        f"mini-batches of {FEDAVG_BATCH}, lr {FEDAVG_LR}), or per-example clipping to norm 1 "
+        "(Opacus, no noise)",
+    )
     args = parser.parse_args(argv)
     ctx = mp.get_context("spawn")
     rows = []
     print(
         f"data={args.data} trained={args.trained} solver={args.solver} "
         f"weights={'no' if args.no_weights else 'yes'} seeds={args.seeds} "
-        f"attack={args.attack}",
+        f"attack={args.attack} update={args.update}",
         file=sys.stderr,
     )
     header = (
@@ -206,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": args.threads,
                     "attack": args.attack,
                     "dtype": args.dtype,
+                    "update": args.update,
                 }
                 with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                     res = pool.submit(run_case, cfg).result()
