@@ -214,6 +214,12 @@ def test_examples_merged_by_float32_are_not_taken_for_a_duplicate() -> None:
     merged = torch.stack([(feats[0] + feats[1]) / 2, feats[2], feats[3]])
     merged_cols = torch.stack([cols[:, 0] + cols[:, 1], cols[:, 2], cols[:, 3]], dim=1)
     assert downstream.repeated(merged, merged_cols).tolist() == [True, False, False]
+    # the pair alone looks like a batch of one, unless the batch size (4) is known
+    assert downstream.repeated(merged[:1], merged_cols[:, :1]).tolist() == [False]
+    assert downstream.repeated(merged[:1], merged_cols[:, :1], 4).tolist() == [True]
+    # divisors of no plain mean or sum (per-example clipping) flag nothing
+    clipped = merged_cols * torch.tensor([1.0, 0.37, 1.0], dtype=torch.float64)
+    assert not bool(downstream.repeated(merged, clipped).any())
     # the whole attack: whatever it returns, the merged example is not verified
     update = fedsgd_update(net, images, labels)
     rec = spear.attack(net, update, time_budget=20, progress=False, image_budget=0)

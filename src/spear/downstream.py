@@ -189,22 +189,34 @@ class Downstream:
         fit, divisor = self.cross_entropy_fit(inputs, grads)
         return self._plain(fit, divisor, batch_size, duplicates)
 
-    def repeated(self, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        """``(k,)`` bool: examples whose column ``grads[:, i]`` ``(m, k)`` fits softmax
-        cross-entropy at ``inputs[i]`` ``(k, n)`` with a divisor that is the largest
-        one's over an integer ``c >= 2``: an example counted ``c`` times in a mean or sum
-        (:func:`divisor_tolerance`), or ``c`` examples whose columns agree to the
-        update's precision.
+    def repeated(
+        self, inputs: torch.Tensor, grads: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """``(k,)`` bool: examples counted more than once in a plain mean or sum.
+
+        Every column ``grads[:, i]`` ``(m, k)`` must fit softmax cross-entropy at
+        ``inputs[i]`` ``(k, n)`` with a divisor ``B / c_i`` for an integer ``c_i >= 1``
+        (:func:`divisor_tolerance`), where ``B`` is the largest divisor, that of a plain sum
+        (1) or a mean over ``batch_size`` when given; those with ``c_i >= 2`` are returned:
+        an example counted ``c_i`` times, or ``c_i`` examples whose columns agree to the
+        update's precision. Divisors of no such form (per-example clipping) flag none.
         """
-        fit, divisor = self.cross_entropy_fit(inputs, grads)
         from spear.labels import label_fit_tol
 
+        fit, divisor = self.cross_entropy_fit(inputs, grads)
         if divisor.numel() == 0:
             return torch.zeros(0, dtype=torch.bool)
-        ratio = float(divisor.max()) / divisor.clamp_min(torch.finfo(divisor.dtype).tiny)
-        count = torch.round(ratio)
-        whole = (ratio - count).abs() <= divisor_tolerance(self.dtype) * ratio
-        return (fit <= label_fit_tol(self.dtype)) & whole & (count >= 2)
+        if not bool((fit <= label_fit_tol(self.dtype)).all()):
+            return torch.zeros_like(fit, dtype=torch.bool)
+        wholes = [float(divisor.max()), 1.0] + ([float(batch_size)] if batch_size else [])
+        tol = divisor_tolerance(self.dtype)
+        found = torch.zeros_like(fit, dtype=torch.bool)
+        for whole in wholes:
+            ratio = whole / divisor.clamp_min(torch.finfo(divisor.dtype).tiny)
+            count = torch.round(ratio)
+            if bool((((ratio - count).abs() <= tol * ratio) & (count >= 1)).all()):
+                found |= count >= 2
+        return found
 
     def checks(
         self, inputs: torch.Tensor, grads: torch.Tensor, batch_size: int

@@ -224,10 +224,10 @@ def _unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
         not result.verified
         or downstream is None
         or exact_precision(problem.eps)
-        or result.output_grads.shape[1] < 2
+        or result.output_grads.shape[1] < 1
     ):
         return
-    repeated = downstream.repeated(result.inputs, result.output_grads)
+    repeated = downstream.repeated(result.inputs, result.output_grads, problem.request.batch_size)
     if not bool(repeated.any()):
         return
     result.verified = False
