@@ -9,11 +9,13 @@ runs in a fresh process so that peak memory is per case. Examples::
     python benchmarks/bench_layer.py --no-weights --solver sampling   # the paper's setting
     python benchmarks/bench_layer.py --attack --batch-sizes 64 --widths 1000  # spear.attack
     python benchmarks/bench_layer.py --dtype float32 --batch-sizes 25,64 --widths 1000
+    python benchmarks/bench_layer.py --dtype float32 --attack --update fedavg --hidden 128
 
 ``--dtype float32``: the model, images and update are float32; an example is exact when
 every pixel is within 1e-3 of the truth on the [0, 1] scale (8-bit rounding gives it back).
 
-A case: ``b`` distinct images, a float64 MLP ``n -> m -> 10`` (PyTorch default init, or
+A case: ``b`` distinct images, a float64 MLP ``n -> m -> 10`` (``--hidden h``:
+``n -> m -> h -> 10``; PyTorch default init, or
 ``--trained``: 50 SGD steps on other images first), one FedSGD step with mean
 cross-entropy; the first layer's gradient goes to :func:`spear.invert_layer`. An example is
 exact when its max abs error is below 1e-6 of the batch's scale.
@@ -95,9 +97,11 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     y = labels[:b]
     n = x.shape[1]
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(n, m), torch.nn.ReLU(), torch.nn.Linear(m, 10)
-    ).double()
+    hidden = cfg.get("hidden", 0)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(n, m), torch.nn.ReLU()]
+    if hidden:
+        layers += [torch.nn.Linear(m, hidden), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(hidden or m, 10)).double()
     f32 = cfg.get("dtype", "float64") == "float32"
     exact_tol = 1e-3 if f32 else metrics.DEFAULT_REL_TOL
     if f32:
@@ -203,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run spear.attack on the whole model (labels, certificate) instead of the layer",
     )
     parser.add_argument(
+        "--hidden",
+        type=int,
+        default=0,
+        help="a second ReLU layer of this width before the head (n -> m -> hidden -> 10)",
+    )
+    parser.add_argument(
         "--update",
         choices=["fedsgd", "sum", "fedavg", "clipped"],
         default="fedsgd",
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"data={args.data} trained={args.trained} solver={args.solver} "
         f"weights={'no' if args.no_weights else 'yes'} seeds={args.seeds} "
-        f"attack={args.attack} update={args.update}",
+        f"attack={args.attack} update={args.update} hidden={args.hidden}",
         file=sys.stderr,
     )
     header = (
@@ -245,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     "attack": args.attack,
                     "dtype": args.dtype,
                     "update": args.update,
+                    "hidden": args.hidden,
                 }
                 with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                     res = pool.submit(run_case, cfg).result()
