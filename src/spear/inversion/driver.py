@@ -220,12 +220,7 @@ def _unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
     patterns after the layer, in a network whose logits barely depend on the input, such
     as an untrained one), whose mean it then returns as one example."""
     downstream = problem.downstream
-    if (
-        not result.verified
-        or downstream is None
-        or exact_precision(problem.eps)
-        or result.output_grads.shape[1] < 1
-    ):
+    if not result.verified or downstream is None or exact_precision(problem.eps):
         return
     repeated = downstream.repeated(result.inputs, result.output_grads, problem.request.batch_size)
     if not bool(repeated.any()):
