@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.conftest import assert_exact
 from torch import nn
@@ -87,3 +88,51 @@ def test_exported_program_is_attacked_with_its_recorded_input_shape() -> None:
     assert rec.inputs.shape == (6, 1, 28, 28)
     assert not any("guessed" in note for note in rec.notes)
     assert_exact(rec.inputs.reshape(6, -1), x.reshape(6, -1))
+
+
+def _two_layer(width: int, seed: int) -> nn.Module:
+    """``784 -> width -> 10``: the attacked layer's gradient feeds the head directly."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def test_fedavg_moved_masks_are_measured_by_the_delta_itself() -> None:
+    # eight local steps of one example each: the sent weights' ReLU patterns disagree with
+    # the true columns' zero sets on up to half the units; leaving out the units the delta
+    # itself moves by more than their margin, every true example passes
+    from spear.linalg import factorise, zero_mask
+    from spear.verify import LayerView, pattern_check
+
+    x, y = _batch(8, seed=0)
+    model = _two_layer(128, seed=0).double()
+    delta = client.fedavg_update(model, x, y, epochs=1, batch_size=1, lr=0.1, seed=0)
+    dw, dc = delta["1.weight"], delta["1.bias"]
+    w, c = model[1].weight.detach(), model[1].bias.detach()
+    flat = x.reshape(8, -1)
+    right = factorise(dw, float(torch.finfo(torch.float64).eps)).right
+    coords = flat @ right.T  # (8, 8)
+    zeros = zero_mask(dw @ torch.linalg.pinv(flat), 1e-9)  # the true columns' zero sets
+    live = torch.ones(128, dtype=torch.bool)
+    eps = float(torch.finfo(torch.float64).eps)
+    sent_only = LayerView(w @ right.T, w.abs(), c, right)
+    with_delta = LayerView(w @ right.T, w.abs(), c, right, dw @ right.T, dc)
+    passed_before = [
+        pattern_check(sent_only, coords[i], zeros[:, i], live, eps, True)[0] for i in range(8)
+    ]
+    passed = [
+        pattern_check(with_delta, coords[i], zeros[:, i], live, eps, True)[0] for i in range(8)
+    ]
+    assert not all(passed_before)
+    assert all(passed)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_fedavg_two_layer_network_returns_every_example(seed: int) -> None:
+    # the head right after the attacked layer: eight local steps move many masks, and one
+    # true example failing a check used to withhold the whole batch
+    x, y = _batch(16, seed=seed)
+    model = _two_layer(256, seed=seed).double()
+    delta = client.fedavg_update(model, x, y, epochs=1, batch_size=2, lr=0.1, seed=seed)
+    rec = spear.attack(model, delta, update_kind="delta", time_budget=60)
+    assert rec.complete and rec.batch_size == 16, rec.notes
+    assert_exact(rec.inputs.reshape(16, -1), x.reshape(16, -1))

@@ -203,6 +203,7 @@ def invert_layer(
         downstream=(
             Downstream(after, weight, bias) if after is not None and weight is not None else None
         ),
+        scale=scale,
     )
     result = invert(Problem.build(request, start))
     if scale != 1.0:

@@ -18,6 +18,7 @@ __all__ = [
     "LayerView",
     "direction_for",
     "exact_precision",
+    "movement",
     "pattern_check",
     "pre_activations",
 ]
@@ -38,6 +39,13 @@ MISMATCH_NOISY = 0.1
 #: see updated weights), so this fraction of predicted-on units may carry none.
 MAX_OFF_BUT_NONZERO_DELTA = 0.25
 MAX_ON_BUT_ZERO_DELTA = 0.1
+#: FedAvg deltas: a unit whose pre-activation at the sent weights is within this multiple
+#: of the change the delta itself makes to it (``|dW x + dc|``, the whole local training's
+#: movement at that example) may have switched at the step that used the example, and is
+#: left out of the comparison. Measured (Fashion-MNIST, ``784 -> 1000 -> 10``, b = 64,
+#: eight local steps at learning rate 0.1): true examples disagree on up to 10.5% of all
+#: predicted-on units, and on at most 3% of the units this leaves.
+MOVED_MARGIN = 1.0
 #: Units whose pre-activation is within this many roundoff units of zero are ambiguous and
 #: left out of the comparison.
 AMBIGUITY_ROUNDOFF = 100.0
@@ -56,6 +64,21 @@ class LayerView:
     weight_abs_coords: torch.Tensor  # (m, n) = |W|, for roundoff bounds
     bias: torch.Tensor | None  # (m,)
     right: torch.Tensor  # (b, n)
+    #: A FedAvg delta's own change of the layer, ``dW @ R^T`` ``(m, b)`` and ``dc`` ``(m,)``
+    #: (``None`` for gradients): how far local training moved each pre-activation.
+    moved_coords: torch.Tensor | None = None
+    moved_bias: torch.Tensor | None = None
+
+
+def movement(layer: LayerView, coord: torch.Tensor) -> torch.Tensor | None:
+    """``(m,)`` ``|dW x + dc|`` at one example ``coord`` ``(b,)``: how far a FedAvg
+    delta moved its pre-activations (``None`` when the view holds no delta)."""
+    if layer.moved_coords is None:
+        return None
+    moved = layer.moved_coords @ coord
+    if layer.moved_bias is not None:
+        moved = moved + layer.moved_bias
+    return moved.abs()
 
 
 def pre_activations(layer: LayerView, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +127,8 @@ def pattern_check(
     eps:
         Machine epsilon of the data.
     delta:
-        FedAvg deltas allow predicted-off units to carry updates (fact 11).
+        FedAvg deltas allow predicted-off units to carry updates (fact 11); units the
+        delta itself moves by more than their margin (:data:`MOVED_MARGIN`) are left out.
 
     Returns
     -------
@@ -115,6 +139,9 @@ def pattern_check(
     """
     z, bound = pre_activations(layer, coord)
     clear = z.abs() > AMBIGUITY_ROUNDOFF * eps * bound
+    moved = movement(layer, coord) if delta else None
+    if moved is not None:
+        clear &= z.abs() > MOVED_MARGIN * moved
     off = (z <= 0) & clear
     on = (z > 0) & clear
     n_clear = max(1, int(clear.sum()))

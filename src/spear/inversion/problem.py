@@ -82,6 +82,8 @@ class Request:
     search_with_weights: bool
     strict_solves: bool = STRICT_COMPLETE_SOLVES
     downstream: Downstream | None = None
+    #: The power of two the update was divided by (:func:`spear.invert_layer`).
+    scale: float = 1.0
 
 
 @dataclass
@@ -227,7 +229,7 @@ class Problem:
         if request.zero_tol is not None:
             z = request.zero_tol
             tol = Tolerances(eps=tol.eps, zero_tol=z, degeneracy_tol=z, separation=tol.separation)
-        layer = _layer_view(request, fac, dev)
+        layer = _layer_view(request, fac, dev, dw, db)
         delta = request.update_kind == "delta"
         strict = (
             request.strict_solves
@@ -368,15 +370,26 @@ def _noisy_tolerances(
     return Tolerances(eps=tol.eps, zero_tol=loose, degeneracy_tol=loose), max(eps, loose)
 
 
-def _layer_view(request: Request, fac: Factorisation, dev: torch.device) -> LayerView | None:
-    """The layer's weights in row-space coordinates (``None`` when not given)."""
+def _layer_view(
+    request: Request,
+    fac: Factorisation,
+    dev: torch.device,
+    dw: torch.Tensor,
+    db: torch.Tensor | None,
+) -> LayerView | None:
+    """The layer's weights in row-space coordinates (``None`` when not given); for a
+    FedAvg delta, also the delta ``dw`` ``(m, n)``, ``db`` ``(m,)`` itself, at the scale of
+    the weights, which bounds how far local training moved the ReLU patterns."""
     if request.weight is None:
         return None
     w64 = request.weight.detach().to(dev, torch.float64)
     bias = request.bias
+    delta = request.update_kind == "delta"
     return LayerView(
         weight_coords=w64 @ fac.right.T,
         weight_abs_coords=w64.abs(),
         bias=bias.detach().to(dev, torch.float64) if bias is not None else None,
         right=fac.right,
+        moved_coords=(dw @ fac.right.T) * request.scale if delta else None,
+        moved_bias=db * request.scale if delta and db is not None and bias is not None else None,
     )
