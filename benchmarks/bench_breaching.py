@@ -108,10 +108,19 @@ def _measure_images(
     truth_labels: torch.Tensor,
     images: torch.Tensor | None,
     labels: torch.Tensor | None,
+    counts: torch.Tensor | None = None,
 ) -> None:
-    """Fill ``out`` with the PSNR, SSIM and labels ``(k,)`` of ``images`` ``(k, C, H, W)``."""
+    """Fill ``out`` with the PSNR, SSIM and labels ``(k,)`` of ``images`` ``(k, C, H, W)``;
+    ``counts`` ``(j,)``, ``j <= k``: how many examples of the batch each of the first ``j``
+    images stands for (an example the update shows counted twice is matched twice)."""
     if images is None or images.shape[0] == 0:
         return
+    if counts is not None and bool((counts > 1).any()):
+        repeats = torch.ones(images.shape[0], dtype=torch.int64)
+        repeats[: counts.shape[0]] = counts.cpu()
+        images = torch.repeat_interleave(images, repeats.to(images.device), dim=0)
+        if labels is not None and len(labels) == repeats.shape[0]:
+            labels = torch.repeat_interleave(labels, repeats.to(labels.device), dim=0)
     found = images.detach().to(torch.float64).reshape(-1, *truth.shape[1:])
     matching = metrics.match(found, truth)
     out.psnr = metrics.psnr(found, truth, matching=matching, reduction="none").tolist()
@@ -186,9 +195,12 @@ def run_case(
         features_of: Callable[[torch.Tensor], torch.Tensor] = model.features  # type: ignore[assignment]
         with torch.no_grad():
             _measure_features(out, rec, features_of(images).to(torch.float64))
-        _measure_images(out, images, labels, rec.images, rec.image_labels)
+        counts = rec.multiplicity
+        if counts is not None and counts.shape[0] > rec.images_from_features:
+            counts = None
+        _measure_images(out, images, labels, rec.images, rec.image_labels, counts)
     else:
-        _measure_images(out, images, labels, rec.inputs, rec.labels)
+        _measure_images(out, images, labels, rec.inputs, rec.labels, rec.multiplicity)
     outcomes = [out]
 
     attacks: list[tuple[str, Callable[..., Reconstruction], dict[str, object]]] = [

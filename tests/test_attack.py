@@ -108,6 +108,14 @@ def test_attack_duplicates_reports_multiplicity() -> None:
     assert any("duplicate" in note and "2 times" in note for note in rec.notes), rec.notes
     # duplicates counted twice reproduce the update
     assert rec.certificate is not None and rec.certificate < 1e-9
+    # one row per example of the batch: the repeated image twice, the others once
+    assert rec.multiplicity is not None
+    twice = matching.rec_index[matching.truth_index == 0]
+    expected = torch.ones(6, dtype=torch.int64)
+    expected[twice] = 2
+    assert torch.equal(rec.multiplicity, expected)
+    batch = torch.repeat_interleave(rec.inputs, rec.multiplicity, dim=0)
+    assert_exact(batch, x)
 
 
 # ---------------------------------------------------------------- other layers

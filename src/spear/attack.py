@@ -384,8 +384,18 @@ def attack(
         noise=result.noise,
         images_determined=determined,
         image_feature_residual=rebuilt.feature_residual if rebuilt is not None else None,
+        multiplicity=_multiplicity(label_result, inputs.shape[0], source),
         **_image_fields(rebuilt, labels, missing_images),
     )
+
+
+def _multiplicity(label_result: LabelResult | None, found: int, source: str) -> torch.Tensor | None:
+    """``(found,)`` how many times the batch holds each returned example, when the labels
+    describe the returned examples (not a gradient-matching replacement)."""
+    if label_result is None or source == "gradient-matching":
+        return None
+    counts = label_result.multiplicity
+    return counts.clone() if counts.shape[0] == found else None
 
 
 def _images(

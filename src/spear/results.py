@@ -229,6 +229,14 @@ class Reconstruction:
         from the images.
     image_feature_residual:
         ``(k,)`` relative error of the features recomputed from :attr:`images`.
+    multiplicity:
+        ``(k,)`` int64: how many times the batch holds each of :attr:`inputs` (an example
+        whose column fits its loss with ``c`` times the divisor of the others is counted
+        ``c`` times: a duplicate, or at float32's precision possibly ``c`` examples whose
+        gradients agree to rounding, shown as their mean; :attr:`notes` say which);
+        ``None`` when the labels are not known. Its sum is the batch size the update
+        shows; ``torch.repeat_interleave(rec.inputs, rec.multiplicity, dim=0)`` gives
+        one row per example of the batch.
     """
 
     inputs: torch.Tensor
@@ -252,3 +260,4 @@ class Reconstruction:
     image_feature_residual: torch.Tensor | None = None
     image_labels: torch.Tensor | None = None
     images_from_features: int = 0
+    multiplicity: torch.Tensor | None = None

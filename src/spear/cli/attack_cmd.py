@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         "found": int(rec.inputs.shape[0]),
         "complete": rec.complete,
         "labels": rec.labels.tolist() if rec.labels is not None else None,
+        "multiplicity": rec.multiplicity.tolist() if rec.multiplicity is not None else None,
         "certificate": rec.certificate,
         "verified": rec.verified,
         "examples_verified": rec.examples_verified,
