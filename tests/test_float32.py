@@ -158,3 +158,16 @@ def _zero_tol(fac: object) -> float:
     s = fac.singular_values
     floor = float(s[fac.rank] / s[fac.rank - 1])
     return Tolerances.derive(torch.float32, fac.condition, noise_floor=floor).zero_tol
+
+
+def test_float32_batch_is_exact_to_float32_precision() -> None:
+    # examples peeled one by one carry the roundoff each peel leaves in the residual
+    # (6.8e-6 off here); the final joint solve from the original factorisation brings
+    # every pixel back to a few float32 epsilons
+    x, y = _batch(48, seed=4)
+    model = _model(1000, seed=4)
+    rec = spear.attack(model, client.fedsgd_update(model, x, y), time_budget=60)
+    _assert_exact(rec, x, y)
+    flat_rec = rec.inputs.reshape(48, -1).double()
+    dist = torch.cdist(flat_rec, x.reshape(48, -1).double(), p=float("inf"))
+    assert float(dist.min(dim=1).values.max()) < 8 * EPS32
