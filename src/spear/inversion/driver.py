@@ -18,7 +18,7 @@ from spear.errors import NoReluSparsityError
 from spear.inversion.checks import verified_indices
 from spear.inversion.problem import Problem
 from spear.inversion.result import finish
-from spear.inversion.solve import joint_check, refine_columns, solve_complete
+from spear.inversion.solve import joint_check, refine_columns, verified_solve
 from spear.inversion.state import SearchState
 from spear.inversion.steps import (
     CompleteSolve,
@@ -267,10 +267,15 @@ def _polish(problem: Problem, state: SearchState) -> None:
     grads = torch.stack(res.grads, dim=1)  # (m, b)
     full, live = problem.original
     refined = refine_columns(layer, full, coords, grads / grads.norm(dim=0), problem.tol)
-    solved = solve_complete(problem.fac.left, db, refined)
-    if solved is None or len(verified_indices(problem, *solved, live)) < problem.rank:
-        return
-    if _factor_misfit(problem, *solved) >= _factor_misfit(problem, coords, grads):
+    solved = verified_solve(
+        problem.fac.left,
+        db,
+        refined,
+        live,
+        problem.rank,
+        lambda c, g, rows: verified_indices(problem, c, g, rows),
+    )
+    if solved is None or _factor_misfit(problem, *solved) >= _factor_misfit(problem, coords, grads):
         return
     res.coords = list(solved[0])
     res.grads = list(solved[1].T)

@@ -24,6 +24,7 @@ __all__ = [
     "refine_columns",
     "repair_one_direction",
     "solve_complete",
+    "verified_solve",
 ]
 
 #: A failing complete solve is repaired (:func:`repair_one_direction`) when at most this
@@ -201,13 +202,31 @@ def joint_check(
     if bias is None or state.found < rank:
         return False
     grads = torch.stack(state.grads, dim=1)
-    joint = solve_complete(left, bias, grads / grads.norm(dim=0))
-    if joint is None or len(verified(*joint, live)) < rank:
+    joint = verified_solve(left, bias, grads / grads.norm(dim=0), live, rank, verified)
+    if joint is None:
         return False
     coords, new_grads = joint
     state.coords = list(coords)
     state.grads = list(new_grads.T)
     return True
+
+
+def verified_solve(
+    left: torch.Tensor,
+    bias: torch.Tensor,
+    cols: torch.Tensor,
+    live: torch.Tensor,
+    rank: int,
+    verified: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[int]],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The complete solve (:func:`solve_complete`) of ``left`` ``(m, b)`` and ``bias``
+    ``(m,)`` with the unit directions ``cols`` ``(m, b)``, when all ``rank`` of its
+    examples verify (``verified(coords, grads, live)`` lists those that do); else ``None``.
+    """
+    joint = solve_complete(left, bias, cols)
+    if joint is None or len(verified(*joint, live)) < rank:
+        return None
+    return joint
 
 
 def refine_columns(

@@ -21,7 +21,12 @@ import torch
 
 from spear.inversion.checks import verified_indices
 from spear.inversion.problem import Problem
-from spear.inversion.solve import refine_columns, repair_one_direction, solve_complete
+from spear.inversion.solve import (
+    refine_columns,
+    repair_one_direction,
+    solve_complete,
+    verified_solve,
+)
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
 from spear.linalg import orthonormal_basis, unit_rows
@@ -152,19 +157,28 @@ def _solve_from_original(
         cols_all = torch.cat([found_grads / found_grads.norm(dim=0), cols], dim=1)
         coords_all = torch.cat([torch.stack(res.coords), coords_new])
     refined = refine_columns(problem.layer, full_basis, coords_all, cols_all, problem.tol)
-    joint = solve_complete(fac.left, db, refined) if db is not None else None
+    joint = (
+        verified_solve(
+            fac.left,
+            db,
+            refined,
+            full_live,
+            problem.rank,
+            lambda c, g, rows: verified_indices(problem, c, g, rows),
+        )
+        if db is not None
+        else None
+    )
     if joint is not None and db is not None:
-        ok = verified_indices(problem, *joint, full_live)
-        if len(ok) == problem.rank:
-            coords, grads = joint
-            res.left, res.bias = fac.left.clone(), db.clone()
-            res.coords, res.grads = [], []
-            for i in ok:
-                if i >= old:
-                    state.pool.remove(grads[:, i] / grads[:, i].norm())
-                res.peel(coords[i], grads[:, i])
-            state.bar.update(problem.rank - old)
-            return problem.rank - old
+        coords, grads = joint
+        res.left, res.bias = fac.left.clone(), db.clone()
+        res.coords, res.grads = [], []
+        for i in range(problem.rank):
+            if i >= old:
+                state.pool.remove(grads[:, i] / grads[:, i].norm())
+            res.peel(coords[i], grads[:, i])
+        state.bar.update(problem.rank - old)
+        return problem.rank - old
     again = solve_complete(res.left, res.bias, refined[:, old:])
     if again is not None:
         accepted_again = verified_indices(problem, *again, live)
