@@ -128,8 +128,8 @@ def test_fedavg_moved_masks_are_measured_by_the_delta_itself() -> None:
 
 @pytest.mark.parametrize("seed", [0, 2])
 def test_fedavg_two_layer_network_returns_every_example(seed: int) -> None:
-    # the head right after the attacked layer: eight local steps move many masks, and one
-    # true example failing a check used to withhold the whole batch
+    # the head right after the attacked layer: eight local steps move many masks; a true
+    # example failing its check would withhold the whole batch
     x, y = _batch(16, seed=seed)
     model = _two_layer(256, seed=seed).double()
     delta = client.fedavg_update(model, x, y, epochs=1, batch_size=2, lr=0.1, seed=seed)
