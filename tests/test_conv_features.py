@@ -231,6 +231,36 @@ def test_examples_merged_by_float32_are_not_taken_for_a_duplicate() -> None:
         assert not (wrong and rec.layer_result.verified)
 
 
+@pytest.mark.parametrize(("reduction", "copies_allowed"), [("mean", False), ("sum", True)])
+def test_a_mean_over_the_distinct_examples_holds_no_copies(
+    reduction: str, copies_allowed: bool
+) -> None:
+    # a column that fits cross-entropy with half the plain divisor is an example counted
+    # twice in a sum; in a mean over as many examples as the update shows distinct ones
+    # it cannot be (a copy would add to the count). Measured on the untrained VGG-style
+    # CNN (seed 2, float64, b = 4): a mixture fitted the divisor 4 / 2 and came back as
+    # "example 2 appears 2 times" in place of a missing example
+    net = build_cnn("flower-cnn", 0, dtype=torch.float64)
+    images, labels = sample_batch(rgb_patches(1000, seed=0).subset(500), 4, seed=1)
+    fc1 = net.fc1  # type: ignore[attr-defined]
+    weight, bias = fc1.weight.detach(), fc1.bias.detach()
+
+    def tail(z: torch.Tensor) -> torch.Tensor:
+        return net.fc3(torch.relu(net.fc2(torch.relu(z))))  # type: ignore[operator]
+
+    feats = net.features(images.to(torch.float64)).detach()  # type: ignore[operator]
+    pre = (feats @ weight.T + bias).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(tail(pre), labels, reduction=reduction)
+    (cols,) = torch.autograd.grad(loss, pre)
+    cols = cols.T  # (m, 4)
+    downstream = Downstream(tail, weight, bias)
+    assert downstream.plain_fit(feats, cols, 4).all()
+    doubled = 2.0 * cols
+    assert not downstream.plain_fit(feats, doubled, 4).any()
+    copies = downstream.plain_fit(feats, doubled, 4, duplicates=True)
+    assert copies.tolist() == [copies_allowed] * 4
+
+
 def test_no_sparse_direction_behind_a_relu_is_a_partial_result_not_an_error() -> None:
     # trained VGG-style CNN, float32, b = 8: the update shows rank 4 (confident
     # examples' gradients sink under float32 rounding) and sampling finds no sparse

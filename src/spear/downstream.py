@@ -182,9 +182,13 @@ class Downstream:
         ``inputs[i]`` ``(k, n)`` (:func:`spear.labels.label_fit_tol`) with the divisor of a
         plain mean over ``batch_size`` examples or a plain sum (:func:`divisor_tolerance`).
 
+        ``batch_size`` is the number of distinct examples the update shows (its rank).
         ``duplicates``: an example that occurs ``c`` times in the batch has ``c`` times
         its column, so its divisor is the plain one over ``c`` (``c`` up to
-        ``batch_size``); allowed when the update is known to be such a mean or sum.
+        ``batch_size``); allowed when the update is known to be such a mean or sum, for
+        the sum only: a mean over as many examples as the update shows distinct ones holds
+        none twice (a copy would add to the count), so a column that fits it with the
+        divisor over ``c >= 2`` is another example's mixture, not a copy.
         """
         fit, divisor = self.cross_entropy_fit(inputs, grads)
         return self._plain(fit, divisor, batch_size, duplicates)
@@ -238,10 +242,10 @@ class Downstream:
 
         tol = divisor_tolerance(self.dtype)
         ok = fit <= label_fit_tol(self.dtype)
-        counts = range(1, batch_size + 1) if duplicates else range(1, 2)
         plain = torch.zeros_like(ok)
-        for c in counts:
-            for whole in (float(batch_size), 1.0):
+        # copies only in a sum (see plain_fit): the mean's count is the distinct examples
+        for whole, copies in ((float(batch_size), 1), (1.0, batch_size if duplicates else 1)):
+            for c in range(1, copies + 1):
                 target = whole / c
                 plain |= (divisor - target).abs() <= tol * target
         return ok & plain
