@@ -118,6 +118,31 @@ def test_attack_duplicates_reports_multiplicity() -> None:
     assert_exact(batch, x)
 
 
+def test_partial_labels_still_read_a_mean() -> None:
+    # two of four examples recovered: their divisors are the mean's 4, which counts the
+    # two missing examples as well; that is a plain mean, not clipping or noise
+    from spear.labels import recover_labels
+
+    torch.manual_seed(0)
+    layer, head = nn.Linear(20, 100).double(), nn.Linear(100, 10).double()
+    x = torch.rand(4, 20, dtype=torch.float64)
+    y = torch.tensor([1, 3, 5, 7])
+    pre = layer(x).detach().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(head(torch.relu(pre)), y)
+    (cols,) = torch.autograd.grad(loss, pre)  # (4, 100)
+
+    def after(z: torch.Tensor) -> torch.Tensor:
+        return head(torch.relu(z))
+
+    w, b = layer.weight.detach(), layer.bias.detach()
+    partial = recover_labels(after, w, b, x[:2], cols[:2].T, missing=2)
+    assert partial.reduction == "mean" and partial.labels.tolist() == [1, 3]
+    assert not any("do not fit" in note for note in partial.notes)
+    # without the missing examples counted, two divisors of 4 fit no plain mean of two
+    alone = recover_labels(after, w, b, x[:2], cols[:2].T)
+    assert alone.reduction == "unknown"
+
+
 # ---------------------------------------------------------------- other layers
 
 

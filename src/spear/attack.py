@@ -653,6 +653,7 @@ def _labels(
             target.bias.detach() if target.bias is not None else None,
             features,
             grads * s,
+            missing=max(0, result.batch_size - result.found),
         )
 
     found = recover(sign)

@@ -86,6 +86,7 @@ def recover_labels(
     bias: torch.Tensor | None,
     features: torch.Tensor,
     output_grads: torch.Tensor,
+    missing: int = 0,
 ) -> LabelResult:
     """Labels of the recovered examples from their gradient columns.
 
@@ -99,6 +100,9 @@ def recover_labels(
         ``(k, n)`` recovered inputs of the layer, in the model's dtype.
     output_grads:
         ``(m, k)`` float64 gradient columns of the recovered examples.
+    missing:
+        Distinct examples the update shows that were not recovered (a partial result):
+        a mean's divisor then counts them too.
 
     Returns
     -------
@@ -138,7 +142,7 @@ def recover_labels(
         divisor[i] = div / size
         denom = float(target.norm()) or 1.0
         fit[i] = float((r * div - target).norm()) / denom
-    return _interpret(labels, divisor, fit, sign, label_fit_tol(dtype))
+    return _interpret(labels, divisor, fit, sign, label_fit_tol(dtype), missing)
 
 
 def _sign_vote(r: torch.Tensor) -> int:
@@ -165,8 +169,11 @@ def _interpret(
     fit: torch.Tensor,
     sign: torch.Tensor,
     tol: float = LABEL_FIT_TOL,
+    missing: int = 0,
 ) -> LabelResult:
-    """Reduction and multiplicities from the per-example divisors (fit tolerance ``tol``)."""
+    """Reduction and multiplicities from the per-example divisors (fit tolerance ``tol``);
+    ``missing`` distinct examples were not recovered, each counted at least once in a
+    mean's divisor."""
     notes: list[str] = []
     k = labels.numel()
     ok = fit <= tol
@@ -182,7 +189,9 @@ def _interpret(
             multiplicity = mult.to(torch.int64)
             if total == 1:
                 reduction = "sum" if k > 1 or int(multiplicity.sum()) > 1 else "mean or sum"
-            elif total == int(multiplicity.sum()):
+            elif total == int(multiplicity.sum()) or (
+                missing and total >= int(multiplicity.sum()) + missing
+            ):
                 reduction = "mean"
     if reduction == "unknown" and k:
         notes.append(
