@@ -19,6 +19,7 @@ __all__ = [
     "beyond_span",
     "estimate_rank",
     "factorise",
+    "gap_at",
     "kernel",
     "noise_floor",
     "null_vectors",
@@ -248,10 +249,27 @@ def estimate_rank(singular_values: torch.Tensor, eps: float) -> tuple[int, float
     head = s[:signal]
     ratios = head / nxt.clamp_min(torch.finfo(torch.float64).tiny)
     rank = int(torch.argmax(ratios)) + 1
-    following = float(nxt[rank - 1])
-    roundoff = following <= RANK_FLOOR * eps * float(s[0])
-    gap = math.inf if roundoff else float(head[rank - 1]) / following
-    return rank, gap
+    return rank, gap_at(s, rank, eps)
+
+
+def gap_at(singular_values: torch.Tensor, rank: int, eps: float) -> float:
+    """``s_rank / s_{rank+1}`` of ``singular_values`` ``(k,)`` (descending): ``inf`` when
+    ``s_{rank+1}`` is absent or roundoff (at most ``RANK_FLOOR * eps * s_1``), ``0`` at
+    rank 0.
+
+    Examples
+    --------
+    >>> gap_at(torch.tensor([3.0, 2.0, 1e-17], dtype=torch.float64), 2, 2.2e-16)
+    inf
+    >>> gap_at(torch.tensor([3.0, 2.0, 1e-3], dtype=torch.float64), 2, 2.2e-16)
+    2000.0
+    """
+    if rank <= 0:
+        return 0.0
+    following = float(singular_values[rank]) if rank < singular_values.numel() else 0.0
+    if following <= RANK_FLOOR * eps * float(singular_values[0]):
+        return math.inf
+    return float(singular_values[rank - 1]) / following
 
 
 def factorise(weight_grad: torch.Tensor, eps: float, rank: int | None = None) -> Factorisation:
@@ -274,11 +292,7 @@ def factorise(weight_grad: torch.Tensor, eps: float, rank: int | None = None) ->
     b, gap = estimate_rank(s, eps)
     if rank is not None:
         b = max(0, min(int(rank), s.numel()))
-        nxt = float(s[b]) if b < s.numel() else 0.0
-        if nxt <= RANK_FLOOR * eps * float(s[0]):
-            gap = math.inf if b > 0 else 0.0
-        else:
-            gap = float(s[b - 1]) / nxt if b > 0 else 0.0
+        gap = gap_at(s, b, eps)
     return Factorisation(left=u[:, :b] * s[:b], right=vh[:b], singular_values=s, rank=b, gap=gap)
 
 
