@@ -13,11 +13,12 @@ import torch
 
 from spear.downstream import range_tolerance
 from spear.inversion.problem import Problem
+from spear.inversion.solve import verified_solve
 from spear.linalg import zero_mask
 from spear.realizable import RealizabilityTest
 from spear.verify import exact_precision, pattern_check
 
-__all__ = ["exact_patterns", "not_refuted", "verified_indices"]
+__all__ = ["exact_patterns", "not_refuted", "verified_indices", "whole_batch_solve"]
 
 
 def verified_indices(
@@ -91,3 +92,24 @@ def not_refuted(problem: Problem, live: torch.Tensor) -> Callable[[torch.Tensor]
     assert problem.layer is not None
     test = RealizabilityTest(problem.layer, live, problem.generator)
     return lambda zeros: not test.refutes(zeros)
+
+
+def whole_batch_solve(
+    problem: Problem, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The whole batch solved from the original factorisation with the unit directions
+    ``cols`` ``(m, b)``: ``(coords (b, b), grads (m, b))`` when every example verifies
+    (:func:`spear.inversion.solve.verified_solve`), else ``None`` (also without a bias
+    gradient)."""
+    db = problem.bias_grad
+    if db is None:
+        return None
+    _, live = problem.original
+    return verified_solve(
+        problem.fac.left,
+        db,
+        cols,
+        live,
+        problem.rank,
+        lambda c, g, rows: verified_indices(problem, c, g, rows),
+    )

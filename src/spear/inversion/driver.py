@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from spear.errors import NoReluSparsityError
-from spear.inversion.checks import verified_indices
+from spear.inversion.checks import verified_indices, whole_batch_solve
 from spear.inversion.problem import Problem
 from spear.inversion.result import finish
-from spear.inversion.solve import joint_check, refine_columns, verified_solve
+from spear.inversion.solve import joint_check, refine_columns
 from spear.inversion.state import SearchState
 from spear.inversion.steps import (
     CompleteSolve,
@@ -265,16 +265,9 @@ def _polish(problem: Problem, state: SearchState) -> None:
         return
     coords = torch.stack(res.coords)  # (b, b)
     grads = torch.stack(res.grads, dim=1)  # (m, b)
-    full, live = problem.original
+    full, _ = problem.original
     refined = refine_columns(layer, full, coords, grads / grads.norm(dim=0), problem.tol)
-    solved = verified_solve(
-        problem.fac.left,
-        db,
-        refined,
-        live,
-        problem.rank,
-        lambda c, g, rows: verified_indices(problem, c, g, rows),
-    )
+    solved = whole_batch_solve(problem, refined)
     if solved is None or _factor_misfit(problem, *solved) >= _factor_misfit(problem, coords, grads):
         return
     res.coords = list(solved[0])

@@ -19,14 +19,9 @@ import time
 
 import torch
 
-from spear.inversion.checks import verified_indices
+from spear.inversion.checks import verified_indices, whole_batch_solve
 from spear.inversion.problem import Problem
-from spear.inversion.solve import (
-    refine_columns,
-    repair_one_direction,
-    solve_complete,
-    verified_solve,
-)
+from spear.inversion.solve import refine_columns, repair_one_direction, solve_complete
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
 from spear.linalg import orthonormal_basis, unit_rows
@@ -148,7 +143,7 @@ def _solve_from_original(
     """
     assert problem.layer is not None
     res, fac, db = state.residual, problem.fac, problem.bias_grad
-    full_basis, full_live = problem.original
+    full_basis, _ = problem.original
     old = state.found
     coords_new = torch.linalg.lstsq(cols, res.left).solution if solved is None else solved[0]
     cols_all, coords_all = cols, coords_new  # (m, old + r), (old + r, b)
@@ -157,18 +152,7 @@ def _solve_from_original(
         cols_all = torch.cat([found_grads / found_grads.norm(dim=0), cols], dim=1)
         coords_all = torch.cat([torch.stack(res.coords), coords_new])
     refined = refine_columns(problem.layer, full_basis, coords_all, cols_all, problem.tol)
-    joint = (
-        verified_solve(
-            fac.left,
-            db,
-            refined,
-            full_live,
-            problem.rank,
-            lambda c, g, rows: verified_indices(problem, c, g, rows),
-        )
-        if db is not None
-        else None
-    )
+    joint = whole_batch_solve(problem, refined)
     if joint is not None and db is not None:
         coords, grads = joint
         res.left, res.bias = fac.left.clone(), db.clone()
