@@ -19,6 +19,7 @@ from spear.linalg import (
     estimate_rank,
     factorise,
     kernel,
+    least_absolute_fit,
     null_vectors,
     orthonormal_basis,
     pure_kernel,
@@ -217,3 +218,19 @@ def test_kernel_empty_and_too_few_rows() -> None:
     assert ker.shape == (4, 2)
     assert float((rows @ ker).abs().max()) < 1e-12
     assert pure_kernel(rows, 1e-10) is None  # fewer rows than r - 1 is never pure
+
+
+def test_least_absolute_fit_is_exact_on_the_rows_a_minority_leaves_alone() -> None:
+    """Rows that should be zero, a tenth of them hit by large errors: least squares is
+    pulled off on every coefficient, the L1 fit is exact."""
+    gen = torch.Generator().manual_seed(0)
+    design = torch.randn(300, 40, generator=gen, dtype=torch.float64)
+    coeffs = torch.randn(40, generator=gen, dtype=torch.float64)
+    target = -design @ coeffs
+    hit = torch.randperm(300, generator=gen)[:30]
+    target[hit] += 5 * torch.randn(30, generator=gen, dtype=torch.float64)
+    plain = torch.linalg.lstsq(design, -target[:, None]).solution[:, 0]
+    assert float((plain - coeffs).abs().max()) > 1e-2
+    fitted = least_absolute_fit(target, design)
+    assert fitted is not None
+    assert float((fitted - coeffs).abs().max()) < 1e-9

@@ -3,6 +3,8 @@ and on exact gradients peeled only when every example verifies (damaged examples
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tests.conftest import EXACT, layer_case, match_rows, problem_for, server_view
@@ -12,9 +14,10 @@ import spear
 from spear.data import rgb_patches, sample_batch
 from spear.inversion.driver import invert
 from spear.inversion.solve import complete_last, refine_columns
-from spear.linalg import orthonormal_basis, zero_mask
+from spear.linalg import Tolerances, factorise, orthonormal_basis, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.sampling import SamplingSolver
+from spear.verify import LayerView
 
 
 def test_refine_columns_restores_exact_zeros_and_keeps_mixtures() -> None:
@@ -144,3 +147,36 @@ def test_wrong_direction_in_a_float32_solve_is_never_verified_wrong(
     assert worst < 1e-3  # ... and is right: damaged ones are repaired or withheld
     if not rec.complete:
         assert any("withheld" in n for n in rec.notes), rec.notes
+
+
+def test_complete_last_of_a_delta_whose_predicted_zero_set_moved() -> None:
+    """FedAvg: some units the sent weights switch off for the last example carried its
+    update at the step that used it. No kernel of the predicted-off rows exists then;
+    the L1 fit on them gives the example's exact direction."""
+    case = layer_case(300, 100, 20, real=True, seed=1)
+    b = 20
+    grads = case.output_grads.clone()  # (m, b)
+    off = torch.nonzero(grads[:, 0] == 0).flatten()
+    gen = torch.Generator().manual_seed(0)
+    moved = off[torch.randperm(off.numel(), generator=gen)[: off.numel() // 12]]
+    size = torch.rand(moved.numel(), generator=gen, dtype=torch.float64) + 0.1
+    grads[moved, 0] = 0.5 * grads[:, 0].abs().max() * size
+    weight_grad = grads @ case.inputs  # (m, n): the delta's layer update
+    bias_grad = grads.sum(dim=1)
+    fac = factorise(weight_grad, float(torch.finfo(torch.float64).eps))
+    tol = Tolerances.derive(torch.float64, fac.condition)
+    plain = LayerView(
+        weight_coords=case.weight @ fac.right.T,
+        weight_abs_coords=case.weight.abs(),
+        bias=case.bias,
+        right=fac.right,
+    )
+    # no movement measured on any unit: only the L1 fit sees past the moved ones
+    delta = replace(plain, moved_coords=torch.zeros_like(plain.weight_coords))
+    truth = grads / grads.norm(dim=0)
+    basis = orthonormal_basis(fac.left, b)
+    args = (fac.left, bias_grad, basis, truth[:, 1:])
+    assert complete_last(*args, plain, tol) is None
+    last = complete_last(*args, delta, tol)
+    assert last is not None
+    assert abs(float(last @ truth[:, 0])) > 1 - 1e-12

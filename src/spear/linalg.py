@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.optimize import linprog
+from scipy.sparse import csr_matrix, hstack, identity, vstack
 
 __all__ = [
     "TINY_NORM",
@@ -21,6 +24,7 @@ __all__ = [
     "factorise",
     "gap_at",
     "kernel",
+    "least_absolute_fit",
     "noise_floor",
     "null_vectors",
     "orthonormal_basis",
@@ -406,6 +410,46 @@ def kernel(rows: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     d = int((asc <= tol * math.sqrt(max(k, 1))).sum())
     basis = vh[r - d :].T if d > 0 else torch.zeros(r, 0, dtype=rows.dtype, device=rows.device)
     return basis, asc
+
+
+def least_absolute_fit(target: torch.Tensor, design: torch.Tensor) -> torch.Tensor | None:
+    """Coefficients ``c`` ``(k,)`` minimising ``sum_j |target_j + (design @ c)_j|``.
+
+    Where most rows of ``target + design @ c`` should be exactly zero and a minority are
+    not (a zero set predicted by a pattern some of whose units moved), least squares
+    spreads the wrong rows' error over every coefficient; this L1 fit is exact on the
+    right rows when the wrong ones are few enough (docs/algorithm.md, fact 11). It is
+    solved as a linear program (SciPy's HiGHS) in ``k + n`` variables.
+
+    Parameters
+    ----------
+    target:
+        ``(n,)`` float64.
+    design:
+        ``(n, k)`` float64.
+
+    Returns
+    -------
+    torch.Tensor | None
+        ``(k,)`` float64 on ``design``'s device, or ``None`` when the program fails.
+    """
+    n, k = design.shape
+    a = design.detach().cpu().numpy()
+    t = target.detach().cpu().numpy()
+    slack = identity(n, format="csr")
+    # |target + design c| <= s, row by row: design c - s <= -target, -design c - s <= target
+    a_ub = vstack([hstack([csr_matrix(a), -slack]), hstack([csr_matrix(-a), -slack])]).tocsr()
+    cost = np.concatenate([np.zeros(k), np.ones(n)])
+    res = linprog(
+        cost,
+        A_ub=a_ub,
+        b_ub=np.concatenate([-t, t]),
+        bounds=[(None, None)] * k + [(0, None)] * n,
+        method="highs",
+    )
+    if res.status != 0:
+        return None
+    return torch.from_numpy(res.x[:k]).to(dtype=design.dtype, device=design.device)
 
 
 def beyond_span(kern: torch.Tensor, span: torch.Tensor, tol: float) -> torch.Tensor | None:
