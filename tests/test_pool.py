@@ -7,12 +7,38 @@ import torch
 from tests.conftest import layer_case, server_view
 
 import spear
-from spear.inversion.pool import SAME_DIRECTION, DirectionPool, same_direction
+from spear.inversion.pool import (
+    SAME_DIRECTION,
+    DirectionPool,
+    same_direction,
+    same_direction_tolerance,
+)
+from spear.linalg import Tolerances
 
 
 def _unit(*values: float) -> torch.Tensor:
     v = torch.tensor(values, dtype=torch.float64)
     return v / v.norm()
+
+
+def test_a_noisy_problem_pools_a_direction_once() -> None:
+    """float32 directions found twice differ by about their noise floor (1e-3 here): the pool of
+    a float32 problem takes one of them, a float64 problem's keeps its exact rule."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(1000, generator=gen, dtype=torch.float64)
+    u = u / u.norm()
+    again = u + 1e-3 * torch.randn(1000, generator=gen, dtype=torch.float64) / 1000**0.5
+    again = again / again.norm()
+    other = torch.randn(1000, generator=gen, dtype=torch.float64)
+    other = other / other.norm()
+    t32 = Tolerances.derive(torch.float32, 1e3, noise_floor=3e-5)
+    t64 = Tolerances.derive(torch.float64, 1e3)
+    assert same_direction_tolerance(t64.zero_tol) == SAME_DIRECTION
+    noisy = DirectionPool([u], same_tol=same_direction_tolerance(t32.zero_tol))
+    assert not noisy.add(again)
+    assert noisy.add(other)
+    exact = DirectionPool([u], same_tol=same_direction_tolerance(t64.zero_tol))
+    assert exact.add(again)
 
 
 def test_same_direction_is_up_to_sign_and_tight() -> None:

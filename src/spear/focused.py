@@ -34,14 +34,14 @@ import torch
 
 from spear.candidates import residual_svd, unknown_subspace_from
 from spear.inversion.checks import exact_patterns
-from spear.inversion.pool import DirectionPool
+from spear.inversion.pool import DirectionPool, same_direction_distance
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.linalg import Tolerances, null_vectors, orthonormal_basis, pure_kernels, zero_mask
 from spear.realizable import RealizabilityTest
 from spear.solvers.base import SearchSpec
 from spear.solvers.polish import live_rows, purify
-from spear.solvers.sampling import in_span
+from spear.solvers.sampling import SPAN_TOL, in_span
 
 __all__ = ["break_known", "focused_sampling"]
 
@@ -59,6 +59,13 @@ SPLIT_POOL_EXTRA = 8
 SPLIT_STEERED = 16
 #: Stop after this many draws in a row that pool nothing new.
 PATIENCE = 400
+#: A kernel vector of the drawn rows is zero on them by construction; it goes on to the
+#: (costly) purification only when it is zero on at least this fraction of ``r`` live
+#: units beyond them. Measured on float32 FedAvg deltas (``784 -> 1000 -> 128 -> 10``,
+#: b = 128, one epoch in mini-batches of 8): true directions were zero on 428 to 498
+#: units, the other candidates on 123 to 145 (90th percentile) from about 127 drawn rows;
+#: purifying those took half the search's time.
+EXTRA_ZERO_FRACTION = 0.25
 #: Hand back to the driver once this few directions are missing: the subspace step
 #: (:func:`spear.candidates.subspace_candidates`) finishes small remainders quickly.
 HANDOFF_MISSING = 8
@@ -121,6 +128,9 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
     known = _known_basis(state, basis)
     known_zero = _zero_sets(state, tol)  # (m, k) where each pooled direction is zero
     realizable = RealizabilityTest(layer, live, generator) if exact_patterns(problem) else None
+    # a draw inside a known example's zero set gives its direction again, up to the noise
+    # floor (float32): skip it before the costly purification
+    near = max(SPAN_TOL, same_direction_distance(tol.zero_tol))
     while len(state.directions) < remaining and idle < PATIENCE:
         if time.perf_counter() > problem.deadline:
             break
@@ -142,10 +152,10 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
         draws += 1
         idle += 1
         for q in _kernel_candidates(basis, basis[rows], order, tol, generator):
-            if in_span(q, known):
+            if in_span(q, known, near) or not _sparse_beyond(basis, q, live, rows, tol):
                 continue
             for pure in purify(basis, q, spec):
-                if in_span(pure, known):
+                if in_span(pure, known, near):
                     continue
                 unit = basis @ pure
                 if realizable is not None and not realizable(
@@ -161,6 +171,15 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
                     known_zero = _zero_sets(state, tol)
                     span = unknown_subspace_from(svd, state.directions)
     return pooled, draws
+
+
+def _sparse_beyond(
+    basis: torch.Tensor, q: torch.Tensor, live: torch.Tensor, rows: torch.Tensor, tol: Tolerances
+) -> bool:
+    """Whether ``basis @ q`` (``(m, r)``, ``(r,)``) is zero on ``EXTRA_ZERO_FRACTION * r``
+    live units beyond the ``rows`` ``(k,)`` its kernel was drawn from."""
+    zeros = int((zero_mask((basis @ q)[:, None], tol.zero_tol)[:, 0] & live).sum())
+    return zeros >= rows.numel() + EXTRA_ZERO_FRACTION * basis.shape[1]
 
 
 def _kernel_candidates(

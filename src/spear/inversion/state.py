@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from spear.inversion.pool import DirectionPool
+from spear.inversion.pool import DirectionPool, same_direction_tolerance
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.results import SolverStats
@@ -76,7 +76,7 @@ class SearchState:
             bias=problem.bias_grad,
             coords=[],
             grads=[],
-            directions=DirectionPool(),
+            directions=DirectionPool(same_tol=same_direction_tolerance(problem.tol.zero_tol)),
         )
         progress = problem.request.progress
         show = progress if progress is not None else sys.stderr.isatty()

@@ -202,12 +202,12 @@ def _span_basis(among: list[torch.Tensor], r: int, like: torch.Tensor) -> torch.
     return torch.linalg.qr(torch.stack(among, dim=1)).Q
 
 
-def in_span(q: torch.Tensor, span: torch.Tensor) -> bool:
-    """Whether unit ``q`` ``(r,)`` lies in the span of orthonormal ``span`` ``(r, k)``
-    (to roundoff)."""
+def in_span(q: torch.Tensor, span: torch.Tensor, tol: float = SPAN_TOL) -> bool:
+    """Whether unit ``q`` ``(r,)`` lies in the span of orthonormal ``span`` ``(r, k)``:
+    within ``tol`` of it (roundoff, unless the caller derives its own)."""
     if span.shape[1] == 0:
         return False
-    return float((q - span @ (span.T @ q)).norm()) <= SPAN_TOL
+    return float((q - span @ (span.T @ q)).norm()) <= tol
 
 
 def _seen(q: torch.Tensor, among: list[torch.Tensor]) -> bool:
