@@ -118,9 +118,9 @@ def complete_last(
     and local training moves some units across zero even beyond the delta's own measure
     of the movement (fact 11; measured on ``784 -> 1000 -> 128 -> 10``, float64, b = 128,
     one epoch in mini-batches of 8: 41 of the 489 units the sent weights switch off for
-    an example carry its update). A kernel of those rows is then empty; the direction is ``filler`` plus the combination
-    of ``others`` that is zero on most of them, an L1 fit (:func:`least_absolute_fit`)
-    exact on the rest (:func:`_least_absolute_last`).
+    an example carry its update). A kernel of those rows is then empty; the direction is
+    ``filler`` plus the combination of ``others`` that is zero on most of them, an L1 fit
+    (:func:`least_absolute_fit`) exact on the rest (:func:`_least_absolute_last`).
 
     When none of these is, the range of the Jacobian at the example (``downstream``, the
     model after the layer) singles it out (:mod:`spear.downstream`); ``None`` when nothing
