@@ -56,12 +56,13 @@ def same_direction_tolerance(zero_tol: float) -> float:
     same.
 
     Directions computed from an update with a noise floor (float32) differ from the
-    truth, and from each other, by about that floor (measured on float32 eight-step
-    FedAvg, ``784 -> 1000 -> 128 -> 10``, b = 128: pooled directions 9e-6 (median) and
-    8e-5 (worst) from the truth, zero tolerance 2.9e-4). Two directions count as one
-    when they are within the distance under which a direction counts as a combination
-    of others (``DEPENDENCE_HEADROOM`` zero tolerances, at most
-    ``MAX_DEPENDENCE_DISTANCE``), and never under :data:`SAME_DIRECTION`.
+    truth, and from each other, by about that floor (measured on a float32 FedAvg delta,
+    ``784 -> 1000 -> 128 -> 10``, b = 128, one epoch in mini-batches of 8: pooled
+    directions 9e-6 (median) and 8e-5 (worst) from the truth, zero tolerance 2.9e-4).
+    Two directions count as one when they are within the distance under which a
+    direction counts as a combination of others (``DEPENDENCE_HEADROOM`` zero
+    tolerances, at most ``MAX_DEPENDENCE_DISTANCE``), and never under
+    :data:`SAME_DIRECTION`.
     """
     return max(SAME_DIRECTION, same_direction_distance(zero_tol) ** 2 / 2)
 
