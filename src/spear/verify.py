@@ -21,6 +21,7 @@ __all__ = [
     "movement",
     "pattern_check",
     "pre_activations",
+    "pure_direction",
 ]
 
 #: Verification tolerances: fraction of the clear (non-ambiguous) units whose state may
@@ -190,11 +191,20 @@ def direction_for(
             u = torch.linalg.eigh(sub.T @ sub).eigenvectors[:, 0]
         else:
             u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
-    v = basis @ u
-    zeros = zero_mask(v[:, None], tol.zero_tol)[:, 0] & live
-    if int(zeros.sum()) < r - 1:
+    return pure_direction(basis, basis @ u, live, tol)
+
+
+def pure_direction(
+    basis: torch.Tensor, vector: torch.Tensor, live: torch.Tensor, tol: Tolerances
+) -> torch.Tensor | None:
+    """The exact direction ``(m,)`` on the zero set of an approximate one, or ``None``.
+
+    ``vector`` ``(m,)`` lies (about) in the column space of ``basis`` ``(m, r)``; its zeros
+    among the ``live`` ``(m,)`` units must hold ``r - 1`` rows whose kernel is pure and
+    one-dimensional (:func:`spear.linalg.pure_kernel`), and that kernel is the direction.
+    """
+    zeros = zero_mask(vector[:, None], tol.zero_tol)[:, 0] & live
+    if int(zeros.sum()) < basis.shape[1] - 1:
         return None
     pure = pure_kernel(basis[zeros], tol.degeneracy_tol, tol.separation)
-    if pure is None:
-        return None
-    return basis @ pure
+    return None if pure is None else basis @ pure

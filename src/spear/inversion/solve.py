@@ -15,16 +15,9 @@ import torch
 
 from spear.downstream import Downstream, range_tolerance
 from spear.inversion.residual import Residual
-from spear.linalg import (
-    Tolerances,
-    kernel,
-    least_absolute_fit,
-    orthonormal_basis,
-    pure_kernel,
-    zero_mask,
-)
+from spear.linalg import Tolerances, kernel, least_absolute_fit, orthonormal_basis
 from spear.solvers.polish import live_rows
-from spear.verify import LayerView, movement, pre_activations
+from spear.verify import LayerView, movement, pre_activations, pure_direction
 
 __all__ = [
     "complete_last",
@@ -172,12 +165,7 @@ def _least_absolute_last(
     coeffs = least_absolute_fit(filler[off], others[off])
     if coeffs is None:
         return None
-    fitted = filler + others @ coeffs
-    zeros = zero_mask(fitted[:, None], tol.zero_tol)[:, 0] & live_rows(basis, tol.zero_tol)
-    if int(zeros.sum()) < basis.shape[1] - 1:
-        return None
-    pure = pure_kernel(basis[zeros], tol.degeneracy_tol, tol.separation)
-    return None if pure is None else basis @ pure
+    return pure_direction(basis, filler + others @ coeffs, live_rows(basis, tol.zero_tol), tol)
 
 
 def repair_one_direction(
