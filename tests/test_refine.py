@@ -14,10 +14,9 @@ import spear
 from spear.data import rgb_patches, sample_batch
 from spear.inversion.driver import invert
 from spear.inversion.solve import complete_last, refine_columns
-from spear.linalg import Tolerances, factorise, orthonormal_basis, zero_mask
+from spear.linalg import orthonormal_basis, zero_mask
 from spear.solvers.base import Budget, Directions, SearchSpec
 from spear.solvers.sampling import SamplingSolver
-from spear.verify import LayerView
 
 
 def test_refine_columns_restores_exact_zeros_and_keeps_mixtures() -> None:
@@ -161,21 +160,16 @@ def test_complete_last_of_a_delta_whose_predicted_zero_set_moved() -> None:
     moved = off[torch.randperm(off.numel(), generator=gen)[: off.numel() // 12]]
     size = torch.rand(moved.numel(), generator=gen, dtype=torch.float64) + 0.1
     grads[moved, 0] = 0.5 * grads[:, 0].abs().max() * size
-    weight_grad = grads @ case.inputs  # (m, n): the delta's layer update
-    bias_grad = grads.sum(dim=1)
-    fac = factorise(weight_grad, float(torch.finfo(torch.float64).eps))
-    tol = Tolerances.derive(torch.float64, fac.condition)
-    plain = LayerView(
-        weight_coords=case.weight @ fac.right.T,
-        weight_abs_coords=case.weight.abs(),
-        bias=case.bias,
-        right=fac.right,
+    # the delta's layer update: (m, n) and (m,)
+    moved_case = replace(
+        case, weight_grad=grads @ case.inputs, bias_grad=grads.sum(dim=1), output_grads=grads
     )
+    fac, plain, tol = server_view(moved_case)
     # no movement measured on any unit: only the L1 fit sees past the moved ones
     delta = replace(plain, moved_coords=torch.zeros_like(plain.weight_coords))
     truth = grads / grads.norm(dim=0)
     basis = orthonormal_basis(fac.left, b)
-    args = (fac.left, bias_grad, basis, truth[:, 1:])
+    args = (fac.left, moved_case.bias_grad, basis, truth[:, 1:])
     assert complete_last(*args, plain, tol) is None
     last = complete_last(*args, delta, tol)
     assert last is not None
