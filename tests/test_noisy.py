@@ -108,6 +108,32 @@ def test_approximate_inversion_of_gaussian_noise_in_float64() -> None:
     assert float(psnrs.min()) > 25.0
 
 
+@pytest.mark.parametrize("update_dtype", ["float32-opacus", "float64-gaussian"])
+def test_batch_of_48_is_completed_in_the_missing_span_with_honest_error_bars(
+    update_dtype: str,
+) -> None:
+    """At b = 48 peeling leaves most examples mixed; the span search finds them all."""
+    b = 48
+    if update_dtype == "float32-opacus":
+        model, update, x, _ = _dp_case(b, 1e-5)
+    else:
+        model, update, x, _, _ = _gaussian_case(b, 1e-3)
+    layer = model[1]
+    found = approximate_inversion(
+        update["1.weight"], update["1.bias"], layer.weight, layer.bias, batch_size=b
+    )
+    assert found is not None and found.consistent
+    truth = x.reshape(b, -1).to(torch.float64)
+    matching = metrics.match(found.inputs, truth)
+    psnrs = metrics.psnr(found.inputs, truth, matching=matching, reduction="none")
+    assert matching.num_matched == b
+    assert float(psnrs.min()) > 40.0
+    # the error bars hold within a factor of 2 (median over the batch)
+    measured = (found.inputs[matching.rec_index] - truth[matching.truth_index]).pow(2)
+    ratio = found.error_rms[matching.rec_index] / measured.mean(dim=1).sqrt()
+    assert 0.5 < float(ratio.median()) < 2.0
+
+
 def test_noiseless_update_through_the_approximate_path_is_exact() -> None:
     b = 8
     model, update, x, _ = _dp_case(b, 0.0)
