@@ -61,8 +61,8 @@ def polish_direction(
     rows:
         ``(m,)`` bool, the predicted zero set.
     unit:
-        The noise level of ``basis``'s entries (``sigma / s_b``): residuals below it are
-        not told apart.
+        The noise level of ``basis``'s entries (``sigma / s_b``): residuals below it (or
+        below the dtype's machine epsilon) are not told apart.
 
     Returns
     -------
@@ -70,9 +70,11 @@ def polish_direction(
         ``(b,)`` unit direction, the sign of ``start``.
     """
     part = basis[rows]
+    # an exact update (unit 0) still has roundoff: the basis has unit columns
+    floor = max(unit, float(torch.finfo(basis.dtype).eps))
     q = start / start.norm()
     for _ in range(POLISH_ROUNDS):
-        weights = 1.0 / (part @ q).abs().clamp_min(unit)
+        weights = 1.0 / (part @ q).abs().clamp_min(floor)
         _, vectors = torch.linalg.eigh(part.T @ (weights[:, None] * part))
         new = vectors[:, 0]
         if float(new @ q) < 0:
