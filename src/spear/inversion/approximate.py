@@ -333,9 +333,10 @@ def _complete_in_missing_span(d: _Denoised, x: torch.Tensor) -> torch.Tensor | N
     basis, w, c = d.basis, d.w, d.c
     b = basis.shape[1]
     unit = d.sigma / max(float(d.singular[-1]), TINY_NORM)
-    if bool((_scores(x, basis, w, c)[1] <= d.accept).all()):
+    starts, scores = _scores(x, basis, w, c)
+    if bool((scores <= d.accept).all()):
         return None
-    polished = list(_polished(d, x, unit).T)
+    polished = list(_polished(d, x, starts, unit).T)
     counts = torch.tensor([zero_count(basis, q, unit) for q in polished], dtype=torch.float64)
     floor = EXAMPLE_ZERO_FRACTION * float(counts.median())
     known: list[torch.Tensor] = []
@@ -348,7 +349,8 @@ def _complete_in_missing_span(d: _Denoised, x: torch.Tensor) -> torch.Tensor | N
     failed = 0
     while len(known) < b and failed < MAX_FAILED_DRAWS:
         failed += 1
-        span = missing_span(torch.stack(known, 1), d.singular, d.right)  # (b - k, n + 1)
+        taken = torch.stack(known, 1)  # (b, k)
+        span = missing_span(taken, d.singular, d.right)  # (b - k, n + 1)
         mix = torch.randn(span.shape[0], generator=generator, dtype=torch.float64)
         point = mix.to(span) @ span
         if abs(float(point[-1])) <= TINY_NORM * float(point.norm()):
@@ -358,10 +360,7 @@ def _complete_in_missing_span(d: _Denoised, x: torch.Tensor) -> torch.Tensor | N
         if not math.isfinite(float(score[0])):
             continue
         q = polish_direction(basis, start[0], (candidate @ w.T + c) <= 0, unit)
-        if (
-            zero_count(basis, q, unit) >= floor
-            and span_distance(torch.stack(known, 1), q) > NEW_DIRECTION_DISTANCE
-        ):
+        if zero_count(basis, q, unit) >= floor and span_distance(taken, q) > NEW_DIRECTION_DISTANCE:
             known.append(q)
             failed = 0
     if len(known) < b:
@@ -369,10 +368,10 @@ def _complete_in_missing_span(d: _Denoised, x: torch.Tensor) -> torch.Tensor | N
     return _solve_repolished(d, torch.stack(known, 1), unit)
 
 
-def _polished(d: _Denoised, x: torch.Tensor, unit: float) -> torch.Tensor:
+def _polished(d: _Denoised, x: torch.Tensor, starts: torch.Tensor, unit: float) -> torch.Tensor:
     """``(b, k)`` the directions of examples ``x`` ``(k, n)``: each one's least-squares
-    kernel of its predicted zero set, polished by IRLS on that set."""
-    starts, _ = _scores(x, d.basis, d.w, d.c)
+    kernel of its predicted zero set (``starts`` ``(k, b)``, :func:`_scores`), polished by
+    IRLS on that set."""
     off = (x @ d.w.T + d.c) <= 0  # (k, m)
     return torch.stack(
         [polish_direction(d.basis, starts[i], off[i], unit) for i in range(x.shape[0])], dim=1
@@ -392,7 +391,7 @@ def _solve_repolished(d: _Denoised, directions: torch.Tensor, unit: float) -> to
     if x is None or x.shape[0] < b:
         return None
     for _ in range(REPOLISH_ROUNDS):
-        again = _polished(d, x, unit)
+        again = _polished(d, x, _scores(x, basis, d.w, d.c)[0], unit)
         if any(
             span_distance(torch.cat([again[:, :i], again[:, i + 1 :]], 1), again[:, i])
             <= NEW_DIRECTION_DISTANCE
