@@ -41,6 +41,7 @@ def approximate_layer(
     bias: torch.Tensor,
     *,
     batch_size: int | None,
+    time_budget: float | None = None,
 ) -> LayerReconstruction | None:
     """Estimates of a noisy layer's inputs, as a (never verified) layer result.
 
@@ -56,6 +57,9 @@ def approximate_layer(
         ``(m, n)`` and ``(m,)`` the layer's parameters as the server sent them.
     batch_size:
         ``b`` when known (otherwise from the spectrum).
+    time_budget:
+        Seconds for the search (:func:`~spear.inversion.approximate.approximate_inversion`),
+        or ``None`` for no limit.
 
     Returns
     -------
@@ -71,6 +75,7 @@ def approximate_layer(
         bias,
         batch_size=batch_size,
         initial=exact.inputs.to(torch.float64).cpu() if exact is not None and exact.found else None,
+        time_budget=time_budget,
     )
     if found is None:
         return None
@@ -125,6 +130,11 @@ def describe(found: ApproximateInversion) -> str:
         else ""
     )
     check = "consistent" if found.consistent else "NOT consistent"
+    cut = (
+        "; the time budget ran out during the search, so this is the best fit found by then"
+        if found.out_of_time
+        else ""
+    )
     bars = (
         f"predicted RMS error per input coordinate {float(errors.median()):.3g} (median; "
         f"{float(errors.max()):.3g} worst)"
@@ -134,7 +144,7 @@ def describe(found: ApproximateInversion) -> str:
     )
     return (
         f"{found.noise.describe()} Approximate reconstruction of {errors.numel()} examples "
-        f"(pattern-constrained least squares, {found.rounds} rounds{zero_rows}): {bars}; "
+        f"(pattern-constrained least squares, {found.rounds} rounds{zero_rows}{cut}): {bars}; "
         "the update recomputed from it leaves "
         f"{found.residual_ratio:.3f}x the residual the noise alone leaves ({check} with "
         "the estimated noise). Estimates, not verified."

@@ -124,6 +124,7 @@ def gradient_matching_attack(
     restarts: int = 1,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
     labels: torch.Tensor | None = None,
+    initial: torch.Tensor | None = None,
 ) -> Reconstruction:
     """Reconstruct a batch by matching gradient directions (Inverting Gradients).
 
@@ -182,6 +183,9 @@ def gradient_matching_attack(
     labels:
         ``(batch_size,)`` labels of the optimised inputs when known by other means; they
         are then not inferred.
+    initial:
+        ``(batch_size, *input_shape)`` inputs to start the first restart from (e.g. an
+        approximate reconstruction) instead of Gaussian noise; clamped into ``box``.
 
     Returns
     -------
@@ -205,6 +209,11 @@ def gradient_matching_attack(
         )
     if box is not None and not box[0] < box[1]:
         raise InputError(f"box must be (low, high) with low < high, got {box}.")
+    if initial is not None and tuple(initial.shape) != (batch_size, *input_shape):
+        raise InputError(
+            f"initial must have shape {(batch_size, *input_shape)} (batch_size, "
+            f"*input_shape), found {tuple(initial.shape)}."
+        )
     kind = check_update_kind(update_kind)
     checked = check_partial_update(model, update)
     deadline = math.inf if time_budget is None else start + time_budget
@@ -245,6 +254,8 @@ def gradient_matching_attack(
     for restart in range(restarts):
         generator = torch.Generator().manual_seed(seed + restart)
         dummy = torch.randn((batch_size, *input_shape), generator=generator, dtype=dtype)
+        if initial is not None and restart == 0:
+            dummy = initial.detach().to(dtype).clone()
         dummy = dummy.to(device)
         if box is not None:
             dummy = dummy.clamp(box[0], box[1])

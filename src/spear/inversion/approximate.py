@@ -34,6 +34,7 @@ the examples, ``P = 1[W X + c > 0]``. The path:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +152,9 @@ class ApproximateInversion:
         Refinement rounds run.
     directions:
         Distinct directions the candidates gave (before refinement), at most ``b``.
+    out_of_time:
+        The time budget ran out during the search: the steps after it were skipped, so the
+        estimates are the best fit found by then.
     """
 
     inputs: torch.Tensor
@@ -162,6 +166,7 @@ class ApproximateInversion:
     consistent: bool
     rounds: int
     directions: int
+    out_of_time: bool = False
 
 
 #: The fit is consistent with the noise when its residual exceeds the noise's by at most
@@ -206,6 +211,7 @@ def approximate_inversion(
     *,
     batch_size: int | None = None,
     initial: torch.Tensor | None = None,
+    time_budget: float | None = None,
 ) -> ApproximateInversion | None:
     """Estimate the batch of a noisy linear+ReLU update with the layer's weights.
 
@@ -220,12 +226,17 @@ def approximate_inversion(
     initial:
         ``(k, n)`` example estimates from elsewhere (the exact pipeline, another attack),
         used as extra candidates.
+    time_budget:
+        Seconds for the search, or ``None`` for no limit. When they run out, the best fit
+        found so far is concluded (``.out_of_time``); the first round of peeling and
+        refinement always runs, since nothing can be returned before it.
 
     Returns
     -------
     ApproximateInversion or None
         ``None`` when no direction could be found (nothing stands above the noise).
     """
+    deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
     a = augmented(weight_grad, bias_grad)
     m, cols = a.shape
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
@@ -239,15 +250,17 @@ def approximate_inversion(
     c = bias.detach().to(torch.float64)
     accept = max(ACCEPT_FLOOR, ACCEPT_FACTOR * m * (noise.sigma / float(s[b - 1])) ** 2)
     extra = initial.to(torch.float64) if initial is not None and initial.numel() else None
-    found = _search(_Denoised(denoised, basis, s[:b], vh[:b], w, c, accept, noise.sigma), extra)
+    d = _Denoised(denoised, basis, s[:b], vh[:b], w, c, accept, noise.sigma)
+    found = _search(d, extra, deadline)
     if found is None:
         return None
     x, g, rounds, directions = found
-    return _conclude(a, x, g, w, c, noise, rounds, directions)
+    out_of_time = time.perf_counter() >= deadline
+    return _conclude(a, x, g, w, c, noise, rounds, directions, out_of_time)
 
 
 def _search(
-    d: _Denoised, extra: torch.Tensor | None
+    d: _Denoised, extra: torch.Tensor | None, deadline: float = math.inf
 ) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
     """Rounds of peeling and refinement until every example is settled.
 
@@ -261,7 +274,9 @@ def _search(
     more accurate than the single-row estimates peeling removed, so the next round's
     candidates are cleaner. The estimate
     that fits the denoised update best (:func:`_better`) is returned. ``extra`` ``(k, n)``:
-    example estimates from elsewhere, taken as candidates in the first round.
+    example estimates from elsewhere, taken as candidates in the first round. At
+    ``deadline`` (``time.perf_counter()``) the rounds stop, the refinement returns what it
+    has, and the completion is cut short; the first round always runs.
 
     Returns
     -------
@@ -277,6 +292,8 @@ def _search(
     rounds = peeled = 0
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
     for _ in range(MAX_SEARCH_ROUNDS):
+        if best is not None and time.perf_counter() >= deadline:
+            break
         if x is None or g is None:
             known_x = denoised.new_zeros(0, denoised.shape[1] - 1)
             known_dirs = basis.new_zeros(b, 0)
@@ -300,10 +317,12 @@ def _search(
         if 0 < k < b:
             # the found examples held, the missing ones fitted to the residual they leave
             held = torch.cat([known_x, examples])
-            rest, _, used = refine(left, _missing_examples(left, b - k), w, c, sigma)
+            rest, _, used = refine(
+                left, _missing_examples(left, b - k), w, c, sigma, deadline=deadline
+            )
             rounds += used
             best = _better(best, denoised, torch.cat([held, rest]), None, w, c)
-        x, g, used = refine(denoised, x0, w, c, sigma)
+        x, g, used = refine(denoised, x0, w, c, sigma, deadline=deadline)
         rounds += used
         best = _better(best, denoised, x, g, w, c)
         now = _scores(x, basis, w, c)[1] <= d.accept
@@ -311,13 +330,15 @@ def _search(
             break
         settled = now
     assert best is not None
-    completed = _complete_in_missing_span(d, best[1])
+    completed = _complete_in_missing_span(d, best[1], deadline)
     if completed is not None:
         best = _better(best, denoised, completed, _columns(denoised, completed, w, c, sigma), w, c)
     return best[1], best[2], rounds, peeled
 
 
-def _complete_in_missing_span(d: _Denoised, x: torch.Tensor) -> torch.Tensor | None:
+def _complete_in_missing_span(
+    d: _Denoised, x: torch.Tensor, deadline: float = math.inf
+) -> torch.Tensor | None:
     """``(b, n)`` examples from ``b`` sparse directions, or ``None``.
 
     Every example of ``x`` ``(b, n)`` gives a direction, its least-squares kernel polished
@@ -327,14 +348,15 @@ def _complete_in_missing_span(d: _Denoised, x: torch.Tensor) -> torch.Tensor | N
     found in the span the missing examples lie in (:mod:`spear.inversion.sparse_directions`):
     a random point of it, its predicted zero set, least-squares kernel and IRLS, taken
     under the same two rules. With all ``b``, the examples are solved from them
-    (:func:`_solve_repolished`). ``None`` when all ``b`` directions were already settled
-    or :data:`MAX_FAILED_DRAWS` draws in a row found no new direction.
+    (:func:`_solve_repolished`). ``None`` when all ``b`` directions were already settled,
+    :data:`MAX_FAILED_DRAWS` draws in a row found no new direction, or ``deadline``
+    passed first.
     """
     basis, w, c = d.basis, d.w, d.c
     b = basis.shape[1]
     unit = d.sigma / max(float(d.singular[-1]), TINY_NORM)
     starts, scores = _scores(x, basis, w, c)
-    if bool((scores <= d.accept).all()):
+    if bool((scores <= d.accept).all()) or time.perf_counter() >= deadline:
         return None
     polished = list(_polished(d, x, starts, unit).T)
     counts = torch.tensor([zero_count(basis, q, unit) for q in polished], dtype=torch.float64)
@@ -348,6 +370,8 @@ def _complete_in_missing_span(d: _Denoised, x: torch.Tensor) -> torch.Tensor | N
     generator = torch.Generator().manual_seed(0)
     failed = 0
     while len(known) < b and failed < MAX_FAILED_DRAWS:
+        if time.perf_counter() >= deadline:
+            return None
         failed += 1
         taken = torch.stack(known, 1)  # (b, k)
         span = missing_span(taken, d.singular, d.right)  # (b - k, n + 1)
@@ -617,6 +641,8 @@ def refine(
     w: torch.Tensor,
     c: torch.Tensor,
     sigma: float,
+    *,
+    deadline: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Alternating least squares under the ReLU patterns the weights predict.
 
@@ -635,6 +661,8 @@ def refine(
         ``(m, n)``, ``(m,)`` float64 layer parameters.
     sigma:
         Noise std per entry of the update.
+    deadline:
+        ``time.perf_counter()`` after which no further round starts (one always runs).
 
     Returns
     -------
@@ -656,7 +684,7 @@ def refine(
         changed = int((new != pattern).sum())
         pattern = new
         g = _g_step(denoised, x, pattern)
-        if changed <= PATTERN_SETTLED:
+        if changed <= PATTERN_SETTLED or time.perf_counter() >= deadline:
             break
     return x, g, rounds
 
@@ -710,6 +738,7 @@ def _conclude(
     noise: NoiseEstimate,
     rounds: int,
     directions: int,
+    out_of_time: bool = False,
 ) -> ApproximateInversion:
     """Error bars, the zero-row noise estimate and the residual check of a refined fit."""
     m, cols = a.shape
@@ -740,4 +769,5 @@ def _conclude(
         consistent=consistent,
         rounds=rounds,
         directions=directions,
+        out_of_time=out_of_time,
     )
