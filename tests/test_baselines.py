@@ -192,6 +192,46 @@ def test_gradient_matching_with_known_examples_held() -> None:
         )
 
 
+def test_gradient_matching_starts_from_given_inputs() -> None:
+    """``initial`` replaces the Gaussian start (clamped into the box); a wrong shape is
+    refused with the shape expected."""
+    model = _mlp((64, 32, 10), torch.float64)
+    generator = torch.Generator().manual_seed(5)
+    truth = torch.rand((2, 1, 8, 8), generator=generator, dtype=torch.float64)
+    labels = torch.tensor([3, 8])
+    update = _update(model, truth, labels)
+    start = truth + 0.5
+    kept = gradient_matching_attack(
+        model,
+        update,
+        batch_size=2,
+        input_shape=(1, 8, 8),
+        iterations=0,
+        box=(0, 1),
+        initial=start,
+        labels=labels,
+    )
+    assert torch.equal(kept.inputs, start.clamp(0, 1))
+    near = gradient_matching_attack(
+        model,
+        update,
+        batch_size=2,
+        input_shape=(1, 8, 8),
+        iterations=50,
+        lr=0.01,
+        initial=truth + 0.01,
+        labels=labels,
+    )
+    far = gradient_matching_attack(
+        model, update, batch_size=2, input_shape=(1, 8, 8), iterations=50, lr=0.01, seed=1
+    )
+    assert float((near.inputs - truth).abs().max()) < float((far.inputs - truth).abs().max())
+    with pytest.raises(InputError, match=r"initial must have shape \(2, 1, 8, 8\)"):
+        gradient_matching_attack(
+            model, update, batch_size=2, input_shape=(1, 8, 8), initial=truth[:1]
+        )
+
+
 def test_gradient_matching_float32_flat_and_time_budget() -> None:
     model = _mlp((16, 8, 4), torch.float32)
     update = _update(model, torch.rand(1, 16), torch.tensor([2]))
