@@ -674,10 +674,10 @@ def _best_noisy_estimate(
         runs.append(_Estimate(run.inputs, run.labels, fit, "gradient-matching", name))
     baseline = runs[0]
     assert baseline.certificate is not None
-    others = [e for e in (current, *runs[1:]) if e.certificate is not None]
-    best = min(others, key=lambda e: float(e.certificate or math.inf), default=baseline)
-    if best.certificate is None or best.certificate >= (1.0 - FIT_MARGIN) * baseline.certificate:
-        best = baseline
+    best, bar = baseline, (1.0 - FIT_MARGIN) * baseline.certificate
+    for other in (current, *runs[1:]):
+        if other.certificate is not None and other.certificate < bar:
+            best, bar = other, other.certificate
     fits = "; ".join(
         f"{'gradient matching from ' + e.start if e.start else e.source} {_fit(e.certificate)}"
         for e in (current, *runs)
