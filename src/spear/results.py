@@ -201,8 +201,9 @@ class Reconstruction:
     estimate:
         What :attr:`inputs` are: ``"exact"`` (the exact attack), ``"approximate"`` (a
         noisy update inverted with the layer's weights, :mod:`spear.noisy`) or
-        ``"gradient-matching"`` (the optimisation baseline, when it fits the update
-        better). Only exact results can be verified.
+        ``"gradient-matching"`` (the optimisation baseline, from random inputs or from
+        the approximate estimate, where the noise hides the batch; the notes say which).
+        Only exact results can be verified.
     error_rms:
         ``(k,)`` predicted root-mean-square error per input coordinate of each returned
         example for an approximate result (``None`` otherwise); see
