@@ -176,9 +176,9 @@ def test_heavy_noise_returns_the_estimate_that_fits_the_update_best() -> None:
 
 def test_where_noise_hides_the_batch_matching_from_the_estimate_beats_the_baseline() -> None:
     """At a noise ratio near 1 the approximate estimate does not explain the update;
-    gradient matching runs from it (its labels held) and from random inputs, and the best
-    fit is returned: never a worse fit than the baseline's, and (measured here) more
-    labels and a higher PSNR than the baseline."""
+    gradient matching runs from it (its labels held) and from random inputs, and the run
+    from the estimate, fitting more than 5% better, is returned: never a worse fit than
+    the baseline's, and (measured here) more labels and a higher PSNR."""
     b = 16
     model, update, x, y = _dp_case(b, 1e-3)
     assert (
@@ -202,7 +202,8 @@ def test_where_noise_hides_the_batch_matching_from_the_estimate_beats_the_baseli
     assert base.labels is not None and rec.labels is not None and rec.certificate is not None
     base_fit = certify(model, update, base.inputs, base.labels)
     assert rec.certificate <= base_fit
-    assert any("from the approximate estimate" in note for note in rec.notes)
+    assert rec.estimate == "gradient-matching"
+    assert any("started from the approximate estimate is returned" in n for n in rec.notes)
     ours, theirs = metrics.match(rec.inputs, x), metrics.match(base.inputs, x)
     assert metrics.label_accuracy(rec.labels, y, ours) > metrics.label_accuracy(
         base.labels, y, theirs
