@@ -495,7 +495,7 @@ def _images(
         shape,
         update_kind=kind,
         input_range=input_range,
-        time_budget=max(1.0, image_budget - (time.perf_counter() - start)),
+        time_budget=max(1.0, _seconds_left(start, image_budget)),
         seed=seed,
         labels=read,
     )
