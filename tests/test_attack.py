@@ -118,6 +118,32 @@ def test_attack_duplicates_reports_multiplicity() -> None:
     assert_exact(batch, x)
 
 
+def test_unequal_loss_weights_are_not_reported_as_copies() -> None:
+    # two clients' mean-reduced gradients summed (batches of 2 and 4): the first client's
+    # examples weigh twice the others', which no plain mean or sum over one batch gives;
+    # class weights give whole-number weights that a batch with copies gives as well
+    model = mlp(SIZES, seed=6)
+    x, y = fashion(6, seed=6)
+    first, second = fedsgd_update(model, x[:2], y[:2]), fedsgd_update(model, x[2:], y[2:])
+    summed = {k: first[k] + second[k] for k in first}
+    rec = spear.attack(model, summed, time_budget=60.0)
+    assert rec.complete and rec.batch_size == 6
+    assert_exact(rec.inputs, x)
+    assert not any("duplicates in the batch" in note for note in rec.notes), rec.notes
+    assert any("relative weights, not copies" in note for note in rec.notes), rec.notes
+
+    weights = torch.tensor([1.0, 2.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    x4, y4 = x[:4], torch.tensor([0, 1, 2, 3])
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x4), y4, weight=weights.to(x4.dtype)).backward()
+    weighted = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    rec = spear.attack(model, weighted, time_budget=60.0)
+    assert_exact(rec.inputs, x4)
+    note = next(n for n in rec.notes if "duplicates in the batch" in n)
+    assert "loss weights" in note
+
+
 def test_partial_labels_still_read_a_mean() -> None:
     # two of four examples recovered: their divisors are the mean's 4, which counts the
     # two missing examples as well; that is a plain mean, not clipping or noise

@@ -163,6 +163,31 @@ def _sign_vote(r: torch.Tensor) -> int:
     return 0  # two classes (one of each) or no clear pattern: undecided
 
 
+def _weights_note(multiplicity: torch.Tensor, reduction: str) -> str:
+    """What whole-number multiplicities ``(k,)`` say about the batch.
+
+    An example counted ``c`` times and an example whose loss is weighted ``c`` times (class
+    weights; clients of different batch sizes summed) give the same update, so the note
+    names both. Multiplicities that no plain mean or sum adds up to (``reduction``
+    ``"unknown"``) are weights, not copies.
+    """
+    k = multiplicity.numel()
+    heavy = [(i, c) for i, c in enumerate(multiplicity.tolist()) if c > 1]
+    if reduction == "unknown":
+        weights = ", ".join(f"example {i} weighs {c}" for i, c in heavy)
+        return (
+            f"per-example loss weights differ by whole factors ({weights}): not a plain "
+            "mean or sum, e.g. clients of different batch sizes summed or class weights; "
+            "the multiplicities are relative weights, not copies."
+        )
+    counts = ", ".join(f"example {i} appears {c} times" for i, c in heavy)
+    return (
+        f"duplicates in the batch: {counts} ({int(multiplicity.sum())} examples in all, "
+        f"{k} distinct), or per-example loss weights (class weights) of those sizes: the "
+        "update is the same either way."
+    )
+
+
 def _interpret(
     labels: torch.Tensor,
     divisor: torch.Tensor,
@@ -196,15 +221,10 @@ def _interpret(
     if reduction == "unknown" and k:
         notes.append(
             "the per-example loss scales do not fit a plain mean or sum (per-example "
-            "clipping, DP noise or FedAvg): labels come from the sign pattern only."
+            "clipping, DP noise, FedAvg or clients summed): labels come from the sign pattern only."
         )
     if bool((multiplicity > 1).any()):
-        dup = [(i, int(c)) for i, c in enumerate(multiplicity.tolist()) if c > 1]
-        notes.append(
-            "duplicates in the batch: "
-            + ", ".join(f"example {i} appears {c} times" for i, c in dup)
-            + f" ({int(multiplicity.sum())} examples in all, {k} distinct)."
-        )
+        notes.append(_weights_note(multiplicity, reduction))
     bad = int((~ok).sum())
     if bad:
         notes.append(
