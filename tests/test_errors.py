@@ -9,6 +9,7 @@ still give the exact answer.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -296,3 +297,45 @@ def test_exported_program_with_batch_norm_in_training_mode_is_refused() -> None:
     eval_model = _bn_model("after", train=False)
     eval_exported = torch.export.export(eval_model, (x,)).module()
     assert batch_statistics_layers(eval_exported) == []
+
+
+# ---------------------------------------------------------------- update values
+
+
+def _never_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the layer inversion fail the test if the attack reaches it."""
+    import sys
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the search ran before the arguments were checked")
+
+    monkeypatch.setattr(sys.modules["spear.attack"], "invert_layer", never)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("name", ["1.bias", "3.weight", "3.bias"])
+def test_non_finite_entries_anywhere_in_the_update_are_named(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+    monkeypatch: pytest.MonkeyPatch,
+    bad: float,
+    name: str,
+) -> None:
+    model, update = small_attack
+    x, y = fashion(3, seed=4)
+    corrupt = {k: v.clone() for k, v in update.items()}
+    corrupt[name].view(-1)[0] = bad
+    with pytest.raises(InputError, match=rf"update\['{re.escape(name)}'\] contains 1 NaN"):
+        spear.certify(model, corrupt, x, y)
+    _never_search(monkeypatch)
+    with pytest.raises(InputError, match="expected finite values"):
+        spear.attack(model, corrupt)
+
+
+def test_a_float8_update_is_refused_with_what_to_send(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+) -> None:
+    model, update = small_attack
+    float8 = {k: v.to(torch.float8_e4m3fn) for k, v in update.items()}
+    with pytest.raises(InputError, match="float8, which spear does not support") as err:
+        spear.attack(model, float8)
+    assert "float32 or float64" in str(err.value)
