@@ -339,3 +339,16 @@ def test_a_float8_update_is_refused_with_what_to_send(
     with pytest.raises(InputError, match="float8, which spear does not support") as err:
         spear.attack(model, float8)
     assert "float32 or float64" in str(err.value)
+
+
+# ---------------------------------------------------------------- certify's candidates
+
+
+def test_certify_reads_nested_lists_in_the_models_dtype_and_refuses_bool_labels(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+) -> None:
+    model, update = small_attack
+    x, y = fashion(3, seed=4)
+    assert spear.certify(model, update, x.tolist(), y.tolist()) < 1e-12
+    with pytest.raises(InputError, match=r"integer class indices, found dtype torch\.bool"):
+        spear.certify(model, update, x, y > 0)
