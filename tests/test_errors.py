@@ -341,6 +341,31 @@ def test_a_float8_update_is_refused_with_what_to_send(
     assert "float32 or float64" in str(err.value)
 
 
+# ---------------------------------------------------------------- Dropout
+
+
+def _dropout_model(*, train: bool) -> nn.Sequential:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 10)
+    ).double()
+    return model.train(train)
+
+
+def test_dropout_in_training_mode_is_refused_with_model_eval() -> None:
+    x, y = fashion(3, seed=4)
+    update = fedsgd_update(_dropout_model(train=False), x, y)
+    with pytest.raises(NotAttackableError, match=r"Dropout '3' drops random units") as err:
+        spear.attack(_dropout_model(train=True), update)
+    assert "model.eval()" in str(err.value)
+    exported = torch.export.export(_dropout_model(train=True), (x,)).module()
+    with pytest.raises(NotAttackableError, match="dropout call"):
+        spear.attack(exported, update)
+    rec = spear.attack(_dropout_model(train=False), update)
+    assert rec.verified
+    assert_exact(rec.inputs.reshape(3, -1), x.reshape(3, -1))
+
+
 # ---------------------------------------------------------------- certify's candidates
 
 

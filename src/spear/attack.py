@@ -33,7 +33,13 @@ from spear.inversion.result import PARTIAL_RECOVERY
 from spear.labels import LabelResult, missing_labels, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.linalg import estimate_rank
-from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
+from spear.model import (
+    AttackTarget,
+    check_batch_norm,
+    check_dropout,
+    find_target,
+    guess_input_shape,
+)
 from spear.noisy import approximate_layer, noisy_batch_size
 from spear.results import LayerReconstruction, Reconstruction
 from spear.update import UpdateKind, check_update, check_update_kind
@@ -130,8 +136,9 @@ def attack(
         not a positive integer; ``time_budget`` is not a finite number of seconds above 0;
         ``device`` is unknown or not available (``"cuda"`` on a CPU-only torch build).
     NotAttackableError
-        No linear layer followed by a ReLU (or ``layer`` is not one), or a BatchNorm
-        that normalises with the batch's own statistics (training mode).
+        No linear layer followed by a ReLU (or ``layer`` is not one), a BatchNorm
+        that normalises with the batch's own statistics, or a Dropout that drops units
+        (both: training mode; pass ``model.eval()``).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -148,6 +155,7 @@ def attack(
         validate.time_budget(image_budget, "image_budget")
     validate.device(device)
     check_batch_norm(model)
+    check_dropout(model)
     work = copy.deepcopy(model)
     target = find_target(work, layer)
     notes: list[str] = []
