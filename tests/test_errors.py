@@ -341,6 +341,52 @@ def test_a_float8_update_is_refused_with_what_to_send(
     assert "float32 or float64" in str(err.value)
 
 
+# ---------------------------------------------------------------- seed, range, shape
+
+
+@pytest.mark.parametrize("value", ["abc", 2**70, -1, 1.5, True])
+def test_attack_refuses_a_seed_torch_cannot_take(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]], value: object
+) -> None:
+    model, update = small_attack
+    with pytest.raises(InputError, match=r"seed must be an integer from 0 to 2\*\*63 - 1"):
+        spear.attack(model, update, seed=value)  # type: ignore[arg-type]
+    assert validate.seed(2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [((1.0, 0.0), "low < high"), ((math.nan, 1.0), "low < high"), ("0,1", "pair")],
+)
+def test_attack_refuses_an_input_range_that_is_not_low_below_high(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]], value: object, found: str
+) -> None:
+    model, update = small_attack
+    with pytest.raises(InputError, match=f"input_range must be .*{found}"):
+        spear.attack(model, update, input_range=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ((-28, -28), "positive integers"),
+        ("784", "positive integers"),
+        ((0,), "positive integers"),
+        ((3, 7), "has 21 entries but layer '1' takes 784 features"),
+    ],
+)
+def test_attack_checks_the_input_shape_before_the_search(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+    monkeypatch: pytest.MonkeyPatch,
+    value: object,
+    message: str,
+) -> None:
+    model, update = small_attack
+    _never_search(monkeypatch)
+    with pytest.raises(InputError, match=re.escape(message)):
+        spear.attack(model, update, input_shape=value)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- Dropout
 
 

@@ -216,18 +216,29 @@ def _check_file(path: Path, what: str, suffix: str) -> None:
 
 
 def check_output_folder(path: Path) -> None:
-    """Refuse an output folder that exists as something else than a folder.
+    """Make sure the output folder can be written before any work: create it (with its
+    parents) when missing.
 
     Raises
     ------
     InputError
-        When ``path`` is an existing file (or anything but a directory).
+        When ``path`` exists as something else than a folder, or cannot be created (a
+        parent is a file, no permission, a read-only file system).
     """
     if path.exists() and not path.is_dir():
         raise InputError(
             f"output folder {path} exists and is not a folder; expected a folder (it is "
             "created when missing). Pass another --out or move the file away."
         )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+        raise InputError(
+            f"output folder {path} cannot be created ({why}); expected a place where a "
+            "folder can be made. Pass another --out, e.g. a folder under the current one."
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------
