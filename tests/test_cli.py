@@ -412,3 +412,44 @@ def test_attack_input_range_must_be_low_comma_high(
     status = main(["attack", *files, "--out", str(tmp_path / "o"), "--input-range", value])
     assert status == 2
     assert "--input-range" in capsys.readouterr().err
+
+
+def test_attack_out_that_cannot_be_created_fails_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(attack_cmd, "load_model", never)
+    (tmp_path / "afile").write_text("a file")
+    argv = ["attack", "--model", "m.pt2", "--update", "u.safetensors"]
+    assert main([*argv, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be created" in err and "afile is a file, not a folder" in err
+
+
+def test_attack_removes_the_out_folder_it_made_when_the_run_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _files(tmp_path, 4)
+    out = tmp_path / "new" / "out"
+    assert main(["attack", *files, "--out", str(out), "--input-shape", "3,7"]) == 2
+    assert "input_shape (3, 7) has 21 entries" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999", "-1", "x"])
+def test_attack_seed_must_fit_torch(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    argv = ["attack", "--model", "m", "--update", "u", "--out", "o", "--seed", value]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "expected an integer from 0 to 2**63 - 1" in capsys.readouterr().err
+
+
+def test_attack_input_shape_must_be_positive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _files(tmp_path, 4)
+    assert main(["attack", *files, "--out", str(tmp_path / "o"), "--input-shape=-1,-20"]) == 2
+    assert "--input-shape must be positive integers" in capsys.readouterr().err

@@ -9,6 +9,7 @@ still give the exact answer.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -296,3 +297,129 @@ def test_exported_program_with_batch_norm_in_training_mode_is_refused() -> None:
     eval_model = _bn_model("after", train=False)
     eval_exported = torch.export.export(eval_model, (x,)).module()
     assert batch_statistics_layers(eval_exported) == []
+
+
+# ---------------------------------------------------------------- update values
+
+
+def _never_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the layer inversion fail the test if the attack reaches it."""
+    import sys
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the search ran before the arguments were checked")
+
+    monkeypatch.setattr(sys.modules["spear.attack"], "invert_layer", never)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("name", ["1.bias", "3.weight", "3.bias"])
+def test_non_finite_entries_anywhere_in_the_update_are_named(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+    monkeypatch: pytest.MonkeyPatch,
+    bad: float,
+    name: str,
+) -> None:
+    model, update = small_attack
+    x, y = fashion(3, seed=4)
+    corrupt = {k: v.clone() for k, v in update.items()}
+    corrupt[name].view(-1)[0] = bad
+    with pytest.raises(InputError, match=rf"update\['{re.escape(name)}'\] contains 1 NaN"):
+        spear.certify(model, corrupt, x, y)
+    _never_search(monkeypatch)
+    with pytest.raises(InputError, match="expected finite values"):
+        spear.attack(model, corrupt)
+
+
+def test_a_float8_update_is_refused_with_what_to_send(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+) -> None:
+    model, update = small_attack
+    float8 = {k: v.to(torch.float8_e4m3fn) for k, v in update.items()}
+    with pytest.raises(InputError, match="float8, which spear does not support") as err:
+        spear.attack(model, float8)
+    assert "float32 or float64" in str(err.value)
+
+
+# ---------------------------------------------------------------- seed, range, shape
+
+
+@pytest.mark.parametrize("value", ["abc", 2**70, -1, 1.5, True])
+def test_attack_refuses_a_seed_torch_cannot_take(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]], value: object
+) -> None:
+    model, update = small_attack
+    with pytest.raises(InputError, match=r"seed must be an integer from 0 to 2\*\*63 - 1"):
+        spear.attack(model, update, seed=value)  # type: ignore[arg-type]
+    assert validate.seed(2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [((1.0, 0.0), "low < high"), ((math.nan, 1.0), "low < high"), ("0,1", "pair")],
+)
+def test_attack_refuses_an_input_range_that_is_not_low_below_high(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]], value: object, found: str
+) -> None:
+    model, update = small_attack
+    with pytest.raises(InputError, match=f"input_range must be .*{found}"):
+        spear.attack(model, update, input_range=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ((-28, -28), "positive integers"),
+        ("784", "positive integers"),
+        ((0,), "positive integers"),
+        ((3, 7), "has 21 entries but layer '1' takes 784 features"),
+    ],
+)
+def test_attack_checks_the_input_shape_before_the_search(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+    monkeypatch: pytest.MonkeyPatch,
+    value: object,
+    message: str,
+) -> None:
+    model, update = small_attack
+    _never_search(monkeypatch)
+    with pytest.raises(InputError, match=re.escape(message)):
+        spear.attack(model, update, input_shape=value)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- Dropout
+
+
+def _dropout_model(*, train: bool) -> nn.Sequential:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 10)
+    ).double()
+    return model.train(train)
+
+
+def test_dropout_in_training_mode_is_refused_with_model_eval() -> None:
+    x, y = fashion(3, seed=4)
+    update = fedsgd_update(_dropout_model(train=False), x, y)
+    with pytest.raises(NotAttackableError, match=r"Dropout '3' drops random units") as err:
+        spear.attack(_dropout_model(train=True), update)
+    assert "model.eval()" in str(err.value)
+    exported = torch.export.export(_dropout_model(train=True), (x,)).module()
+    with pytest.raises(NotAttackableError, match="dropout call"):
+        spear.attack(exported, update)
+    rec = spear.attack(_dropout_model(train=False), update)
+    assert rec.verified
+    assert_exact(rec.inputs.reshape(3, -1), x.reshape(3, -1))
+
+
+# ---------------------------------------------------------------- certify's candidates
+
+
+def test_certify_reads_nested_lists_in_the_models_dtype_and_refuses_bool_labels(
+    small_attack: tuple[nn.Module, dict[str, torch.Tensor]],
+) -> None:
+    model, update = small_attack
+    x, y = fashion(3, seed=4)
+    assert spear.certify(model, update, x.tolist(), y.tolist()) < 1e-12
+    with pytest.raises(InputError, match=r"integer class indices, found dtype torch\.bool"):
+        spear.certify(model, update, x, y > 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import pathlib
 import pickle
 import zipfile
@@ -525,3 +526,110 @@ def test_common_architectures_load_and_compute_the_same(tmp_path: Path, dynamic:
         loaded = load_model(path)
         for batch in (x, x[:3]):
             assert torch.allclose(loaded(batch), model(batch))
+
+
+# --- corrupt archives and misread files ------------------------------------------------------
+
+
+def _weights_config(plain: Path) -> tuple[dict[str, Any], str, str]:
+    """The weights config of ``plain``, the name of its first bias and its root folder."""
+    with zipfile.ZipFile(plain) as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        config = json.loads(archive.read(f"{root}/data/weights/model_weights_config.json"))
+    bias = next(name for name in config["config"] if name.endswith("bias"))
+    return config, bias, root
+
+
+def _with_config(plain: Path, target: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    config, _, _ = _weights_config(plain)
+    edit(config["config"])
+    member = {"data/weights/model_weights_config.json": json.dumps(config).encode()}
+    return _rewrite(plain, target, member)
+
+
+def _int64_code() -> int:
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    return next(code for code, dtype in _SERIALIZE_TO_TORCH_DTYPE.items() if dtype == torch.int64)
+
+
+def _bad_crc(plain: Path, target: Path) -> Path:
+    data = bytearray(plain.read_bytes())
+    with zipfile.ZipFile(plain) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("weights/weight_0"))
+    local = info.header_offset  # the local header's own name and extra-field lengths
+    names, extra = (int.from_bytes(data[local + i : local + i + 2], "little") for i in (26, 28))
+    data[local + 30 + names + extra + 5] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+_CORRUPT: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "bad CRC": (_bad_crc, r"weights/weight_0' cannot be read \(Bad CRC-32"),
+    "deep JSON": (
+        lambda p, t: _rewrite(p, t, {"models/model.json": b"[" * 200_000 + b"]" * 200_000}),
+        r"models/model.json' is JSON nested too deeply",
+    ),
+    "long number": (
+        lambda p, t: _rewrite(p, t, {"models/model.json": b"1" * 5000}),
+        r"models/model.json' is JSON with a number too long",
+    ),
+    "int64 weight": (
+        lambda p, t: _with_config(
+            p, t, lambda c: next(iter(c.values()))["tensor_meta"].update(dtype=_int64_code())
+        ),
+        r"is declared torch.int64; expected a floating-point parameter",
+    ),
+    "size beyond 64 bits": (
+        lambda p, t: _with_config(
+            p, t, lambda c: c["1.bias"]["tensor_meta"].update(sizes=[{"as_int": 10**40}])
+        ),
+        r"'1.bias' in member .* \(sizes has an integer beyond 64 bits\)",
+    ),
+    "truncated": (
+        lambda p, t: t.write_bytes(p.read_bytes()[:-30]) and t,
+        r"is a truncated or corrupt zip file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CORRUPT))
+def test_a_corrupt_archive_is_one_error_naming_the_member_and_why(
+    plain: Path, tmp_path: Path, case: str
+) -> None:
+    make, message = _CORRUPT[case]
+    path = make(plain, tmp_path / "model.pt2")
+    with pytest.raises(InputError, match=message) as info:
+        load_model(path)
+    assert "Exception raised from" not in str(info.value)  # no C++ backtrace
+
+
+def test_a_program_exported_with_batch_norm_in_training_mode_says_eval_mode(
+    tmp_path: Path,
+) -> None:
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 10)
+    ).double()
+    path = _export(model.train(), tmp_path / "model.pt2")
+    with pytest.raises(spear.NotAttackableError, match="BatchNorm in training mode") as info:
+        load_model(path)
+    assert "model.eval()" in str(info.value) and "could run code" not in str(info.value)
+
+
+def test_update_files_that_are_something_else_are_named(plain: Path, tmp_path: Path) -> None:
+    header_80 = tmp_path / "hdr.safetensors"  # a header length whose first byte is 0x80
+    header_80.write_bytes((90_000_000).to_bytes(8, "little") + b"{" + b" " * 100)
+    with pytest.raises(InputError, match="is not a safetensors file"):
+        load_update(header_80)
+    with pytest.raises(InputError, match=r"is a torch.export archive \(a model file"):
+        load_update(plain)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "update.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="is not a regular file"):
+        load_update(fifo)
+    with pytest.raises(InputError, match="is not a regular file"):
+        load_model(fifo)

@@ -33,7 +33,13 @@ from spear.inversion.result import PARTIAL_RECOVERY
 from spear.labels import LabelResult, missing_labels, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.linalg import estimate_rank
-from spear.model import AttackTarget, check_batch_norm, find_target, guess_input_shape
+from spear.model import (
+    AttackTarget,
+    check_batch_norm,
+    check_dropout,
+    find_target,
+    guess_input_shape,
+)
 from spear.noisy import approximate_layer, noisy_batch_size
 from spear.results import LayerReconstruction, Reconstruction
 from spear.update import UpdateKind, check_update, check_update_kind
@@ -128,10 +134,15 @@ def attack(
     InputError
         The update does not fit the model; ``update_kind`` is unknown; ``batch_size`` is
         not a positive integer; ``time_budget`` is not a finite number of seconds above 0;
-        ``device`` is unknown or not available (``"cuda"`` on a CPU-only torch build).
+        ``device`` is unknown or not available (``"cuda"`` on a CPU-only torch build);
+        ``seed`` is not an integer from 0 to ``2**63 - 1``; ``input_range`` is not finite
+        ``(low, high)`` with ``low < high``; ``input_shape`` is not positive integers or
+        does not hold the first layer's features. An update entry of another dtype than
+        float16, bfloat16, float32 or float64, or with NaN or infinite values, is named.
     NotAttackableError
-        No linear layer followed by a ReLU (or ``layer`` is not one), or a BatchNorm
-        that normalises with the batch's own statistics (training mode).
+        No linear layer followed by a ReLU (or ``layer`` is not one), a BatchNorm
+        that normalises with the batch's own statistics, or a Dropout that drops units
+        (both: training mode; pass ``model.eval()``).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -147,9 +158,14 @@ def attack(
     if image_budget != 0:
         validate.time_budget(image_budget, "image_budget")
     validate.device(device)
+    validate.seed(seed)
+    input_range = validate.input_range(input_range)
+    input_shape = validate.input_shape(input_shape)
     check_batch_norm(model)
+    check_dropout(model)
     work = copy.deepcopy(model)
     target = find_target(work, layer)
+    _check_input_shape(input_shape, target)
     notes: list[str] = []
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
@@ -220,11 +236,6 @@ def attack(
             notes.append(
                 f"input shape guessed as {shape} from the {target.in_features} features the "
                 "first layer takes; pass input_shape= to override."
-            )
-        if math.prod(shape) != target.in_features:
-            raise InputError(
-                f"input_shape {shape} has {math.prod(shape)} entries but layer "
-                f"{target.name!r} takes {target.in_features} features."
             )
         inputs = features.reshape(features.shape[0], *shape)
     else:
@@ -396,6 +407,26 @@ def attack(
         multiplicity=_multiplicity(label_result, inputs.shape[0], source),
         **_image_fields(rebuilt, labels, missing_images),
     )
+
+
+def _check_input_shape(input_shape: tuple[int, ...] | None, target: AttackTarget) -> None:
+    """Refuse an ``input_shape`` that does not hold the first attacked layer's features.
+
+    Raises
+    ------
+    InputError
+        When the attacked layer is the model's first and ``input_shape`` has another
+        number of entries than it takes features.
+    """
+    if input_shape is None or not target.first:
+        return
+    if math.prod(input_shape) != target.in_features:
+        raise InputError(
+            f"input_shape {input_shape} has {math.prod(input_shape)} entries but layer "
+            f"{target.name!r} takes {target.in_features} features per example; pass a shape "
+            f"whose entries multiply to {target.in_features}, or leave input_shape=None to "
+            "have it read off the model."
+        )
 
 
 def _multiplicity(label_result: LabelResult | None, found: int, source: str) -> torch.Tensor | None:

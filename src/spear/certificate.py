@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from torch import nn
@@ -74,11 +75,12 @@ def certify(
         Parameter name -> tensor, as the client returned it.
     inputs:
         ``(k, *input_shape)`` candidate inputs in the model's input space: a tensor, or
-        anything ``torch.as_tensor`` takes (a NumPy array, nested lists).
+        anything ``torch.as_tensor`` takes (a NumPy array; nested lists are read in the
+        model's dtype).
     labels:
         ``(k,)`` candidate class indices in ``[0, classes)``, or ``(k, classes)`` exact
         one-hot rows (read with ``argmax``); a tensor or an array. Soft labels
-        (probabilities) are refused.
+        (probabilities) and booleans are refused.
     update_kind:
         ``"gradient"`` or ``"delta"``.
 
@@ -90,7 +92,8 @@ def certify(
     Raises
     ------
     InputError
-        The update does not fit the model; ``update_kind`` is unknown; inputs or labels
+        The update does not fit the model (names, shapes, dtype, NaN or infinite
+        entries); ``update_kind`` is unknown; inputs or labels
         are not arrays, have non-finite entries, differ in length, or do not fit the model
         (input shape, class indices outside ``[0, classes)``, one-hot rows of the wrong
         width).
@@ -107,7 +110,7 @@ def certify(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
     check_update(model, update)
-    x = _as_tensor(inputs, "inputs")
+    x = _as_tensor(inputs, "inputs", _model_dtype(model))
     y = _as_tensor(labels, "labels")
     if x.dim() == 0 or y.dim() == 0 or y.dim() > 2:
         raise InputError(
@@ -174,12 +177,24 @@ def relative_error(recomputed: torch.Tensor, observed: torch.Tensor) -> float:
     return float(((recomputed - observed) / scale).norm()) / denominator
 
 
-def _as_tensor(value: object, name: str) -> torch.Tensor:
-    """``value`` as a tensor (NumPy arrays and nested lists are converted)."""
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float64 when it has none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float64
+
+
+def _as_tensor(value: object, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` as a tensor: tensors and arrays keep their dtype; nested lists and other
+    sequences are converted to ``dtype`` when given (Python floats are float64, and
+    ``torch.as_tensor`` would round them to float32)."""
     if isinstance(value, torch.Tensor):
         return value.detach()
+    if isinstance(value, np.ndarray):
+        dtype = None
     try:
-        return torch.as_tensor(value)
+        return torch.as_tensor(value, dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InputError(
             f"{name} must be a torch.Tensor or an array torch.as_tensor can convert, found "
@@ -245,8 +260,12 @@ def _class_indices(labels: torch.Tensor, classes: int | None) -> torch.Tensor:
                 "outputs; pass one column per class, or class indices (k,)."
             )
         return values.argmax(dim=1)
-    if labels.is_complex():
-        raise InputError(f"labels must be integer class indices, found dtype {labels.dtype}.")
+    if labels.is_complex() or labels.dtype == torch.bool:
+        raise InputError(
+            f"labels must be integer class indices, found dtype {labels.dtype}; pass the "
+            "class index of each example as integers (labels.long() if booleans are what "
+            "you mean)."
+        )
     if labels.is_floating_point():
         integral = torch.isfinite(labels) & (labels == labels.round())
         if not bool(integral.all()):

@@ -49,6 +49,7 @@ import re
 import sys
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ import torch
 from safetensors.torch import load_file
 from torch import fx
 
-from spear.errors import InputError
+from spear.errors import InputError, NotAttackableError
 
 __all__ = ["check_output_folder", "free_batch", "load_model", "load_update", "read_program"]
 
@@ -199,28 +200,45 @@ def _refusal(path: Path, member: str, reason: str) -> InputError:
 
 
 def _check_file(path: Path, what: str, suffix: str) -> None:
-    """A missing file or a folder: ``FileNotFoundError`` or ``InputError`` naming it."""
+    """A missing file, a folder or a special file (a device, a FIFO, a socket):
+    ``FileNotFoundError`` or ``InputError`` naming it."""
     if path.is_dir():
         raise InputError(
             f"{what} {path} is a directory, expected a {suffix} file; pass the file itself."
+        )
+    if path.exists() and not path.is_file():
+        raise InputError(
+            f"{what} {path} is not a regular file (a device, a FIFO or a socket), expected a "
+            f"{suffix} file; pass a file saved on disk."
         )
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist.")
 
 
 def check_output_folder(path: Path) -> None:
-    """Refuse an output folder that exists as something else than a folder.
+    """Make sure the output folder can be written before any work: create it (with its
+    parents) when missing.
 
     Raises
     ------
     InputError
-        When ``path`` is an existing file (or anything but a directory).
+        When ``path`` exists as something else than a folder, or cannot be created (a
+        parent is a file, no permission, a read-only file system).
     """
     if path.exists() and not path.is_dir():
         raise InputError(
             f"output folder {path} exists and is not a folder; expected a folder (it is "
             "created when missing). Pass another --out or move the file away."
         )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+        raise InputError(
+            f"output folder {path} cannot be created ({why}); expected a place where a "
+            "folder can be made. Pass another --out, e.g. a folder under the current one."
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,27 +266,88 @@ class _Archive:
             ) from exc
 
     def json(self, member: str) -> Any:
+        """The member parsed as JSON; ``InputError`` naming it when it cannot be."""
+        text = self.text(member)
         try:
-            return json.loads(self.text(member))
+            return json.loads(text)
+        except RecursionError as exc:
+            raise self.corrupt(member, "JSON nested too deeply to read") from exc
         except json.JSONDecodeError as exc:
-            raise InputError(
-                f"{self.path}: member {self.name(member)!r} is not valid JSON ({exc})."
-            ) from exc
+            raise self.corrupt(member, f"not valid JSON ({exc})") from exc
+        except ValueError as exc:  # Python refuses to read integers of over 4300 digits
+            raise self.corrupt(member, "JSON with a number too long to read") from exc
+
+    def corrupt(self, member: str, reason: str) -> InputError:
+        """The error for a member that cannot be read as torch.export.save writes it."""
+        return InputError(
+            f"{self.path}: member {self.name(member)!r} is {reason}; expected a "
+            f"torch.export.save archive. Make one with {_EXPORT_RECIPE}."
+        )
 
 
-def _open_archive(path: Path, data: bytes) -> _Archive:
-    """Read and sort the members of a ``.pt2`` archive; refuse anything not plain."""
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        if data[:1] == b"\x80" or data[:1] in (b"(", b"}", b"]"):
-            raise InputError(
-                f"{path} is a pickle file, not a torch.export archive; refused because "
-                f"unpickling runs code from the file. Make the model file with {_EXPORT_RECIPE}."
-            )
+def _zip_ends_the_file(data: bytes) -> bool:
+    """Whether the zip file's end record closes ``data`` (a truncated archive ends
+    elsewhere, and zipfile would then find the end record of a zip stored inside it)."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 0xFFFF))
+    if end < 0 or end + 22 > len(data):
+        return False
+    return end + 22 + int.from_bytes(data[end + 20 : end + 22], "little") == len(data)
+
+
+def _looks_pickled(head: bytes) -> bool:
+    """Whether ``head`` starts like a pickle: ``PROTO`` 2 to 5, or protocol 0/1 opcodes."""
+    if head[:1] == b"\x80":
+        return len(head) > 1 and 2 <= head[1] <= 5
+    return head[:1] in (b"(", b"}", b"]")
+
+
+def _check_zip(path: Path, data: bytes) -> None:
+    """Refuse a file that is not a whole zip file, saying what it is instead."""
+    if _looks_pickled(data[:2]):
+        raise InputError(
+            f"{path} is a pickle file, not a torch.export archive; refused because "
+            f"unpickling runs code from the file. Make the model file with {_EXPORT_RECIPE}."
+        )
+    if not zipfile.is_zipfile(io.BytesIO(data)) and data[:2] != b"PK":
         raise InputError(
             f"{path} is not a torch.export archive (not a zip file). Make one with "
             f"{_EXPORT_RECIPE}."
         )
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    if not _zip_ends_the_file(data):
+        raise InputError(
+            f"{path} is a truncated or corrupt zip file (its end record is not at the end "
+            f"of the file); copy the archive again, or make it again with {_EXPORT_RECIPE}."
+        )
+
+
+def _read_members(path: Path, archive: zipfile.ZipFile, names: list[str]) -> dict[str, bytes]:
+    """The members ``names`` by name relative to the root folder (``extra/`` ones are not
+    decompressed: they are accepted but never used); ``InputError`` naming a member that
+    cannot be read (bad CRC, corrupt compressed data)."""
+    members: dict[str, bytes] = {}
+    for name in names:
+        relative = name.split("/", 1)[1]
+        try:
+            members[relative] = b"" if relative.startswith("extra/") else archive.read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+            raise InputError(
+                f"{path}: member {name!r} cannot be read ({exc}); the archive is corrupt. "
+                f"Copy it again, or make it again with {_EXPORT_RECIPE}."
+            ) from exc
+    return members
+
+
+def _open_archive(path: Path, data: bytes) -> _Archive:
+    """Read and sort the members of a ``.pt2`` archive; refuse anything not plain."""
+    _check_zip(path, data)
+    try:
+        opened = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InputError(
+            f"{path} is a corrupt zip file ({exc}); copy the archive again, or make it again "
+            f"with {_EXPORT_RECIPE}."
+        ) from exc
+    with opened as archive:
         _check_inflation(path, archive, len(data), "")
         names = [info.filename for info in archive.infolist() if not info.is_dir()]
         roots = {name.split("/", 1)[0] for name in names}
@@ -281,13 +360,7 @@ def _open_archive(path: Path, data: bytes) -> _Archive:
                 f"not share one root folder. Make one with {_EXPORT_RECIPE}."
             )
         root = roots.pop()
-        # extra/ members are accepted but never used: not decompressed
-        members = {
-            name.split("/", 1)[1]: b""
-            if name.split("/", 1)[1].startswith("extra/")
-            else archive.read(name)
-            for name in names
-        }
+        members = _read_members(path, archive, names)
     result = _Archive(path, root, members)
     if members.get("archive_format", b"").strip() != b"pt2":
         raise InputError(
@@ -397,11 +470,15 @@ def _serde() -> Any:
 
 
 def _ints(values: Any, what: str) -> list[int]:
+    """Integers written as ``[{"as_int": i}, ...]``, each in the signed 64-bit range."""
     if not isinstance(values, list) or not all(
         isinstance(v, dict) and isinstance(v.get("as_int"), int) for v in values
     ):
         raise ValueError(f"{what} must be a list of integers")
-    return [int(v["as_int"]) for v in values]
+    numbers = [int(v["as_int"]) for v in values]
+    if any(not -(2**63) <= n < 2**63 for n in numbers):
+        raise ValueError(f"{what} has an integer beyond 64 bits")
+    return numbers
 
 
 def _raw_tensors(archive: _Archive, config_member: str, folder: str) -> dict[str, torch.Tensor]:
@@ -460,11 +537,19 @@ def _raw_tensors(archive: _Archive, config_member: str, folder: str) -> dict[str
             else:
                 tensor = torch.as_strided(base, sizes, strides, offset)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            # torch's messages may carry a C++ backtrace after their first line
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise InputError(
                 f"{archive.path}: {fqn!r} in member {archive.name(member)!r} cannot be read as "
-                f"a plain tensor ({exc}); expected a torch.export.save archive."
+                f"a plain tensor ({reason}); expected a torch.export.save archive."
             ) from exc
         requires_grad = bool(meta.get("requires_grad", False))
+        if entry.get("is_param") and not tensor.is_floating_point():
+            raise InputError(
+                f"{archive.path}: parameter {fqn!r} in member {archive.name(member)!r} is "
+                f"declared {dtype}; expected a floating-point parameter (float32 or float64). "
+                f"Make the archive with {_EXPORT_RECIPE}."
+            )
         if entry.get("is_param"):
             tensors[fqn] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
         else:
@@ -503,7 +588,36 @@ class _ProgramCheck:
         fields = doc["graph_module"].get("treespec_namedtuple_fields")
         if fields:
             self.refuse_value("a program whose inputs or outputs are namedtuples")
-        self.walk(doc, "")
+        self.batch_norm_in_training(doc["graph_module"])
+        try:
+            self.walk(doc, "")
+        except RecursionError:
+            self.refuse_value("a program nested too deeply to check")
+
+    def batch_norm_in_training(self, graph_module: dict[str, Any]) -> None:
+        """Refuse a program exported with BatchNorm in training mode, saying so (its graph
+        also updates the running statistics in place, which the operator check refuses
+        with a message that would not say why)."""
+        graph = graph_module.get("graph")
+        nodes = graph.get("nodes") if isinstance(graph, dict) else None
+        for node in nodes if isinstance(nodes, list) else []:
+            target = node.get("target") if isinstance(node, dict) else None
+            if not isinstance(target, str) or "batch_norm" not in target:
+                continue
+            for item in node.get("inputs") or []:
+                if (
+                    isinstance(item, dict)
+                    and item.get("name") == "training"
+                    and item.get("arg") == {"as_bool": True}
+                ):
+                    raise NotAttackableError(
+                        f"{self.path}: member {self.member!r} is a program exported with "
+                        "BatchNorm in training mode (it normalises each example with the "
+                        "statistics of the batch itself, so the update is not a sum of "
+                        "per-example terms). If the client computed its update with running "
+                        "statistics, export the model in eval mode: "
+                        "torch.export.export(model.eval(), (example_input,))."
+                    )
 
     def refuse_value(self, what: str) -> NoReturn:
         raise self.refuse(what)
@@ -672,8 +786,11 @@ def read_program(path: str | Path, *, trust: bool = False) -> torch.export.Expor
     FileNotFoundError
         When the file is missing.
     InputError
-        When it is a folder, not an archive, or has a member that loading could run (the
-        message names the member and why).
+        When it is a folder or a special file, not an archive, truncated or corrupt, or
+        has a member that loading could run or that cannot be read (the message names the
+        member and why).
+    NotAttackableError
+        When the program was exported with BatchNorm in training mode.
     """
     path = Path(path)
     _check_file(path, "model", ".pt2")
@@ -866,19 +983,39 @@ def load_update(path: str | Path) -> dict[str, torch.Tensor]:
     FileNotFoundError
         When the file is missing.
     InputError
-        When it is a folder or not a safetensors file (pickles are refused).
+        When it is a folder, a special file or not a safetensors file (pickles are
+        refused); the message says what it is when that is known.
     """
     path = Path(path)
     _check_file(path, "update", ".safetensors")
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    kind = "a pickle (torch.save) file" if head[:1] == b"\x80" or head[:2] == b"PK" else ""
     try:
         return dict(load_file(str(path)))
     except Exception as exc:
-        found = kind or f"not a safetensors file ({exc})"
+        found = _update_file_kind(path) or f"not a safetensors file ({str(exc)[:300]})"
         raise InputError(
             f"{path} is {found}. Save the update with "
             "safetensors.torch.save_file(update, 'update.safetensors'); pickled files are "
             "refused because unpickling runs code and client data is untrusted."
         ) from exc
+
+
+def _update_file_kind(path: Path) -> str:
+    """What a file that safetensors cannot read is, when it is something known: a pickle,
+    a ``torch.save`` file or a ``torch.export`` archive (read from its zip directory,
+    without decompressing anything); ``""`` otherwise."""
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    if _looks_pickled(head):
+        return "a pickle (torch.save) file"
+    if head != b"PK":
+        return ""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "a corrupt zip file"
+    if any(name.endswith("/archive_format") for name in names):
+        return "a torch.export archive (a model file, --model), not an update"
+    if any(name.endswith(".pkl") for name in names):
+        return "a pickle (torch.save) file"
+    return "a zip file"

@@ -25,8 +25,10 @@ __all__ = [
     "AttackTarget",
     "batch_statistics_layers",
     "check_batch_norm",
+    "check_dropout",
     "find_target",
     "guess_input_shape",
+    "random_dropout_layers",
 ]
 
 _RELU_MODULES = (nn.ReLU,)
@@ -164,6 +166,77 @@ def check_batch_norm(model: nn.Module) -> None:
         "spear.invert_layer(update['<layer>.weight'], update['<layer>.bias'], weight=..., "
         "bias=...) recovers the layer's inputs, and spear.certify checks a whole candidate "
         "batch."
+    )
+
+
+#: Dropout modules: in training mode each drops random units at every forward pass.
+_DROPOUTS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+#: Dropout calls in a ``torch.fx`` graph, with the position of their ``train`` argument.
+_DROPOUT_FUNCTIONS = {
+    torch.nn.functional.dropout: (2, "training"),
+    torch.ops.aten.dropout.default: (2, "train"),
+    torch.ops.aten.native_dropout.default: (2, "train"),
+}
+
+
+def random_dropout_layers(model: nn.Module) -> list[str]:
+    """The Dropout layers of ``model`` that drop units (training mode, ``p > 0``).
+
+    In a ``torch.fx`` graph (a ``torch.export`` program's module) a ``dropout`` call with
+    ``train=True`` and ``p > 0`` counts.
+
+    Returns
+    -------
+    list of str
+        One description per layer, e.g. ``"Dropout '2'"``; empty when there is none.
+    """
+    found = [
+        f"{type(mod).__name__} {name!r}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, _DROPOUTS) and mod.training and mod.p > 0
+    ]
+    graph = model.graph if isinstance(model, fx.GraphModule) else None
+    for node in graph.nodes if graph is not None else ():
+        if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
+            continue
+        position, keyword = _DROPOUT_FUNCTIONS[node.target]
+        train = node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        if train is True and p != 0:
+            found.append(f"dropout call {node.name!r}")
+    return found
+
+
+def check_dropout(model: nn.Module) -> None:
+    """Refuse a model whose Dropout layers drop random units (training mode).
+
+    In training mode every forward pass drops other random units, so the model spear
+    runs is not the one that computed the update: no reconstruction can be found or
+    certified. In eval mode Dropout is the identity and is accepted.
+
+    Raises
+    ------
+    NotAttackableError
+        When :func:`random_dropout_layers` finds any, naming them and what to try.
+    """
+    layers = random_dropout_layers(model)
+    if not layers:
+        return
+    verb = "drops" if len(layers) == 1 else "drop"
+    raise NotAttackableError(
+        f"{', '.join(layers)} {verb} random units (training mode): every forward pass "
+        "then runs another network, so the update cannot be recomputed and nothing can be "
+        "reconstructed or certified. Pass the model in eval mode: model.eval() (for a "
+        "torch.export program, export model.eval()); Dropout is then the identity. An "
+        "update the client computed with dropout active holds its random masks, which no "
+        "model the server runs reproduces."
     )
 
 

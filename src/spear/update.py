@@ -12,8 +12,8 @@ Every entry point checks its arguments here once and passes the checked values o
 
 * :func:`check_update_kind` -- an ``update_kind`` argument as an :data:`UpdateKind`;
 * :func:`check_update` -- the update holds exactly the model's parameters, with their
-  shapes (what a client returns; :func:`spear.attack` and :func:`spear.certify` need every
-  parameter);
+  shapes, in a floating-point dtype spear reads and with finite values (what a client
+  returns; :func:`spear.attack` and :func:`spear.certify` need every parameter);
 * :func:`check_partial_update` -- the update holds some of the model's parameters (frozen
   ones may be absent), with their shapes and finite values (the baseline attacks, which
   read only the layers they use).
@@ -44,6 +44,7 @@ __all__ = [
     "check_partial_update",
     "check_update",
     "check_update_kind",
+    "check_values",
 ]
 
 #: What a client's update is: ``"gradient"`` (FedSGD, any loss reduction, clipping) or
@@ -99,8 +100,57 @@ def _misshaped(
     return found
 
 
+#: Floating-point dtypes an update may have (half precisions are widened where needed).
+_UPDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_values(name: str, value: torch.Tensor) -> None:
+    """Check that one update entry has a dtype spear reads and only finite values.
+
+    Parameters
+    ----------
+    name:
+        The parameter's name, for the message.
+    value:
+        The update's tensor for it.
+
+    Raises
+    ------
+    InputError
+        When the dtype is not float16, bfloat16, float32 or float64 (float8, integers,
+        booleans, complex numbers), the tensor has no data (``meta``), or holds NaN or
+        infinite values; the message names the parameter.
+    """
+    if value.dtype not in _UPDATE_DTYPES:
+        what = "float8, which spear does not support" if "float8" in str(value.dtype) else ""
+        raise InputError(
+            f"update[{name!r}] has dtype {value.dtype}"
+            + (f" ({what})" if what else "")
+            + "; expected float32 or float64 (float16 and bfloat16 are read too): send the "
+            "update as float32 or float64, e.g. {name: t.double() for name, t in ...}."
+        )
+    if value.is_meta:
+        raise InputError(
+            f"update[{name!r}] is a meta tensor (a shape without values); pass the tensor "
+            "the client computed."
+        )
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        nans = int(torch.isnan(value).sum())
+        raise InputError(
+            f"update[{name!r}] contains {bad} NaN or infinite entries ({nans} NaN, "
+            f"{bad - nans} infinite); expected finite values. A client whose training "
+            "diverged sends no usable update: check its loss and learning rate, or that the "
+            "file was saved from the right tensors."
+        )
+
+
 def check_update(model: nn.Module, update: Mapping[str, torch.Tensor]) -> None:
     """Check that ``update`` has exactly the parameters of ``model``, with their shapes.
+
+    Every entry must also pass :func:`check_values` (a floating-point dtype spear reads,
+    finite values).
 
     Parameters
     ----------
@@ -113,7 +163,8 @@ def check_update(model: nn.Module, update: Mapping[str, torch.Tensor]) -> None:
     ------
     InputError
         (a ``ValueError``) listing the missing, unexpected, non-tensor and mis-shaped
-        names, and what to try.
+        names, and what to try; or naming an entry of another dtype or with non-finite
+        values.
     """
     if not isinstance(update, Mapping):
         raise InputError(
@@ -134,6 +185,8 @@ def check_update(model: nn.Module, update: Mapping[str, torch.Tensor]) -> None:
         for name, expected, found in _misshaped(params, update)
     ]
     if not (missing or extra or not_tensors or misshaped):
+        for name in params:
+            check_values(name, update[name])
         return
     parts = []
     if missing:
@@ -203,8 +256,7 @@ def check_partial_update(
                 f"{expected}; was the update computed for another model?"
             )
         value = update[name]
-        if not bool(torch.isfinite(value).all()):
-            raise InputError(f"update[{name!r}] contains NaN or infinite values.")
+        check_values(name, value)
         checked[name] = value.detach()
     if not checked:
         raise InputError("update is empty: it has no entry for any parameter of the model.")

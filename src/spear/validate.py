@@ -34,8 +34,12 @@ __all__ = [
     "batch_size",
     "budget_or_zero_arg",
     "device",
+    "input_range",
+    "input_shape",
     "positive_int",
     "positive_int_arg",
+    "seed",
+    "seed_arg",
     "time_budget",
     "time_budget_arg",
 ]
@@ -121,6 +125,86 @@ def time_budget(value: object, name: str = "time_budget") -> float:
     return seconds
 
 
+#: The largest seed: ``torch.manual_seed`` takes 64-bit integers, and seeds are offset
+#: by small counts (restarts) in places, so seeds stay within the signed 64-bit range.
+MAX_SEED = 2**63 - 1
+
+
+def seed(value: object) -> int:
+    """A seed for the random choices: an integer in ``[0, 2**63 - 1]``.
+
+    Raises
+    ------
+    InputError
+        When ``value`` is not an integer (``bool`` and floats are not) or is outside the
+        range.
+    """
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or not 0 <= number <= MAX_SEED:
+        shown = f"{value!r} ({type(value).__name__})" if number is None else repr(number)
+        raise InputError(
+            f"seed must be an integer from 0 to 2**63 - 1, found {shown}; pass e.g. seed=0."
+        )
+    return int(number)
+
+
+def input_range(value: object) -> tuple[float, float] | None:
+    """``(low, high)`` of the model's inputs: two finite real numbers with ``low < high``.
+
+    Raises
+    ------
+    InputError
+        When ``value`` is not ``None`` and not a pair of finite numbers in increasing order.
+    """
+    if value is None:
+        return None
+    pair = tuple(value) if isinstance(value, (tuple, list)) else None
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+    ):
+        raise InputError(
+            f"input_range must be a pair (low, high) of numbers, found {value!r} "
+            f"({type(value).__name__}); pass e.g. input_range=(0.0, 1.0) for pixels."
+        )
+    low, high = float(pair[0]), float(pair[1])
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise InputError(
+            f"input_range must be finite numbers with low < high, found ({low!r}, {high!r}); "
+            "pass e.g. input_range=(0.0, 1.0) for pixels."
+        )
+    return low, high
+
+
+def input_shape(value: object) -> tuple[int, ...] | None:
+    """The shape of one model input: a tuple (or list) of positive integers, or ``None``.
+
+    Raises
+    ------
+    InputError
+        When ``value`` is not ``None`` and not a non-empty sequence of positive integers.
+    """
+    if value is None:
+        return None
+    dims: list[int | None] = []
+    if isinstance(value, (tuple, list, torch.Size)):
+        for dim in value:
+            try:
+                dims.append(None if isinstance(dim, bool) else operator.index(dim))
+            except TypeError:
+                dims.append(None)
+    if not dims or any(d is None or d < 1 for d in dims):
+        raise InputError(
+            f"input_shape must be a tuple of positive integers (the shape of one input, "
+            f"without the batch dimension), found {value!r}; pass e.g. input_shape=(1, 28, 28)."
+        )
+    return tuple(int(d) for d in dims if d is not None)
+
+
 def device(value: object) -> torch.device | None:
     """A device the linear algebra can run on, or ``None`` (the inputs' own device).
 
@@ -178,6 +262,19 @@ def positive_int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}.") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, found {number}.")
+    return number
+
+
+def seed_arg(text: str) -> int:
+    """``argparse`` type: an integer from 0 to ``2**63 - 1`` (``--seed``)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 0 to 2**63 - 1, found {text!r}; pass e.g. --seed 0."
+        )
     return number
 
 

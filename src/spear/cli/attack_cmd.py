@@ -77,7 +77,9 @@ def add_parser(sub: Any) -> None:
         help="LOW,HIGH of the model's inputs, e.g. 0,1 for pixels: noisy estimates are "
         "clipped into it",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=validate.seed_arg, default=0, help="integer from 0 to 2**63 - 1 (0)"
+    )
     p.add_argument("--solver", default="auto")
     p.add_argument("--time-budget", type=validate.time_budget_arg, default=120.0)
     p.add_argument(
@@ -117,6 +119,22 @@ def _input_range(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"C,H,W"`` as a tuple of positive integers (``None`` stays ``None``)."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise InputError(
+            f"--input-shape must be positive integers separated by commas such as 1,28,28, "
+            f"found {text!r}."
+        )
+    return shape
+
+
 def _save_png(image: torch.Tensor, path: Path) -> None:
     """One ``(C, H, W)`` image in [0, 1] as PNG (values outside are clipped)."""
     array = image.detach().cpu().to(torch.float64).clamp(0, 1).numpy()
@@ -137,21 +155,29 @@ def _remove_stale_images(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``spear attack`` with parsed arguments."""
+    """Run ``spear attack`` with parsed arguments.
+
+    The output folder is created before any work (so that a place where it cannot be
+    made is reported at once) and removed again, when this run made it, if the run ends
+    before writing to it.
+    """
     out: Path = args.out
+    existed = out.exists()
     check_output_folder(out)
+    try:
+        return _run(args, out)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    """Load the files, attack, and write the results to ``out`` (which exists)."""
+    shape = _input_shape(args.input_shape)
+    input_range = _input_range(args.input_range)
     model = load_model(args.model, trust=args.trust_model)
     update = load_update(args.update)
-    shape = None
-    if args.input_shape:
-        try:
-            shape = tuple(int(s) for s in args.input_shape.split(","))
-        except ValueError as exc:
-            raise InputError(
-                f"--input-shape must be integers separated by commas such as 1,28,28, found "
-                f"{args.input_shape!r}."
-            ) from exc
-    input_range = _input_range(args.input_range)
     try:
         rec = spear.attack(
             model,
