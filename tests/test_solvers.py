@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from tests.conftest import layer_case
+from tests.conftest import assert_exact, layer_case
 
 from spear.errors import InputError
 from spear.linalg import Tolerances, factorise, orthonormal_basis
@@ -231,3 +231,35 @@ def test_sampling_directions_are_in_the_brute_force_reference(
     # true one: purify never hands back a spurious kernel
     assert bool(((dirs.vectors @ reference.T).abs().amax(dim=1) > 1 - 1e-9).all())
     assert bool(_is_true(dirs.vectors, truth).all())
+
+
+def test_every_subset_of_a_narrow_layer_is_listed_without_a_huge_intermediate() -> None:
+    # 11 of 20 rows: 167,960 subsets (torch.combinations would allocate 20 ** 11 entries)
+    from spear.solvers.sampling import _subsets
+
+    subsets = _subsets(20, 11, torch.device("cpu"))
+    assert subsets.shape == (167_960, 11)
+    assert torch.equal(subsets[0], torch.arange(11))
+    assert bool((subsets[:, 1:] > subsets[:, :-1]).all())
+    small = _subsets(5, 2, torch.device("cpu"))
+    assert small.tolist() == [list(c) for c in itertools.combinations(range(5), 2)]
+
+
+def test_a_layer_narrower_than_twice_the_batch_ends_with_a_partial_answer() -> None:
+    # 784 -> 20 at b = 12: sampling enumerates its subsets; no crash, a note on what is left
+    import spear
+    from spear.client import fedsgd_update
+    from spear.data import builtin_images
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 20), torch.nn.ReLU(), torch.nn.Linear(20, 10)
+    ).double()
+    data = builtin_images(112)
+    x, y = data.images[100:112].reshape(12, -1).double(), data.labels[100:112]
+    rec = spear.attack(model, fedsgd_update(model, x, y), input_shape=(784,), time_budget=10)
+    if rec.inputs.shape[0] < 12:  # what a faster machine finds in the budget may differ
+        assert not rec.verified
+        assert any("could not be identified" in note for note in rec.notes), rec.notes
+    else:
+        assert_exact(rec.inputs, x)
