@@ -445,3 +445,15 @@ def test_missing_labels_from_the_head_less_the_recovered_examples(reduction: str
         if label in left:
             left.remove(label)
     assert sorted(left) != sorted(y[k:].tolist())
+
+
+def test_a_model_taking_flat_inputs_is_attacked_without_input_shape() -> None:
+    # no Flatten: the model takes (b, 784), so the image shape 784 suggests is not used
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10)).double()
+    x, y = fashion(8, seed=3)
+    flat = x.reshape(8, -1)
+    rec = spear.attack(model, fedsgd_update(model, flat, y), time_budget=30.0)
+    assert rec.inputs.shape == (8, 784)
+    assert rec.verified
+    assert_exact(rec.inputs, flat)

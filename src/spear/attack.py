@@ -231,7 +231,7 @@ def attack(
     if half:
         batch_size = result.batch_size
     if target.first:
-        shape = input_shape or target.input_shape or guess_input_shape(target.in_features)
+        shape = input_shape or target.input_shape or _guessed_shape(work, target.in_features)
         if input_shape is None and target.input_shape is None and len(shape) > 1:
             notes.append(
                 f"input shape guessed as {shape} from the {target.in_features} features the "
@@ -427,6 +427,30 @@ def _check_input_shape(input_shape: tuple[int, ...] | None, target: AttackTarget
             f"whose entries multiply to {target.in_features}, or leave input_shape=None to "
             "have it read off the model."
         )
+
+
+def _guessed_shape(model: nn.Module, features: int) -> tuple[int, ...]:
+    """The input shape of a model that does not say it: the image shape
+    :func:`spear.model.guess_input_shape` reads off ``features`` when the model runs on
+    it, else ``(features,)`` (a model whose first layer takes flat inputs)."""
+    shape = guess_input_shape(features)
+    if len(shape) == 1 or _runs_on(model, shape):
+        return shape
+    return (features,)
+
+
+def _runs_on(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether ``model`` runs on a batch of two zero inputs of ``shape`` (its own dtype
+    and device)."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *shape, dtype=dtype, device=device))
+    except Exception:  # any failure: the model does not take inputs of this shape
+        return False
+    return True
 
 
 def _multiplicity(label_result: LabelResult | None, found: int, source: str) -> torch.Tensor | None:
