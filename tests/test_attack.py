@@ -22,6 +22,7 @@ from torch import nn
 
 import spear
 from spear.certificate import VERIFIED_BELOW
+from spear.data import builtin_images
 from spear.errors import InputError, NotAttackableError
 
 SIZES = (784, 256, 128, 10)
@@ -457,3 +458,44 @@ def test_a_model_taking_flat_inputs_is_attacked_without_input_shape() -> None:
     assert rec.inputs.shape == (8, 784)
     assert rec.verified
     assert_exact(rec.inputs, flat)
+
+
+def test_examples_whose_gradients_vanish_leave_the_batch_incomplete() -> None:
+    # inputs scaled by 1e3: three examples are classified with probability exactly 1, so
+    # their gradients are zero and the update's rank shows 13 of 16; the mean's divisor
+    # still counts 16, so the result must not claim a complete, verified batch
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)).double()
+    data = builtin_images(316)
+    x, y = data.images[300:316].reshape(16, -1) * 1e3, data.labels[300:316]
+    rec = spear.attack(model, fedsgd_update(model, x, y), input_shape=(784,), time_budget=30.0)
+    shown = rec.inputs.shape[0]
+    assert shown < 16
+    assert rec.batch_size == 16 and not rec.complete
+    assert not rec.verified and not rec.examples_verified
+    assert any(f"mean over 16 examples and the update shows {shown}" in n for n in rec.notes)
+
+
+def test_most_divisors_count_examples_the_update_does_not_show() -> None:
+    # float32: one small gradient's divisor is rounded beyond the fit tolerance, so no
+    # plain mean is read; the others still say the mean is over 16 examples, 14 shown
+    from spear.labels import _interpret
+
+    divisor = torch.tensor([16.0] * 13 + [15.996], dtype=torch.float64)
+    k = divisor.numel()
+    result = _interpret(
+        torch.zeros(k, dtype=torch.int64),
+        divisor,
+        torch.zeros(k, dtype=torch.float64),
+        torch.ones(k, dtype=torch.int64),
+        tol=1.2e-4,
+    )
+    assert result.unseen == 2
+    complete = _interpret(
+        torch.zeros(k, dtype=torch.int64),
+        torch.full((k,), float(k), dtype=torch.float64),
+        torch.zeros(k, dtype=torch.float64),
+        torch.ones(k, dtype=torch.int64),
+        tol=1.2e-4,
+    )
+    assert complete.unseen == 0 and complete.reduction == "mean"

@@ -377,7 +377,10 @@ def attack(
             "that may be several examples whose gradients agree to rounding, shown as their "
             "mean: not verified."
         )
-    examples_verified = certified and result.verified and result.complete and not repeated
+    # examples a plain mean counts but the update does not show: the batch is incomplete
+    unseen = label_result.unseen if label_result is not None and not kind_mismatch else 0
+    complete = result.complete and unseen == 0
+    examples_verified = certified and result.verified and complete and not repeated
     labels_certified = kind == "gradient" and label_result is not None and label_result.exact
     verified = examples_verified and labels_certified
     if examples_verified and not verified and kind == "gradient":
@@ -392,8 +395,8 @@ def attack(
         verified=verified,
         examples_verified=examples_verified,
         interrupted=result.interrupted,
-        batch_size=result.batch_size,
-        complete=result.complete,
+        batch_size=result.batch_size + unseen,
+        complete=complete,
         layer=target.name,
         feature_space=not target.first,
         layer_result=result,

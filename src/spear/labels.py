@@ -63,6 +63,10 @@ class LabelResult:
         The relative fit tolerance used (:func:`label_fit_tol` of the model's dtype).
     notes:
         Plain-language findings.
+    unseen:
+        Examples a plain mean counts in its divisor beyond those recovered and those
+        known to be missing: their gradients are too small to show in the update
+        (confidently classified, or zero), so its rank leaves them out.
     """
 
     labels: torch.Tensor
@@ -73,6 +77,7 @@ class LabelResult:
     sign: torch.Tensor
     fit_tol: float
     notes: list[str] = field(default_factory=list)
+    unseen: int = 0
 
     @property
     def exact(self) -> bool:
@@ -163,6 +168,21 @@ def _sign_vote(r: torch.Tensor) -> int:
     return 0  # two classes (one of each) or no clear pattern: undecided
 
 
+def _unseen_by_majority(divisor: torch.Tensor, tol: float, shown: int) -> int:
+    """Examples a mean counts beyond the ``shown`` ones, read off most divisors ``(k,)``.
+
+    Where an example's gradient is small its divisor carries more rounding (measured in
+    float32: one of 14 at ``2.5e-4`` from the others' 16, the fit tolerance ``1.2e-4``),
+    so no plain mean is read; when more than half the divisors agree on a whole ``B``
+    above ``shown``, the batch still has ``B`` examples and the rest are missing.
+    """
+    whole = round(float(divisor.median()))
+    if whole <= max(shown, 1):
+        return 0
+    agree = int(((divisor - whole).abs() <= tol * whole).sum())
+    return whole - shown if 2 * agree > divisor.numel() else 0
+
+
 def _weights_note(multiplicity: torch.Tensor, reduction: str) -> str:
     """What whole-number multiplicities ``(k,)`` say about the batch.
 
@@ -205,6 +225,7 @@ def _interpret(
     top = float(divisor.max()) if k else 1.0
     multiplicity = torch.ones(k, dtype=torch.int64)
     reduction = "unknown"
+    unseen = 0
     if k and bool(ok.all()) and top <= MAX_DIVISOR:
         # mean: B_i = total / multiplicity_i; sum: B_i = 1 / multiplicity_i
         total = round(top) if top >= 1.0 - tol else 1
@@ -218,6 +239,14 @@ def _interpret(
                 missing and total >= int(multiplicity.sum()) + missing
             ):
                 reduction = "mean"
+            elif total > int(multiplicity.sum()) and not bool((multiplicity > 1).any()):
+                # a mean over more examples than the update shows: the others' gradients
+                # are below its precision (a plain mean over copies would show them too)
+                reduction = "mean"
+            if reduction == "mean":
+                unseen = max(0, total - int(multiplicity.sum()) - missing)
+    if reduction == "unknown" and k:
+        unseen = _unseen_by_majority(divisor, tol, k + missing)
     if reduction == "unknown" and k:
         notes.append(
             "the per-example loss scales do not fit a plain mean or sum (per-example "
@@ -231,7 +260,14 @@ def _interpret(
             f"{bad} of {k} labels did not fit softmax cross-entropy exactly (fit error up to "
             f"{float(fit.max()):.1e}); is the loss cross-entropy?"
         )
-    return LabelResult(labels, divisor, fit, reduction, multiplicity, sign, tol, notes)
+    if unseen:
+        notes.append(
+            f"the loss is a mean over {total} examples and the update shows "
+            f"{total - unseen}: {unseen} more examples' gradients are too small to "
+            "show in it (confidently classified, or zero), so they are not recovered and the "
+            "batch is incomplete."
+        )
+    return LabelResult(labels, divisor, fit, reduction, multiplicity, sign, tol, notes, unseen)
 
 
 def missing_labels(
