@@ -15,6 +15,7 @@ from tests.conftest import assert_exact, fashion, fedsgd_update, layer_case, mlp
 import spear
 from spear import client
 from spear.certificate import relative_error
+from spear.data import builtin_images
 
 
 def _batch(b: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -144,3 +145,20 @@ def test_float32_delta_mixtures_are_not_verified(seed: int) -> None:
     assert not (rec.examples_verified and worst > 1e-2), worst
     if worst > 1e-2:
         assert any("returned unverified" in n for n in rec.layer_result.notes), rec.notes
+
+
+def test_a_partial_layer_result_is_never_verified() -> None:
+    # weights slightly off the client's: few examples pass their pattern check, the result
+    # is partial, and .verified (complete and every example checked) stays False
+    torch.manual_seed(14)
+    n, m, b = 784, 200, 24
+    weight = torch.randn(m, n, dtype=torch.float64) / n**0.5
+    bias = torch.randn(m, dtype=torch.float64) * 0.1
+    x = builtin_images(624).images[600:624].reshape(b, -1).to(torch.float64)
+    grads = (x @ weight.T + bias > 0).to(torch.float64) * torch.randn(b, m, dtype=torch.float64)
+    off = weight + 1e-3 * torch.randn_like(weight)
+    rec = spear.invert_layer(
+        grads.T @ x, grads.sum(0), weight=off, bias=bias, time_budget=10.0, progress=False
+    )
+    assert 0 < rec.inputs.shape[0] < b  # some examples pass their check, not all
+    assert not rec.complete and not rec.verified

@@ -57,9 +57,10 @@ class LayerReconstruction:
     complete:
         True when all ``b`` examples were recovered.
     verified:
-        True only when every returned example has been checked against the update: its
-        gradient column is zero exactly where the ReLU pattern of its own ``W x + c``
-        predicts (the layer's weights were given, and the update is not noisy). Without
+        True only when the result is :attr:`complete` and every example has been checked
+        against the update: its gradient column is zero exactly where the ReLU pattern of
+        its own ``W x + c`` predicts (the layer's weights were given, and the update is
+        not noisy). The rows of a partial result passed the same check one by one. Without
         the weights only the sparsity of the gradient columns backs them, which narrow
         layers, correlated real images or float32 gradients can fool: treat such rows as
         candidates. The same meaning as :attr:`Reconstruction.verified`, for a result

@@ -47,6 +47,7 @@ def finish(problem: Problem, state: SearchState) -> LayerReconstruction:
             verified = False
             state.notes.append(_loose_note(k - sum(strict), k, problem.in_dtype))
     _closing_notes(problem, state, residual)
+    verified = verified and k == rank  # a partial result is never verified
     return LayerReconstruction(
         inputs=inputs,
         batch_size=rank,
