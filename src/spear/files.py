@@ -44,6 +44,7 @@ import io
 import json
 import logging
 import math
+import os
 import pickletools
 import re
 import sys
@@ -216,29 +217,31 @@ def _check_file(path: Path, what: str, suffix: str) -> None:
 
 
 def check_output_folder(path: Path) -> None:
-    """Make sure the output folder can be written before any work: create it (with its
-    parents) when missing.
+    """Make sure the output folder can be written before any work, without creating it
+    (a run stopped by a later error leaves nothing behind).
 
     Raises
     ------
     InputError
-        When ``path`` exists as something else than a folder, or cannot be created (a
-        parent is a file, no permission, a read-only file system).
+        When ``path`` exists as something else than a folder, or cannot be created: the
+        nearest existing folder above it is a file, or not writable.
     """
     if path.exists() and not path.is_dir():
         raise InputError(
             f"output folder {path} exists and is not a folder; expected a folder (it is "
             "created when missing). Pass another --out or move the file away."
         )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    why = ""
+    if existing is not None and not existing.is_dir():
+        why = f"{existing} is a file, not a folder"
+    elif existing is not None and existing != path and not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing} is not writable"
+    if why:
         raise InputError(
             f"output folder {path} cannot be created ({why}); expected a place where a "
             "folder can be made. Pass another --out, e.g. a folder under the current one."
-        ) from exc
+        )
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ reduction and how many times each example occurred (duplicates).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -168,6 +169,16 @@ def _sign_vote(r: torch.Tensor) -> int:
     return 0  # two classes (one of each) or no clear pattern: undecided
 
 
+def _counts_unseen(total: int, shown: int) -> bool:
+    """Whether a mean's divisor ``total`` counts examples beyond the ``shown`` ones.
+
+    Fewer than ``shown`` more: a divisor that counts twice the examples shown or more
+    reads as an update scaled by a server weight (a mean of two clients' updates, say),
+    not as a batch whose larger part left no trace.
+    """
+    return shown < total < 2 * shown
+
+
 def _unseen_by_majority(divisor: torch.Tensor, tol: float, shown: int) -> int:
     """Examples a mean counts beyond the ``shown`` ones, read off most divisors ``(k,)``.
 
@@ -176,8 +187,11 @@ def _unseen_by_majority(divisor: torch.Tensor, tol: float, shown: int) -> int:
     so no plain mean is read; when more than half the divisors agree on a whole ``B``
     above ``shown``, the batch still has ``B`` examples and the rest are missing.
     """
-    whole = round(float(divisor.median()))
-    if whole <= max(shown, 1):
+    typical = float(divisor.median())
+    if not (math.isfinite(typical) and typical <= MAX_DIVISOR):
+        return 0
+    whole = round(typical)
+    if not _counts_unseen(whole, shown):
         return 0
     agree = int(((divisor - whole).abs() <= tol * whole).sum())
     return whole - shown if 2 * agree > divisor.numel() else 0
@@ -239,7 +253,9 @@ def _interpret(
                 missing and total >= int(multiplicity.sum()) + missing
             ):
                 reduction = "mean"
-            elif total > int(multiplicity.sum()) and not bool((multiplicity > 1).any()):
+            elif _counts_unseen(total, int(multiplicity.sum())) and not bool(
+                (multiplicity > 1).any()
+            ):
                 # a mean over more examples than the update shows: the others' gradients
                 # are below its precision (a plain mean over copies would show them too)
                 reduction = "mean"
@@ -261,11 +277,12 @@ def _interpret(
             f"{float(fit.max()):.1e}); is the loss cross-entropy?"
         )
     if unseen:
+        shown = int(multiplicity.sum()) + missing
         notes.append(
-            f"the loss is a mean over {total} examples and the update shows "
-            f"{total - unseen}: {unseen} more examples' gradients are too small to "
-            "show in it (confidently classified, or zero), so they are not recovered and the "
-            "batch is incomplete."
+            f"the loss is a mean over {shown + unseen} examples and the update shows "
+            f"{shown}: {unseen} more examples' gradients are too small to show in it "
+            "(confidently classified, or zero), so they are not recovered and the batch is "
+            f"incomplete (or the update was scaled by {shown}/{shown + unseen})."
         )
     return LabelResult(labels, divisor, fit, reduction, multiplicity, sign, tol, notes, unseen)
 
