@@ -63,6 +63,7 @@ _FOLD_HINT = (
     " weight=s[:, None] * W, bias=s * (c - running_mean) + beta) recovers its inputs. In"
     " training mode (batch statistics) the exact zeros are lost."
 )
+#: Activations whose outputs have no exact zeros (LeakyReLU: a slope, not a zero, below 0).
 _SMOOTH = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus, nn.LeakyReLU, nn.Mish)
 
 
@@ -403,7 +404,7 @@ def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
         if any(_is_batch_norm(u, modules) for u in users):
             reason, batch_norm = "BatchNorm between the layer and its activation", True
         else:
-            reason = "a smooth activation (no exact zeros)" if smooth else "not a ReLU"
+            reason = "an activation with no exact zeros" if smooth else "not a ReLU"
         examined.append(f"{name}: Linear followed by {after}, {reason}")
     listing = "; ".join(examined) if examined else "no linear layer at all"
     if layer is not None:
