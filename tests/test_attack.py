@@ -499,3 +499,19 @@ def test_most_divisors_count_examples_the_update_does_not_show() -> None:
         tol=1.2e-4,
     )
     assert complete.unseen == 0 and complete.reduction == "mean"
+
+
+def test_a_loss_other_than_cross_entropy_is_named_as_such() -> None:
+    # label smoothing: the labels do not fit plain cross-entropy, and the note says so
+    # instead of blaming clipping, noise or FedAvg for the scales
+    model = mlp(SIZES, seed=7)
+    x, y = fashion(8, seed=7)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y, label_smoothing=0.1).backward()
+    update = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    rec = spear.attack(model, update, time_budget=30.0)
+    assert_exact(rec.inputs, x)
+    assert not rec.verified
+    assert any("is the loss cross-entropy?" in n for n in rec.notes), rec.notes
+    assert not any("per-example loss scales" in n for n in rec.notes), rec.notes

@@ -179,8 +179,9 @@ def _counts_unseen(total: int, shown: int) -> bool:
     return shown < total < 2 * shown
 
 
-def _unseen_by_majority(divisor: torch.Tensor, tol: float, shown: int) -> int:
-    """Examples a mean counts beyond the ``shown`` ones, read off most divisors ``(k,)``.
+def _unseen_by_majority(divisor: torch.Tensor, ok: torch.Tensor, tol: float, shown: int) -> int:
+    """Examples a mean counts beyond the ``shown`` ones, read off most divisors ``(k,)``
+    (of the examples whose labels fit cross-entropy, ``ok`` ``(k,)`` bool).
 
     Where an example's gradient is small its divisor carries more rounding (measured in
     float32: one of 14 at ``2.5e-4`` from the others' 16, the fit tolerance ``1.2e-4``),
@@ -193,7 +194,7 @@ def _unseen_by_majority(divisor: torch.Tensor, tol: float, shown: int) -> int:
     whole = round(typical)
     if not _counts_unseen(whole, shown):
         return 0
-    agree = int(((divisor - whole).abs() <= tol * whole).sum())
+    agree = int((ok & ((divisor - whole).abs() <= tol * whole)).sum())
     return whole - shown if 2 * agree > divisor.numel() else 0
 
 
@@ -262,8 +263,9 @@ def _interpret(
             if reduction == "mean":
                 unseen = max(0, total - int(multiplicity.sum()) - missing)
     if reduction == "unknown" and k:
-        unseen = _unseen_by_majority(divisor, tol, k + missing)
-    if reduction == "unknown" and k:
+        unseen = _unseen_by_majority(divisor, ok, tol, k + missing)
+    # where a label does not fit cross-entropy its scale says nothing: that note follows
+    if reduction == "unknown" and k and bool(ok.all()):
         notes.append(
             "the per-example loss scales do not fit a plain mean or sum (per-example "
             "clipping, DP noise, FedAvg or clients summed): labels come from the sign pattern only."
