@@ -19,6 +19,7 @@ from torch import nn
 
 from spear import validate
 from spear.certificate import certify, verified_threshold
+from spear.decay import find_decay, without_decay
 from spear.errors import BatchTooLargeError, InputError
 from spear.images import (
     ImageReconstruction,
@@ -170,6 +171,7 @@ def attack(
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
     prefix = f"{target.name}." if target.name else ""
+    update = _decay_removed(update, work, target, f"{prefix}weight", f"{prefix}bias", seed, notes)
     weight_grad = update[f"{prefix}weight"]
     bias_grad = update.get(f"{prefix}bias") if target.bias is not None else None
     if target.bias is None:
@@ -430,6 +432,39 @@ def _check_input_shape(input_shape: tuple[int, ...] | None, target: AttackTarget
             f"whose entries multiply to {target.in_features}, or leave input_shape=None to "
             "have it read off the model."
         )
+
+
+def _decay_removed(
+    update: dict[str, torch.Tensor],
+    model: nn.Module,
+    target: AttackTarget,
+    weight_name: str,
+    bias_name: str,
+    seed: int,
+    notes: list[str],
+) -> dict[str, torch.Tensor]:
+    """``update`` without the multiple of the sent parameters that weight decay (or an L2
+    penalty) adds (:mod:`spear.decay`), when the attacked layer's update shows no rank gap
+    and does once it is taken out; else ``update`` itself."""
+    weight_grad = update[weight_name]
+    if weight_grad.dtype in HALF_PRECISIONS:
+        return update
+    s = torch.linalg.svdvals(weight_grad.detach().to(torch.float64))
+    rank, gap = estimate_rank(s, float(torch.finfo(weight_grad.dtype).eps))
+    if rank < s.numel() and gap >= MIN_RANK_GAP:
+        return update
+    bias_grad = update.get(bias_name) if target.bias is not None else None
+    decay = find_decay(weight_grad, bias_grad, target.weight, target.bias, MIN_RANK_GAP, seed)
+    if decay is None:
+        return update
+    biases = "biases too" if decay.biases else "biases left out"
+    notes.append(
+        f"weight decay: the update is a term of rank {decay.rank} plus {decay.weights:.6g} "
+        f"times the sent weights ({biases}), an L2 penalty or an optimiser's weight decay; "
+        "that term is taken out of every parameter's update before the attack and the "
+        "certificate."
+    )
+    return without_decay(update, dict(model.named_parameters()), decay)
 
 
 def _guessed_shape(model: nn.Module, features: int) -> tuple[int, ...]:
