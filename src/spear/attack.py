@@ -40,6 +40,7 @@ from spear.model import (
     check_dropout,
     find_target,
     guess_input_shape,
+    parameter_dtype,
 )
 from spear.noisy import approximate_layer, noisy_batch_size
 from spear.results import LayerReconstruction, Reconstruction
@@ -480,12 +481,11 @@ def _guessed_shape(model: nn.Module, features: int) -> tuple[int, ...]:
 def _runs_on(model: nn.Module, shape: tuple[int, ...]) -> bool:
     """Whether ``model`` runs on a batch of two zero inputs of ``shape`` (its own dtype
     and device)."""
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.float32
+    param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     try:
         with torch.no_grad():
-            model(torch.zeros(2, *shape, dtype=dtype, device=device))
+            model(torch.zeros(2, *shape, dtype=parameter_dtype(model), device=device))
     except Exception:  # any failure: the model does not take inputs of this shape
         return False
     return True

@@ -28,6 +28,7 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from spear.errors import InputError
+from spear.model import parameter_dtype
 from spear.update import check_update, check_update_kind
 
 __all__ = ["VERIFIED_BELOW", "certify", "relative_error", "verified_threshold"]
@@ -110,7 +111,7 @@ def certify(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
     check_update(model, update)
-    x = _as_tensor(inputs, "inputs", _model_dtype(model))
+    x = _as_tensor(inputs, "inputs", parameter_dtype(model))
     y = _as_tensor(labels, "labels")
     if x.dim() == 0 or y.dim() == 0 or y.dim() > 2:
         raise InputError(
@@ -175,14 +176,6 @@ def relative_error(recomputed: torch.Tensor, observed: torch.Tensor) -> float:
     scale = 2.0 ** math.floor(math.log2(largest))
     denominator = float((observed / scale).norm())
     return float(((recomputed - observed) / scale).norm()) / denominator
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (float64 when it has none)."""
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float64
 
 
 def _as_tensor(value: object, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:

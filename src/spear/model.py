@@ -28,6 +28,7 @@ __all__ = [
     "check_dropout",
     "find_target",
     "guess_input_shape",
+    "parameter_dtype",
     "random_dropout_layers",
 ]
 
@@ -499,6 +500,14 @@ def _find_in_sequential(model: nn.Sequential, layer: str | None = None) -> Attac
         f"no linear layer followed by a ReLU (examined: {'; '.join(examined) or 'none'})."
         f"{_FOLD_HINT if batch_norm else ''}"
     )
+
+
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float64 when it has none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float64
 
 
 def guess_input_shape(features: int) -> tuple[int, ...]:
