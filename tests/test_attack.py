@@ -515,3 +515,19 @@ def test_a_loss_other_than_cross_entropy_is_named_as_such() -> None:
     assert not rec.verified
     assert any("is the loss cross-entropy?" in n for n in rec.notes), rec.notes
     assert not any("per-example loss scales" in n for n in rec.notes), rec.notes
+
+
+def test_a_bottleneck_after_the_layer_leaves_labels_undetermined() -> None:
+    # 784 -> 256 -> 4 -> 10: the logits move in 4 dimensions, so a gradient column does
+    # not determine its label; the examples are exact, the labels are not certified
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 4), nn.ReLU(), nn.Linear(4, 10)
+    ).double()
+    x, y = fashion(8, seed=9)
+    flat = x.reshape(8, -1)
+    rec = spear.attack(model, fedsgd_update(model, flat, y), time_budget=30.0)
+    assert_exact(rec.inputs, flat)
+    assert not rec.verified
+    assert any("dimensions 10 classes need" in n for n in rec.notes), rec.notes
+    assert not any("is the loss cross-entropy?" in n for n in rec.notes), rec.notes

@@ -128,10 +128,13 @@ def recover_labels(
     divisor = torch.zeros(k, dtype=torch.float64)
     fit = torch.zeros(k, dtype=torch.float64)
     sign = torch.zeros(k, dtype=torch.int64)
+    ranks = torch.zeros(k, dtype=torch.int64)
+    classes = 0
     for i in range(k):
         z = pre[i : i + 1].detach()
         jac = torch.autograd.functional.jacobian(lambda t: logits(t)[0], z)  # (C, 1, m)
         j = jac[:, 0, :].to(torch.float64)  # (C, m)
+        ranks[i], classes = _jacobian_rank(j, dtype), int(j.shape[0])
         # r at unit scale (an update of entries about 1e-300 would underflow r @ r); the
         # divisor is scaled back below
         column = output_grads[:, i : i + 1]
@@ -148,7 +151,36 @@ def recover_labels(
         divisor[i] = div / size
         denom = float(target.norm()) or 1.0
         fit[i] = float((r * div - target).norm()) / denom
-    return _interpret(labels, divisor, fit, sign, label_fit_tol(dtype), missing)
+    result = _interpret(labels, divisor, fit, sign, label_fit_tol(dtype), missing)
+    narrow = ranks < classes - 1
+    if bool(narrow.any()):
+        _undetermined(result, narrow, int(ranks.min()), classes)
+    return result
+
+
+def _jacobian_rank(jac: torch.Tensor, dtype: torch.dtype) -> int:
+    """Rank of a ``(C, m)`` Jacobian of the logits, to the model dtype's rounding."""
+    from spear.downstream import RANGE_RANK_ULPS
+
+    s = torch.linalg.svdvals(jac)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    return int((s > RANGE_RANK_ULPS * float(torch.finfo(dtype).eps) * float(s[0])).sum())
+
+
+def _undetermined(result: LabelResult, narrow: torch.Tensor, rank: int, classes: int) -> None:
+    """Mark the labels ``narrow`` ``(k,)`` bool that a bottleneck after the layer leaves
+    undetermined: there the logits move in fewer than ``classes - 1`` dimensions (at
+    least ``rank``), so ``(p - e_y) / B``, whose entries sum to zero, cannot be solved for
+    from the column."""
+    result.fit_error = torch.where(narrow, math.inf, result.fit_error)
+    result.notes = [n for n in result.notes if "is the loss cross-entropy?" not in n]
+    result.notes.append(
+        f"at some examples the logits depend on the attacked layer through only {rank} of "
+        f"the {classes - 1} dimensions {classes} classes need (a bottleneck after it): a "
+        "gradient column does not determine its example's label there, so the labels are "
+        "guesses and not certified."
+    )
 
 
 def _sign_vote(r: torch.Tensor) -> int:
