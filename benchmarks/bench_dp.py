@@ -11,7 +11,13 @@ singular value of the first layer's weight gradient, then for each attack PSNR a
 estimate returned and its predicted median PSNR (from its error bars)::
 
     python benchmarks/bench_dp.py [--data fmnist,rgb] [--batch-sizes 8,16,64]
-        [--noise 0,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,0.1,1] [--plot dp.png]
+        [--noise 0,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,0.1,1] [--plot dp.png] [--batches 10]
+
+With ``--batches N`` each row summarises N batches (seeds ``--seed`` to ``--seed + N - 1``):
+every score is the median over the batches of that batch's score, the estimate returned
+is counted by kind, and two more columns compare the attacks batch by batch: in how many
+batches spear's median PSNR is at least gradient matching's, and the median and lowest
+of the differences (spear minus gradient matching, dB).
 """
 
 from __future__ import annotations
@@ -97,10 +103,22 @@ def _cells(s: Scores, b: int) -> str:
     )
 
 
+@dataclass
+class Case:
+    """One batch's outcome: the update's noise ratio, what spear returned and both scores."""
+
+    epsilon: float
+    ratio: float
+    estimate: str
+    predicted: float | None
+    ours: Scores
+    theirs: Scores | None
+
+
 def run_case(
     data: str, b: int, noise: float, width: int, seed: int, time_budget: float, gm: bool
-) -> tuple[str, float, float | None]:
-    """One row of the table, spear's median PSNR and gradient matching's (or ``None``)."""
+) -> Case:
+    """Both attacks on one DP-SGD client batch, scored against the truth."""
     pool = builtin_images() if data == "fmnist" else rgb_patches(RGB_POOL, seed=seed)
     images, labels = sample_batch(pool, b, seed=seed)
     shape = tuple(images.shape[1:])
@@ -121,9 +139,7 @@ def run_case(
         input_range=PIXEL_BOX,
     )
     ours = _score(rec.inputs, rec.labels, images, labels, time.perf_counter() - start)
-    predicted = (
-        f"{float(predicted_psnr(rec.error_rms).median()):.1f}" if rec.error_rms is not None else "-"
-    )
+    predicted = float(predicted_psnr(rec.error_rms).median()) if rec.error_rms is not None else None
     theirs: Scores | None = None
     if gm:
         start = time.perf_counter()
@@ -137,12 +153,55 @@ def run_case(
             box=PIXEL_BOX,
         )
         theirs = _score(base.inputs, base.labels, images, labels, time.perf_counter() - start)
-    eps = "inf" if math.isinf(dp.epsilon) else f"{dp.epsilon:.3g}"
+    return Case(dp.epsilon, ratio, rec.estimate, predicted, ours, theirs)
+
+
+def _median_scores(scores: list[Scores]) -> Scores:
+    """Each score's median over batches (labels rounded down to a whole count)."""
+
+    def med(values: list[float]) -> float:
+        return float(np.median(values))
+
+    labels = [s.labels for s in scores if s.labels is not None]
+    return Scores(
+        psnr_median=med([s.psnr_median for s in scores]),
+        psnr_p10=med([s.psnr_p10 for s in scores]),
+        ssim_median=med([s.ssim_median for s in scores]),
+        ssim_p10=med([s.ssim_p10 for s in scores]),
+        labels=int(np.median(labels)) if labels else None,
+        seconds=med([s.seconds for s in scores]),
+    )
+
+
+def format_row(data: str, b: int, noise: float, cases: list[Case]) -> str:
+    """One Markdown row for one or several batches of the same case (see the module doc)."""
+    first = cases[0]
+    eps = "inf" if math.isinf(first.epsilon) else f"{first.epsilon:.3g}"
+    ratio = float(np.median([c.ratio for c in cases]))
+    kinds = sorted({c.estimate for c in cases})
+    returned = (
+        first.estimate
+        if len(cases) == 1
+        else ", ".join(f"{sum(c.estimate == k for c in cases)} {k}" for k in kinds)
+    )
+    predicted = [c.predicted for c in cases if c.predicted is not None]
+    shown = f"{float(np.median(predicted)):.1f}" if len(predicted) == len(cases) else "-"
+    ours = _median_scores([c.ours for c in cases])
+    pairs = [(c.ours, c.theirs) for c in cases if c.theirs is not None]
+    theirs = _median_scores([t for _, t in pairs]) if pairs else None
     row = (
-        f"| {data} | {b} | {noise:g} | {eps} | {ratio:.3g} | {rec.estimate} | {predicted} "
+        f"| {data} | {b} | {noise:g} | {eps} | {ratio:.3g} | {returned} | {shown} "
         f"| {_cells(ours, b)} | {_cells(theirs, b) if theirs else '- | - | - | -'} |"
     )
-    return row, ours.psnr_median, theirs.psnr_median if theirs else None
+    if len(cases) > 1:
+        gaps = [o.psnr_median - t.psnr_median for o, t in pairs]
+        row += (
+            f" {sum(g >= 0 for g in gaps)}/{len(gaps)} | "
+            f"{float(np.median(gaps)):.1f} / {min(gaps):.1f} |"
+            if gaps
+            else " - | - |"
+        )
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,26 +212,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--time-budget", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batches", type=int, default=1, help="batches per row (seeds --seed, --seed + 1, ...)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip gradient matching")
     parser.add_argument("--plot", type=Path, default=None, help="write PSNR vs noise here")
     args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error(f"--batches must be at least 1, got {args.batches}")
     noises = [float(v) for v in args.noise.split(",")]
-    print(
+    header = (
         "| data | b | noise | epsilon | s_b+1/s_b | spear returns | predicted PSNR "
         "| spear PSNR med / p10 | spear SSIM med / p10 | spear labels | spear s "
         "| GM PSNR med / p10 | GM SSIM med / p10 | GM labels | GM s |"
     )
-    print("|" + "---|" * 15)
+    columns = 15
+    if args.batches > 1:
+        header += " spear >= GM | spear - GM dB med / worst |"
+        columns += 2
+    print(header)
+    print("|" + "---|" * columns)
     series: dict[str, tuple[list[float], list[float]]] = {}
     positive = [v for v in noises if v > 0]
     zero_at = min(positive) / ZERO_NOISE_OFFSET if positive else 1.0
     for data in args.data.split(","):
         for b in [int(v) for v in args.batch_sizes.split(",")]:
             for noise in noises:
-                row, ours, theirs = run_case(
-                    data, b, noise, args.width, args.seed, args.time_budget, not args.no_baseline
-                )
-                print(row, flush=True)
+                cases = [
+                    run_case(
+                        data, b, noise, args.width, seed, args.time_budget, not args.no_baseline
+                    )
+                    for seed in range(args.seed, args.seed + args.batches)
+                ]
+                print(format_row(data, b, noise, cases), flush=True)
+                ours = _median_scores([c.ours for c in cases]).psnr_median
+                known = [c.theirs for c in cases if c.theirs is not None]
+                theirs = _median_scores(known).psnr_median if known else None
                 x = math.log10(noise if noise > 0 else zero_at)
                 for name, value in ((f"spear {data} b={b}", ours), (f"GM {data} b={b}", theirs)):
                     if value is not None:

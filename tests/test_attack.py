@@ -531,3 +531,23 @@ def test_a_bottleneck_after_the_layer_leaves_labels_undetermined() -> None:
     assert not rec.verified
     assert any("dimensions 10 classes need" in n for n in rec.notes), rec.notes
     assert not any("is the loss cross-entropy?" in n for n in rec.notes), rec.notes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_adam_delta_is_named_as_not_one_term_per_example(dtype: torch.dtype) -> None:
+    # Adam rescales each coordinate: the delta has (nearly) full rank on its live units,
+    # no batch size shows in it, and the note must say so instead of only "partial".
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 60, dtype=dtype), torch.randint(0, 4, (8,))
+    model = nn.Sequential(nn.Linear(60, 40), nn.ReLU(), nn.Linear(40, 4)).to(dtype)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for i in range(0, 8, 2):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 2]), y[i : i + 2]).backward()
+        optimiser.step()
+    delta = {k: model.state_dict()[k] - sent[k] for k in sent}
+    model.load_state_dict(sent)
+    rec = spear.attack(model, delta, update_kind="delta", time_budget=2, progress=False)
+    assert not rec.verified
+    assert any("Adam" in note and "live units" in note for note in rec.notes), rec.notes

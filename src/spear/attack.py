@@ -29,6 +29,7 @@ from spear.images import (
     images_of_missing,
     reconstruct_images,
 )
+from spear.inversion.identifiability import near_full_rank_note
 from spear.inversion.problem import HALF_PRECISIONS
 from spear.inversion.result import PARTIAL_RECOVERY
 from spear.labels import LabelResult, missing_labels, recover_labels
@@ -228,6 +229,10 @@ def attack(
             f"no exact rank gap: the update looks noisy; batch size {batch_size} read off "
             "the spectrum above the noise edge."
         )
+        live = int((weight_grad != 0).any(dim=1).sum())
+        full = near_full_rank_note(batch_size, live)
+        if full is not None:
+            notes.append(full)
         result = invert(batch_size)
     notes.extend(result.notes)
     features = _clipped(result.inputs.cpu(), input_range) if half else result.inputs.cpu()

@@ -27,7 +27,15 @@ from spear.inversion.state import SearchState
 from spear.linalg import TINY_NORM, zero_mask
 from spear.solvers.polish import live_rows
 
-__all__ = ["identifiability_note"]
+__all__ = ["NEAR_FULL_RANK", "identifiability_note", "near_full_rank_note"]
+
+#: A rank of at least this share of the live units is named in the note: an example of a
+#: batch that large would have to turn off nearly every live unit, which real inputs do
+#: not, so the update is rather not a sum of one low-rank term per example (local
+#: training with Adam, RMSprop or Adagrad rescales each coordinate and leaves a delta of
+#: full rank on its live units: 220 of 234 measured, b = 16, ``784 -> 256``), or the
+#: batch is as large as the layer is wide.
+NEAR_FULL_RANK = 0.9
 
 
 def identifiability_note(problem: Problem, state: SearchState) -> str:
@@ -74,4 +82,19 @@ def identifiability_note(problem: Problem, state: SearchState) -> str:
         "conv features) most units are on, or off, for the whole batch, zero sets are "
         "small, and the update holds many batches that pass every check of the layer."
     )
-    return text
+    full = near_full_rank_note(b, n_live) if not k else None
+    return text if full is None else f"{text} {full}"
+
+
+def near_full_rank_note(rank: int, live: int) -> str | None:
+    """What a ``rank`` of at least :data:`NEAR_FULL_RANK` of the ``live`` units (rows of the
+    weight update that are not zero) says about the update; ``None`` below that."""
+    if live < 1 or rank < NEAR_FULL_RANK * live:
+        return None
+    return (
+        f"The update's rank ({rank}) is close to its number of live units ({live}), so it "
+        "is probably not one low-rank term per example. A FedAvg delta of local training "
+        "with Adam, RMSprop or Adagrad (which rescale each coordinate) looks like this, "
+        "and so does a batch as large as the layer is wide; spear needs updates of "
+        "plain SGD (with or without momentum) and batches smaller than the layer."
+    )
