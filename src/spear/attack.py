@@ -8,10 +8,8 @@ recover the labels (:mod:`spear.labels`) and certify the result
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +19,7 @@ from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.decay import find_decay, without_decay
 from spear.errors import BatchTooLargeError, InputError
+from spear.fallback import Estimate, best_noisy_estimate
 from spear.images import (
     ImageReconstruction,
     MissingImages,
@@ -53,18 +52,10 @@ __all__ = ["attack"]
 #: Seconds the exact pipeline gets on an update whose spectrum shows no rank gap at the
 #: given batch size (noise: it finds no exact zeros, and the approximate path follows).
 NOISY_EXACT_SECONDS = 2.0
-#: Iterations of the gradient-matching estimate returned for noisy updates.
-NOISY_ESTIMATE_ITERATIONS = 200
 #: Share of ``time_budget`` (counted from the start of the attack) after which the
 #: approximate path of a noisy update stops its search; the rest is for the
 #: gradient-matching estimates that run where its answer is not reliable.
 APPROXIMATE_SHARE = 0.75
-#: An estimate of a noisy update replaces gradient matching from random inputs (the
-#: baseline's own estimate) only when its certificate is lower by more than this
-#: fraction. Measured: gradient matching's certificate varies by 1.0% to 3.1% over six
-#: seeds on the same update (float32 Opacus clients, Fashion-MNIST, b = 8 to 64, noise
-#: 1e-3 and 3e-3), so a smaller gain is the luck of a run, not a better estimate.
-FIT_MARGIN = 0.05
 
 
 def attack(
@@ -354,10 +345,10 @@ def attack(
         # the approximate answer does not explain the update, or its weakest example is
         # not clearly above the noise: gradient matching runs from it and from random
         # inputs, and the estimate that fits the update best is kept
-        best = _best_noisy_estimate(
+        best = best_noisy_estimate(
             work,
             observed,
-            _Estimate(inputs, labels, certificate, source, ""),
+            Estimate(inputs, labels, certificate, source, ""),
             result.batch_size,
             kind,
             seed,
@@ -704,144 +695,6 @@ def _seconds_left(start: float, budget: float) -> float:
     """Seconds left of ``budget`` counted from ``start`` (``time.perf_counter()``), at
     least 0."""
     return max(0.0, budget - (time.perf_counter() - start))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Estimate:
-    """A candidate answer for a noisy update: ``inputs`` ``(k, *input_shape)``, ``labels``
-    ``(k,)`` or ``None``, the ``certificate`` (relative error of the update recomputed
-    from them, ``None`` when not computable), ``source`` (:attr:`Reconstruction.estimate`)
-    and ``start`` (what a gradient-matching run started from; ``""`` otherwise)."""
-
-    inputs: torch.Tensor
-    labels: torch.Tensor | None
-    certificate: float | None
-    source: str
-    start: str
-
-
-def _best_noisy_estimate(
-    model: nn.Module,
-    update: dict[str, torch.Tensor],
-    current: _Estimate,
-    batch_size: int,
-    kind: UpdateKind,
-    seed: int,
-    input_range: tuple[float, float] | None,
-    seconds_left: Callable[[], float],
-    notes: list[str],
-) -> _Estimate:
-    """The estimate to return for a noisy update whose approximate answer is not reliable.
-
-    Gradient matching (:func:`_gradient_matching`) runs from random inputs, with the
-    labels the classifier's gradient counts: the baseline's own estimate, returned unless
-    another fits the update better by more than :data:`FIT_MARGIN`. The others are
-    ``current`` (the approximate estimate) and gradient matching started from it with its
-    labels held. Where the noise hides the batch the approximate estimate still carries
-    its examples' coarse shapes, which matching from there keeps and a random start must
-    find first. Measured (float32 Opacus clients, ``784 -> 1000 -> 128 -> 10``,
-    Fashion-MNIST, seed 0): b = 64 at noise 3e-4, labels matched to the truth 47 of 64
-    from the approximate estimate against 30 from random inputs and 18 for the estimate
-    itself; b = 16 at 1e-3, 14 of 16 against 10 and 7. The runs share what is left of the
-    budget (``seconds_left()``, at least a second each). A note gives every fit and says
-    which estimate is returned.
-    """
-    shape = current.inputs.shape[1:]
-    startable = (
-        current.source == "approximate"
-        and current.labels is not None
-        and current.inputs.shape[0] == batch_size == current.labels.shape[0]
-    )
-    starts = [False, True] if startable else [False]
-    runs: list[_Estimate] = []
-    for i, from_estimate in enumerate(starts):
-        run = _gradient_matching(
-            model,
-            update,
-            batch_size,
-            shape,
-            kind,
-            seed,
-            input_range,
-            max(1.0, seconds_left() / (len(starts) - i)),
-            initial=current.inputs if from_estimate else None,
-            labels=current.labels if from_estimate else None,
-        )
-        name = "the approximate estimate" if from_estimate else "random inputs"
-        fit = run.certificate if run.certificate is not None else math.inf
-        runs.append(_Estimate(run.inputs, run.labels, fit, "gradient-matching", name))
-    baseline = runs[0]
-    assert baseline.certificate is not None
-    best, bar = baseline, (1.0 - FIT_MARGIN) * baseline.certificate
-    for other in (current, *runs[1:]):
-        if other.certificate is not None and other.certificate < bar:
-            best, bar = other, other.certificate
-    fits = "; ".join(
-        f"{'gradient matching from ' + e.start if e.start else e.source} {_fit(e.certificate)}"
-        for e in (current, *runs)
-    )
-    boxed = ", boxed" if input_range is not None else ""
-    what = (
-        f"gradient matching ({NOISY_ESTIMATE_ITERATIONS} iterations{boxed}) started from "
-        f"{best.start}"
-        if best.start
-        else f"the {best.source} reconstruction"
-    )
-    notes.append(
-        f"noisy update: {what} is returned (not verified). Certificates: {fits}; an "
-        "estimate replaces gradient matching from random inputs only when it fits more "
-        f"than {FIT_MARGIN:.0%} better."
-    )
-    return best
-
-
-def _fit(certificate: float | None) -> str:
-    """A certificate for a note (``"none"`` when not computed)."""
-    return "none" if certificate is None else f"{certificate:.3g}"
-
-
-def _gradient_matching(
-    model: nn.Module,
-    update: dict[str, torch.Tensor],
-    batch_size: int,
-    input_shape: torch.Size,
-    kind: UpdateKind,
-    seed: int,
-    input_range: tuple[float, float] | None,
-    time_budget: float,
-    *,
-    initial: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-) -> Reconstruction:
-    """The gradient-matching estimate of a noisy update, with its certificate.
-
-    Run as the benchmark's baseline is (:data:`NOISY_ESTIMATE_ITERATIONS` Adam steps, boxed
-    by ``input_range`` when given), from random inputs or from ``initial``
-    ``(batch_size, *input_shape)`` with its ``labels`` ``(batch_size,)`` held;
-    ``.certificate`` is the relative error of the update recomputed from it, the fit by
-    which the attack chooses between estimates.
-    """
-    from spear.baselines.gradient_matching import gradient_matching_attack
-
-    estimate = gradient_matching_attack(
-        model,
-        update,
-        batch_size=batch_size,
-        input_shape=tuple(input_shape),
-        update_kind=kind,
-        seed=seed,
-        time_budget=time_budget,
-        iterations=NOISY_ESTIMATE_ITERATIONS,
-        box=input_range,
-        initial=initial,
-        labels=labels,
-    )
-    dtype = next(model.parameters()).dtype
-    if estimate.labels is not None:
-        estimate.certificate = certify(
-            model, update, estimate.inputs.to(dtype), estimate.labels, update_kind=kind
-        )
-    return estimate
 
 
 def _labels(
