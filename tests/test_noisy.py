@@ -279,3 +279,77 @@ def test_aligned_mean_pairs_examples_by_distance_and_label() -> None:
     mixed = aligned_mean([near, near], [labels, crossed])
     both = (near[0] + near[2]) / 2
     assert torch.allclose(mixed[0], both) and torch.allclose(mixed[2], both)
+
+
+def _scripted_matching(
+    monkeypatch: pytest.MonkeyPatch, fits: dict[str, float], mean_fit: float
+) -> list[str]:
+    """Replace gradient matching and the mean's certificate in :mod:`spear.fallback` by
+    runs with the given fits: ``"counted"`` (random start, the labels counted),
+    ``"relabelled"`` (random start, the estimate's labels), ``"from-estimate"``; returns
+    the list the runs are logged to."""
+    import spear.fallback as fallback
+    from spear.results import Reconstruction
+
+    log: list[str] = []
+
+    def run(
+        *args: object, initial: object = None, labels: torch.Tensor | None = None
+    ) -> Reconstruction:
+        counted = labels is None or torch.equal(labels, torch.tensor([0, 1, 2, 3]))
+        name = "from-estimate" if initial is not None else "counted" if counted else "relabelled"
+        log.append(name)
+        return Reconstruction(
+            inputs=torch.rand(4, 2),
+            labels=torch.tensor([0, 1, 2, 3]),
+            certificate=fits[name],
+            verified=False,
+            batch_size=4,
+            complete=False,
+            layer="",
+        )
+
+    monkeypatch.setattr(fallback, "_gradient_matching", run)
+    monkeypatch.setattr(fallback, "_certificate", lambda *args: mean_fit)
+    return log
+
+
+@pytest.mark.parametrize(
+    ("fits", "mean_fit", "current_fit", "returned", "labels_from_estimate"),
+    [
+        # the estimate's labels fit 14% better: kept; the mean of the runs with them wins
+        ({"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.59, 0.9, "mean", True),
+        # ... but the approximate estimate fits within 5% of the mean: it stays
+        ({"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.59, 0.61, "current", True),
+        # the estimate's labels gain only 1%: the counted ones are kept, and the run from
+        # the estimate, 29% better than their mean, replaces it
+        ({"counted": 0.7, "relabelled": 0.69, "from-estimate": 0.5}, 0.7, 0.9, "start", False),
+    ],
+)
+def test_the_noisy_fallback_picks_labels_and_estimate_by_fit(
+    monkeypatch: pytest.MonkeyPatch,
+    fits: dict[str, float],
+    mean_fit: float,
+    current_fit: float,
+    returned: str,
+    labels_from_estimate: bool,
+) -> None:
+    from spear.fallback import ENSEMBLE_RUNS, Estimate, best_noisy_estimate
+
+    log = _scripted_matching(monkeypatch, fits, mean_fit)
+    current = Estimate(torch.rand(4, 2), torch.tensor([3, 2, 1, 0]), current_fit, "approximate", "")
+    notes: list[str] = []
+    best = best_noisy_estimate(
+        torch.nn.Linear(2, 4), {}, current, 4, "gradient", 0, None, lambda: 100.0, notes
+    )
+    extra = log[3:]
+    assert log[:3] == ["counted", "relabelled", "from-estimate"]
+    assert extra == ["relabelled" if labels_from_estimate else "counted"] * (ENSEMBLE_RUNS - 1)
+    if returned == "current":
+        assert best is current
+    elif returned == "start":
+        assert best.certificate == fits["from-estimate"] and "started from" in notes[-1]
+    else:
+        assert best.certificate == mean_fit and "the mean of" in notes[-1]
+        assert best.labels is not None and current.labels is not None
+        assert torch.equal(best.labels, current.labels) == labels_from_estimate

@@ -188,8 +188,12 @@ def best_noisy_estimate(
         labels,
         _certificate(model, update, mean, labels, kind),
         "gradient-matching",
-        f"the mean of {len(members)} gradient-matching runs ({NOISY_ESTIMATE_ITERATIONS} "
-        f"iterations{boxed}; labels {whose})",
+        (
+            f"the mean of {len(members)} gradient-matching runs"
+            if len(members) > 1
+            else f"gradient matching from {members[0].what}"
+        )
+        + f" ({NOISY_ESTIMATE_ITERATIONS} iterations{boxed}; labels {whose})",
     )
     best = ensemble
     if from_estimate is not None and not any(from_estimate is m for m in members):
