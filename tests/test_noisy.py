@@ -319,8 +319,10 @@ def _scripted_matching(
     [
         # the estimate's labels fit 14% better: kept; the mean of the runs with them wins
         ({"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.59, 0.9, "mean", True),
-        # ... but the approximate estimate fits within 5% of the mean: it stays
-        ({"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.59, 0.61, "current", True),
+        # ... but where the approximate estimate fits better, by any margin, it stays
+        ({"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.59, 0.585, "current", True),
+        # and where it fits worse, by less than 5%, the mean is returned
+        ({"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.59, 0.6, "mean", True),
         # the estimate's labels gain only 1%: the counted ones are kept, and the run from
         # the estimate, 29% better than their mean, replaces it
         ({"counted": 0.7, "relabelled": 0.69, "from-estimate": 0.5}, 0.7, 0.9, "start", False),
