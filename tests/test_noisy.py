@@ -355,3 +355,20 @@ def test_the_noisy_fallback_picks_labels_and_estimate_by_fit(
         assert best.certificate == mean_fit and "the mean of" in notes[-1]
         assert best.labels is not None and current.labels is not None
         assert torch.equal(best.labels, current.labels) == labels_from_estimate
+
+
+def test_no_more_runs_where_the_approximate_estimate_fits_clearly_better(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from spear.fallback import Estimate, best_noisy_estimate
+
+    log = _scripted_matching(
+        monkeypatch, {"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.6
+    )
+    current = Estimate(torch.rand(4, 2), torch.tensor([3, 2, 1, 0]), 0.5, "approximate", "")
+    notes: list[str] = []
+    best = best_noisy_estimate(
+        torch.nn.Linear(2, 4), {}, current, 4, "gradient", 0, None, lambda: 100.0, notes
+    )
+    assert best is current and log == ["counted", "relabelled", "from-estimate"]
+    assert "the approximate reconstruction is returned" in notes[-1]

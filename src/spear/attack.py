@@ -343,8 +343,8 @@ def attack(
     reliable = bool(result.noise_consistent) and result.noise is not None and result.noise.confident
     if noisy and target.first and not result.interrupted and not reliable:
         # the approximate answer does not explain the update, or its weakest example is
-        # not clearly above the noise: gradient matching runs from it and from random
-        # inputs, and the estimate that fits the update best is kept
+        # not clearly above the noise: the mean of several gradient-matching runs, or
+        # that answer where it fits the update better (spear.fallback)
         best = best_noisy_estimate(
             work,
             observed,

@@ -119,7 +119,8 @@ def best_noisy_estimate(
        than :data:`FIT_MARGIN`.
     2. More runs from random inputs with the kept labels, up to :data:`ENSEMBLE_RUNS`
        (while the time left holds another run as long as the first; the first runs
-       share what is left of the budget), and their
+       share what is left of the budget; none where ``current`` fits more than
+       :data:`FIT_MARGIN` better than each run so far), and their
        :func:`aligned_mean` (with the run from ``current`` where its labels are kept).
     3. The run started from ``current``, where its labels were not kept, replaces the
        mean where it fits the update better by more than :data:`FIT_MARGIN`; and
@@ -179,8 +180,13 @@ def best_noisy_estimate(
                 current.labels,
                 "from the approximate estimate",
             )
+    # where the approximate estimate fits clearly better than every run, so would it
+    # than their mean (whose fit is theirs, measured): no more runs
+    settled = startable and all(_fits_better(current, e) for e in tried)
     while (
-        sum(m is not from_estimate for m in members) < ENSEMBLE_RUNS and seconds_left() >= one_run
+        not settled
+        and sum(m is not from_estimate for m in members) < ENSEMBLE_RUNS
+        and seconds_left() >= one_run
     ):
         members.append(run(seed + len(members), labels, None, "random inputs"))
     mean = aligned_mean([m.inputs for m in members], [m.labels for m in members])
