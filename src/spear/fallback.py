@@ -40,10 +40,12 @@ __all__ = [
 
 #: Iterations of each gradient-matching run (the benchmark's baseline runs as many).
 NOISY_ESTIMATE_ITERATIONS = 200
-#: An estimate replaces another only when its certificate is lower by more than this
-#: fraction. Measured: gradient matching's certificate varies by 1.0% to 3.1% over six
-#: seeds on the same update (float32 Opacus clients, Fashion-MNIST, b = 8 to 64, noise
-#: 1e-3 and 3e-3), so a smaller gain is the luck of a run, not a better estimate.
+#: A gradient-matching estimate (or labels) replaces another only when its certificate is
+#: lower by more than this fraction; the approximate estimate needs no margin (see
+#: :func:`best_noisy_estimate`). Measured: gradient matching's certificate varies by 1.0%
+#: to 3.1% over six seeds on the same update (float32 Opacus clients, Fashion-MNIST,
+#: b = 8 to 64, noise 1e-3 and 3e-3), so a smaller gain is the luck of a run, not a
+#: better estimate.
 FIT_MARGIN = 0.05
 #: Gradient-matching runs from random inputs averaged into the estimate (fewer where the
 #: time budget does not hold them all). Measured at b = 16 (see the module doc): the mean
