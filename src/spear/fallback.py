@@ -208,7 +208,7 @@ def best_noisy_estimate(
     best = ensemble
     if from_estimate is not None and not any(from_estimate is m for m in members):
         best = from_estimate if _fits_better(from_estimate, ensemble) else ensemble
-    if startable and (current.certificate or math.inf) < (best.certificate or math.inf):
+    if startable and _fit_value(current) < _fit_value(best):
         # gradient matching minimises its misfit, noise included, and the approximate
         # estimate does not: a lower fit of the latter needs no margin
         best = current
@@ -225,8 +225,9 @@ def best_noisy_estimate(
         else f"the {best.source} reconstruction"
     )
     notes.append(
-        f"noisy update: {what} is returned (not verified). Certificates: {fits}; an "
-        f"estimate replaces another only when it fits more than {FIT_MARGIN:.0%} better."
+        f"noisy update: {what} is returned (not verified). Certificates: {fits}; gradient "
+        f"matching replaces an estimate only when it fits more than {FIT_MARGIN:.0%} "
+        "better, and the approximate estimate is kept wherever it fits better."
     )
     return best
 
@@ -237,6 +238,11 @@ def _fits_better(candidate: Estimate, reference: Estimate) -> bool:
     if candidate.certificate is None or reference.certificate is None:
         return False
     return candidate.certificate < (1.0 - FIT_MARGIN) * reference.certificate
+
+
+def _fit_value(estimate: Estimate) -> float:
+    """``estimate``'s certificate, ``inf`` when it has none."""
+    return math.inf if estimate.certificate is None else estimate.certificate
 
 
 def _fit(certificate: float | None) -> str:
