@@ -26,6 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from spear.certificate import certify
+from spear.model import parameter_dtype
 from spear.results import Reconstruction
 from spear.update import UpdateKind
 
@@ -260,8 +261,7 @@ def _certificate(
     """The certificate of ``inputs`` with ``labels`` (``inf`` without labels)."""
     if labels is None:
         return math.inf
-    dtype = next(model.parameters()).dtype
-    return certify(model, update, inputs.to(dtype), labels, update_kind=kind)
+    return certify(model, update, inputs.to(parameter_dtype(model)), labels, update_kind=kind)
 
 
 def _gradient_matching(
