@@ -84,3 +84,21 @@ def test_break_known_leaves_no_pooled_direction_on_all_rows() -> None:
     assert not bool(known_zero[out].all(dim=0).any())
     assert out.numel() == 4  # unit 11 is non-zero for both directions
     assert break_known(rows, order, torch.zeros(12, 0, dtype=torch.bool), r=8) is rows
+
+
+def test_the_note_of_a_stopped_search_counts_the_directions_it_had_found() -> None:
+    """Directions pooled for missing examples give no example until every one is found;
+    the note of a partial result says how many the search had."""
+    from spear.inversion.identifiability import identifiability_note
+    from spear.inversion.state import SearchState
+
+    case = layer_case(300, 100, 12, real=True, seed=1)
+    problem = problem_for(case, time_budget=5.0)
+    state = SearchState.begin(problem)
+    note = identifiability_note(problem, state)
+    assert "could not be identified" in note and "directions" not in note
+    cols = case.output_grads / case.output_grads.norm(dim=0)
+    for i in range(5):
+        state.residual.directions.add(cols[:, i])
+    note = identifiability_note(problem, state)
+    assert "found the gradient directions of 5 of the 12 missing examples" in note

@@ -82,6 +82,13 @@ def identifiability_note(problem: Problem, state: SearchState) -> str:
         "conv features) most units are on, or off, for the whole batch, zero sets are "
         "small, and the update holds many batches that pass every check of the layer."
     )
+    pooled = len(state.residual.directions)
+    if pooled:
+        text += (
+            f" The search had found the gradient directions of {pooled} of the {missing} "
+            "missing examples when it stopped; examples are solved from directions only "
+            "once every direction is found, so these are not returned."
+        )
     full = near_full_rank_note(b, n_live) if not k else None
     return text if full is None else f"{text} {full}"
 
