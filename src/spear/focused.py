@@ -6,9 +6,11 @@ odds can be made large. A row candidate ``dW[j] / db[j]`` projected on the subsp
 the missing examples lie (:func:`spear.candidates.unknown_subspace`) is a mixture of
 missing examples, scaled so that ``p . s = 1`` like every example (``s = L^+ db``). The
 units its ``W x + c`` puts furthest below zero are off for most of those examples, so
-``r - 1`` rows drawn from the ``r - 1 + extra`` most negative ones often lie in the zero
-sets of one or several missing examples at once. The kernel of those rows then has
-dimension ``k >= 1`` and contains their exact directions; ``k = 1`` gives one at once,
+``r - 1 + e`` rows (``e = r / 5``) drawn from the most negative ones often lie in the
+zero sets of one or several missing examples at once. The kernel of those rows then has
+dimension ``k >= 1`` and contains their exact directions (the ``e`` rows beyond ``r - 1``
+rule out combinations of examples that are each on at a single drawn row, which would
+otherwise fill it, see :data:`EXTRA_ROW_FRACTION`); ``k = 1`` gives one at once,
 larger ``k`` (up to 32) are split by ``k - 1`` more units drawn the same way, from the
 candidate's next most negative ones. Units are added to a subset until no direction
 already found is zero on all of it, so found examples do not fill the kernel again. Every
@@ -18,11 +20,11 @@ on its zero set) and, for exact float64 patterns, :class:`spear.realizable.Reali
 that a softmax output creates fail it) before it is pooled; the examples are verified
 against their own ReLU patterns after the complete solve, as always.
 
-Measured on Fashion-MNIST, ``784 -> 1000``, b = 128 (where peeling, the sparse solver and
-the subspace step stall at about 20 of 125 directions): all missing directions in 700-850
-subsets (17-26 s in all) untrained, about 1,350 (30-38 s) after 50 SGD steps; at b = 256,
-``784 -> 2000``, all 233 missing ones in about 10,000 subsets (about 400 s); no wrong
-direction pooled.
+Measured on Fashion-MNIST, one thread beside a second run: ``784 -> 1000``, b = 128 (where
+peeling, the sparse solver and the subspace step stall at about 20 of 125 directions),
+the float32 model in 22-41 s per batch; at b = 256, ``784 -> 2000``, the float64 layer in
+549 s; float32 FedAvg deltas of 16 local steps at b = 128, 8 of 10 batches within about
+120 s (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -45,8 +47,24 @@ from spear.solvers.sampling import SPAN_TOL, in_span
 
 __all__ = ["break_known", "focused_sampling"]
 
-#: Rows in the pool beyond the ``r - 1`` drawn.
+#: Rows in the pool beyond those drawn.
 POOL_EXTRA = 25
+#: Rows drawn beyond ``r - 1``, as a fraction of ``r``. A kernel of ``r - 1`` steered rows
+#: holds, besides the examples zero on all of them, exact combinations of examples that
+#: are on at a single drawn row (one dimension for each such example beyond the first at
+#: that row). Similar examples fill large kernels with those, and splitting the kernel
+#: then proposes combinations instead of examples. Each extra row removes every
+#: combination whose examples are on there. Measured on float32 FedAvg deltas
+#: (``784 -> 1000 -> 128 -> 10``, b = 128, one epoch in mini-batches of 8, 120 s): with
+#: no extra rows the search had pooled 81 and 57 of the missing directions at seeds 1 and
+#: 5; with 16 extra rows (pool 60 beyond ``r - 1``) it solved seed 1 in 89 s and pooled
+#: 117 at seed 5; with 24 (pool 80), 126 at seed 5; with 32 (pool 100), 98. With
+#: ``e = r / 5`` extra rows drawn from ``2 e + POOL_EXTRA`` units beyond ``r - 1``, 8 of
+#: 10 such batches were solved within about 120 s (none with ``r - 1`` rows).
+EXTRA_ROW_FRACTION = 0.2
+#: At most this many extra rows: the measurements above reach ``r = 128``, and 32 extra
+#: rows there already found fewer kernels than 16 or 24.
+MAX_EXTRA_ROWS = 25
 #: Largest kernel dimension split by sampling inside it (cost ``~ k 2^(k-1)`` subsets).
 MAX_SPLIT_DIM = 8
 #: Subsets drawn inside a ``k``-dimensional kernel, times ``k 2^(k-1)``.
@@ -106,7 +124,9 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
     live = live_rows(basis, tol.zero_tol)
     usable = (state.bias.abs() > tol.zero_tol * state.bias.abs().max()) & live
     idx = torch.nonzero(usable).flatten()
-    pool_size = min(int(live.sum()), r - 1 + POOL_EXTRA)
+    extra = min(MAX_EXTRA_ROWS, int(EXTRA_ROW_FRACTION * r))
+    pool_size = min(int(live.sum()), r - 1 + 2 * extra + POOL_EXTRA)
+    drawn = min(pool_size, r - 1 + extra)
     if idx.numel() == 0 or pool_size < r:
         return 0, 0
     cand = state.left[idx] / state.bias[idx, None]  # (k, b) mixtures, p . s = 1
@@ -147,7 +167,7 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
         z = torch.where(live, z, torch.full_like(z, math.inf))
         order = torch.argsort(z)
         pool = order[:pool_size]
-        rows = pool[torch.randperm(pool_size, generator=generator, device=pool.device)[: r - 1]]
+        rows = pool[torch.randperm(pool_size, generator=generator, device=pool.device)[:drawn]]
         rows = break_known(rows, order, known_zero, r)
         draws += 1
         idle += 1
@@ -306,7 +326,8 @@ def break_known(
     Parameters
     ----------
     rows:
-        ``(r - 1,)`` the drawn units.
+        ``(d,)`` the drawn units (``r - 1`` and the extra ones of
+        :data:`EXTRA_ROW_FRACTION`).
     order:
         ``(m,)`` all units, most promising first.
     known_zero:
@@ -317,7 +338,7 @@ def break_known(
     Returns
     -------
     torch.Tensor
-        ``(r - 1 + e,)`` the units to take the kernel of.
+        ``(d + a,)`` the units to take the kernel of, ``a`` of them added.
     """
     if known_zero.shape[1] == 0:
         return rows
