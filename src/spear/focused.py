@@ -6,11 +6,11 @@ odds can be made large. A row candidate ``dW[j] / db[j]`` projected on the subsp
 the missing examples lie (:func:`spear.candidates.unknown_subspace`) is a mixture of
 missing examples, scaled so that ``p . s = 1`` like every example (``s = L^+ db``). The
 units its ``W x + c`` puts furthest below zero are off for most of those examples, so
-``r - 1 + e`` rows (``e = r / 5``) drawn from the most negative ones often lie in the
-zero sets of one or several missing examples at once. The kernel of those rows then has
-dimension ``k >= 1`` and contains their exact directions (the ``e`` rows beyond ``r - 1``
-rule out combinations of examples that are each on at a single drawn row, which would
-otherwise fill it, see :data:`EXTRA_ROW_FRACTION`); ``k = 1`` gives one at once,
+``r - 1 + e`` rows (``e = r / 5``, at most 25) drawn from the most negative ones often
+lie in the zero sets of one or several missing examples at once. The kernel of those rows
+then has dimension ``k >= 1`` and contains their exact directions (the ``e`` rows beyond
+``r - 1`` rule out combinations of examples that are each on at a single drawn row, which
+would otherwise fill it, see :data:`EXTRA_ROW_FRACTION`); ``k = 1`` gives one at once,
 larger ``k`` (up to 32) are split by ``k - 1`` more units drawn the same way, from the
 candidate's next most negative ones. Units are added to a subset until no direction
 already found is zero on all of it, so found examples do not fill the kernel again. Every
@@ -22,9 +22,9 @@ against their own ReLU patterns after the complete solve, as always.
 
 Measured on Fashion-MNIST, one thread beside a second run: ``784 -> 1000``, b = 128 (where
 peeling, the sparse solver and the subspace step stall at about 20 of 125 directions),
-the float32 model in 22-41 s per batch; at b = 256, ``784 -> 2000``, the float64 layer in
-549 s; float32 FedAvg deltas of 16 local steps at b = 128, 8 of 10 batches within about
-120 s (docs/benchmarks.md).
+the float32 model in 25 s (median; worst 41 s) per batch; at b = 256, ``784 -> 2000``,
+the float64 layer in 549 s; float32 FedAvg deltas of 16 local steps at b = 128, 8 of 10
+batches within about 120 s (docs/benchmarks.md).
 """
 
 from __future__ import annotations
