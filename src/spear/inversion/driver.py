@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from spear.errors import NoReluSparsityError
-from spear.inversion.checks import verified_indices, whole_batch_solve
+from spear.inversion.checks import exact_patterns, verified_indices, whole_batch_solve
+from spear.inversion.demix import demix
 from spear.inversion.problem import Problem
 from spear.inversion.result import finish
 from spear.inversion.solve import joint_check, refine_columns
@@ -274,6 +275,26 @@ def _polish(problem: Problem, state: SearchState) -> None:
     res.grads = list(solved[1].T)
 
 
+def _demix(problem: Problem, state: SearchState) -> None:
+    """Replace the mixed columns of a complete batch whose pattern checks are loose
+    (FedAvg deltas, low precision; :mod:`spear.inversion.demix`)."""
+    res = state.residual
+    if problem.noisy or exact_patterns(problem) or res.found != problem.rank:
+        return
+    out = demix(problem, torch.stack(res.coords), torch.stack(res.grads, dim=1))
+    if out is None:
+        return
+    coords, grads, replaced = out
+    res.coords = list(coords)
+    res.grads = list(grads.T)
+    state.notes.append(
+        f"{replaced} gradient direction{'s' if replaced > 1 else ''} that mixed two examples "
+        "(each pattern check passed, within the tolerance of this update) "
+        f"{'were' if replaced > 1 else 'was'} replaced by the direction the example's own "
+        "ReLU pattern gives, and the batch solved again."
+    )
+
+
 def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerReconstruction:
     """Check loosely peeled examples as a whole (or withhold them) and build the result."""
     start_loose = state.loose_from
@@ -298,6 +319,7 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
             )
     if not interrupted:
         _polish(problem, state)
+        _demix(problem, state)
     result = finish(problem, state)
     _unverify_merged(problem, result)
     if problem.noisy:
