@@ -116,7 +116,8 @@ def test_demix_leaves_an_exact_batch_alone() -> None:
 def test_own_direction_on_a_float32_delta_is_a_true_column_or_none() -> None:
     """A solved example's own pattern gives a true column (its own, or that of an example
     whose zero set holds the same rows), or nothing: local training switched some of its
-    predicted-off units on, and the trimmed fit leaves them out."""
+    predicted-off units on, and the trimmed fit leaves them out (measured: 58 of the 72
+    give a true column, 56 their own)."""
     own_column = total = 0
     for seed in (4, 5):
         for b in (12, 24):
