@@ -12,10 +12,11 @@ from torch import nn
 from spear import client
 from spear.data import builtin_images, sample_batch
 from spear.inversion.checks import verified_indices
-from spear.inversion.demix import demix, disagreement, own_direction
+from spear.inversion.demix import demix, disagreement
 from spear.inversion.driver import invert
 from spear.inversion.problem import Problem, Request
 from spear.inversion.solve import solve_complete
+from spear.verify import direction_for
 
 #: Largest pixel error of a float32 reconstruction that counts as exact ([0, 1] scale).
 PIXEL_TOL = 1e-3
@@ -113,7 +114,7 @@ def test_demix_leaves_an_exact_batch_alone() -> None:
     assert demix(problem, *solved) is None
 
 
-def test_own_direction_on_a_float32_delta_is_a_true_column_or_none() -> None:
+def test_settled_direction_on_a_float32_delta_is_a_true_column_or_none() -> None:
     """A solved example's own pattern gives a true column (its own, or that of an example
     whose zero set holds the same rows), or nothing: local training switched some of its
     predicted-off units on, and the trimmed fit leaves them out (measured: 58 of the 72
@@ -128,9 +129,12 @@ def test_own_direction_on_a_float32_delta_is_a_true_column_or_none() -> None:
             cols = rec.output_grads / rec.output_grads.norm(dim=0)
             solved = solve_complete(problem.fac.left, problem.bias_grad, cols)
             assert solved is not None
-            full, live = problem.original
+            layer = problem.layer
+            assert layer is not None
+            full, _ = problem.original
             for i in range(b):
-                own = own_direction(problem, full, live, solved[0][i])
+                coord = solved[0][i]
+                own = direction_for(layer, full, coord, problem.tol, problem.eps, settle=True)
                 total += 1
                 if own is None:
                     continue

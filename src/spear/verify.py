@@ -50,6 +50,14 @@ MOVED_MARGIN = 1.0
 #: Units whose pre-activation is within this many roundoff units of zero are ambiguous and
 #: left out of the comparison.
 AMBIGUITY_ROUNDOFF = 100.0
+#: :func:`direction_for` with ``settle``: the kernel is fitted to this fraction of a
+#: solved example's clearly-off units, those where the last fit is smallest, until that
+#: set stops changing (at most ``MAX_TRIM_ROUNDS`` fits). Measured on a float32 FedAvg
+#: delta (``784 -> 1000 -> 128 -> 10``, b = 128, one epoch in mini-batches of 8): true
+#: columns are non-zero on up to 3% of their example's clearly-off units; the settled fit
+#: gave the exact column of 125 of the 128 examples, the two fixed fits 51.
+TRIM_KEEP = 0.6
+MAX_TRIM_ROUNDS = 20
 
 
 def exact_precision(eps: float) -> bool:
@@ -157,7 +165,13 @@ def pattern_check(
 
 
 def direction_for(
-    layer: LayerView, basis: torch.Tensor, coord: torch.Tensor, tol: Tolerances, eps: float
+    layer: LayerView,
+    basis: torch.Tensor,
+    coord: torch.Tensor,
+    tol: Tolerances,
+    eps: float,
+    *,
+    settle: bool = False,
 ) -> torch.Tensor | None:
     """The exact gradient direction ``(m,)`` of a candidate example, or ``None``.
 
@@ -168,13 +182,27 @@ def direction_for(
     of the predicted-off ones and would crowd out the rows that fix the direction.
     Predicted-off units that carry an update anyway (FedAvg) are trimmed by refitting on
     the rows closest to zero.
+
+    ``settle``: for a solved example (:mod:`spear.inversion.demix`), only the units it
+    clearly switches off count (beyond roundoff and, for a FedAvg delta, beyond the
+    delta's own movement of them), and the fit is trimmed to the :data:`TRIM_KEEP` of
+    them where it is smallest until that set settles (at most :data:`MAX_TRIM_ROUNDS`
+    fits) rather than twice. The direction may be another example's, whose zero set
+    holds the same rows.
     """
-    z = layer.weight_coords @ coord
-    if layer.bias is not None:
-        z = z + layer.bias
     norms = basis.norm(dim=1)
     live = norms > tol.zero_tol * norms.max()
-    off = (z <= 0) & live
+    if settle:
+        z, bound = pre_activations(layer, coord)
+        off = (z <= 0) & live & (z.abs() > AMBIGUITY_ROUNDOFF * eps * bound)
+        moved = movement(layer, coord)
+        if moved is not None:
+            off &= z.abs() > MOVED_MARGIN * moved
+    else:
+        z = layer.weight_coords @ coord
+        if layer.bias is not None:
+            z = z + layer.bias
+        off = (z <= 0) & live
     r = basis.shape[1]
     if int(off.sum()) < r:
         return None
@@ -182,6 +210,8 @@ def direction_for(
     # the first fits only choose rows (the Gram matrix's eigenvector is cheap and accurate
     # enough for that); the last one, which the zero test reads, is an SVD
     u = torch.linalg.eigh(rows.T @ rows).eigenvectors[:, 0]
+    if settle:
+        return pure_direction(basis, basis @ _settled_fit(rows, u), live, tol)
     for keep in (0.8, 0.6):
         v = rows @ u
         k = max(r, int(keep * rows.shape[0]))
@@ -192,6 +222,20 @@ def direction_for(
         else:
             u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
     return pure_direction(basis, basis @ u, live, tol)
+
+
+def _settled_fit(rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The kernel vector ``(r,)`` of ``rows`` ``(k, r)`` fitted to the :data:`TRIM_KEEP`
+    of them where the fit, starting from ``u`` ``(r,)``, is smallest, until they settle."""
+    keep = max(rows.shape[1], int(TRIM_KEEP * rows.shape[0]))
+    chosen: torch.Tensor | None = None
+    for _ in range(MAX_TRIM_ROUNDS):
+        idx = (rows @ u).abs().topk(keep, largest=False).indices.sort().values
+        if chosen is not None and torch.equal(idx, chosen):
+            break
+        chosen = idx
+        u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
+    return u
 
 
 def pure_direction(

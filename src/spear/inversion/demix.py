@@ -13,10 +13,10 @@ true examples on at most 1.5%.
 
 The exact example ``x_i`` gives its own column back: the units it clearly switches off
 share one kernel vector of the basis (fact 7), up to the few that local training switched
-on (:func:`own_direction` trims them). Replacing ``u`` by it and solving again restores
-``x_k``. The examples are tried in order of their disagreement; a replacement is kept
-only when every example of the new solve verifies and the batch's summed disagreement
-falls.
+on (:func:`spear.verify.direction_for` with ``settle`` trims them). Replacing ``u`` by it
+and solving again restores ``x_k``. The examples are tried in order of their
+disagreement; a replacement is kept only when every example of the new solve verifies
+and the batch's summed disagreement falls.
 """
 
 from __future__ import annotations
@@ -29,16 +29,9 @@ from spear.inversion.checks import verified_indices
 from spear.inversion.problem import Problem
 from spear.inversion.solve import solve_complete
 from spear.linalg import zero_mask
-from spear.verify import (
-    AMBIGUITY_ROUNDOFF,
-    MOVED_MARGIN,
-    movement,
-    pattern_check,
-    pre_activations,
-    pure_direction,
-)
+from spear.verify import direction_for, pattern_check
 
-__all__ = ["MAX_DEMIX_EXAMINED", "demix", "disagreement", "own_direction"]
+__all__ = ["MAX_DEMIX_EXAMINED", "demix", "disagreement"]
 
 #: Examples examined in a row (in order of disagreement) without a replacement kept,
 #: before the rest (which disagree less) are left as they are.
@@ -48,14 +41,6 @@ MAX_DEMIX_EXAMINED = 16
 MIN_DEMIX_SECONDS = 10.0
 #: A column within this of its pattern's own direction (``1 - |cos|``) is not replaced.
 SAME_COLUMN = 1e-6
-#: :func:`own_direction` fits the kernel to this fraction of the clearly-off units, those
-#: where the last fit is smallest, until that set stops changing (at most
-#: ``MAX_TRIM_ROUNDS`` fits). Measured on the float32 FedAvg delta above: true columns
-#: are non-zero on up to 3% of their example's clearly-off units; the settled fit gave
-#: the exact column of 125 of the 128 examples, two fixed fits (80%, then 60%, as
-#: :func:`spear.verify.direction_for` does) 51.
-TRIM_KEEP = 0.6
-MAX_TRIM_ROUNDS = 20
 
 
 def disagreement(problem: Problem, coords: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -71,41 +56,6 @@ def disagreement(problem: Problem, coords: torch.Tensor, grads: torch.Tensor) ->
         for i in range(coords.shape[0])
     ]
     return torch.tensor(out, dtype=torch.float64)
-
-
-def own_direction(
-    problem: Problem, basis: torch.Tensor, live: torch.Tensor, coord: torch.Tensor
-) -> torch.Tensor | None:
-    """The exact gradient direction ``(m,)`` that example ``coord`` ``(b,)``'s own ReLU
-    pattern gives in ``basis`` ``(m, b)`` (``live``: ``(m,)`` its non-zero rows), or
-    ``None``: its own column, or that of an example whose zero set holds the same rows.
-
-    The units it clearly switches off (beyond roundoff and, for a FedAvg delta, beyond
-    the delta's own movement of them) share one kernel vector. The fit is trimmed to the
-    :data:`TRIM_KEEP` of them where it is smallest until that set settles; the direction
-    is then the pure kernel of its zero set (:func:`spear.verify.pure_direction`).
-    """
-    layer = problem.layer
-    assert layer is not None
-    z, bound = pre_activations(layer, coord)
-    clear = z.abs() > AMBIGUITY_ROUNDOFF * problem.eps * bound
-    moved = movement(layer, coord)
-    if moved is not None:
-        clear &= z.abs() > MOVED_MARGIN * moved
-    rows = basis[(z <= 0) & clear & live]
-    r = basis.shape[1]
-    if rows.shape[0] < r:
-        return None
-    keep = max(r, int(TRIM_KEEP * rows.shape[0]))
-    u = torch.linalg.eigh(rows.T @ rows).eigenvectors[:, 0]
-    chosen: torch.Tensor | None = None
-    for _ in range(MAX_TRIM_ROUNDS):
-        idx = (rows @ u).abs().topk(keep, largest=False).indices.sort().values
-        if chosen is not None and torch.equal(idx, chosen):
-            break
-        chosen = idx
-        u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
-    return pure_direction(basis, basis @ u, live, problem.tol)
 
 
 def demix(
@@ -124,10 +74,11 @@ def demix(
         The new ``(coords, grads)`` and how many columns were replaced, or ``None`` when
         none was (also without the layer's weights or bias gradient).
     """
-    if problem.layer is None or problem.bias_grad is None:
+    layer = problem.layer
+    if layer is None or problem.bias_grad is None:
         return None
     deadline = max(problem.deadline, time.perf_counter() + MIN_DEMIX_SECONDS)
-    full, live = problem.original
+    full, _ = problem.original
     b = problem.rank
     dis = disagreement(problem, coords, grads)
     replaced, examined = 0, 0
@@ -139,7 +90,7 @@ def demix(
         i = pick[0]
         tried.add(i)
         examined += 1
-        own = own_direction(problem, full, live, coords[i])
+        own = direction_for(layer, full, coords[i], problem.tol, problem.eps, settle=True)
         better = _replaced(problem, coords, grads, dis, i, own)
         if better is not None:
             coords, grads, dis = better
