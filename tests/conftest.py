@@ -22,6 +22,7 @@ from torch import nn
 from spear.downstream import Downstream
 from spear.inversion.problem import STRICT_COMPLETE_SOLVES, Problem, Request
 from spear.linalg import Factorisation, Tolerances, factorise, orthonormal_basis
+from spear.update import UpdateKind
 from spear.verify import LayerView
 
 # two CPU cores are shared with other workers: keep every test single-threaded
@@ -204,10 +205,12 @@ def problem_from(
     seed: int = 0,
     strict_solves: bool = STRICT_COMPLETE_SOLVES,
     downstream: Downstream | None = None,
+    update_kind: UpdateKind = "gradient",
 ) -> Problem:
     """The inversion problem of a layer's update ``(m, n)``, ``(m,)`` with its weights, as
     :func:`spear.invert_layer` builds it (batch size from the rank); ``downstream``: the
-    model after the layer, as :func:`spear.attack` passes it."""
+    model after the layer, as :func:`spear.attack` passes it; ``update_kind``: "delta"
+    for a FedAvg delta."""
     request = Request(
         weight_grad=weight_grad,
         bias_grad=bias_grad,
@@ -216,7 +219,7 @@ def problem_from(
         batch_size=None,
         seed=seed,
         solver="auto",
-        update_kind="gradient",
+        update_kind=update_kind,
         time_budget=time_budget,
         max_samples=None,
         zero_tol=None,

@@ -4,9 +4,8 @@ the examples' own ReLU patterns replace it."""
 
 from __future__ import annotations
 
-import time
-
 import torch
+from tests.conftest import problem_from
 from torch import nn
 
 from spear import client
@@ -14,12 +13,14 @@ from spear.data import builtin_images, sample_batch
 from spear.inversion.checks import verified_indices
 from spear.inversion.demix import demix, disagreement
 from spear.inversion.driver import invert
-from spear.inversion.problem import Problem, Request
+from spear.inversion.problem import Problem
 from spear.inversion.solve import solve_complete
 from spear.verify import direction_for
 
 #: Largest pixel error of a float32 reconstruction that counts as exact ([0, 1] scale).
 PIXEL_TOL = 1e-3
+#: A complete solve: ``(coords (b, b), grads (m, b))``.
+Solve = tuple[torch.Tensor, torch.Tensor]
 
 
 def _delta_problem(b: int, seed: int) -> tuple[Problem, torch.Tensor]:
@@ -32,24 +33,30 @@ def _delta_problem(b: int, seed: int) -> tuple[Problem, torch.Tensor]:
         nn.Linear(100, 10),
     )  # fmt: skip
     delta = client.fedavg_update(model, x.float(), y, epochs=1, batch_size=4, lr=0.1, seed=1)
-    request = Request(
-        weight_grad=delta["1.weight"],
-        bias_grad=delta["1.bias"],
-        weight=model[1].weight.detach(),
-        bias=model[1].bias.detach(),
-        batch_size=None,
-        seed=0,
-        solver="auto",
+    layer = model[1]
+    assert isinstance(layer, nn.Linear)
+    problem = problem_from(
+        delta["1.weight"],
+        delta["1.bias"],
+        layer.weight.detach(),
+        layer.bias.detach(),
         update_kind="delta",
-        time_budget=60.0,
-        max_samples=None,
-        zero_tol=None,
-        min_zero_fraction=0.1,
-        device=None,
-        progress=False,
-        search_with_weights=True,
     )
-    return Problem.build(request, time.perf_counter()), x.reshape(b, -1).double()
+    return problem, x.reshape(b, -1).double()
+
+
+def _solved(b: int, seed: int) -> tuple[Problem, torch.Tensor, torch.Tensor, Solve]:
+    """The delta problem of :func:`_delta_problem` inverted: the problem, the truth, the
+    unit columns ``(m, b)`` found and their complete solve, checked exact."""
+    problem, truth = _delta_problem(b, seed)
+    rec = invert(problem)
+    assert rec.found == b, rec.notes
+    assert problem.bias_grad is not None
+    cols = rec.output_grads / rec.output_grads.norm(dim=0)
+    solved = solve_complete(problem.fac.left, problem.bias_grad, cols)
+    assert solved is not None
+    assert float(_errors(problem, solved[0], truth).max()) < PIXEL_TOL
+    return problem, truth, cols, solved
 
 
 def _errors(problem: Problem, coords: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -59,15 +66,9 @@ def _errors(problem: Problem, coords: torch.Tensor, truth: torch.Tensor) -> torc
 
 
 def test_demix_restores_the_example_a_mixed_column_shifted() -> None:
-    problem, truth = _delta_problem(12, seed=3)
-    rec = invert(problem)
-    assert rec.found == 12, rec.notes
+    problem, truth, cols, _ = _solved(12, seed=3)
     db = problem.bias_grad
     assert db is not None
-    cols = rec.output_grads / rec.output_grads.norm(dim=0)
-    solved = solve_complete(problem.fac.left, db, cols)
-    assert solved is not None
-    assert float(_errors(problem, solved[0], truth).max()) < PIXEL_TOL
     _, live = problem.original
     # the example whose column is closest to example 0's; mix it into example 0's column
     # with the largest weight whose solve still passes every (loose) check
@@ -102,15 +103,7 @@ def test_demix_restores_the_example_a_mixed_column_shifted() -> None:
 
 
 def test_demix_leaves_an_exact_batch_alone() -> None:
-    problem, truth = _delta_problem(12, seed=4)
-    rec = invert(problem)
-    assert rec.found == 12, rec.notes
-    db = problem.bias_grad
-    assert db is not None
-    cols = rec.output_grads / rec.output_grads.norm(dim=0)
-    solved = solve_complete(problem.fac.left, db, cols)
-    assert solved is not None
-    assert float(_errors(problem, solved[0], truth).max()) < PIXEL_TOL
+    problem, _, _, solved = _solved(12, seed=4)
     assert demix(problem, *solved) is None
 
 
@@ -122,13 +115,7 @@ def test_settled_direction_on_a_float32_delta_is_a_true_column_or_none() -> None
     own_column = total = 0
     for seed in (4, 5):
         for b in (12, 24):
-            problem, _ = _delta_problem(b, seed=seed)
-            rec = invert(problem)
-            assert rec.found == b, rec.notes
-            assert problem.bias_grad is not None
-            cols = rec.output_grads / rec.output_grads.norm(dim=0)
-            solved = solve_complete(problem.fac.left, problem.bias_grad, cols)
-            assert solved is not None
+            problem, _, cols, solved = _solved(b, seed=seed)
             layer = problem.layer
             assert layer is not None
             full, _ = problem.original
