@@ -91,14 +91,14 @@ def test_demix_restores_the_example_a_mixed_column_shifted() -> None:
     errors = _errors(problem, mixed[0], truth)
     assert float(errors[0]) < PIXEL_TOL
     assert float(errors[k]) > PIXEL_TOL
-    before = disagreement(problem, *mixed)
+    before = disagreement(problem, *mixed, live)
     assert int(before.argmax()) in (0, k)
     fixed = demix(problem, *mixed)
     assert fixed is not None
     coords, grads, replaced = fixed
     assert replaced >= 1
     assert float(_errors(problem, coords, truth).max()) < PIXEL_TOL
-    assert float(disagreement(problem, coords, grads).sum()) < float(before.sum())
+    assert float(disagreement(problem, coords, grads, live).sum()) < float(before.sum())
     assert float((grads[:, 0] / grads[:, 0].norm() @ cols[:, 0]).abs()) > 1 - 1e-6
 
 

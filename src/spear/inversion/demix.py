@@ -43,12 +43,14 @@ MIN_DEMIX_SECONDS = 10.0
 SAME_COLUMN = 1e-6
 
 
-def disagreement(problem: Problem, coords: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+def disagreement(
+    problem: Problem, coords: torch.Tensor, grads: torch.Tensor, live: torch.Tensor
+) -> torch.Tensor:
     """``(r,)`` fraction of each example's clear units where its ReLU pattern and its
-    gradient column ``grads`` ``(m, r)`` disagree (coordinates ``coords`` ``(r, b)``)."""
+    gradient column ``grads`` ``(m, r)`` disagree (coordinates ``coords`` ``(r, b)``;
+    ``live``: ``(m,)`` the units on for some example, :attr:`Problem.original`)."""
     layer = problem.layer
     assert layer is not None
-    _, live = problem.original
     zero = zero_mask(grads, problem.tol.zero_tol)
     eps, delta = problem.eps, problem.delta
     out = [
@@ -78,9 +80,9 @@ def demix(
     if layer is None or problem.bias_grad is None:
         return None
     deadline = max(problem.deadline, time.perf_counter() + MIN_DEMIX_SECONDS)
-    full, _ = problem.original
+    full, live = problem.original
     b = problem.rank
-    dis = disagreement(problem, coords, grads)
+    dis = disagreement(problem, coords, grads, live)
     replaced, examined = 0, 0
     tried: set[int] = set()
     while examined < MAX_DEMIX_EXAMINED and replaced < b and time.perf_counter() < deadline:
@@ -91,7 +93,7 @@ def demix(
         tried.add(i)
         examined += 1
         own = direction_for(layer, full, coords[i], problem.tol, problem.eps, settle=True)
-        better = _replaced(problem, coords, grads, dis, i, own)
+        better = _replaced(problem, (coords, grads), dis, live, i, own)
         if better is not None:
             coords, grads, dis = better
             replaced, examined = replaced + 1, 0
@@ -101,18 +103,20 @@ def demix(
 
 def _replaced(
     problem: Problem,
-    coords: torch.Tensor,
-    grads: torch.Tensor,
+    solve: tuple[torch.Tensor, torch.Tensor],
     dis: torch.Tensor,
+    live: torch.Tensor,
     i: int,
     own: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The solve with example ``i``'s column replaced by ``own`` ``(m,)``, when that
-    column differs, every example verifies, and the summed disagreement falls: new
-    ``(coords (b, b), grads (m, b), disagreement (b,))``; else ``None``."""
+    column differs, every example verifies, and the summed disagreement ``dis`` ``(b,)``
+    of ``solve`` (``coords (b, b), grads (m, b)``) falls: the new ``(coords, grads,
+    disagreement)``; else ``None``."""
     assert problem.bias_grad is not None
     if own is None:
         return None
+    grads = solve[1]
     cols = grads / grads.norm(dim=0)
     unit = own / own.norm()
     if 1.0 - abs(float(unit @ cols[:, i])) <= SAME_COLUMN:
@@ -122,10 +126,9 @@ def _replaced(
     if solved is None or not bool(torch.isfinite(solved[0]).all()):
         return None
     new_coords, new_grads = solved
-    _, live = problem.original
     if len(verified_indices(problem, new_coords, new_grads, live)) < problem.rank:
         return None
-    new_dis = disagreement(problem, new_coords, new_grads)
+    new_dis = disagreement(problem, new_coords, new_grads, live)
     if float(new_dis.sum()) >= float(dis.sum()):
         return None
     return new_coords, new_grads, new_dis
