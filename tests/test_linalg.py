@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from tests.conftest import layer_case
 
 from spear.linalg import (
+    GRAM_THRESHOLD,
     LOW_PRECISION_HEADROOM,
     LOW_PRECISION_MIN_ULPS,
     MAX_ZERO_TOL,
@@ -20,6 +21,7 @@ from spear.linalg import (
     factorise,
     kernel,
     least_absolute_fit,
+    low_singular_basis,
     null_vectors,
     orthonormal_basis,
     pure_kernel,
@@ -208,6 +210,28 @@ def test_kernel_of_a_shared_zero_set_is_multidimensional_and_not_pure() -> None:
     ker, _ = kernel(basis[both], 1e-10)
     assert ker.shape[1] == 2
     assert pure_kernel(basis[both], 1e-10) is None
+
+
+@pytest.mark.parametrize("dims", [0, 1, 3])
+@pytest.mark.parametrize("rows_count", [40, 10])
+def test_low_singular_basis_gram_and_svd_paths_agree(dims: int, rows_count: int) -> None:
+    """The kernel read from the Gram matrix (thresholds >= GRAM_THRESHOLD, float32-sized)
+    spans the same space as the SVD's, including the directions fewer rows cannot see."""
+    gen = torch.Generator().manual_seed(dims + rows_count)
+    r = 12
+    q = torch.linalg.qr(torch.randn(200, r, generator=gen, dtype=torch.float64)).Q
+    hidden = torch.linalg.qr(torch.randn(r, dims, generator=gen, dtype=torch.float64)).Q
+    rows = q[torch.randperm(200, generator=gen)[:rows_count]]
+    rows = rows - (rows @ hidden) @ hidden.T  # exactly zero on `dims` directions
+    rows = rows + 1e-7 * torch.randn(rows.shape, generator=gen, dtype=torch.float64)
+    expected = max(dims, r - rows_count)
+    for limit in (GRAM_THRESHOLD, 1e-6):  # Gram path, SVD path
+        ker = low_singular_basis(rows, limit * math.sqrt(r))
+        assert ker.shape == (r, expected)
+        assert torch.allclose(ker.T @ ker, torch.eye(expected, dtype=torch.float64), atol=1e-10)
+        assert float((rows @ ker).norm()) < 1e-5
+        if rows_count >= r:  # the hidden directions themselves span the kernel
+            assert float((hidden - ker @ (ker.T @ hidden)).norm()) < 1e-5
 
 
 def test_kernel_empty_and_too_few_rows() -> None:
