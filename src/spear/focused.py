@@ -23,8 +23,8 @@ against their own ReLU patterns after the complete solve, as always.
 Measured on Fashion-MNIST, one thread beside a second run: ``784 -> 1000``, b = 128 (where
 peeling, the sparse solver and the subspace step stall at about 20 of 125 directions),
 the float32 model in 25 s (median; worst 41 s) per batch; at b = 256, ``784 -> 2000``,
-the float64 layer in 549 s; float32 FedAvg deltas of 16 local steps at b = 128, 9 of 10
-batches whole within 120 s (docs/benchmarks.md).
+the float64 layer in 549 s; float32 FedAvg deltas of 16 local steps at b = 128, 10 of 10
+batches whole within 120 s (median 46 s; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ POOL_EXTRA = 25
 #: no extra rows the search had pooled 81 and 57 of the missing directions at seeds 1 and
 #: 5; with 16 extra rows (pool 60 beyond ``r - 1``) it solved seed 1 in 89 s and pooled
 #: 117 at seed 5; with 24 (pool 80), 126 at seed 5; with 32 (pool 100), 98. With
-#: ``e = r / 5`` extra rows drawn from ``2 e + POOL_EXTRA`` units beyond ``r - 1``, 9 of
+#: ``e = r / 5`` extra rows drawn from ``2 e + POOL_EXTRA`` units beyond ``r - 1``, 10 of
 #: 10 such batches come back whole within 120 s (none with ``r - 1`` rows).
 EXTRA_ROW_FRACTION = 0.2
 #: At most this many extra rows: the measurements above reach ``r = 128``, and 32 extra
