@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import layer_case, problem_for
+from tests.conftest import layer_case, problem_for, problem_from
 
-from spear.focused import break_known, focused_sampling
+from spear import metrics
+from spear.focused import HANDOFF_MISSING, break_known, focused_sampling
+from spear.inversion.driver import invert
 from spear.inversion.pool import DirectionPool
 from spear.inversion.residual import Residual
+from spear.update import UpdateKind
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -59,6 +62,47 @@ def test_focused_sampling_starts_from_peeled_examples_alone() -> None:
     best = (cols.T @ torch.stack(list(state.directions), dim=1)).abs().max(dim=0)
     assert bool((best.values > 1 - 1e-10).all())  # every pooled direction a true column
     assert all(int(i) >= 20 for i in best.indices)
+
+
+@pytest.mark.parametrize("update_kind", ["gradient", "delta"])
+def test_focused_sampling_hands_back_with_few_missing_except_on_a_delta(
+    update_kind: UpdateKind,
+) -> None:
+    """With 44 of 64 directions known, a one-step update hands back to the subspace step
+    once HANDOFF_MISSING directions are missing; a FedAvg delta (whose subspace step
+    rarely succeeds) goes on until one is missing, which the last-direction step gives.
+
+    On a delta no realizability test runs (moved masks need not be realizable by one
+    input), so a softmax mixture of the last few missing examples can be pooled (this
+    one-step update, read as a delta, pools one here); the complete solve's pattern
+    checks deal with those, and the whole batch comes back exact."""
+    case = layer_case(1000, 784, 64, real=True, seed=2)
+    problem = problem_from(
+        case.weight_grad, case.bias_grad, case.weight, case.bias, update_kind=update_kind
+    )
+    assert problem.bias_grad is not None
+    cols = case.output_grads / case.output_grads.norm(dim=0)
+    state = Residual(
+        left=problem.fac.left.clone(),
+        bias=problem.bias_grad.clone(),
+        coords=[],
+        grads=[],
+        directions=DirectionPool(cols[:, i] for i in range(44)),
+    )
+    pooled, draws = focused_sampling(problem, state)
+    assert pooled == len(state.directions) - 44
+    best = (cols.T @ torch.stack(state.directions[44:], dim=1)).abs().max(dim=0)
+    true_new = best.values > 1 - 1e-10
+    assert all(int(i) >= 44 for i in best.indices[true_new])
+    missing = 64 - len(state.directions)
+    if update_kind == "delta":
+        assert missing == 1, f"{missing} missing after {draws} subsets"
+        rec = invert(problem)
+        assert rec.found == 64 and rec.inputs.shape == case.inputs.shape
+        assert float(metrics.exact_rate(rec.inputs, case.inputs)) == 1.0
+    else:
+        assert missing == HANDOFF_MISSING, f"{missing} missing after {draws} subsets"
+        assert bool(true_new.all())
 
 
 def test_focused_sampling_needs_a_bias_and_something_known() -> None:
