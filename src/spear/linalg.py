@@ -31,6 +31,7 @@ __all__ = [
     "orthonormal_basis",
     "pure_kernel",
     "pure_kernels",
+    "smallest_singular_vector",
     "unit_rows",
     "zero_mask",
 ]
@@ -414,6 +415,14 @@ def low_singular_basis(rows: torch.Tensor, limit: float) -> torch.Tensor:
     ``limit >= GRAM_THRESHOLD``, else from an SVD."""
     values, vectors = _ascending_spectrum(rows, limit)
     return vectors[:, : int((values <= limit).sum())]
+
+
+def smallest_singular_vector(rows: torch.Tensor, limit: float) -> torch.Tensor:
+    """``(r,)`` unit right singular vector of ``rows`` ``(k, r)``, ``k >= r``, with the
+    smallest singular value (the least-squares kernel vector), from the Gram matrix where
+    ``limit`` (the degeneracy tolerance of the problem) is at least ``GRAM_THRESHOLD``,
+    else from an SVD."""
+    return _ascending_spectrum(rows, limit)[1][:, 0]
 
 
 def kernel(rows: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spear.linalg import Tolerances, pure_kernel, zero_mask
+from spear.linalg import Tolerances, pure_kernel, smallest_singular_vector, zero_mask
 
 __all__ = [
     "LayerView",
@@ -208,10 +208,11 @@ def direction_for(
         return None
     rows = basis[off]
     # the first fits only choose rows (the Gram matrix's eigenvector is cheap and accurate
-    # enough for that); the last one, which the zero test reads, is an SVD
+    # enough for that); the last one, which the zero test reads, is an SVD where the
+    # update's precision is float64 (spear.linalg.GRAM_THRESHOLD)
     u = torch.linalg.eigh(rows.T @ rows).eigenvectors[:, 0]
     if settle:
-        return pure_direction(basis, basis @ _settled_fit(rows, u), live, tol)
+        return pure_direction(basis, basis @ _settled_fit(rows, u, tol.degeneracy_tol), live, tol)
     for keep in (0.8, 0.6):
         v = rows @ u
         k = max(r, int(keep * rows.shape[0]))
@@ -220,13 +221,14 @@ def direction_for(
             sub = rows[idx]
             u = torch.linalg.eigh(sub.T @ sub).eigenvectors[:, 0]
         else:
-            u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
+            u = smallest_singular_vector(rows[idx], tol.degeneracy_tol)
     return pure_direction(basis, basis @ u, live, tol)
 
 
-def _settled_fit(rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _settled_fit(rows: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     """The kernel vector ``(r,)`` of ``rows`` ``(k, r)`` fitted to the :data:`TRIM_KEEP`
-    of them where the fit, starting from ``u`` ``(r,)``, is smallest, until they settle."""
+    of them where the fit, starting from ``u`` ``(r,)``, is smallest, until they settle
+    (``limit``: the degeneracy tolerance, see :func:`spear.linalg.smallest_singular_vector`)."""
     keep = max(rows.shape[1], int(TRIM_KEEP * rows.shape[0]))
     chosen: torch.Tensor | None = None
     for _ in range(MAX_TRIM_ROUNDS):
@@ -234,7 +236,7 @@ def _settled_fit(rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if chosen is not None and torch.equal(idx, chosen):
             break
         chosen = idx
-        u = torch.linalg.svd(rows[idx], full_matrices=False).Vh[-1]
+        u = smallest_singular_vector(rows[idx], limit)
     return u
 
 
