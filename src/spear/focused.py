@@ -24,7 +24,7 @@ Measured on Fashion-MNIST, one thread beside a second run: ``784 -> 1000``, b = 
 peeling, the sparse solver and the subspace step stall at about 20 of 125 directions),
 the float32 model in 25 s (median; worst 41 s) per batch; at b = 256, ``784 -> 2000``,
 the float64 layer in 549 s; float32 FedAvg deltas of 16 local steps at b = 128, 10 of 10
-batches whole within 120 s (median 46 s; docs/benchmarks.md).
+batches whole within 120 s (median 47 s; docs/benchmarks.md).
 """
 
 from __future__ import annotations
