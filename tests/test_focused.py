@@ -10,8 +10,22 @@ from spear import metrics
 from spear.focused import HANDOFF_MISSING, break_known, focused_sampling
 from spear.inversion.driver import invert
 from spear.inversion.pool import DirectionPool
+from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.update import UpdateKind
+
+
+def _residual_knowing(problem: Problem, known: torch.Tensor) -> Residual:
+    """The whole update of ``problem`` as a residual with nothing peeled and the unit
+    directions ``known`` ``(m, k)`` pooled."""
+    assert problem.bias_grad is not None
+    return Residual(
+        left=problem.fac.left.clone(),
+        bias=problem.bias_grad.clone(),
+        coords=[],
+        grads=[],
+        directions=DirectionPool(known.T),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -23,14 +37,7 @@ def test_focused_sampling_pools_true_missing_directions(dtype: torch.dtype) -> N
     cols = case.output_grads.double()
     cols = cols / cols.norm(dim=0)
     same = 1 - 1e-10 if dtype == torch.float64 else 1 - 1e-8
-    assert problem.bias_grad is not None
-    state = Residual(
-        left=problem.fac.left.clone(),
-        bias=problem.bias_grad.clone(),
-        coords=[],
-        grads=[],
-        directions=DirectionPool(cols[:, i] for i in range(20)),
-    )
+    state = _residual_knowing(problem, cols[:, :20])
     pooled, draws = focused_sampling(problem, state)
     assert draws > 0
     assert pooled >= 30, f"only {pooled} of 44 missing directions in {draws} subsets"
@@ -80,15 +87,8 @@ def test_focused_sampling_hands_back_with_few_missing_except_on_a_delta(
     problem = problem_from(
         case.weight_grad, case.bias_grad, case.weight, case.bias, update_kind=update_kind
     )
-    assert problem.bias_grad is not None
     cols = case.output_grads / case.output_grads.norm(dim=0)
-    state = Residual(
-        left=problem.fac.left.clone(),
-        bias=problem.bias_grad.clone(),
-        coords=[],
-        grads=[],
-        directions=DirectionPool(cols[:, i] for i in range(44)),
-    )
+    state = _residual_knowing(problem, cols[:, :44])
     pooled, draws = focused_sampling(problem, state)
     assert pooled == len(state.directions) - 44
     best = (cols.T @ torch.stack(state.directions[44:], dim=1)).abs().max(dim=0)
