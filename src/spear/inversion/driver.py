@@ -26,6 +26,7 @@ from spear.inversion.steps import (
     DirectionSearch,
     ExhaustiveSolve,
     FocusedSampling,
+    InputCone,
     LastDirection,
     LineScan,
     PrunePool,
@@ -72,6 +73,7 @@ GUIDED = Pipeline(
         PrunePool(),
         LastDirection(),
         CompleteSolve(),
+        InputCone(),
     ),
 )
 #: Plain search; the weights (when given) only verify.
@@ -156,6 +158,7 @@ def run_round(problem: Problem, state: SearchState, steps: Sequence[Step]) -> St
     """Run every step once, in order; whether any progressed (or is still searching), or
     one ended the search."""
     progressed = searching = False
+    state.round_start = (state.found, len(state.pool))
     for step in steps:
         report = _run_step(problem, state, step)
         progressed = progressed or report.progressed

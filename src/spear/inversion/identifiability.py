@@ -1,5 +1,6 @@
 """Why examples were not recovered: how many units separate the batch, how many rows one
-example alone turns on (docs/algorithm.md, "Identifiability").
+example alone turns on, and what the input side showed (docs/algorithm.md,
+"Identifiability" and fact 13).
 
 An example's gradient direction is fixed by the layer's update when its zero set (the
 live units it turns off) holds ``b - 1`` independent rows, or when one unit is on for it
@@ -82,6 +83,7 @@ def identifiability_note(problem: Problem, state: SearchState) -> str:
         "conv features) most units are on, or off, for the whole batch, zero sets are "
         "small, and the update holds many batches that pass every check of the layer."
     )
+    text += _input_side(problem, state)
     pooled = len(state.residual.directions)
     if pooled:
         text += (
@@ -91,6 +93,28 @@ def identifiability_note(problem: Problem, state: SearchState) -> str:
         )
     full = near_full_rank_note(b, n_live) if not k else None
     return text if full is None else f"{text} {full}"
+
+
+def _input_side(problem: Problem, state: SearchState) -> str:
+    """What the input side showed: the vertices of the input cone tried, and the zeros
+    of the recovered examples' inputs (fact 13); empty when the step did not run."""
+    tries = sum(record.samples for record in state.stats if record.name == "input-cone")
+    layer = problem.layer
+    if not tries or layer is None:
+        return ""
+    text = (
+        f" Inputs that are nonnegative (the output of a ReLU or a max-pool) also single an "
+        f"example out when they are zero on {problem.rank - 1} independent coordinates: "
+        f"{tries} vertices of the cone of nonnegative inputs were tried"
+    )
+    if state.residual.coords:
+        inputs = torch.stack(state.residual.coords) @ layer.right  # (k, n)
+        zeros = zero_mask(inputs.T, problem.tol.zero_tol).sum(dim=0)
+        text += (
+            f", and the recovered examples' inputs are zero on {int(zeros.min())} to "
+            f"{int(zeros.max())} of the {inputs.shape[1]} coordinates"
+        )
+    return text + "."
 
 
 def near_full_rank_note(rank: int, live: int) -> str | None:

@@ -49,6 +49,8 @@ class SearchState:
         For each example found, the name of the step that peeled it.
     step:
         Name of the step running (or last run).
+    round_start:
+        Examples found and directions pooled when the current round began.
     """
 
     residual: Residual
@@ -66,6 +68,7 @@ class SearchState:
     step: str = ""
     tentatives: list[torch.Tensor] = field(default_factory=list)
     tentatives_at: int = 0
+    round_start: tuple[int, int] = (0, 0)
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:

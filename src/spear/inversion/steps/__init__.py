@@ -2,6 +2,7 @@
 
 from spear.inversion.steps.base import Step, StepReport
 from spear.inversion.steps.complete import CompleteSolve
+from spear.inversion.steps.cone import InputCone
 from spear.inversion.steps.exhaustive import ExhaustiveSolve
 from spear.inversion.steps.focused import FocusedSampling
 from spear.inversion.steps.last import LastDirection
@@ -17,6 +18,7 @@ __all__ = [
     "DirectionSearch",
     "ExhaustiveSolve",
     "FocusedSampling",
+    "InputCone",
     "LastDirection",
     "LineScan",
     "PrunePool",

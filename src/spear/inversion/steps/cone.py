@@ -1,0 +1,179 @@
+"""Input-side peeling: nonnegative inputs as extreme rays of the row space's cone
+(:mod:`spear.input_cone`), scaled by the model after the layer and peeled when they pass
+the row-peeled examples' checks."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from spear.candidates import certified_alone, row_ratios, scaled_grad, unknown_subspace
+from spear.downstream import divisor_tolerance, own_columns, range_tolerance
+from spear.input_cone import SCALE_STEP, cone_vertex, residual_row_space, scale_candidates
+from spear.inversion.problem import Problem
+from spear.inversion.residual import Residual
+from spear.inversion.state import SearchState
+from spear.inversion.steps.base import StepReport
+from spear.linalg import orthonormal_basis, zero_mask
+from spear.results import SolverStats
+from spear.solvers.polish import live_rows
+from spear.verify import pattern_check
+
+__all__ = ["CONE_MISSES", "InputCone"]
+
+#: The step stops for the round after this many vertices in a row give no example (the
+#: inputs are not nonnegative, or most vertices are not examples: it runs again in the
+#: next round that peels nothing).
+CONE_MISSES = 6
+#: Share of the time left that one run of the step may take.
+CONE_SHARE = 0.5
+#: Rescalings of an example to its plain cross-entropy divisor (:func:`_plain_scale`).
+DIVISOR_ROUNDS = 20
+
+
+class InputCone:
+    """Peel examples found as vertices of the input cone (exact one-step gradients with
+    the model after the layer only), in rounds where the other steps neither peeled an
+    example nor pooled a direction; leaves a record when it runs."""
+
+    name = "input-cone"
+
+    def run(self, problem: Problem, state: SearchState) -> StepReport:
+        """Find, scale, check and peel vertices until :data:`CONE_MISSES` in a row fail."""
+        downstream, layer = problem.downstream, problem.layer
+        moving = state.found > state.round_start[0] or len(state.pool) > state.round_start[1]
+        if downstream is None or layer is None or moving:
+            return StepReport()
+        certify = certified_alone(problem)
+        assert certify is not None
+        t0 = time.perf_counter()
+        stop = t0 + CONE_SHARE * max(0.0, problem.deadline - t0)
+        before = state.found
+        misses = tries = 0
+        while misses < CONE_MISSES * (problem.rank - state.found) and time.perf_counter() < stop:
+            remaining = problem.rank - state.found
+            if remaining <= 0:
+                break
+            tries += 1
+            res = state.residual
+            # examples whose gradient direction is pooled are not among the cone's rays
+            # here: their coordinates are the only ones not orthogonal to it
+            space = (
+                unknown_subspace(res, problem.rank)
+                if res.directions and misses % 2 == 0
+                else residual_row_space(res.left, remaining)
+            )  # (b, d)
+            rows = layer.right.T @ space  # (n, r)
+            norms = rows.norm(dim=1)
+            live_in = norms > problem.tol.zero_tol * float(norms.max())
+            w = cone_vertex(rows[live_in], problem.generator, problem.tol.zero_tol)
+            if w is None:
+                misses += 1
+                continue
+            coord_dir = space @ w  # (b,)
+            basis = orthonormal_basis(res.left, remaining)
+            scaled = None
+            for t in scale_candidates(
+                downstream, basis, coord_dir @ layer.right, _reference_norm(problem, state)
+            ):
+                scaled = _plain_scale(problem, res, basis, coord_dir, t)
+                if scaled is not None:
+                    break
+            if scaled is None:
+                misses += 1
+                continue
+            coord, grad = scaled
+            live = live_rows(basis, problem.tol.zero_tol)
+            zeros = zero_mask(grad[:, None], problem.tol.zero_tol)[:, 0]
+            ok, _ = pattern_check(layer, coord, zeros, live, problem.eps, problem.delta)
+            if not (ok and certify(coord, grad, True)):
+                misses += 1
+                continue
+            res.directions.remove(grad / grad.norm())
+            res.peel(coord, grad)
+            state.bar.update(1)
+            misses = 0
+        peeled = state.found - before
+        if tries == 0:
+            return StepReport()
+        record = SolverStats(
+            self.name,
+            samples=tries,
+            candidates=peeled,
+            found=peeled,
+            seconds=time.perf_counter() - t0,
+        )
+        return StepReport(stats=record, progressed=peeled > 0)
+
+
+def _plain_scale(
+    problem: Problem, res: Residual, basis: torch.Tensor, coord_dir: torch.Tensor, t: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The example's coordinates ``(b,)`` and column ``(m,)`` near the scale ``t`` of
+    ``coord_dir`` ``(b,)``, at the scale whose cross-entropy divisor is a plain mean's
+    (the batch size) or sum's (1); ``None`` when none is found near ``t`` or the
+    example's own column is not in ``span(basis)`` there.
+
+    The column's size is fixed by the update (``grad coord^T`` does not depend on ``t``)
+    while the divisor the model asks for changes with ``t``; the secant method on
+    ``log divisor`` against ``log t`` finds the scale. Where the softmax barely changes
+    with the input's scale (a flat one, on small features) this fixes ``t`` far better
+    than the softmax's shape does (:func:`spear.input_cone.scale_candidates`); where it
+    is peaked, the divisor changes fast and the secant's steps are bounded by the grid's.
+    """
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    limit = range_tolerance(problem.tol.zero_tol)
+    settled = divisor_tolerance(downstream.dtype) / 10
+
+    def at(log_t: float) -> tuple[float, torch.Tensor, torch.Tensor, float] | None:
+        coord = math.exp(log_t) * coord_dir
+        x = (coord @ layer.right)[None]
+        columns, miss = own_columns(downstream, basis, x)
+        grad = scaled_grad(res, coord, columns[:, 0])
+        if grad is None:
+            return None
+        _, divisor = downstream.cross_entropy_fit(x, grad[:, None])
+        found = float(divisor[0])
+        if not (math.isfinite(found) and found > 0):
+            return None
+        return math.log(found), coord, grad, float(miss[0])
+
+    s = math.log(t)
+    first = at(s)
+    if first is None:
+        return None
+    plain = min((math.log(problem.rank), 0.0), key=lambda d: abs(first[0] - d))
+    h, coord, grad, miss = first
+    h -= plain
+    prev: tuple[float, float] | None = None
+    for _ in range(DIVISOR_ROUNDS):
+        if abs(math.expm1(h)) <= settled:
+            return (coord, grad) if miss <= limit else None
+        slope = 1.0 if prev is None or h == prev[1] else (h - prev[1]) / (s - prev[0])
+        step = max(-SCALE_STEP, min(SCALE_STEP, h / slope)) if slope != 0 else SCALE_STEP
+        prev = (s, h)
+        s -= step
+        now = at(s)
+        if now is None:
+            return None
+        h, coord, grad, miss = now
+        h -= plain
+    return None
+
+
+def _reference_norm(problem: Problem, state: SearchState) -> float:
+    """A typical example norm: the median norm of the row candidates ``dW[j] / db[j]``
+    (weighted means of the examples on at unit ``j``), else that of ``W``'s rows'
+    inverse (a unit pre-activation)."""
+    layer = problem.layer
+    assert layer is not None
+    if state.residual.bias is not None:
+        _, cand = row_ratios(state.residual, problem.tol)
+        if cand.shape[0]:
+            norms = (cand @ layer.right).norm(dim=1)
+            return float(norms.median())
+    scale = float(layer.weight_coords.norm(dim=1).median())
+    return 1.0 / scale if scale > 0 else 1.0

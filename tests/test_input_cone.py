@@ -1,0 +1,94 @@
+"""Examples from the input side: nonnegative inputs are extreme rays of the row space's
+cone (:mod:`spear.input_cone`), scaled by the model after the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spear
+from spear.client import fedsgd_update
+from spear.data import rgb_patches, sample_batch
+from spear.input_cone import cone_vertex
+from spear.networks import build_cnn
+
+
+def _sparse_nonnegative(b: int, n: int, seed: int) -> torch.Tensor:
+    """``(b, n)`` nonnegative examples, each zero on about half the coordinates and the
+    only nonzero one on a coordinate of its own."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, n, generator=gen, dtype=torch.float64)
+    x = x * (torch.rand(b, n, generator=gen, dtype=torch.float64) < 0.5)
+    x[:, :b] = torch.eye(b, dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-7])
+def test_cone_vertex_is_an_example(noise: float) -> None:
+    # rows = X^T M: any basis of the row space; every vertex of the cone of a batch whose
+    # examples each own a coordinate is one example's direction (float32-sized noise on
+    # the basis moves it by about the noise; mixtures on a face are refused)
+    b, n = 6, 80
+    x = _sparse_nonnegative(b, n, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    mixing = torch.randn(b, b, generator=gen, dtype=torch.float64)
+    rows = torch.linalg.qr(x.T @ mixing).Q  # (n, b)
+    rows = rows + noise * torch.randn(rows.shape, generator=gen, dtype=torch.float64)
+    unit = x / x.norm(dim=1, keepdim=True)
+    tol = 1e-11 if noise == 0.0 else 1e-5
+    hits = set()
+    for seed in range(12):
+        w = cone_vertex(rows, torch.Generator().manual_seed(seed), tol)
+        if w is None:
+            continue  # a face several examples vanish on (noise moved the vertex there)
+        found = rows @ w
+        cos = unit @ (found / found.norm())
+        best = int(cos.argmax())
+        assert 1.0 - float(cos[best]) <= max(1e-12, 100 * noise)
+        hits.add(best)
+    assert len(hits) >= (3 if noise == 0.0 else 2)
+
+
+def test_no_vertex_when_the_inputs_take_both_signs() -> None:
+    # centred inputs: the row space holds no nonnegative vector with as many zeros as a
+    # generic vertex needs to be anything but generic, so no direction comes back
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.linalg.qr(torch.randn(80, 6, generator=gen, dtype=torch.float64)).Q
+    for seed in range(4):
+        assert cone_vertex(rows, torch.Generator().manual_seed(seed), 1e-11) is None
+
+
+def _cnn_batch(
+    name: str, b: int, dtype: torch.dtype
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    net = build_cnn(name, 0, dtype=dtype)
+    images, labels = sample_batch(rgb_patches(1000, seed=0).subset(500), b, seed=1)
+    images = images.to(dtype)
+    update = fedsgd_update(net, images, labels)
+    with torch.no_grad():
+        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
+    return net, update, truth, labels
+
+
+@pytest.mark.parametrize(
+    ("name", "b", "dtype", "rel"),
+    [("vgg", 16, torch.float64, 1e-6), ("flower-cnn", 32, torch.float32, 1e-3)],
+)
+def test_conv_features_exact_from_the_input_side(
+    name: str, b: int, dtype: torch.dtype, rel: float
+) -> None:
+    # untrained VGG-style CNN, b = 16: the units are on, or off, for nearly the whole
+    # batch, so the gradient columns single out one example of 16; untrained Flower CNN
+    # in float32, b = 32: 31 zeros are needed in a column of 120 units. Every feature
+    # vector comes out of a ReLU and a max-pool, zero on 130 to 450 coordinates: the
+    # input side gives them all
+    net, update, truth, labels = _cnn_batch(name, b, dtype)
+    rec = spear.attack(net, update, time_budget=60, progress=False, image_budget=0)
+    assert rec.inputs.shape[0] == b
+    found = rec.inputs.reshape(b, -1).to(torch.float64)
+    match = spear.metrics.match(found, truth)
+    assert spear.metrics.exact_rate(found, truth, rel_tol=rel, matching=match) == 1.0
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[match.rec_index], labels[match.truth_index])
+    assert rec.layer_result is not None and rec.layer_result.verified
+    assert any(s.name == "input-cone" and s.found for s in rec.layer_result.solvers)
