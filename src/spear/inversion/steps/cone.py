@@ -23,16 +23,16 @@ from spear.verify import exact_precision, pattern_check
 
 __all__ = ["CONE_MISSES", "InputCone"]
 
-#: The step stops for the round after this many vertices in a row give no example (the
-#: inputs are not nonnegative, or most vertices are not examples: it runs again in the
-#: next round that peels nothing).
+#: The step stops for the round after this many vertices in a row per missing example
+#: give no example (the inputs are not nonnegative, or most vertices are not examples: it
+#: runs again in the next round that peels nothing), or after :data:`CONE_SHARE`.
 CONE_MISSES = 6
 #: An example's scale must be told from ``1 / c`` of it for these ``c``
 #: (:func:`_scale_pinned`).
 MERGED_COPIES = (2.0, 3.0)
 #: Share of the time left that one run of the step may take.
 CONE_SHARE = 0.5
-#: Rescalings of an example to its plain cross-entropy divisor (:func:`_plain_scale`).
+#: Secant steps towards an example's plain cross-entropy divisor (:func:`_plain_scale`).
 DIVISOR_ROUNDS = 20
 
 
@@ -50,7 +50,8 @@ class InputCone:
     name = "input-cone"
 
     def run(self, problem: Problem, state: SearchState) -> StepReport:
-        """Find, scale, check and peel vertices until :data:`CONE_MISSES` in a row fail."""
+        """Find, scale, check and peel vertices until :data:`CONE_MISSES` times the
+        missing examples fail in a row, or the step's share of the time is spent."""
         downstream, layer = problem.downstream, problem.layer
         moving = state.found > state.round_start[0] or len(state.pool) > state.round_start[1]
         if downstream is None or layer is None or moving or not exact_precision(problem.eps):
