@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.test_conv_features import _assert_exact, _batch
 
 import spear
 from spear.client import fedsgd_update
@@ -58,18 +59,6 @@ def test_no_vertex_when_the_inputs_take_both_signs() -> None:
         assert cone_vertex(rows, torch.Generator().manual_seed(seed), 1e-11) is None
 
 
-def _cnn_batch(
-    name: str, b: int, dtype: torch.dtype
-) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    net = build_cnn(name, 0, dtype=dtype)
-    images, labels = sample_batch(rgb_patches(1000, seed=0).subset(500), b, seed=1)
-    images = images.to(dtype)
-    update = fedsgd_update(net, images, labels)
-    with torch.no_grad():
-        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
-    return net, update, truth, labels
-
-
 @pytest.mark.parametrize(
     ("name", "b", "dtype", "rel"),
     [("vgg", 16, torch.float64, 1e-6)],
@@ -81,15 +70,10 @@ def test_conv_features_exact_from_the_input_side(
     # batch, so the gradient columns single out none of the 16 examples. Every feature
     # vector comes out of a ReLU and a max-pool, zero on 406 to 445 of 1024 coordinates:
     # the input side gives them all
-    net, update, truth, labels = _cnn_batch(name, b, dtype)
+    net, update, truth, labels = _batch(name, b, dtype)
     rec = spear.attack(net, update, time_budget=60, progress=False, image_budget=0)
-    assert rec.inputs.shape[0] == b
-    found = rec.inputs.reshape(b, -1).to(torch.float64)
-    match = spear.metrics.match(found, truth)
-    assert spear.metrics.exact_rate(found, truth, rel_tol=rel, matching=match) == 1.0
-    assert rec.labels is not None
-    assert torch.equal(rec.labels[match.rec_index], labels[match.truth_index])
-    assert rec.layer_result is not None and rec.layer_result.verified
+    _assert_exact(rec, truth, labels, rel)
+    assert rec.layer_result is not None
     assert any(s.name == "input-cone" and s.found for s in rec.layer_result.solvers)
 
 
@@ -130,7 +114,4 @@ def test_a_trained_cnn_batch_of_32_is_whole_in_float64() -> None:
     with torch.no_grad():
         truth = net.features(images).to(torch.float64)  # type: ignore[operator]
     rec = spear.attack(net, update, time_budget=60, progress=False, image_budget=0)
-    assert rec.inputs.shape[0] == 32
-    found = rec.inputs.reshape(32, -1).to(torch.float64)
-    assert spear.metrics.exact_rate(found, truth, rel_tol=1e-6) == 1.0
-    assert rec.layer_result is not None and rec.layer_result.verified
+    _assert_exact(rec, truth, labels, 1e-6)
