@@ -86,10 +86,7 @@ def residual_row_space(left: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def cone_vertex(
-    rows: torch.Tensor,
-    generator: torch.Generator,
-    zero_tol: float,
-    start: torch.Tensor | None = None,
+    rows: torch.Tensor, generator: torch.Generator, zero_tol: float
 ) -> torch.Tensor | None:
     """A sparse extreme ray of ``{w : rows @ w >= 0}``, refitted exactly.
 
@@ -98,10 +95,9 @@ def cone_vertex(
     ``x = rows w`` (reweighted l1, :data:`CONE_REWEIGHTS` rounds at most): each round
     moves to a vertex with more zeros, and examples, which vanish on far more coordinates
     than the ``r - 1`` of a generic vertex, are where it settles. The first ``rho`` is
-    random, or ``1 / (start + delta)`` for a candidate input ``start`` near an example.
-    The rows within the zero tolerance are then the vertex's zero set, and the direction
-    is the kernel of that set (a least-squares fit, so a float32 update's roundoff does
-    not bend it); a kernel of more dimensions is a face several examples vanish on
+    random (log-normal). The rows within the zero tolerance are then the vertex's zero
+    set, and the direction is the kernel of that set (a least-squares fit, so roundoff
+    does not bend it); a kernel of more dimensions is a face several examples vanish on
     together (roundoff can put a vertex there), not a ray.
 
     Parameters
@@ -112,8 +108,6 @@ def cone_vertex(
         The run's random source (the first objective).
     zero_tol:
         Relative zero tolerance of the update.
-    start:
-        ``(n,)`` a candidate input, or ``None``.
 
     Returns
     -------
@@ -127,12 +121,8 @@ def cone_vertex(
         return None
     a = rows.detach().cpu().numpy()
     total = a.sum(axis=0)[None, :]
-    if start is None:
-        rho = torch.randn(n, generator=generator, dtype=torch.float64, device=generator.device)
-        weights = torch.exp(CONE_SPREAD * rho).cpu().numpy()
-    else:
-        x0 = start.detach().cpu().numpy()
-        weights = 1.0 / (np.maximum(x0, 0.0) + CONE_DELTA * np.abs(x0).max())
+    rho = torch.randn(n, generator=generator, dtype=torch.float64, device=generator.device)
+    weights = torch.exp(CONE_SPREAD * rho).cpu().numpy()
     count = -1
     for _ in range(CONE_REWEIGHTS):
         solved = linprog(
