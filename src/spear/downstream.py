@@ -34,7 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RANGE_RANK_ULPS", "Downstream", "divisor_tolerance", "range_tolerance"]
+__all__ = [
+    "RANGE_RANK_ULPS",
+    "Downstream",
+    "divisor_tolerance",
+    "label_columns",
+    "own_columns",
+    "range_tolerance",
+]
 
 #: Singular values of ``J^T`` below this many machine epsilons (of the model's dtype) of
 #: the largest do not count in its range (classes the network cannot tell apart there).
@@ -142,7 +149,7 @@ class Downstream:
 
     def ranges(self, inputs: torch.Tensor) -> list[torch.Tensor]:
         """Orthonormal bases ``(m, c_i)`` of ``range(J(x_i)^T)`` for ``inputs`` ``(k, n)``."""
-        return self._ranges(self.jacobians(inputs))
+        return self.ranges_at(self.jacobians(inputs))
 
     def off_range(
         self,
@@ -161,7 +168,7 @@ class Downstream:
                 out[kept] = self.off_range(inputs[kept], grads[:, kept])
             return out
         jac = at[1] if at is not None else self.jacobians(inputs)
-        for i, span in enumerate(self._ranges(jac)):
+        for i, span in enumerate(self.ranges_at(jac)):
             g = grads[:, i]
             norm = float(g.norm())
             if norm == 0.0:
@@ -343,7 +350,7 @@ class Downstream:
                 out_all[i] = unit
             return out_all
         logits, jac = self.logits_and_jacobians(inputs)
-        spans = self._ranges(jac)
+        spans = self.ranges_at(jac)
         out: list[torch.Tensor | None] = []
         for i, span in enumerate(spans):
             if span.shape[1] == 0:
@@ -362,7 +369,7 @@ class Downstream:
                 out.append(None)
         return out
 
-    def _ranges(self, jac: torch.Tensor) -> list[torch.Tensor]:
+    def ranges_at(self, jac: torch.Tensor) -> list[torch.Tensor]:
         """Orthonormal bases ``(m, c_i)`` of ``range(J_i^T)`` for ``jac`` ``(k, C, m)``."""
         u, s, _ = torch.linalg.svd(jac.mT, full_matrices=False)  # (k, m, C), (k, C)
         cut = RANGE_RANK_ULPS * float(torch.finfo(self.dtype).eps)
@@ -378,26 +385,57 @@ def _own_column(
     ``None``. ``jac`` ``(C, m)`` and ``logits`` ``(C,)`` are at the candidate."""
     from spear.linalg import KERNEL_GAP
 
-    p = torch.softmax(logits, dim=0)
-    targets = p[None, :] - torch.eye(p.numel(), dtype=p.dtype, device=p.device)  # (C, C)
-    cols = jac.T @ targets.T  # (m, C): column of each label
-    norms = cols.norm(dim=0).clamp_min(torch.finfo(cols.dtype).tiny)
-    cols = cols / norms
-    dist = (cols - basis @ (basis.T @ cols)).norm(dim=0)
+    cols, _, far = label_columns(basis, logits[None], jac[None])
+    dist = far[0]
     order = torch.argsort(dist)
     best = int(order[0])
     if float(dist[best]) > tol:
         return None
     if order.numel() > 1 and float(dist[int(order[1])]) <= KERNEL_GAP * tol:
         return None
-    return cols[:, best]
+    return cols[0, :, best]
+
+
+def label_columns(
+    basis: torch.Tensor, logits: torch.Tensor, jac: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every label's cross-entropy column at each candidate, and where it lies against
+    ``span(basis)`` ``(m, r)`` (orthonormal columns).
+
+    Parameters
+    ----------
+    logits, jac:
+        ``(k, C)`` logits and ``(k, C, m)`` Jacobians at the candidates.
+
+    Returns
+    -------
+    columns:
+        ``(k, m, C)`` unit columns ``J_i^T (p_i - e_y)``, one per label ``y``.
+    inside:
+        ``(k, m, C)`` their projections on ``span(basis)``.
+    distance:
+        ``(k, C)`` their relative distances from ``span(basis)``.
+    """
+    p = torch.softmax(logits, dim=1)  # (k, C)
+    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+    targets = p[:, :, None] - eye[None]  # (k, C classes, C labels)
+    cols = jac.mT @ targets  # (k, m, C labels)
+    cols = cols / cols.norm(dim=1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
+    inside = basis @ (basis.T @ cols)
+    return cols, inside, (cols - inside).norm(dim=1)
 
 
 def own_columns(
-    downstream: Downstream, basis: torch.Tensor, inputs: torch.Tensor
+    downstream: Downstream,
+    basis: torch.Tensor,
+    inputs: torch.Tensor,
+    at: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each candidate's own cross-entropy column, of the label that fits ``span(basis)``
     best, projected on ``span(basis)`` ``(m, r)``.
+
+    ``at``: the logits ``(k, C)`` and Jacobians ``(k, C, m)`` at ``inputs`` when already
+    computed.
 
     Returns
     -------
@@ -409,27 +447,20 @@ def own_columns(
         to roundoff, at an exact example).
     """
     k = inputs.shape[0]
-    if k > JACOBIAN_CHUNK:
+    if at is None and k > JACOBIAN_CHUNK:
         parts = [
             own_columns(downstream, basis, inputs[start : start + JACOBIAN_CHUNK])
             for start in range(0, k, JACOBIAN_CHUNK)
         ]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
-    logits, jac = downstream.logits_and_jacobians(inputs)
-    out = basis.new_zeros(basis.shape[0], k)
-    dist = basis.new_zeros(k)
-    for i in range(k):
-        p = torch.softmax(logits[i], dim=0)
-        targets = p[None, :] - torch.eye(p.numel(), dtype=p.dtype, device=p.device)
-        cols = jac[i].T @ targets.T  # (m, C)
-        cols = cols / cols.norm(dim=0).clamp_min(torch.finfo(cols.dtype).tiny)
-        inside = basis @ (basis.T @ cols)
-        far = (cols - inside).norm(dim=0)
-        best = int(torch.argmin(far))
-        # units the candidate turns off have zero Jacobian rows: its column is exactly
-        # zero there, and the projection's roundoff is not kept (in float32 it would
-        # stay in the residual of every peel)
-        column = torch.where(jac[i].abs().sum(dim=0) > 0, inside[:, best], 0.0)
-        out[:, i] = column / column.norm().clamp_min(torch.finfo(cols.dtype).tiny)
-        dist[i] = far[best]
-    return out, dist
+    logits, jac = at if at is not None else downstream.logits_and_jacobians(inputs)
+    _, inside, far = label_columns(basis, logits, jac)
+    best = torch.argmin(far, dim=1)  # (k,)
+    index = torch.arange(k, device=far.device)
+    # units the candidate turns off have zero Jacobian rows: its column is exactly zero
+    # there, and the projection's roundoff is not kept (in float32 it would stay in the
+    # residual of every peel)
+    chosen = torch.where(jac.abs().sum(dim=1) > 0, inside[index, :, best], 0.0)  # (k, m)
+    tiny = torch.finfo(chosen.dtype).tiny
+    columns = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(tiny)
+    return columns.T.contiguous(), far[index, best]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from spear.downstream import Downstream
+from spear.downstream import Downstream, label_columns
 from spear.linalg import kernel, orthonormal_basis, zero_mask
 
 __all__ = [
@@ -201,7 +201,7 @@ def scale_candidates(
         -SCALE_DECADES, SCALE_DECADES, steps, dtype=torch.float64, device=direction.device
     )
     logits, jac = downstream.logits_and_jacobians(grid[:, None] * unit_x[None, :])
-    miss = _column_misses(logits, jac, basis)
+    miss = label_columns(basis, logits, jac)[2].amin(dim=1)
     pushed = downstream.weight.to(torch.float64) @ unit_x.to(torch.float64)  # (m,) dz/dt
     windows: list[int] = []
     for k in torch.argsort(miss).tolist():
@@ -217,7 +217,7 @@ def scale_candidates(
     )
     fine = (grid[windows][:, None] * torch.exp(offsets)[None, :]).reshape(-1)
     logits, jac = downstream.logits_and_jacobians(fine[:, None] * unit_x[None, :])
-    miss = _column_misses(logits, jac, basis).reshape(len(windows), SCALE_ZOOM)
+    miss = label_columns(basis, logits, jac)[2].amin(dim=1).reshape(len(windows), SCALE_ZOOM)
     best = miss.argmin(dim=1) + SCALE_ZOOM * torch.arange(len(windows), device=miss.device)
     best = best[torch.argsort(miss.amin(dim=1))]
     starts: list[float] = []
@@ -225,7 +225,7 @@ def scale_candidates(
         if float(miss.reshape(-1)[k]) > SCALE_START_MISS:
             break
         t = float(fine[k])
-        meet = _meeting(basis, jac[k])
+        meet = _meeting(downstream, basis, jac[k])
         refined = _refine_scale(logits[k], jac[k], pushed, t, meet) if meet is not None else None
         # Gauss-Newton leaves the grid point's patterns only to drift (a flat softmax)
         near = refined is not None and abs(math.log(refined / t)) <= SCALE_STEP
@@ -233,25 +233,12 @@ def scale_candidates(
     return starts
 
 
-def _column_misses(logits: torch.Tensor, jac: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``(k,)`` relative distance from ``span(basis)`` ``(m, r)`` of each input's nearest
-    cross-entropy column ``J^T (softmax - e_y)`` (over labels ``y``), from the logits
-    ``(k, C)`` and Jacobians ``(k, C, m)`` there."""
-    p = torch.softmax(logits, dim=1)  # (k, C)
-    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-    targets = p[:, :, None] - eye[None]  # (k, C classes, C labels)
-    cols = jac.mT @ targets  # (k, m, C labels)
-    cols = cols / cols.norm(dim=1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
-    off = cols - basis @ (basis.T @ cols)
-    return off.norm(dim=1).amin(dim=1)
-
-
-def _meeting(basis: torch.Tensor, jac: torch.Tensor) -> torch.Tensor | None:
+def _meeting(downstream: Downstream, basis: torch.Tensor, jac: torch.Tensor) -> torch.Tensor | None:
     """``(m, 1)``: the unit vector of ``span(basis)`` nearest ``range(jac^T)`` (``jac``
     ``(C, m)``), or ``None`` when the range is empty."""
-    if not bool(jac.any()):
+    span = downstream.ranges_at(jac[None])[0]  # (m, c)
+    if span.shape[1] == 0:
         return None
-    span = torch.linalg.qr(jac.T).Q  # (m, C)
     u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)
     return basis @ u[:, :1]
 

@@ -61,6 +61,7 @@ class InputCone:
         t0 = time.perf_counter()
         stop = t0 + CONE_SHARE * max(0.0, problem.deadline - t0)
         before = state.found
+        reference = _reference_norm(problem, state)
         misses = tries = 0
         while misses < CONE_MISSES * (problem.rank - state.found) and time.perf_counter() < stop:
             remaining = problem.rank - state.found
@@ -85,9 +86,7 @@ class InputCone:
             coord_dir = space @ w  # (b,)
             basis = orthonormal_basis(res.left, remaining)
             scaled = None
-            for t in scale_candidates(
-                downstream, basis, coord_dir @ layer.right, _reference_norm(problem, state)
-            ):
+            for t in scale_candidates(downstream, basis, coord_dir @ layer.right, reference):
                 scaled = _plain_scale(problem, res, basis, coord_dir, t)
                 if scaled is not None:
                     break
@@ -104,6 +103,7 @@ class InputCone:
             res.directions.remove(grad / grad.norm())
             res.peel(coord, grad)
             state.bar.update(1)
+            reference = _reference_norm(problem, state)
             misses = 0
         peeled = state.found - before
         if tries == 0:
@@ -141,11 +141,12 @@ def _plain_scale(
     def at(log_t: float) -> tuple[float, torch.Tensor, torch.Tensor, float] | None:
         coord = math.exp(log_t) * coord_dir
         x = (coord @ layer.right)[None]
-        columns, miss = own_columns(downstream, basis, x)
+        jacobians = downstream.logits_and_jacobians(x)
+        columns, miss = own_columns(downstream, basis, x, jacobians)
         grad = scaled_grad(res, coord, columns[:, 0])
         if grad is None:
             return None
-        _, divisor = downstream.cross_entropy_fit(x, grad[:, None])
+        _, divisor = downstream.cross_entropy_fit(x, grad[:, None], jacobians)
         found = float(divisor[0])
         if not (math.isfinite(found) and found > 0):
             return None
