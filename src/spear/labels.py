@@ -67,7 +67,8 @@ class LabelResult:
     unseen:
         Examples a plain mean counts in its divisor beyond those recovered and those
         known to be missing: their gradients are too small to show in the update
-        (confidently classified, or zero), so its rank leaves them out.
+        (confidently classified, or zero), or combinations of the others' at the attacked
+        layer (too few units separate the batch), so its rank leaves them out.
     """
 
     labels: torch.Tensor
@@ -314,8 +315,10 @@ def _interpret(
         shown = int(multiplicity.sum()) + missing
         notes.append(
             f"the loss is a mean over {shown + unseen} examples and the update shows "
-            f"{shown}: {unseen} more examples' gradients are too small to show in it "
-            "(confidently classified, or zero), so they are not recovered and the batch is "
+            f"{shown}: {unseen} more examples do not show as examples of their own (their "
+            "gradients are too small to show, from confidently classified examples, or "
+            "they are combinations of the others' at the attacked layer, where too few "
+            "units separate the batch), so they are not recovered and the batch is "
             f"incomplete (or the update was scaled by {shown}/{shown + unseen})."
         )
     return LabelResult(labels, divisor, fit, reduction, multiplicity, sign, tol, notes, unseen)
