@@ -30,6 +30,12 @@ CONE_MISSES = 6
 #: An example's scale must be told from ``1 / c`` of it for these ``c``
 #: (:func:`_scale_pinned`).
 MERGED_COPIES = (2.0, 3.0)
+#: ... and from the scales whose divisors are a mean's over this many examples more or
+#: fewer than the update shows (:func:`_scale_pinned`).
+MISCOUNTED = (-1, 1)
+#: Two unit vertices are the same when their cosine is within this of 1 (vertices are
+#: refitted as kernels of their zero sets, so the same vertex comes back to roundoff).
+SAME_VERTEX = 1e-9
 #: Share of the time left that one run of the step may take.
 CONE_SHARE = 0.5
 #: Secant steps towards an example's plain cross-entropy divisor (:func:`_plain_scale`).
@@ -63,6 +69,7 @@ class InputCone:
         before = state.found
         reference = _reference_norm(problem, state)
         misses = tries = 0
+        tried: list[torch.Tensor] = []  # unit vertices that gave no example since a peel
         while misses < CONE_MISSES * (problem.rank - state.found) and time.perf_counter() < stop:
             remaining = problem.rank - state.found
             if remaining <= 0:
@@ -84,6 +91,9 @@ class InputCone:
                 misses += 1
                 continue
             coord_dir = space @ w  # (b,)
+            if _seen(tried, coord_dir):
+                misses += 1
+                continue
             basis = orthonormal_basis(res.left, remaining)
             scaled = None
             for t in scale_candidates(downstream, basis, coord_dir @ layer.right, reference):
@@ -104,6 +114,7 @@ class InputCone:
             res.peel(coord, grad)
             state.bar.update(1)
             reference = _reference_norm(problem, state)
+            tried.clear()
             misses = 0
         peeled = state.found - before
         if tries == 0:
@@ -116,6 +127,17 @@ class InputCone:
             seconds=time.perf_counter() - t0,
         )
         return StepReport(stats=record, progressed=peeled > 0)
+
+
+def _seen(tried: list[torch.Tensor], coord_dir: torch.Tensor) -> bool:
+    """Whether the vertex ``coord_dir`` ``(b,)`` is among the unit vertices ``tried``
+    (the linear programs' random objectives land on the same vertex again and again);
+    adds it when it is not."""
+    unit = coord_dir / coord_dir.norm()
+    if any(float(unit @ seen) >= 1.0 - SAME_VERTEX for seen in tried):
+        return True
+    tried.append(unit)
+    return False
 
 
 def _plain_scale(
@@ -162,7 +184,7 @@ def _plain_scale(
     prev: tuple[float, float] | None = None
     for _ in range(DIVISOR_ROUNDS):
         if abs(math.expm1(h)) <= settled:
-            pinned = miss <= limit and _scale_pinned(problem, basis, coord, limit)
+            pinned = miss <= limit and _scale_pinned(problem, basis, coord, plain, limit)
             return (coord, grad) if pinned else None
         slope = 1.0 if prev is None or h == prev[1] else (h - prev[1]) / (s - prev[0])
         step = max(-SCALE_STEP, min(SCALE_STEP, h / slope)) if slope != 0 else SCALE_STEP
@@ -176,22 +198,39 @@ def _plain_scale(
     return None
 
 
-def _scale_pinned(problem: Problem, basis: torch.Tensor, coord: torch.Tensor, limit: float) -> bool:
+def _scale_pinned(
+    problem: Problem,
+    basis: torch.Tensor,
+    coord: torch.Tensor,
+    log_divisor: float,
+    limit: float,
+) -> bool:
     """Whether the model after the layer, and not only the divisor, fixes the scale of
-    the example at ``coord`` ``(b,)``: at ``coord / c`` (:data:`MERGED_COPIES`) its own
-    column must leave ``span(basis)`` by far more than ``limit``.
+    the example at ``coord`` ``(b,)``: at the scales of the other divisors the update
+    could hold for it, its own column must leave ``span(basis)`` by far more than
+    ``limit`` (:data:`spear.linalg.KERNEL_GAP` times).
 
-    The divisor is made plain by the choice of the scale, so it is no evidence here: an
-    example the update shows counted ``c`` times (a duplicate, or in float32 two
-    examples whose columns agree to rounding) has the divisor ``b / c`` at its true
-    scale and ``b`` at ``c`` times it. Where the ReLU patterns and the softmax barely
-    change with the input's scale, both scales pass every other check.
+    The divisor (``exp(log_divisor)``, a plain mean's or sum's) is made plain by the
+    choice of the scale, so it is no evidence here, and the scale scales the divisor
+    (the column's size is fixed by the update). Two kinds of update give the same
+    example another divisor: one that counts it ``c`` times (a duplicate, or in float32
+    two examples whose columns agree to rounding) has ``b / c`` at its true scale, so the
+    scale is told from ``coord / c`` (:data:`MERGED_COPIES`); a mean over more or fewer
+    examples than the update shows (merged or unseen ones) has ``b +- 1``, so from
+    ``coord (b +- 1) / b`` (:data:`MISCOUNTED`). Where the softmax barely changes with
+    the input's scale, the true and the wrong scale pass every other check (measured on
+    Flower's untrained CNN, float32, b = 16 with two examples merged: an example at
+    15/16 of its scale passed the range test and the plain divisor of 15).
     """
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
-    x = torch.stack([(coord / c) @ layer.right for c in MERGED_COPIES])
-    _, miss = own_columns(downstream, basis, x)
-    return bool((miss > KERNEL_GAP * limit).all())
+    divisor = math.exp(log_divisor)
+    ratios = [1.0 / c for c in MERGED_COPIES]
+    if divisor > 1.5:
+        ratios += [(divisor + d) / divisor for d in MISCOUNTED]
+    x = torch.stack([(coord * r) @ layer.right for r in ratios])
+    _, other = own_columns(downstream, basis, x)
+    return bool((other > KERNEL_GAP * limit).all())
 
 
 def _reference_norm(problem: Problem, state: SearchState) -> float:
