@@ -48,9 +48,10 @@ class InputCone:
 
     Exact float64 one-step gradients with the model after the layer only: the scale of a
     vertex is fixed by checks whose tolerances follow the update's precision, and at
-    float32 rounding they do not rule out an example the update shows merged with
-    another (columns that agree to rounding, fact 12), which was measured to pass them
-    once in a batch of 16 of Flower's untrained CNN.
+    float32 rounding they tell its scale apart from nearby ones poorly. Where two
+    examples show merged (columns that agree to rounding, fact 12) the mean's divisor is
+    one above the update's rank, and an example at 15/16 of its scale was measured to
+    pass them (a batch of 16 of Flower's untrained CNN).
     """
 
     name = "input-cone"
