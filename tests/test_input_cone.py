@@ -79,14 +79,13 @@ def test_conv_features_exact_from_the_input_side(
     assert any(s.name == "input-cone" and s.found for s in rec.layer_result.solvers)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_a_merged_pair_is_no_example_of_the_input_side_in_float32(seed: int) -> None:
+def test_the_input_side_stays_out_of_float32_updates() -> None:
     # untrained Flower CNN, float32, b = 16, seed 2: examples 8 and 10 have the same label
     # and patterns after the layer, so their columns agree to float32 rounding and the
-    # update shows their mean once (rank 15, mean divisor 16). The input side then finds
-    # examples whose plain divisor of 15 is met at 15/16 of their scale; its scale checks
-    # must turn those down. What comes back is exact, except the merged pair, which comes
-    # back as its mean, counted twice, and keeps the result from being verified
+    # update shows their mean once (rank 15, divisor b / 2). At float32's tolerances the
+    # input side's scale checks do not rule such an example out, so it does not run on
+    # float32 updates. What comes back is exact, except the merged pair, which comes back
+    # as its mean, counted twice, and keeps the result from being verified
     net = build_cnn("flower-cnn", 2, dtype=torch.float32)
     images, labels = sample_batch(rgb_patches(1000, seed=0).subset(500), 16, seed=3)
     images = images.to(torch.float32)
@@ -94,10 +93,10 @@ def test_a_merged_pair_is_no_example_of_the_input_side_in_float32(seed: int) -> 
     with torch.no_grad():
         truth = net.features(images).to(torch.float64)  # type: ignore[operator]
     rec = spear.attack(
-        net, update, seed=seed, batch_size=16, time_budget=40, progress=False, image_budget=0
+        net, update, seed=2, batch_size=16, time_budget=30, progress=False, image_budget=0
     )
     assert rec.layer_result is not None
-    assert any(s.name == "input-cone" for s in rec.layer_result.solvers)
+    assert not any(s.name == "input-cone" for s in rec.layer_result.solvers)
     k = rec.inputs.shape[0]
     if k == 0:
         return

@@ -159,7 +159,6 @@ def run_round(problem: Problem, state: SearchState, steps: Sequence[Step]) -> St
     one ended the search."""
     progressed = searching = False
     state.round_start = (state.found, len(state.pool))
-    state.round_began = time.perf_counter()
     for step in steps:
         report = _run_step(problem, state, step)
         progressed = progressed or report.progressed

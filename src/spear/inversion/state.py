@@ -51,13 +51,6 @@ class SearchState:
         Name of the step running (or last run).
     round_start:
         Examples found and directions pooled when the current round began.
-    round_began:
-        ``time.perf_counter()`` when the current round began.
-    cone_idle:
-        Runs of the input-cone step since it last peeled an example.
-    cone_generator:
-        The input-cone step's own random stream (seeded from the request's seed when it
-        first runs), so that it leaves the other steps' draws as they are.
     """
 
     residual: Residual
@@ -76,9 +69,6 @@ class SearchState:
     tentatives: list[torch.Tensor] = field(default_factory=list)
     tentatives_at: int = 0
     round_start: tuple[int, int] = (0, 0)
-    round_began: float = 0.0
-    cone_idle: int = 0
-    cone_generator: torch.Generator | None = None
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:

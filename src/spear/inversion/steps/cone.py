@@ -36,24 +36,8 @@ MISCOUNTED = (-1, 1)
 #: Two unit vertices are the same when their cosine is within this of 1 (vertices are
 #: refitted as kernels of their zero sets, so the same vertex comes back to roundoff).
 SAME_VERTEX = 1e-9
-#: Below float64, the example's own column at the other scales must leave the span by
-#: this many ``limit``\ s (and :data:`spear.linalg.KERNEL_GAP` times its miss at the chosen
-#: scale) rather than by ``KERNEL_GAP`` ``limit``\ s (:func:`_scale_pinned`): float32's
-#: ``limit`` is set by its rounding, and a true example's column was measured only 57
-#: ``limit``\ s out at ``(b +- 1) / b`` of its scale (Flower's trained CNN, b = 32).
-ROUNDED_PIN = 10.0
-#: The step runs on one-step gradients of this precision or finer (float32, float64).
-CONE_EPS = float(torch.finfo(torch.float32).eps)
 #: Share of the time left that one run of the step may take.
 CONE_SHARE = 0.5
-#: Below float64 one run of the step takes at most this many times what the round's
-#: other steps took before it, halved for each run in a row that peeled nothing and
-#: renewed by each example it peels: there few vertices may give an example (none of 114
-#: scaled on the trained VGG-style CNN at b = 32, float32), and long runs take the time
-#: in which sampling gathers the tentative columns that complete the batch (measured
-#: there: 6 of 32 in 60 s with runs of half the time left, 31 of 32 on one of four
-#: attack seeds without the step).
-CONE_PARITY = 1.0
 #: Secant steps towards an example's plain cross-entropy divisor (:func:`_plain_scale`).
 DIVISOR_ROUNDS = 20
 
@@ -62,13 +46,14 @@ class InputCone:
     """Peel examples found as vertices of the input cone, in rounds where the other steps
     neither peeled an example nor pooled a direction; leaves a record when it runs.
 
-    One-step gradients of float32 or finer precision with the model after the layer
-    only: the scale of a vertex is fixed by checks whose tolerances follow the update's
-    precision. Below float64 they tell a scale from nearby ones less sharply (where two
-    examples show merged, fact 12, the mean's divisor is one above the update's rank and
-    an example at 15/16 of its scale passes the range test and the rank's divisor), so
-    there the scale must clear :data:`ROUNDED_PIN` limits (:func:`_scale_pinned`), and a
-    run of the step is bounded by :data:`CONE_PARITY` times the round's other steps.
+    Exact float64 one-step gradients with the model after the layer only: the scale of a
+    vertex is fixed by checks whose tolerances follow the update's precision, and at
+    float32 rounding they tell its scale apart from nearby ones poorly. Where two
+    examples show merged (columns that agree to rounding, fact 12) the mean's divisor is
+    one above the update's rank, and an example at 15/16 of its scale was measured to
+    pass them (a batch of 16 of Flower's untrained CNN); a vertex that was no example
+    (1 - cos = 1e-3 to the nearest, on the untrained VGG-style CNN at b = 16) passed the
+    range test as closely as the true examples beside it.
     """
 
     name = "input-cone"
@@ -78,25 +63,17 @@ class InputCone:
         missing examples fail in a row, or the step's share of the time is spent."""
         downstream, layer = problem.downstream, problem.layer
         moving = state.found > state.round_start[0] or len(state.pool) > state.round_start[1]
-        if downstream is None or layer is None or moving or problem.eps > CONE_EPS:
+        if downstream is None or layer is None or moving or not exact_precision(problem.eps):
             return StepReport()
         certify = certified_alone(problem)
         assert certify is not None
         t0 = time.perf_counter()
         stop = t0 + CONE_SHARE * max(0.0, problem.deadline - t0)
-        slice_ = (
-            None
-            if exact_precision(problem.eps)
-            else math.ldexp(CONE_PARITY * (t0 - state.round_began), -min(state.cone_idle, 64))
-        )
-        end = stop if slice_ is None else min(stop, t0 + slice_)
         before = state.found
         reference = _reference_norm(problem, state)
         misses = tries = 0
         tried: list[torch.Tensor] = []  # unit vertices that gave no example since a peel
-        while misses < CONE_MISSES * (problem.rank - state.found) and time.perf_counter() < (
-            end if tries else stop
-        ):
+        while misses < CONE_MISSES * (problem.rank - state.found) and time.perf_counter() < stop:
             remaining = problem.rank - state.found
             if remaining <= 0:
                 break
@@ -112,7 +89,7 @@ class InputCone:
             rows = layer.right.T @ space  # (n, r)
             norms = rows.norm(dim=1)
             live_in = norms > problem.tol.zero_tol * float(norms.max())
-            w = cone_vertex(rows[live_in], _generator(problem, state), problem.tol.zero_tol)
+            w = cone_vertex(rows[live_in], problem.generator, problem.tol.zero_tol)
             if w is None:
                 misses += 1
                 continue
@@ -142,14 +119,9 @@ class InputCone:
             reference = _reference_norm(problem, state)
             tried.clear()
             misses = 0
-            if slice_ is not None:
-                end = min(stop, time.perf_counter() + slice_)
         peeled = state.found - before
         if tries == 0:
             return StepReport()
-        state.cone_idle = 0 if peeled else state.cone_idle + 1
-        # cut by the clock rather than by misses: there is more to try in a later round
-        cut = misses < CONE_MISSES * (problem.rank - state.found) and problem.rank > state.found
         record = SolverStats(
             self.name,
             samples=tries,
@@ -157,15 +129,7 @@ class InputCone:
             found=peeled,
             seconds=time.perf_counter() - t0,
         )
-        return StepReport(stats=record, progressed=peeled > 0, searching=cut)
-
-
-def _generator(problem: Problem, state: SearchState) -> torch.Generator:
-    """The step's own random stream (:attr:`SearchState.cone_generator`)."""
-    if state.cone_generator is None:
-        state.cone_generator = torch.Generator(device=problem.device)
-        state.cone_generator.manual_seed(problem.request.seed)
-    return state.cone_generator
+        return StepReport(stats=record, progressed=peeled > 0)
 
 
 def _seen(tried: list[torch.Tensor], coord_dir: torch.Tensor) -> bool:
@@ -223,7 +187,7 @@ def _plain_scale(
     prev: tuple[float, float] | None = None
     for _ in range(DIVISOR_ROUNDS):
         if abs(math.expm1(h)) <= settled:
-            pinned = miss <= limit and _scale_pinned(problem, basis, coord, plain, limit, miss)
+            pinned = miss <= limit and _scale_pinned(problem, basis, coord, plain, limit)
             return (coord, grad) if pinned else None
         slope = 1.0 if prev is None or h == prev[1] else (h - prev[1]) / (s - prev[0])
         step = max(-SCALE_STEP, min(SCALE_STEP, h / slope)) if slope != 0 else SCALE_STEP
@@ -243,14 +207,11 @@ def _scale_pinned(
     coord: torch.Tensor,
     log_divisor: float,
     limit: float,
-    miss: float,
 ) -> bool:
     """Whether the model after the layer, and not only the divisor, fixes the scale of
     the example at ``coord`` ``(b,)``: at the scales of the other divisors the update
     could hold for it, its own column must leave ``span(basis)`` by far more than
-    ``limit`` (:data:`spear.linalg.KERNEL_GAP` times in float64; below it
-    :data:`ROUNDED_PIN` times, and ``KERNEL_GAP`` times the column's ``miss`` at
-    ``coord``).
+    ``limit`` (:data:`spear.linalg.KERNEL_GAP` times).
 
     The divisor (``exp(log_divisor)``, a plain mean's or sum's) is made plain by the
     choice of the scale, so it is no evidence here, and the scale scales the divisor
@@ -272,11 +233,7 @@ def _scale_pinned(
         ratios += [(divisor + d) / divisor for d in MISCOUNTED]
     x = torch.stack([(coord * r) @ layer.right for r in ratios])
     _, other = own_columns(downstream, basis, x)
-    if exact_precision(problem.eps):
-        margin = KERNEL_GAP * limit
-    else:
-        margin = max(ROUNDED_PIN * limit, KERNEL_GAP * miss)
-    return bool((other > margin).all())
+    return bool((other > KERNEL_GAP * limit).all())
 
 
 def _reference_norm(problem: Problem, state: SearchState) -> float:
