@@ -27,6 +27,7 @@ from spear.inversion.problem import Problem
 from spear.inversion.state import SearchState
 from spear.linalg import TINY_NORM, zero_mask
 from spear.solvers.polish import live_rows
+from spear.verify import exact_precision
 
 __all__ = ["NEAR_FULL_RANK", "identifiability_note", "near_full_rank_note"]
 
@@ -100,6 +101,13 @@ def _input_side(problem: Problem, state: SearchState) -> str:
     of the recovered examples' inputs (fact 13); empty when the step did not run."""
     tries = sum(record.samples for record in state.stats if record.name == "input-cone")
     layer = problem.layer
+    if not tries and _input_side_skipped(problem):
+        return (
+            " The input side (examples singled out by the zeros of nonnegative inputs, "
+            f"such as pooled conv features) runs on float64 updates only, not on "
+            f"{problem.in_dtype}: at that precision its checks let through inputs that "
+            "are no example."
+        )
     if not tries or layer is None:
         return ""
     text = (
@@ -115,6 +123,17 @@ def _input_side(problem: Problem, state: SearchState) -> str:
             f"{int(zeros.max())} of the {inputs.shape[1]} coordinates"
         )
     return text + "."
+
+
+def _input_side_skipped(problem: Problem) -> bool:
+    """Whether the input side would have run on this one-step gradient but for its
+    precision (docs/algorithm.md, fact 13: it runs on exact float64 updates only)."""
+    return (
+        problem.downstream is not None
+        and problem.layer is not None
+        and not problem.noisy
+        and not exact_precision(problem.eps)
+    )
 
 
 def near_full_rank_note(rank: int, live: int) -> str | None:
