@@ -8,25 +8,68 @@ SGD steps (lr 0.05, mini-batches of 32) on the other half (:func:`spear.networks
 Prints a Markdown table: features exact (max abs error below 1e-6 of the batch's scale in
 float64, 1e-3 in float32), labels right, seconds, whether the layer's result is verified,
 and ``false`` verifications (a verified result holding an example that is not exact).
-Examples::
+``--singled-out`` adds how many examples the zero sets of the true gradient columns, of
+the true inputs of ``fc1``, and of both single out as examples are peeled
+(:func:`spear.metrics.singled_out`, on a float64 copy of the network and batch): what
+an attack that reads zero sets could recover. Examples::
 
     python benchmarks/bench_cnn.py
     python benchmarks/bench_cnn.py --models vgg --batch-sizes 8,16 --dtypes float32
+    python benchmarks/bench_cnn.py --batch-sizes 32 --dtypes float64 --seed 1 --singled-out
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from typing import Any
 
+import torch
+
+
+def singled_out_counts(
+    net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[int, int, int]:
+    """Examples of the batch ``images`` ``(b, 3, 32, 32)`` singled out by the zero sets of
+    ``fc1``'s true gradient columns, of its true inputs, and of both (float64)."""
+    from spear import metrics
+
+    net = copy.deepcopy(net).to(torch.float64)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        out.retain_grad()
+        seen["x"], seen["z"] = args[0], out
+
+    fc1 = net.fc1
+    assert isinstance(fc1, torch.nn.Module)
+    handle = fc1.register_forward_hook(keep)
+    try:
+        loss = torch.nn.functional.cross_entropy(net(images.to(torch.float64)), labels)
+        loss.backward()
+    finally:
+        handle.remove()
+    grad = seen["z"].grad
+    assert grad is not None
+    columns, inputs = grad.detach().T, seen["x"].detach().reshape(images.shape[0], -1)
+    return (
+        sum(metrics.singled_out(columns, read="columns")),
+        sum(metrics.singled_out(columns, inputs, read="inputs")),
+        sum(metrics.singled_out(columns, inputs)),
+    )
+
 
 def run_case(
-    model_name: str, trained: bool, dtype_name: str, b: int, seed: int, budget: float
+    model_name: str,
+    trained: bool,
+    dtype_name: str,
+    b: int,
+    seed: int,
+    budget: float,
+    singled: bool = False,
 ) -> dict[str, Any]:
     """One attack; its measurements."""
-    import torch
-
     import spear
     from spear import metrics
     from spear.client import fedsgd_update
@@ -47,6 +90,7 @@ def run_case(
     with torch.no_grad():
         truth = net.features(images).to(torch.float64)
     tol = 1e-6 if dtype == torch.float64 else 1e-3
+    singled_counts = singled_out_counts(net, images, labels) if singled else None
     start = time.perf_counter()
     try:
         rec = spear.attack(
@@ -61,6 +105,7 @@ def run_case(
             "false": False,
             "found": 0,
             "note": str(err)[:80],
+            "singled": singled_counts,
         }
     seconds = time.perf_counter() - start
     found = rec.inputs.reshape(rec.inputs.shape[0], truth.shape[1]).to(torch.float64)
@@ -86,6 +131,7 @@ def run_case(
         "false": verified and not all_exact,
         "found": k,
         "note": note,
+        "singled": singled_counts,
     }
 
 
@@ -99,23 +145,39 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=60.0, help="time budget per attack, s")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--notes", action="store_true", help="print the attack's note per case")
+    parser.add_argument(
+        "--singled-out",
+        action="store_true",
+        help="add the examples the true zero sets single out (gradient columns / inputs / both)",
+    )
     args = parser.parse_args()
-    import torch
-
     torch.set_num_threads(args.threads)
-    print("| b | model | trained | dtype | features exact | labels | seconds | verified | false |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " singled out (columns / inputs / both) |" if args.singled_out else ""
+    print(
+        "| b | model | trained | dtype | features exact | labels | seconds | verified | false |"
+        + extra
+    )
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
     for model_name in args.models.split(","):
         for trained in args.trained.split(","):
             for dtype_name in args.dtypes.split(","):
                 for b in (int(v) for v in args.batch_sizes.split(",")):
                     r = run_case(
-                        model_name, trained == "yes", dtype_name, b, args.seed, args.budget
+                        model_name,
+                        trained == "yes",
+                        dtype_name,
+                        b,
+                        args.seed,
+                        args.budget,
+                        args.singled_out,
                     )
+                    counts = r["singled"]
+                    cell = "" if counts is None else " {} / {} / {} |".format(*counts)
                     print(
                         f"| {b} | {model_name} | {trained} | {dtype_name} | {r['exact']:.3f} | "
                         f"{r['labels']:.3f} | {r['seconds']:.1f} | "
-                        f"{'yes' if r['verified'] else 'no'} | {'YES' if r['false'] else 'no'} |",
+                        f"{'yes' if r['verified'] else 'no'} | {'YES' if r['false'] else 'no'} |"
+                        + cell,
                         flush=True,
                     )
                     if args.notes and r["note"]:

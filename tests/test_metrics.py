@@ -23,6 +23,7 @@ from spear.metrics import (
     label_accuracy,
     match,
     psnr,
+    singled_out,
     ssim,
     summarize,
 )
@@ -256,3 +257,38 @@ def test_metrics_available_after_a_plain_import_spear() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[1, 0] [0, 2]"
+
+
+def test_singled_out_reads_inputs_zero_sets() -> None:
+    # four nonnegative inputs of a layer, each zero on coordinates that leave the other
+    # three a plane: the inputs single every one out, the columns (no zeros) none
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0, 2.0], [0, 0, 1, 0, 3], [0, 1, 0, 0, 1], [1, 0, 0, 0, 5]])
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).abs() + 0.1
+    assert singled_out(g, x, read="inputs") == [4]
+    assert singled_out(g, read="columns") == []
+    assert singled_out(g, x) == [4]
+
+
+def test_singled_out_needs_distinct_examples() -> None:
+    # a repeated input: the copies' equal rows take a dimension from every zero set, so
+    # no example is singled out by the inputs; without the copy all three are
+    x = torch.tensor([[0.0, 1.0, 2.0, 1.0], [0, 1, 2, 1], [1, 0, 0, 3], [2, 0, 1, 0]])
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)).abs() + 0.1
+    assert singled_out(g, x, read="inputs") == []
+    assert sum(singled_out(g[:, 1:], x[1:], read="inputs")) == 3
+
+
+def test_singled_out_dependent_columns_count_units_of_their_own() -> None:
+    # three examples whose columns span two dimensions: the update shows two terms, and
+    # only the example alone on a unit counts, whatever the inputs' zeros
+    g = torch.tensor([[1.0, 0.0, 0.0], [0, 1, 1], [0, 2, 2], [0, 1, 1]])
+    x = torch.eye(3)
+    assert singled_out(g, x) == [1]
+
+
+def test_singled_out_checks_its_arguments() -> None:
+    g = torch.ones(4, 3)
+    with pytest.raises(ValueError, match="needs inputs"):
+        singled_out(g)
+    with pytest.raises(ValueError, match="columns show 3 examples but inputs 2"):
+        singled_out(g, torch.ones(2, 5))
