@@ -34,25 +34,10 @@ def singled_out_counts(
     """Examples of the batch ``images`` ``(b, 3, 32, 32)`` singled out by the zero sets of
     ``fc1``'s true gradient columns, of its true inputs, and of both (float64)."""
     from spear import metrics
+    from spear.client import layer_truth
 
-    net = copy.deepcopy(net).to(torch.float64)
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(_: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        out.retain_grad()
-        seen["x"], seen["z"] = args[0], out
-
-    fc1 = net.fc1
-    assert isinstance(fc1, torch.nn.Module)
-    handle = fc1.register_forward_hook(keep)
-    try:
-        loss = torch.nn.functional.cross_entropy(net(images.to(torch.float64)), labels)
-        loss.backward()
-    finally:
-        handle.remove()
-    grad = seen["z"].grad
-    assert grad is not None
-    columns, inputs = grad.detach().T, seen["x"].detach().reshape(images.shape[0], -1)
+    double = copy.deepcopy(net).to(torch.float64)
+    inputs, columns = layer_truth(double, "fc1", images.to(torch.float64), labels)
     return (
         sum(metrics.singled_out(columns, read="columns")),
         sum(metrics.singled_out(columns, inputs, read="inputs")),

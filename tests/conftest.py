@@ -1,8 +1,9 @@
 """Shared fixtures and helpers for the core tests: real images, float64 MLPs, true gradients.
 
 Everything that knows the truth lives here (the attack never sees it): FedSGD gradients
-computed with ``torch.autograd``, the true gradient at a layer's pre-activations (via
-``retain_grad``), and an order-free matcher that compares a reconstruction with the truth.
+computed with ``torch.autograd``, the true gradient at a layer's pre-activations
+(:func:`spear.client.layer_truth`), and an order-free matcher that compares a
+reconstruction with the truth.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from spear.client import layer_truth
 from spear.downstream import Downstream
 from spear.inversion.problem import STRICT_COMPLETE_SOLVES, Problem, Request
 from spear.linalg import Factorisation, Tolerances, factorise, orthonormal_basis
@@ -91,24 +93,11 @@ def layer_io(
     y: torch.Tensor,
     reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The TRUE inputs ``(b, n)`` of ``layer`` and the gradient ``(m, b)`` at its outputs."""
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        store["in"] = inputs[0].detach().clone()
-        out.retain_grad()
-        store["out"] = out
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        loss = nn.functional.cross_entropy(model(x), y, reduction=reduction)
-        loss.backward()
-    finally:
-        handle.remove()
-        model.zero_grad(set_to_none=True)
-    grad = store["out"].grad
-    assert grad is not None
-    return store["in"], grad.detach().T.clone()
+    """The TRUE inputs ``(b, n)`` of ``layer`` and the gradient ``(m, b)`` at its outputs
+    (:func:`spear.client.layer_truth`)."""
+    name = next(n for n, module in model.named_modules() if module is layer)
+    assert reduction in ("mean", "sum")
+    return layer_truth(model, name, x, y, reduction="mean" if reduction == "mean" else "sum")
 
 
 @dataclass

@@ -89,7 +89,7 @@ def test_fedsgd_matches_autograd_and_leaves_model(reduction: str) -> None:
     model = mlp(SIZES)
     x, y = _batch(5)
     before = _snapshot(model)
-    update = client.fedsgd_update(model, x, y, reduction=reduction)  # type: ignore[arg-type]
+    update = client.fedsgd_update(model, x, y, reduction=reduction)
     _assert_unchanged(model, before)
     assert list(update) == [name for name, _ in model.named_parameters()]
     assert all(not g.requires_grad and g.dtype == torch.float64 for g in update.values())
@@ -143,7 +143,7 @@ def test_bad_inputs_are_reported() -> None:
     with pytest.raises(InputError, match="Cast with"):
         client.fedsgd_update(model, x.float(), y)
     with pytest.raises(InputError, match="reduction"):
-        client.fedsgd_update(model, x, y, reduction="max")  # type: ignore[arg-type]
+        client.fedsgd_update(model, x, y, reduction="max")
     with pytest.raises(InputError, match="epochs"):
         client.fedavg_update(model, x, y, epochs=0)
     with pytest.raises(InputError, match="lr"):
@@ -359,7 +359,7 @@ def test_aggregate_errors() -> None:
     with pytest.raises(InputError, match="non-empty list"):
         client.aggregate([])
     with pytest.raises(InputError, match="non-empty list"):
-        client.aggregate(update)  # type: ignore[arg-type]
+        client.aggregate(update)
     missing = {n: g for n, g in update.items() if n != "3.bias"}
     with pytest.raises(InputError, match=r"missing \['3.bias'\]"):
         client.aggregate([update, missing])
@@ -391,4 +391,24 @@ def test_check_update_messages() -> None:
     with pytest.raises(InputError, match="not tensors"):
         client.check_update(model, dict(good, **{"1.bias": [0.0] * 12}))  # type: ignore[dict-item]
     with pytest.raises(InputError, match="mapping"):
-        client.check_update(model, list(good.values()))  # type: ignore[arg-type]
+        client.check_update(model, list(good.values()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_layer_truth_factors_the_layers_update(reduction: str) -> None:
+    # columns @ inputs is the layer's FedSGD weight gradient, the model is untouched, and
+    # an unknown layer name lists the linear layers there are
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 4, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs, columns = client.layer_truth(model, "1", x, y, reduction=reduction)
+    assert inputs.shape == (5, 12) and columns.shape == (7, 5)
+    update = client.fedsgd_update(model, x, y, reduction=reduction)
+    torch.testing.assert_close(columns @ inputs, update["1.weight"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(columns.sum(dim=1), update["1.bias"], rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(InputError, match=r"'fc9' is not a module.*\['1', '3'\]"):
+        client.layer_truth(model, "fc9", x, y)

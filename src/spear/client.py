@@ -11,6 +11,8 @@ modified) and returns an *update*: a ``dict`` parameter-name -> tensor keyed exa
   clipped to ``max_grad_norm``, summed, Gaussian noise added, divided by the batch size;
   with the privacy spent ``(epsilon, delta)`` from Opacus's RDP accountant.
 * :func:`aggregate` -- the secure-aggregation sum of several clients' updates.
+* :func:`layer_truth` -- for evaluation: the true inputs of one layer and the gradients
+  at its outputs, the two factors of its FedSGD weight update.
 * :func:`check_update` -- does an update fit a model (names and shapes)? (defined in
   :mod:`spear.update`)
 
@@ -47,6 +49,7 @@ __all__ = [
     "dp_sgd_update",
     "fedavg_update",
     "fedsgd_update",
+    "layer_truth",
 ]
 
 #: ``loss_fn(outputs (b, ...), labels (b, ...)) -> per-example losses (b,)``.
@@ -235,6 +238,69 @@ def fedsgd_update(
     local = copy.deepcopy(model)
     loss = _reduce(_per_example_loss(local, inputs, labels, loss_fn), reduction)
     return _gradients(local, loss)
+
+
+def layer_truth(
+    model: nn.Module,
+    layer: str,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reduction: Reduction = "mean",
+    loss_fn: LossFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of a linear layer's FedSGD weight update, from the client's batch:
+    what an exact attack on that layer recovers, to evaluate it against
+    (:func:`spear.metrics.singled_out`, :func:`spear.metrics.match`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model the server sent; not modified (a deep copy runs the batch).
+    layer : str
+        The layer's name in ``model.named_modules()`` (e.g. ``"fc1"``).
+    inputs, labels, reduction, loss_fn
+        As for :func:`fedsgd_update`.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        The layer's inputs ``(b, n)`` (flattened per example) and the gradients of the
+        loss at its outputs ``(m, b)``, one column per example: the layer's weight
+        gradient is ``columns @ inputs``.
+
+    Raises
+    ------
+    InputError
+        What :func:`fedsgd_update` raises, and a ``layer`` that is not a module of
+        ``model``.
+    """
+    _check_batch(model, inputs, labels, custom_loss=loss_fn is not None)
+    if reduction not in _REDUCTIONS:
+        raise InputError(f"reduction must be one of {_REDUCTIONS}, found {reduction!r}.")
+    local = copy.deepcopy(model)
+    modules = dict(local.named_modules())
+    if layer not in modules or not layer:
+        names = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+        raise InputError(
+            f"layer {layer!r} is not a module of the model; its linear layers are {names}."
+        )
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        out.retain_grad()
+        seen["inputs"], seen["outputs"] = args[0], out
+
+    handle = modules[layer].register_forward_hook(keep)
+    try:
+        loss = _reduce(_per_example_loss(local, inputs, labels, loss_fn), reduction)
+        loss.backward()
+    finally:
+        handle.remove()
+    grad = seen["outputs"].grad
+    assert grad is not None
+    b = inputs.shape[0]
+    return seen["inputs"].detach().reshape(b, -1), grad.detach().reshape(b, -1).T
 
 
 def fedavg_update(
