@@ -25,6 +25,7 @@ import torch
 
 from spear.inversion.problem import Problem
 from spear.inversion.state import SearchState
+from spear.inversion.steps.cone import has_input_side
 from spear.linalg import TINY_NORM, zero_mask
 from spear.solvers.polish import live_rows
 from spear.verify import exact_precision
@@ -101,7 +102,7 @@ def _input_side(problem: Problem, state: SearchState) -> str:
     of the recovered examples' inputs (fact 13); empty when the step did not run."""
     tries = sum(record.samples for record in state.stats if record.name == "input-cone")
     layer = problem.layer
-    if not tries and _input_side_skipped(problem):
+    if not tries and has_input_side(problem) and not exact_precision(problem.eps):
         return (
             " The input side (examples singled out by the zeros of nonnegative inputs, "
             f"such as pooled conv features) runs on float64 updates only, not on "
@@ -123,17 +124,6 @@ def _input_side(problem: Problem, state: SearchState) -> str:
             f"{int(zeros.max())} of the {inputs.shape[1]} coordinates"
         )
     return text + "."
-
-
-def _input_side_skipped(problem: Problem) -> bool:
-    """Whether the input side would have run on this one-step gradient but for its
-    precision (docs/algorithm.md, fact 13: it runs on exact float64 updates only)."""
-    return (
-        problem.downstream is not None
-        and problem.layer is not None
-        and not problem.noisy
-        and not exact_precision(problem.eps)
-    )
 
 
 def near_full_rank_note(rank: int, live: int) -> str | None:

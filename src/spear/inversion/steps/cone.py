@@ -21,7 +21,7 @@ from spear.results import SolverStats
 from spear.solvers.polish import live_rows
 from spear.verify import exact_precision, pattern_check
 
-__all__ = ["CONE_MISSES", "InputCone"]
+__all__ = ["CONE_MISSES", "InputCone", "has_input_side"]
 
 #: The step stops for the round after this many vertices in a row per missing example
 #: give no example (the inputs are not nonnegative, or most vertices are not examples: it
@@ -40,6 +40,13 @@ SAME_VERTEX = 1e-9
 CONE_SHARE = 0.5
 #: Secant steps towards an example's plain cross-entropy divisor (:func:`_plain_scale`).
 DIVISOR_ROUNDS = 20
+
+
+def has_input_side(problem: Problem) -> bool:
+    """Whether the input side can scale and check vertices here: the model after the
+    layer is known (an exact one-step gradient with the layer's weights), whatever the
+    precision; :class:`InputCone` runs only where it is also float64."""
+    return problem.downstream is not None and problem.layer is not None
 
 
 class InputCone:
@@ -63,8 +70,9 @@ class InputCone:
         missing examples fail in a row, or the step's share of the time is spent."""
         downstream, layer = problem.downstream, problem.layer
         moving = state.found > state.round_start[0] or len(state.pool) > state.round_start[1]
-        if downstream is None or layer is None or moving or not exact_precision(problem.eps):
+        if not has_input_side(problem) or moving or not exact_precision(problem.eps):
             return StepReport()
+        assert downstream is not None and layer is not None
         certify = certified_alone(problem)
         assert certify is not None
         t0 = time.perf_counter()
