@@ -130,14 +130,17 @@ def _measure_images(
         out.labels = round(correct)
 
 
-def _measure_features(out: Outcome, rec: Reconstruction, features: torch.Tensor) -> None:
-    """Count ``rec``'s exact feature vectors against ``features`` ``(b, n)``."""
+def _measure_features(
+    out: Outcome, rec: Reconstruction, features: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """Count ``rec``'s exact feature vectors against ``features`` ``(b, n)``, at the
+    tolerance of the update's ``dtype`` (the features come back in float64 either way)."""
     found = rec.inputs.detach().to(torch.float64)
     out.features = 0
     if found.shape[0] == 0:
         return
     matching = metrics.match(found, features)
-    tol = FEATURE_TOL if rec.inputs.dtype != torch.float64 else metrics.DEFAULT_REL_TOL
+    tol = FEATURE_TOL if dtype != torch.float64 else metrics.DEFAULT_REL_TOL
     exact = metrics.exact_rate(found, features, rel_tol=tol, matching=matching)
     out.features = round(exact * features.shape[0])
 
@@ -194,7 +197,7 @@ def run_case(
     if rec.feature_space:
         features_of: Callable[[torch.Tensor], torch.Tensor] = model.features  # type: ignore[assignment]
         with torch.no_grad():
-            _measure_features(out, rec, features_of(images).to(torch.float64))
+            _measure_features(out, rec, features_of(images).to(torch.float64), images.dtype)
         counts = rec.multiplicity
         if counts is not None and counts.shape[0] > rec.images_from_features:
             counts = None

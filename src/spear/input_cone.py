@@ -19,7 +19,9 @@ in the column space of the update. :func:`scale_candidates` finds scales near wh
 does; the inversion step (:mod:`spear.inversion.steps.cone`) fixes the scale by the
 cross-entropy divisor and peels the example only once it passes the checks a row-peeled
 example passes (its pattern, the range of its Jacobian, and the divisor of a plain mean
-or sum).
+or sum). Below float64 those checks are too coarse to fix a scale, and one vertex per
+missing example gives their gradient directions instead (:func:`directions_from_inputs`),
+whose scales the bias gradient fixes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "SCALE_START_MISS",
     "SCALE_STEP",
     "cone_vertex",
+    "directions_from_inputs",
     "residual_row_space",
     "scale_candidates",
 ]
@@ -159,6 +162,19 @@ def cone_vertex(
     if float(values.min()) < -zero_tol * float(values.abs().max()):
         return None
     return refit
+
+
+def directions_from_inputs(left: torch.Tensor, vertices: list[torch.Tensor]) -> torch.Tensor:
+    """``(m, r)``: the gradient columns, up to their scales, of the ``r`` examples whose
+    row-space coordinates ``vertices`` ``(b,)`` are given up to theirs, from the residual
+    ``left`` ``(m, b)`` of rank ``r``.
+
+    ``left = G C`` with the coordinates ``C`` ``(r, b)`` as rows and the gradient columns
+    ``G`` ``(m, r)``; scaling a row of ``C`` by ``s`` scales its column of ``G`` by
+    ``1 / s``, so ``left C^+`` has the exact directions of ``G``'s columns whatever the
+    vertices' scales.
+    """
+    return left @ torch.linalg.pinv(torch.stack(vertices))
 
 
 def scale_candidates(

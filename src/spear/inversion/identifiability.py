@@ -102,12 +102,17 @@ def _input_side(problem: Problem, state: SearchState) -> str:
     of the recovered examples' inputs (fact 13); empty when the step did not run."""
     tries = sum(record.samples for record in state.stats if record.name == "input-cone")
     layer = problem.layer
-    if not tries and has_input_side(problem) and not exact_precision(problem.eps):
+    if (
+        not tries
+        and has_input_side(problem)
+        and not exact_precision(problem.eps)
+        and problem.bias_grad is None
+    ):
         return (
             " The input side (examples singled out by the zeros of nonnegative inputs, "
-            f"such as pooled conv features) runs on float64 updates only, not on "
-            f"{problem.in_dtype}: at that precision its checks let through inputs that "
-            "are no example."
+            f"such as pooled conv features) needs the layer's bias gradient on "
+            f"{problem.in_dtype} updates (it fixes the examples' scales there), and this "
+            "layer has none."
         )
     if not tries or layer is None:
         return ""

@@ -51,6 +51,10 @@ class SearchState:
         Name of the step running (or last run).
     round_start:
         Examples found and directions pooled when the current round began.
+    cone_taken:
+        Below float64, the input side's vertices taken so far (its unit coordinates
+        ``(b,)`` and the rough peel ``(coord (b,), grad (m,))`` of each), valid while
+        ``cone_taken_at`` examples are found (:mod:`spear.inversion.steps.cone`).
     """
 
     residual: Residual
@@ -69,6 +73,8 @@ class SearchState:
     tentatives: list[torch.Tensor] = field(default_factory=list)
     tentatives_at: int = 0
     round_start: tuple[int, int] = (0, 0)
+    cone_taken: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    cone_taken_at: int = -1
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:

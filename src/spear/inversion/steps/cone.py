@@ -1,22 +1,32 @@
 """Input-side peeling: nonnegative inputs as extreme rays of the row space's cone
 (:mod:`spear.input_cone`), scaled by the model after the layer and peeled when they pass
-the row-peeled examples' checks."""
+the row-peeled examples' checks; below float64, pooled as gradient directions for the
+complete solve."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
 from spear.candidates import certified_alone, row_ratios, scaled_grad, unknown_subspace
 from spear.downstream import divisor_tolerance, own_columns, range_tolerance
-from spear.input_cone import SCALE_STEP, cone_vertex, residual_row_space, scale_candidates
+from spear.input_cone import (
+    SCALE_STEP,
+    cone_vertex,
+    directions_from_inputs,
+    residual_row_space,
+    scale_candidates,
+)
+from spear.inversion.pool import DirectionPool, same_direction, same_direction_tolerance
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
-from spear.linalg import KERNEL_GAP, orthonormal_basis, zero_mask
+from spear.inversion.steps.complete import peel_verified
+from spear.linalg import KERNEL_GAP, kernel, orthonormal_basis, zero_mask
 from spear.results import SolverStats
 from spear.solvers.polish import live_rows
 from spear.verify import exact_precision, pattern_check
@@ -42,10 +52,16 @@ CONE_SHARE = 0.5
 DIVISOR_ROUNDS = 20
 
 
+#: A vertex taken below float64: its unit row-space coordinates ``(b,)`` and its rough
+#: peel, ``coord`` ``(b,)`` and ``grad`` ``(m,)`` (:func:`_take_vertices`).
+Taken = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def has_input_side(problem: Problem) -> bool:
     """Whether the input side can scale and check vertices here: the model after the
     layer is known (an exact one-step gradient with the layer's weights), whatever the
-    precision; :class:`InputCone` runs only where it is also float64."""
+    precision; below float64 :class:`InputCone` also needs the bias gradient (the
+    complete solve fixes the scales from it)."""
     return problem.downstream is not None and problem.layer is not None
 
 
@@ -53,14 +69,18 @@ class InputCone:
     """Peel examples found as vertices of the input cone, in rounds where the other steps
     neither peeled an example nor pooled a direction; leaves a record when it runs.
 
-    Exact float64 one-step gradients with the model after the layer only: the scale of a
-    vertex is fixed by checks whose tolerances follow the update's precision, and at
-    float32 rounding they tell its scale apart from nearby ones poorly. Where two
-    examples show merged (columns that agree to rounding, fact 12) the mean's divisor is
-    one above the update's rank, and an example at 15/16 of its scale was measured to
-    pass them (a batch of 16 of Flower's untrained CNN); a vertex that was no example
-    (1 - cos = 1e-3 to the nearest, on the untrained VGG-style CNN at b = 16) passed the
-    range test as closely as the true examples beside it.
+    With the model after the layer only (an exact one-step gradient with the layer's
+    weights). In float64 every vertex that passes the checks a row-peeled example passes
+    is peeled (:func:`_peel_vertices`). Below float64 those checks tell an example's
+    scale from nearby ones poorly (where two examples show merged, fact 12, an example
+    at 15/16 of its scale was measured to pass them: a batch of 16 of Flower's untrained
+    CNN), and an example peeled at a scale a few 1e-4 off leaves a residual that spoils
+    the next ones' checks (the untrained VGG-style CNN at b = 16: true columns 1.2e-4
+    from the column space after ten such peels, where the limit is 7e-5). There only the
+    vertices' directions are kept, which the zeros of the inputs fix exactly, one per
+    missing example; the gradient directions they give are solved together, the scales
+    from the bias gradient, and every example is checked as a solved one is
+    (:func:`_solve_vertices`).
     """
 
     name = "input-cone"
@@ -68,76 +88,205 @@ class InputCone:
     def run(self, problem: Problem, state: SearchState) -> StepReport:
         """Find, scale, check and peel vertices until :data:`CONE_MISSES` times the
         missing examples fail in a row, or the step's share of the time is spent."""
-        downstream, layer = problem.downstream, problem.layer
         moving = state.found > state.round_start[0] or len(state.pool) > state.round_start[1]
-        if not has_input_side(problem) or moving or not exact_precision(problem.eps):
+        if not has_input_side(problem) or moving or problem.rank <= state.found:
             return StepReport()
-        assert downstream is not None and layer is not None
-        certify = certified_alone(problem)
-        assert certify is not None
         t0 = time.perf_counter()
         stop = t0 + CONE_SHARE * max(0.0, problem.deadline - t0)
-        before = state.found
-        reference = _reference_norm(problem, state)
-        misses = tries = 0
-        tried: list[torch.Tensor] = []  # unit vertices that gave no example since a peel
-        while misses < CONE_MISSES * (problem.rank - state.found) and time.perf_counter() < stop:
-            remaining = problem.rank - state.found
-            if remaining <= 0:
-                break
-            tries += 1
-            res = state.residual
-            # examples whose gradient direction is pooled are not among the cone's rays
-            # here: their coordinates are the only ones not orthogonal to it
-            space = (
-                unknown_subspace(res, problem.rank)
-                if res.directions and misses % 2 == 0
-                else residual_row_space(res.left, remaining)
-            )  # (b, d)
-            rows = layer.right.T @ space  # (n, r)
-            norms = rows.norm(dim=1)
-            live_in = norms > problem.tol.zero_tol * float(norms.max())
-            w = cone_vertex(rows[live_in], problem.generator, problem.tol.zero_tol)
-            if w is None:
-                misses += 1
-                continue
-            coord_dir = space @ w  # (b,)
-            if _seen(tried, coord_dir):
-                misses += 1
-                continue
-            basis = orthonormal_basis(res.left, remaining)
-            scaled = None
-            for t in scale_candidates(downstream, basis, coord_dir @ layer.right, reference):
-                scaled = _plain_scale(problem, res, basis, coord_dir, t)
-                if scaled is not None:
-                    break
-            if scaled is None:
-                misses += 1
-                continue
-            coord, grad = scaled
-            live = live_rows(basis, problem.tol.zero_tol)
-            zeros = zero_mask(grad[:, None], problem.tol.zero_tol)[:, 0]
-            ok, _ = pattern_check(layer, coord, zeros, live, problem.eps, problem.delta)
-            if not (ok and certify(coord, grad, True)):
-                misses += 1
-                continue
-            res.directions.remove(grad / grad.norm())
-            res.peel(coord, grad)
-            state.bar.update(1)
-            reference = _reference_norm(problem, state)
-            tried.clear()
-            misses = 0
-        peeled = state.found - before
+        if exact_precision(problem.eps):
+            before = state.found
+            tries = _peel_vertices(problem, state.residual, stop, state.bar.update)
+            found = candidates = state.found - before
+            progressed = found > 0
+        elif state.residual.bias is not None:
+            tries, candidates, found = _solve_vertices(problem, state, stop)
+            progressed = found > 0
+        else:
+            return StepReport()
         if tries == 0:
             return StepReport()
         record = SolverStats(
             self.name,
             samples=tries,
-            candidates=peeled,
-            found=peeled,
+            candidates=candidates,
+            found=found,
             seconds=time.perf_counter() - t0,
         )
-        return StepReport(stats=record, progressed=peeled > 0)
+        return StepReport(stats=record, progressed=progressed)
+
+
+def _peel_vertices(
+    problem: Problem, res: Residual, stop: float, on_peel: Callable[[int], object]
+) -> int:
+    """Find vertices of the input cone of ``res``, scale them by the model after the
+    layer and peel those that pass the checks, until :data:`CONE_MISSES` times the
+    missing examples fail in a row, every example is peeled, or the clock passes
+    ``stop``; returns the vertices tried. ``on_peel(1)`` is called after each peel (the
+    progress bar).
+    """
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    certify = certified_alone(problem)
+    assert certify is not None
+    reference = _reference_norm(problem, res)
+    misses = tries = 0
+    tried: list[torch.Tensor] = []  # unit vertices that gave no example since a peel
+    while misses < CONE_MISSES * (problem.rank - res.found) and time.perf_counter() < stop:
+        remaining = problem.rank - res.found
+        if remaining <= 0:
+            break
+        tries += 1
+        # examples whose gradient direction is pooled are not among the cone's rays
+        # here: their coordinates are the only ones not orthogonal to it
+        space = (
+            unknown_subspace(res, problem.rank)
+            if res.directions and misses % 2 == 0
+            else residual_row_space(res.left, remaining)
+        )  # (b, d)
+        rows = layer.right.T @ space  # (n, r)
+        norms = rows.norm(dim=1)
+        live_in = norms > problem.tol.zero_tol * float(norms.max())
+        w = cone_vertex(rows[live_in], problem.generator, problem.tol.zero_tol)
+        if w is None:
+            misses += 1
+            continue
+        coord_dir = space @ w  # (b,)
+        if _seen(tried, coord_dir):
+            misses += 1
+            continue
+        basis = orthonormal_basis(res.left, remaining)
+        scaled = None
+        for t in scale_candidates(downstream, basis, coord_dir @ layer.right, reference):
+            scaled = _plain_scale(problem, res, basis, coord_dir, t)
+            if scaled is not None:
+                break
+        if scaled is None:
+            misses += 1
+            continue
+        coord, grad = scaled
+        live = live_rows(basis, problem.tol.zero_tol)
+        zeros = zero_mask(grad[:, None], problem.tol.zero_tol)[:, 0]
+        ok, _ = pattern_check(layer, coord, zeros, live, problem.eps, problem.delta)
+        if not (ok and certify(coord, grad, True)):
+            misses += 1
+            continue
+        res.directions.remove(grad / grad.norm())
+        res.peel(coord, grad)
+        on_peel(1)
+        reference = _reference_norm(problem, res)
+        tried.clear()
+        misses = 0
+    return tries
+
+
+def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[int, int, int]:
+    """Below float64: one vertex of the input cone per missing example, solved together;
+    returns the vertices tried, those taken and the examples peeled.
+
+    :func:`_take_vertices` finds one vertex per missing example at most; when it finds
+    as many as are missing, :func:`spear.input_cone.directions_from_inputs` turns them
+    into gradient directions, solved alone (the pool's directions, which the search may
+    have found less exactly, stay out of it) and checked example by example as the
+    complete solve does (:func:`spear.inversion.steps.complete.peel_verified`).
+    """
+    remaining = problem.rank - state.found
+    if state.cone_taken_at != state.found:
+        state.cone_taken, state.cone_taken_at = [], state.found
+    tries = _take_vertices(problem, state.residual, stop, state.cone_taken)
+    taken = [unit for unit, _, _ in state.cone_taken]
+    if len(taken) < remaining:
+        return tries, len(taken), 0
+    grads = directions_from_inputs(state.residual.left, taken)  # (m, r)
+    peeled = peel_verified(problem, state, grads / grads.norm(dim=0, keepdim=True))
+    return tries, len(taken), peeled
+
+
+def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Taken]) -> int:
+    """Vertices of the input cone of ``res``, one per missing example at most, added to
+    ``taken`` (kept between runs while ``res`` does not change); returns the vertices
+    tried.
+
+    Each vertex whose column some scale brings as near the update's column space as a
+    verified example's must be (:func:`spear.input_cone.scale_candidates`,
+    :func:`spear.downstream.range_tolerance`) is taken, refitted on the row space of
+    ``res`` itself (:func:`_refit`), and peeled from a copy of the residual at that
+    scale: the peel is as rough as the scale, and only steers the next linear programs
+    away from the examples taken. Stops when as many vertices are taken as examples are
+    missing, after :data:`CONE_MISSES` times the missing examples give none in a row, or
+    when the clock passes ``stop``.
+    """
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    tol = problem.tol.zero_tol
+    limit = range_tolerance(tol)
+    wanted = problem.rank - res.found
+    own = residual_row_space(res.left, wanted)  # (b, r)
+    copy = Residual(
+        left=res.left.clone(), bias=res.bias, coords=[], grads=[], directions=DirectionPool()
+    )
+    for _, rough_coord, rough_grad in taken:
+        copy.peel(rough_coord, rough_grad)
+    reference = _reference_norm(problem, res)
+    same = same_direction_tolerance(tol)
+    tried: list[torch.Tensor] = []
+    misses = tries = 0
+    while len(taken) < wanted and misses < CONE_MISSES * (wanted - len(taken)):
+        if time.perf_counter() >= stop:
+            break
+        tries += 1
+        space = residual_row_space(copy.left, wanted - len(taken))  # (b, d)
+        rows = layer.right.T @ space  # (n, d)
+        w: torch.Tensor | None
+        if space.shape[1] == 1:
+            # one left: the rough peels leave its direction, rough too, as the residual
+            w = torch.sign(rows.sum(dim=0)) if float(rows.sum()) != 0 else None
+        else:
+            norms = rows.norm(dim=1)
+            w = cone_vertex(rows[norms > tol * float(norms.max())], problem.generator, tol)
+        if w is None or _seen(tried, space @ w):
+            misses += 1
+            continue
+        x = tried[-1] @ layer.right  # (n,) the vertex (_seen keeps its unit coordinates)
+        unit = _refit(own, layer.right, x, tol)
+        basis = orthonormal_basis(copy.left, wanted - len(taken))
+        starts = scale_candidates(downstream, basis, x, reference) if unit is not None else []
+        if unit is None or not starts or any(same_direction(unit, u, same) for u, _, _ in taken):
+            misses += 1
+            continue
+        columns, miss = own_columns(downstream, basis, torch.stack([t * x for t in starts]))
+        k = int(miss.argmin())
+        coord = starts[k] * tried[-1]
+        grad = scaled_grad(copy, coord, columns[:, k])
+        if grad is None or float(miss[k]) > limit:
+            misses += 1
+            continue
+        copy.peel(coord, grad)
+        taken.append((unit, coord, grad))
+        tried.clear()
+        misses = 0
+    return tries
+
+
+def _refit(
+    space: torch.Tensor, right: torch.Tensor, x: torch.Tensor, zero_tol: float
+) -> torch.Tensor | None:
+    """The vertex ``x`` ``(n,)`` refitted on the row space ``span(space)`` ``(b, r)``, as
+    unit row-space coordinates ``(b,)``: the kernel of that space's rows (``right``
+    ``(b, n)``) at the zeros of ``x``; ``None`` when that kernel is not one line of
+    nonnegative inputs (``x`` was a vertex of the rougher space only, no example)."""
+    rows = right.T @ space  # (n, r)
+    norms = rows.norm(dim=1)
+    live = norms > zero_tol * float(norms.max())
+    mask = zero_mask(x[:, None], zero_tol)[:, 0] & live
+    null, _ = kernel(rows[mask], zero_tol)
+    if null.shape[1] != 1:
+        return None
+    values = rows[live] @ null[:, 0]
+    sign = 1.0 if float(values.sum()) >= 0 else -1.0
+    if float((sign * values).min()) < -zero_tol * float(values.abs().max()):
+        return None
+    coord = sign * (space @ null[:, 0])
+    return coord / coord.norm()
 
 
 def _seen(tried: list[torch.Tensor], coord_dir: torch.Tensor) -> bool:
@@ -244,14 +393,14 @@ def _scale_pinned(
     return bool((other > KERNEL_GAP * limit).all())
 
 
-def _reference_norm(problem: Problem, state: SearchState) -> float:
+def _reference_norm(problem: Problem, res: Residual) -> float:
     """A typical example norm: the median norm of the row candidates ``dW[j] / db[j]``
     (weighted means of the examples on at unit ``j``), else that of ``W``'s rows'
     inverse (a unit pre-activation)."""
     layer = problem.layer
     assert layer is not None
-    if state.residual.bias is not None:
-        _, cand = row_ratios(state.residual, problem.tol)
+    if res.bias is not None:
+        _, cand = row_ratios(res, problem.tol)
         if cand.shape[0]:
             norms = (cand @ layer.right).norm(dim=1)
             return float(norms.median())
