@@ -1,7 +1,7 @@
 """Input-side peeling: nonnegative inputs as extreme rays of the row space's cone
 (:mod:`spear.input_cone`), scaled by the model after the layer and peeled when they pass
-the row-peeled examples' checks; below float64, pooled as gradient directions for the
-complete solve."""
+the row-peeled examples' checks; below float64, one vertex per missing example, solved
+together."""
 
 from __future__ import annotations
 
@@ -198,6 +198,8 @@ def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[
         return tries, len(taken), 0
     grads = directions_from_inputs(state.residual.left, taken)  # (m, r)
     peeled = peel_verified(problem, state, grads / grads.norm(dim=0, keepdim=True))
+    if not peeled:
+        state.cone_taken = []  # a vertex taken was no example: start again next time
     return tries, len(taken), peeled
 
 
