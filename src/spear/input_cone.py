@@ -43,6 +43,7 @@ __all__ = [
     "SCALE_STEP",
     "cone_vertex",
     "directions_from_inputs",
+    "ray_at_zeros",
     "residual_row_space",
     "scale_candidates",
 ]
@@ -99,9 +100,9 @@ def cone_vertex(
     moves to a vertex with more zeros, and examples, which vanish on far more coordinates
     than the ``r - 1`` of a generic vertex, are where it settles. The first ``rho`` is
     random (log-normal). The rows within the zero tolerance are then the vertex's zero
-    set, and the direction is the kernel of that set (a least-squares fit, so roundoff
-    does not bend it); a kernel of more dimensions is a face several examples vanish on
-    together (roundoff can put a vertex there), not a ray.
+    set, and the direction is the kernel of that set (:func:`ray_at_zeros`); a kernel of
+    more dimensions is a face several examples vanish on together (roundoff can put a
+    vertex there), not a ray.
 
     Parameters
     ----------
@@ -149,17 +150,31 @@ def cone_vertex(
     if count < r:
         return None
     vertex = torch.as_tensor(w, dtype=torch.float64, device=rows.device)
-    values = rows @ vertex
+    return ray_at_zeros(rows, rows @ vertex, zero_tol)
+
+
+def ray_at_zeros(rows: torch.Tensor, values: torch.Tensor, zero_tol: float) -> torch.Tensor | None:
+    """The ray of the cone ``{w : rows @ w >= 0}`` that vanishes where ``values`` does,
+    refitted exactly: the kernel of ``rows`` ``(n, r)`` at the zeros of ``values``
+    ``(n,)`` (a least-squares fit, so roundoff does not bend it), oriented along
+    ``values``.
+
+    Returns
+    -------
+    torch.Tensor | None
+        ``(r,)`` unit vector, or ``None`` when that kernel is not one line (a face
+        several examples vanish on together, where roundoff can put a vertex: a
+        mixture) or ``rows`` times it is not nonnegative to the tolerance.
+    """
     mask = zero_mask(values[:, None], zero_tol)[:, 0]
     null, _ = kernel(rows[mask], zero_tol)
     if null.shape[1] != 1:
-        # a noisy vertex on a face where several examples vanish together: a mixture
         return None
     refit = null[:, 0]
-    if float(refit @ vertex) < 0:
+    if float((rows @ refit) @ values) < 0:
         refit = -refit
-    values = rows @ refit
-    if float(values.min()) < -zero_tol * float(values.abs().max()):
+    out = rows @ refit
+    if float(out.min()) < -zero_tol * float(out.abs().max()):
         return None
     return refit
 

@@ -17,6 +17,7 @@ from spear.input_cone import (
     SCALE_STEP,
     cone_vertex,
     directions_from_inputs,
+    ray_at_zeros,
     residual_row_space,
     scale_candidates,
 )
@@ -26,7 +27,7 @@ from spear.inversion.residual import Residual
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
 from spear.inversion.steps.complete import peel_verified
-from spear.linalg import KERNEL_GAP, kernel, orthonormal_basis, zero_mask
+from spear.linalg import KERNEL_GAP, orthonormal_basis, zero_mask
 from spear.results import SolverStats
 from spear.solvers.polish import live_rows
 from spear.verify import exact_precision, pattern_check
@@ -274,20 +275,16 @@ def _refit(
 ) -> torch.Tensor | None:
     """The vertex ``x`` ``(n,)`` refitted on the row space ``span(space)`` ``(b, r)``, as
     unit row-space coordinates ``(b,)``: the kernel of that space's rows (``right``
-    ``(b, n)``) at the zeros of ``x``; ``None`` when that kernel is not one line of
-    nonnegative inputs (``x`` was a vertex of the rougher space only, no example)."""
+    ``(b, n)``) at the zeros of ``x`` (:func:`spear.input_cone.ray_at_zeros`); ``None``
+    when that kernel is not one line of nonnegative inputs (``x`` was a vertex of the
+    rougher space only, no example)."""
     rows = right.T @ space  # (n, r)
     norms = rows.norm(dim=1)
     live = norms > zero_tol * float(norms.max())
-    mask = zero_mask(x[:, None], zero_tol)[:, 0] & live
-    null, _ = kernel(rows[mask], zero_tol)
-    if null.shape[1] != 1:
+    w = ray_at_zeros(rows[live], x[live], zero_tol)
+    if w is None:
         return None
-    values = rows[live] @ null[:, 0]
-    sign = 1.0 if float(values.sum()) >= 0 else -1.0
-    if float((sign * values).min()) < -zero_tol * float(values.abs().max()):
-        return None
-    coord = sign * (space @ null[:, 0])
+    coord = space @ w
     return coord / coord.norm()
 
 
