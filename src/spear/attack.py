@@ -163,10 +163,10 @@ def attack(
     notes: list[str] = []
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
-    prefix = f"{target.name}." if target.name else ""
-    update = _decay_removed(update, work, target, f"{prefix}weight", f"{prefix}bias", seed, notes)
-    weight_grad = update[f"{prefix}weight"]
-    bias_grad = update.get(f"{prefix}bias") if target.bias is not None else None
+    bias_key = target.bias_key
+    update = _decay_removed(update, work, target, target.weight_key, bias_key, seed, notes)
+    weight_grad = update[target.weight_key]
+    bias_grad = update.get(bias_key) if bias_key is not None else None
     if target.bias is None:
         notes.append(
             f"layer {target.name!r} has no bias: examples come out only up to a scale each, "
@@ -198,6 +198,7 @@ def attack(
         and target.bias is not None
         and target.first
     )
+    size_read = False  # the batch size read off a noisy update's spectrum
     try:
         result = (
             _mixed_precision(
@@ -215,7 +216,7 @@ def attack(
         spectrum = noisy_batch_size(weight_grad, bias_grad)
         if batch_size is not None or not spectrum.confident or spectrum.batch_size < 1:
             raise
-        batch_size = spectrum.batch_size
+        batch_size, size_read = spectrum.batch_size, True
         notes.append(
             f"no exact rank gap: the update looks noisy; batch size {batch_size} read off "
             "the spectrum above the noise edge."
@@ -245,6 +246,9 @@ def attack(
             + ", so .inputs are the features entering it, not model inputs."
         )
     dtype = target.weight.dtype
+    if not half and torch.finfo(weight_grad.dtype).eps > torch.finfo(dtype).eps:
+        # a float64 model whose client sent float32: the update's rounding bounds the fit
+        dtype = weight_grad.dtype
     # a mixed-precision update is compared with the model's own dtype
     observed = {name: t.to(dtype) for name, t in update.items()} if half else update
     labels: torch.Tensor | None = None
@@ -260,6 +264,7 @@ def attack(
             target.bias.detach(),
             batch_size=batch_size,
             time_budget=_seconds_left(start, APPROXIMATE_SHARE * time_budget),
+            size_given=not size_read,
         )
         if approximate is not None and not result.interrupted:
             # the exact search's count of what it recovered no longer describes the answer
@@ -322,6 +327,19 @@ def attack(
             notes.append(
                 "the certificate is for a partial reconstruction, so it cannot be small: "
                 "missing examples contribute to the update."
+            )
+        elif (
+            kind == "gradient"
+            and source == "exact"
+            and not noisy
+            and certificate > verified_threshold(dtype)
+        ):
+            notes.append(
+                f"the update recomputed from the {inputs.shape[0]} examples and their labels "
+                f"leaves {certificate:.3g} of it unexplained (verified needs at most "
+                f"{verified_threshold(dtype):.0e}): the batch may hold examples the attacked "
+                "layer does not show (every unit off for them; under a sum reduction nothing "
+                "else counts them), or the loss is not softmax cross-entropy."
             )
     elif determined and rebuilt is not None and labels is not None:
         certificate = certify(work, observed, rebuilt.images, labels, update_kind=kind)
@@ -436,7 +454,7 @@ def _decay_removed(
     model: nn.Module,
     target: AttackTarget,
     weight_name: str,
-    bias_name: str,
+    bias_name: str | None,
     seed: int,
     notes: list[str],
 ) -> dict[str, torch.Tensor]:
@@ -450,7 +468,7 @@ def _decay_removed(
     rank, gap = estimate_rank(s, float(torch.finfo(weight_grad.dtype).eps))
     if rank < s.numel() and gap >= MIN_RANK_GAP:
         return update
-    bias_grad = update.get(bias_name) if target.bias is not None else None
+    bias_grad = update.get(bias_name) if bias_name is not None else None
     decay = find_decay(weight_grad, bias_grad, target.weight, target.bias, MIN_RANK_GAP, seed)
     if decay is None:
         return update
@@ -656,6 +674,7 @@ def _mixed_precision(
         target.bias.detach(),
         batch_size=size,
         time_budget=time_budget,
+        size_given=batch_size is not None,
     )
     if found is None:
         raise InputError(

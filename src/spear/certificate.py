@@ -338,7 +338,7 @@ def _certify_delta(
     from spear.model import find_target
 
     target = find_target(model)
-    delta = update[f"{target.name}.weight"].detach().to(torch.float64)
+    delta = update[target.weight_key].detach().to(torch.float64)
     x = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64)
     if x.shape[1] != delta.shape[1]:
         raise InputError(

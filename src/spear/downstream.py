@@ -97,16 +97,25 @@ class Downstream:
         first entry they are), example by example.
     weight, bias:
         ``(m, n)`` and ``(m,)`` the layer's parameters, in the model's dtype.
+    update_dtype:
+        The dtype the update arrived in, when known.
     """
 
     after: Callable[[torch.Tensor], torch.Tensor]
     weight: torch.Tensor
     bias: torch.Tensor | None
+    update_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        """The model's dtype (its Jacobians carry that dtype's roundoff)."""
-        return self.weight.dtype
+        """The precision the checks allow for: the model's dtype (its Jacobians carry that
+        dtype's roundoff), or the update's where that is coarser (a float64 model whose
+        client sent float32)."""
+        own = self.weight.dtype
+        sent = self.update_dtype
+        if sent is None or not sent.is_floating_point:
+            return own
+        return sent if torch.finfo(sent).eps > torch.finfo(own).eps else own
 
     def jacobians(self, inputs: torch.Tensor) -> torch.Tensor:
         """``(k, C, m)`` float64 Jacobians of the logits at ``inputs`` ``(k, n)``.
@@ -266,9 +275,10 @@ class Downstream:
         """How well each column ``grads[:, i]`` ``(m, k)`` is softmax cross-entropy's
         gradient at ``inputs[i]`` ``(k, n)``, with its own positive divisor.
 
-        Solves ``J_i^T r_i = g_i`` and compares ``r_i`` with ``(p_i - e_y) / B_i``
-        (``p_i`` the softmax at the input, ``y`` the most negative entry of ``r_i``), as
-        :func:`spear.labels.recover_labels` does. Unlike the range test, this depends on
+        Solves ``J_i^T r_i = g_i`` (:func:`spear.labels.output_coefficients`) and
+        compares ``r_i`` with ``(p_i - e_y) / B_i`` (``p_i`` the softmax at the input,
+        ``y`` the most negative entry of ``r_i``), as :func:`spear.labels.recover_labels`
+        does. Unlike the range test, this depends on
         the input itself and not only on its ReLU patterns: a mixture of two examples
         with the same patterns as one of them fails it.
 
@@ -281,6 +291,8 @@ class Downstream:
 
         ``at``: the logits and Jacobians at ``inputs`` when already computed.
         """
+        from spear.labels import output_coefficients
+
         logits, jac = at if at is not None else self.logits_and_jacobians(inputs)
         k = inputs.shape[0]
         fit = torch.full((k,), math.inf, dtype=torch.float64, device=grads.device)
@@ -290,7 +302,7 @@ class Downstream:
             size = float(column.abs().max())
             if not (math.isfinite(size) and size > 0.0 and bool(torch.isfinite(jac[i]).all())):
                 continue
-            r = torch.linalg.lstsq(jac[i].T, column / size).solution[:, 0]
+            r = output_coefficients(jac[i], column / size, logits[i], self.dtype)
             p = torch.softmax(logits[i], dim=0)
             target = p.clone()
             target[int(torch.argmin(r))] -= 1.0

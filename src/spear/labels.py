@@ -34,6 +34,31 @@ SIGN_ZERO = 1e-9
 LABEL_FIT_ULPS = 1000.0
 
 
+#: Outputs whose log-sum-exp is within this many machine epsilons (of the model's dtype)
+#: of zero are log-probabilities (a ``LogSoftmax`` head, trained with ``nll_loss``).
+LOG_PROBABILITY_ULPS = 1000.0
+
+
+def output_coefficients(
+    jacobian: torch.Tensor, column: torch.Tensor, outputs: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``r`` ``(C,)`` with ``J^T r = column`` (least squares), for the Jacobian ``(C, m)``
+    of the model's outputs ``(C,)`` at one example and its gradient column ``(m, 1)``.
+
+    Where the outputs are log-probabilities (:data:`LOG_PROBABILITY_ULPS`), ``J`` loses
+    the direction of the softmax ``p`` (``J^T p = 0``) and the minimum-norm solution
+    drops ``r``'s component along it; cross-entropy's ``(p - e_y) / B`` sums to zero,
+    which puts it back. ``nll_loss`` on log-probabilities is cross-entropy on them.
+    """
+    r = torch.linalg.lstsq(jacobian.T, column).solution[:, 0]
+    out = outputs.detach().to(torch.float64)
+    if abs(float(torch.logsumexp(out, dim=0))) <= LOG_PROBABILITY_ULPS * float(
+        torch.finfo(dtype).eps
+    ):
+        r = r - float(r.sum()) * torch.softmax(out, dim=0).to(r.device, r.dtype)
+    return r
+
+
 def label_fit_tol(dtype: torch.dtype) -> float:
     """Relative fit tolerance of ``r_i`` for a model of ``dtype`` (1e-6 for float64)."""
     return max(LABEL_FIT_TOL, LABEL_FIT_ULPS * float(torch.finfo(dtype).eps))
@@ -140,9 +165,10 @@ def recover_labels(
         # divisor is scaled back below
         column = output_grads[:, i : i + 1]
         size = float(column.abs().max()) or 1.0
-        r = torch.linalg.lstsq(j.T, column / size).solution[:, 0]
         with torch.no_grad():
-            p = torch.softmax(logits(z)[0].to(torch.float64), dim=0)
+            outputs = logits(z)[0]
+        r = output_coefficients(j, column / size, outputs, dtype)
+        p = torch.softmax(outputs.detach().to(torch.float64), dim=0)
         sign[i] = _sign_vote(r)
         y = int(torch.argmin(r))
         target = p.clone()

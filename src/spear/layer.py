@@ -201,7 +201,9 @@ def invert_layer(
         progress=progress,
         search_with_weights=search_with_weights,
         downstream=(
-            Downstream(after, weight, bias) if after is not None and weight is not None else None
+            Downstream(after, weight, bias, weight_grad.dtype)
+            if after is not None and weight is not None
+            else None
         ),
         scale=scale,
     )

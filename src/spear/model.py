@@ -75,7 +75,8 @@ class AttackTarget:
     Attributes
     ----------
     name:
-        Prefix of its parameters: the update holds ``name + ".weight"`` (and ``".bias"``).
+        The layer's name: its module's path, or for a functional layer (``F.linear``) the
+        path of its weight parameter without a final ``.weight``.
     weight:
         ``(m, n)`` the layer's weight as sent (never modified).
     bias:
@@ -93,6 +94,9 @@ class AttackTarget:
     before:
         Maps the model's inputs ``(b, *input_shape)`` to the features entering the layer
         ``(b, n)``, or ``None`` when the model could not be split there.
+    weight_param, bias_param:
+        The names of its weight and bias among ``model.named_parameters()`` (the update's
+        keys), when they are not ``name + ".weight"`` and ``name + ".bias"``.
     """
 
     name: str
@@ -103,19 +107,38 @@ class AttackTarget:
     input_shape: tuple[int, ...] | None = None
     examined: list[str] = field(default_factory=list)
     before: nn.Module | None = None
+    weight_param: str | None = None
+    bias_param: str | None = None
 
     @property
     def in_features(self) -> int:
         """``n``."""
         return int(self.weight.shape[1])
 
+    @property
+    def weight_key(self) -> str:
+        """The update's key of the layer's weight gradient."""
+        if self.weight_param is not None:
+            return self.weight_param
+        return f"{self.name}.weight" if self.name else "weight"
+
+    @property
+    def bias_key(self) -> str | None:
+        """The update's key of the layer's bias gradient (``None`` without a bias)."""
+        if self.bias is None:
+            return None
+        if self.bias_param is not None:
+            return self.bias_param
+        return f"{self.name}.bias" if self.name else "bias"
+
 
 def batch_statistics_layers(model: nn.Module) -> list[str]:
     """The BatchNorm layers of ``model`` that normalise with the batch's own statistics.
 
     A BatchNorm module does so in training mode, and in eval mode when it keeps no
-    running statistics (``track_running_stats=False``). In a ``torch.fx`` graph (a
-    ``torch.export`` program's module) a ``batch_norm`` call with ``training=True`` counts.
+    running statistics (``track_running_stats=False``). In its ``torch.fx`` graph (a
+    ``torch.export`` program's module, or the model traced) a ``batch_norm`` call with
+    ``training=True`` counts.
 
     Returns
     -------
@@ -127,7 +150,7 @@ def batch_statistics_layers(model: nn.Module) -> list[str]:
         for name, mod in model.named_modules()
         if isinstance(mod, _BATCH_NORMS) and (mod.training or mod.running_mean is None)
     ]
-    graph = model.graph if isinstance(model, fx.GraphModule) else None
+    graph = _graph_of(model)
     for node in graph.nodes if graph is not None else ():
         if node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS:
             training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
@@ -188,11 +211,22 @@ _DROPOUT_FUNCTIONS = {
 }
 
 
+def _graph_of(model: nn.Module) -> fx.Graph | None:
+    """``model``'s ``torch.fx`` graph (traced when it is no ``GraphModule``), for the
+    functional calls its modules do not show; ``None`` when it cannot be traced."""
+    if isinstance(model, fx.GraphModule):
+        return model.graph
+    try:
+        return fx.symbolic_trace(model).graph
+    except Exception:  # an untraceable model has no graph to read
+        return None
+
+
 def random_dropout_layers(model: nn.Module) -> list[str]:
     """The Dropout layers of ``model`` that drop units (training mode, ``p > 0``).
 
-    In a ``torch.fx`` graph (a ``torch.export`` program's module) a ``dropout`` call with
-    ``train=True`` and ``p > 0`` counts.
+    In its ``torch.fx`` graph (a ``torch.export`` program's module, or the model traced)
+    a ``dropout`` call with ``train=True`` and ``p > 0`` counts.
 
     Returns
     -------
@@ -204,12 +238,13 @@ def random_dropout_layers(model: nn.Module) -> list[str]:
         for name, mod in model.named_modules()
         if isinstance(mod, _DROPOUTS) and mod.training and mod.p > 0
     ]
-    graph = model.graph if isinstance(model, fx.GraphModule) else None
+    graph = _graph_of(model)
     for node in graph.nodes if graph is not None else ():
         if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
             continue
         position, keyword = _DROPOUT_FUNCTIONS[node.target]
-        train = node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
+        # F.dropout's ``training`` defaults to True
+        train = node.args[position] if len(node.args) > position else node.kwargs.get(keyword, True)
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         if train is True and p != 0:
             found.append(f"dropout call {node.name!r}")
@@ -267,16 +302,28 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 def _is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` passes every element of its tensor on, in order (a view, a cast);
+    indexing that selects, drops or reorders entries is no reshape."""
     if node.op == "call_module":
         return isinstance(modules[str(node.target)], _RESHAPE_MODULES)
     if node.op == "call_function":
-        return node.target in _RESHAPE_FUNCTIONS or node.target in (
-            getattr,
-            operator.getitem,
-        )
+        if node.target is operator.getitem:
+            return len(node.args) == 2 and _keeps_every_element(node.args[1])
+        if node.target is getattr:
+            return len(node.args) == 2 and node.args[1] == "data"
+        return node.target in _RESHAPE_FUNCTIONS
     if node.op == "call_method":
         return node.target in _RESHAPE_METHODS or node.target == "size"
     return False
+
+
+def _keeps_every_element(index: object) -> bool:
+    """Whether ``tensor[index]`` is a view of every element: full slices, ``None`` and
+    ``...`` only (``x[:, None]``), not a bounded slice, an integer or an index tensor."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(
+        part is None or part is Ellipsis or part == slice(None, None, None) for part in parts
+    )
 
 
 def _reaches_input_by_reshapes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -378,7 +425,7 @@ def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
         found = _as_linear(node, modules, traced)
         if found is None:
             continue
-        name, weight, bias = found
+        name, weight, bias, weight_param, bias_param = found
         users = list(node.users)
         if len(users) == 1 and _is_relu(users[0], modules):
             if layer is not None and name != layer:
@@ -397,6 +444,8 @@ def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
                 input_shape=input_shape if first else None,
                 examined=examined,
                 before=_head(traced, feature_node),
+                weight_param=weight_param,
+                bias_param=bias_param,
             )
         after = ", ".join(_describe(u, modules) for u in users) or "nothing"
         smooth = any(
@@ -419,12 +468,14 @@ def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
 
 def _as_linear(
     node: fx.Node, modules: dict[str, nn.Module], traced: fx.GraphModule
-) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
-    """``(name, weight, bias)`` when ``node`` applies a linear layer, else ``None``."""
+) -> tuple[str, torch.Tensor, torch.Tensor | None, str | None, str | None] | None:
+    """``(name, weight, bias, weight_param, bias_param)`` when ``node`` applies a linear
+    layer, else ``None`` (the parameters' names for a functional layer, see
+    :class:`AttackTarget`)."""
     if node.op == "call_module":
         mod = modules.get(str(node.target))
         if isinstance(mod, nn.Linear):
-            return str(node.target), mod.weight, mod.bias
+            return str(node.target), mod.weight, mod.bias, None, None
         return None
     if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
         weight_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -432,14 +483,28 @@ def _as_linear(
         if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
             return None
         wname = str(weight_node.target)
-        if not wname.endswith("weight"):
+        weight = _parameter(traced, wname)
+        if weight is None or weight.dim() != 2:
             return None
-        weight = traced.get_parameter(wname)
-        bias = None
+        bias, bname = None, None
         if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
-            bias = traced.get_parameter(str(bias_node.target))
-        return wname[: -len(".weight")] if "." in wname else "", weight, bias
+            bname = str(bias_node.target)
+            bias = _parameter(traced, bname)
+            if bias is None:
+                return None
+        path, _, attribute = wname.rpartition(".")
+        name = path if attribute == "weight" else wname
+        return name, weight, bias, wname, bname
     return None
+
+
+def _parameter(traced: fx.GraphModule, name: str) -> torch.Tensor | None:
+    """The parameter ``name`` of ``traced``; ``None`` for a buffer or constant (a layer
+    whose weight is no parameter sends no gradient for it)."""
+    try:
+        return traced.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def _recorded_input_shape(traced: fx.GraphModule) -> tuple[int, ...] | None:

@@ -42,6 +42,7 @@ def approximate_layer(
     *,
     batch_size: int | None,
     time_budget: float | None = None,
+    size_given: bool = True,
 ) -> LayerReconstruction | None:
     """Estimates of a noisy layer's inputs, as a (never verified) layer result.
 
@@ -60,6 +61,8 @@ def approximate_layer(
     time_budget:
         Seconds for the search (:func:`~spear.inversion.approximate.approximate_inversion`),
         or ``None`` for no limit.
+    size_given:
+        False when ``batch_size`` was itself read off the spectrum (the note says so).
 
     Returns
     -------
@@ -79,6 +82,8 @@ def approximate_layer(
     )
     if found is None:
         return None
+    if not size_given and found.noise.given:
+        found = dataclasses.replace(found, noise=dataclasses.replace(found.noise, given=False))
     k = int(found.inputs.shape[0])
     base = exact if exact is not None else _no_exact_result(weight_grad, found)
     return dataclasses.replace(

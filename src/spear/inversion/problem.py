@@ -301,6 +301,11 @@ def _refuse_half_precision(in_dtype: torch.dtype) -> None:
         )
 
 
+def _ratio(gap: float) -> str:
+    """A rank gap for a note (``"inf"``: the singular values past it are exact zeros)."""
+    return "inf: nothing past it above rounding" if math.isinf(gap) else f"{gap:.3g}"
+
+
 def _factorisation(
     dw: torch.Tensor, eps: float, batch_size: int | None, notes: list[str]
 ) -> Factorisation:
@@ -341,10 +346,17 @@ def _factorisation(
             f"examples are duplicates (or linearly dependent); recovering the {rank} "
             "distinct ones."
         )
+    elif batch_size < rank < min(m, n) and fac.gap >= MIN_RANK_GAP:
+        notes.append(
+            f"the weight gradient shows {rank} examples (a clear rank gap, ratio "
+            f"{_ratio(fac.gap)}), more than batch_size={batch_size}: if the batch size is "
+            f"wrong, pass batch_size=None to read it off; truncating at {batch_size}."
+        )
+        rank = batch_size
     elif rank > batch_size:
         notes.append(
             f"the weight gradient's numerical rank is {rank} > batch_size={batch_size}: "
-            "the update is noisy; truncating at the given batch size."
+            f"the update is noisy; truncating at {batch_size}."
         )
         rank = batch_size
     return factorise(dw, eps, rank=rank)
