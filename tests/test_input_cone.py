@@ -7,12 +7,14 @@ from itertools import combinations
 
 import pytest
 import torch
+from tests.conftest import layer_case, problem_for
 from tests.test_conv_features import _assert_exact, _batch
 
 import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.input_cone import cone_vertex, directions_from_inputs
+from spear.inversion.steps.cone import _exact_column
 from spear.networks import build_cnn
 
 
@@ -180,3 +182,27 @@ def test_a_trained_cnn_batch_of_32_is_whole_in_float64() -> None:
         truth = net.features(images).to(torch.float64)  # type: ignore[operator]
     rec = spear.attack(net, update, time_budget=60, progress=False, image_budget=0)
     _assert_exact(rec, truth, labels, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_column_peels_an_example_whatever_the_error_of_its_scale(
+    dtype: torch.dtype,
+) -> None:
+    # an example's coordinates known to 0.5% of its scale: the units it is off on at every
+    # scale near that one give its gradient column's direction, and the rank-one downdate
+    # its size, so that the peel (column times coordinates) is the example's own term
+    # (Fashion-MNIST pixels through a 100 -> 200 layer, b = 12)
+    case = layer_case(200, 100, 12, seed=3, real=True, dtype=dtype)
+    problem = problem_for(case)
+    left, right = problem.fac.left, problem.fac.right
+    for i in range(case.inputs.shape[0]):
+        coord = 1.005 * (case.inputs[i] @ right.T)  # (b,)
+        column = _exact_column(problem, left, problem.rank, coord)
+        assert column is not None
+        truth = torch.outer(case.output_grads[:, i], case.inputs[i] @ right.T)
+        term = torch.outer(column, coord)
+        rel = 1e-12 if dtype == torch.float64 else 1e-5  # measured: 3e-15 and 1.2e-7
+        assert float((term - truth).norm()) <= rel * float(truth.norm())
+    # the mean of two examples is no example: its sure zeros admit no one column
+    mixed = 0.5 * (case.inputs[0] + case.inputs[1]) @ right.T
+    assert _exact_column(problem, left, problem.rank, mixed) is None
