@@ -18,6 +18,14 @@ every score is the median over the batches of that batch's score, the estimate r
 is counted by kind, and two more columns compare the attacks batch by batch: in how many
 batches spear's median PSNR is at least gradient matching's, and the median and lowest
 of the differences (spear minus gradient matching, dB).
+
+With ``--baseline-runs K`` (K > 1) gradient matching runs K times on each update, the
+first as above and the others from other random inputs (seeds ``seed + 1000 k``): two
+more columns give the median and the best of the K runs' median PSNRs (each row: the
+median over its batches), and with ``--batches`` one more counts the batches where
+spear's median PSNR is at least the median run's. One run of gradient matching is one
+draw from a spread of several dB; these columns show where the baseline's own run sits
+in it.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ RGB_POOL = 400
 #: Where a noise multiplier of 0 sits on the plot's log axis: this factor below the
 #: smallest non-zero one.
 ZERO_NOISE_OFFSET = 10.0
+#: Seeds of the extra gradient-matching runs (``--baseline-runs``): ``seed + stride * k``,
+#: far from the seeds ``seed + 1, seed + 2, ...`` that spear's own matching runs draw.
+BASELINE_SEED_STRIDE = 1000
 
 
 @dataclass
@@ -113,12 +124,21 @@ class Case:
     predicted: float | None
     ours: Scores
     theirs: Scores | None
+    runs: list[float]
 
 
 def run_case(
-    data: str, b: int, noise: float, width: int, seed: int, time_budget: float, gm: bool
+    data: str,
+    b: int,
+    noise: float,
+    width: int,
+    seed: int,
+    time_budget: float,
+    gm: bool,
+    baseline_runs: int = 1,
 ) -> Case:
-    """Both attacks on one DP-SGD client batch, scored against the truth."""
+    """Both attacks on one DP-SGD client batch, scored against the truth; with
+    ``baseline_runs > 1`` also the median PSNR of each of that many gradient-matching runs."""
     pool = builtin_images() if data == "fmnist" else rgb_patches(RGB_POOL, seed=seed)
     images, labels = sample_batch(pool, b, seed=seed)
     shape = tuple(images.shape[1:])
@@ -141,19 +161,22 @@ def run_case(
     ours = _score(rec.inputs, rec.labels, images, labels, time.perf_counter() - start)
     predicted = float(predicted_psnr(rec.error_rms).median()) if rec.error_rms is not None else None
     theirs: Scores | None = None
-    if gm:
+    runs: list[float] = []
+    for k in range(baseline_runs if gm else 0):
         start = time.perf_counter()
         base = gradient_matching_attack(
             model,
             dp.update,
             batch_size=b,
             input_shape=shape,
-            seed=seed,
+            seed=seed + BASELINE_SEED_STRIDE * k,
             iterations=GM_ITERATIONS,
             box=PIXEL_BOX,
         )
-        theirs = _score(base.inputs, base.labels, images, labels, time.perf_counter() - start)
-    return Case(dp.epsilon, ratio, rec.estimate, predicted, ours, theirs)
+        scores = _score(base.inputs, base.labels, images, labels, time.perf_counter() - start)
+        theirs = scores if k == 0 else theirs
+        runs.append(scores.psnr_median)
+    return Case(dp.epsilon, ratio, rec.estimate, predicted, ours, theirs, runs)
 
 
 def _median_scores(scores: list[Scores]) -> Scores:
@@ -201,6 +224,17 @@ def format_row(data: str, b: int, noise: float, cases: list[Case]) -> str:
             if gaps
             else " - | - |"
         )
+    spread = [c for c in cases if len(c.runs) > 1]
+    if spread:
+        middle = [float(np.median(c.runs)) for c in spread]
+        best = [max(c.runs) for c in spread]
+        row += (
+            f" {float(np.median(middle)):.1f} / {float(np.median(best)):.1f} "
+            f"({len(spread[0].runs)} runs) |"
+        )
+        if len(cases) > 1:
+            above = sum(c.ours.psnr_median >= m for c, m in zip(spread, middle, strict=True))
+            row += f" {above}/{len(spread)} |"
     return row
 
 
@@ -216,10 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         "--batches", type=int, default=1, help="batches per row (seeds --seed, --seed + 1, ...)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip gradient matching")
+    parser.add_argument(
+        "--baseline-runs",
+        type=int,
+        default=1,
+        help="gradient-matching runs per update, from other random inputs (see the module doc)",
+    )
     parser.add_argument("--plot", type=Path, default=None, help="write PSNR vs noise here")
     args = parser.parse_args(argv)
     if args.batches < 1:
         parser.error(f"--batches must be at least 1, got {args.batches}")
+    if args.baseline_runs < 1:
+        parser.error(f"--baseline-runs must be at least 1, got {args.baseline_runs}")
     noises = [float(v) for v in args.noise.split(",")]
     header = (
         "| data | b | noise | epsilon | s_b+1/s_b | spear returns | predicted PSNR "
@@ -230,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches > 1:
         header += " spear >= GM | spear - GM dB med / worst |"
         columns += 2
+    if args.baseline_runs > 1 and not args.no_baseline:
+        header += " GM runs PSNR med / best |"
+        columns += 1
+        if args.batches > 1:
+            header += " spear >= GM median run |"
+            columns += 1
     print(header)
     print("|" + "---|" * columns)
     series: dict[str, tuple[list[float], list[float]]] = {}
@@ -240,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             for noise in noises:
                 cases = [
                     run_case(
-                        data, b, noise, args.width, seed, args.time_budget, not args.no_baseline
+                        data,
+                        b,
+                        noise,
+                        args.width,
+                        seed,
+                        args.time_budget,
+                        not args.no_baseline,
+                        args.baseline_runs,
                     )
                     for seed in range(args.seed, args.seed + args.batches)
                 ]
