@@ -252,12 +252,26 @@ def test_mixed_precision_update_is_estimated_with_its_rounding_as_noise(
     assert any(f"arrived as {dtype}" in note for note in rec.notes)
 
 
-def test_mixed_precision_update_without_batch_size_asks_for_it() -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixed_precision_batch_size_is_read_above_the_rounding(dtype: torch.dtype) -> None:
+    # no singular value past the batch size exceeds the bound on the rounding's
     x, y = fashion(8)
     model = mlp((784, 1000, 10)).float()
-    update = {k: v.half() for k, v in client.fedsgd_update(model, x.float(), y).items()}
+    update = {k: v.to(dtype) for k, v in client.fedsgd_update(model, x.float(), y).items()}
+    rec = spear.attack(model, update, input_shape=SHAPE, time_budget=10)
+    assert rec.batch_size == 8 and rec.estimate == "approximate" and not rec.verified
+    assert any("clear of the bound on" in note for note in rec.notes)
+    assert not any("(given" in note for note in rec.notes)
+
+
+def test_mixed_precision_update_that_fills_the_layer_asks_for_the_batch_size() -> None:
+    # 24 examples of 20 pixels fill the (30, 21) spectrum of [dW, db]: nothing past them
+    x, y = fashion(24)
+    pixels = x.reshape(24, -1)[:, 400:420].float()
+    model = mlp((20, 30, 10), flatten=False).float()
+    update = {k: v.half() for k, v in client.fedsgd_update(model, pixels, y).items()}
     with pytest.raises(spear.InputError, match="batch_size="):
-        spear.attack(model, update, input_shape=SHAPE, time_budget=10)
+        spear.attack(model, update, time_budget=10)
 
 
 def test_aligned_mean_pairs_examples_by_distance_and_label() -> None:

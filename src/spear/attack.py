@@ -42,7 +42,7 @@ from spear.model import (
     guess_input_shape,
     parameter_dtype,
 )
-from spear.noisy import approximate_layer, noisy_batch_size
+from spear.noisy import approximate_layer, noisy_batch_size, rounding_batch_size
 from spear.results import LayerReconstruction, Reconstruction
 from spear.update import UpdateKind, check_update, check_update_kind
 from spear.verify import exact_precision
@@ -659,13 +659,20 @@ def _mixed_precision(
     size = batch_size
     if size is None:
         spectrum = noisy_batch_size(weight_grad, bias_grad)
-        if not spectrum.confident or spectrum.batch_size < 1:
-            raise InputError(
-                f"the update arrived as {weight_grad.dtype} (a mixed-precision client) and "
-                "its spectrum shows no clear batch size: pass batch_size= to estimate the "
-                "batch from it, or have the client send float32."
+        if spectrum.confident and spectrum.batch_size >= 1:
+            size = spectrum.batch_size
+        else:
+            size = rounding_batch_size(weight_grad, bias_grad)
+            if size is None:
+                raise InputError(
+                    f"the update arrived as {weight_grad.dtype} (a mixed-precision client) "
+                    "and its spectrum shows no clear batch size: pass batch_size= to "
+                    "estimate the batch from it, or have the client send float32."
+                )
+            notes.append(
+                f"batch size {size} read off the spectrum: {size} singular values stand "
+                f"clear of the bound on {weight_grad.dtype}'s rounding."
             )
-        size = spectrum.batch_size
     found = approximate_layer(
         None,
         weight_grad,
