@@ -86,7 +86,9 @@ class InputCone:
     vertices' directions are kept, which the zeros of the inputs fix exactly, one per
     missing example; the gradient directions they give are solved together, the scales
     from the bias gradient, and every example is checked as a solved one is
-    (:func:`_solve_vertices`).
+    (:func:`_solve_vertices`). Where fewer vertices than missing examples come out, the
+    gradient direction of each, exact from the units it is off on at every nearby scale
+    (:func:`_exact_column`), is pooled for the other steps to complete.
     """
 
     name = "input-cone"
@@ -105,8 +107,8 @@ class InputCone:
             found = candidates = state.found - before
             progressed = found > 0
         elif state.residual.bias is not None:
-            tries, candidates, found = _solve_vertices(problem, state, stop)
-            progressed = found > 0
+            tries, candidates, found, pooled = _solve_vertices(problem, state, stop)
+            progressed = found > 0 or pooled > 0
         else:
             return StepReport()
         if tries == 0:
@@ -185,15 +187,18 @@ def _peel_vertices(
     return tries
 
 
-def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[int, int, int]:
+def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[int, int, int, int]:
     """Below float64: one vertex of the input cone per missing example, solved together;
-    returns the vertices tried, those taken and the examples peeled.
+    returns the vertices tried, those taken, the examples peeled and the directions
+    pooled.
 
     :func:`_take_vertices` finds one vertex per missing example at most; when it finds
     as many as are missing, :func:`spear.input_cone.directions_from_inputs` turns them
     into gradient directions, solved alone (the pool's directions, which the search may
     have found less exactly, stay out of it) and checked example by example as the
-    complete solve does (:func:`spear.inversion.steps.complete.peel_verified`).
+    complete solve does (:func:`spear.inversion.steps.complete.peel_verified`). When it
+    finds fewer, the vertices' exact columns join the pool (:func:`_pool_exact_columns`)
+    for the other steps to complete.
     """
     remaining = problem.rank - state.found
     if state.cone_taken_at != state.found:
@@ -201,12 +206,27 @@ def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[
     tries = _take_vertices(problem, state.residual, stop, state.cone_taken)
     taken = [unit for unit, _, _ in state.cone_taken]
     if len(taken) < remaining:
-        return tries, len(taken), 0
+        return tries, len(taken), 0, _pool_exact_columns(problem, state)
     grads = directions_from_inputs(state.residual.left, taken)  # (m, r)
     peeled = peel_verified(problem, state, grads / grads.norm(dim=0, keepdim=True))
     if not peeled:
         state.cone_taken = []  # a vertex taken was no example: start again next time
-    return tries, len(taken), peeled
+    return tries, len(taken), peeled, 0
+
+
+def _pool_exact_columns(problem: Problem, state: SearchState) -> int:
+    """Pool the gradient direction of each vertex taken whose exact column
+    (:func:`_exact_column`, on the residual itself) is one stable line: directions, not
+    examples, which the complete solve checks like any pooled one once the pool holds
+    the round's every direction; returns how many were added."""
+    res = state.residual
+    remaining = problem.rank - state.found
+    added = 0
+    for _, coord, _ in state.cone_taken:
+        column = _exact_column(problem, res.left, remaining, coord)
+        if column is not None and state.pool.add(column / column.norm()):
+            added += 1
+    return added
 
 
 def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Taken]) -> int:
