@@ -302,7 +302,7 @@ def _refuse_half_precision(in_dtype: torch.dtype) -> None:
 
 
 def _ratio(gap: float) -> str:
-    """A rank gap for a note (``"inf"``: the singular values past it are exact zeros)."""
+    """A rank gap for a note (``inf``: nothing past it stands above the rounding)."""
     return "inf: nothing past it above rounding" if math.isinf(gap) else f"{gap:.3g}"
 
 

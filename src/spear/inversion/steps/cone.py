@@ -215,16 +215,31 @@ def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[
 
 
 def _pool_exact_columns(problem: Problem, state: SearchState) -> int:
-    """Pool the gradient direction of each vertex taken whose exact column
-    (:func:`_exact_column`, on the residual itself) is one stable line: directions, not
-    examples, which the complete solve checks like any pooled one once the pool holds
-    the round's every direction; returns how many were added."""
+    """Pool the gradient direction of each vertex taken where two derivations agree: its
+    exact column (:func:`_exact_column`, from its ReLU pattern, on the residual itself)
+    and the one direction of the column space in the range of the model's Jacobian at
+    the vertex that fits cross-entropy
+    (:meth:`spear.downstream.Downstream.directions`). A vertex that mixes examples fails
+    one or the other. Directions, not examples: the complete solve checks them like any
+    pooled one once the pool holds the round's every direction. Returns how many were
+    added."""
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
     res = state.residual
     remaining = problem.rank - state.found
+    basis = orthonormal_basis(res.left, remaining)  # (m, r)
+    limit = range_tolerance(problem.tol.zero_tol)
+    same = same_direction_tolerance(problem.tol.zero_tol)
     added = 0
     for _, coord, _ in state.cone_taken:
         column = _exact_column(problem, res.left, remaining, coord)
-        if column is not None and state.pool.add(column / column.norm()):
+        if column is None:
+            continue
+        unit = column / column.norm()
+        (model,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
+        if model is None or not same_direction(unit, model, same):
+            continue
+        if state.pool.add(unit):
             added += 1
     return added
 
