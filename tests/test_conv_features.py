@@ -21,15 +21,18 @@ from spear.inversion.checks import verified_indices
 from spear.inversion.problem import Problem
 from spear.inversion.solve import solve_complete
 from spear.linalg import kernel
-from spear.networks import FlowerCnn, build_cnn
+from spear.networks import FlowerCnn, build_cnn, pretrain
 
 
 def _batch(
-    name: str, b: int, dtype: torch.dtype, seed: int = 0
+    name: str, b: int, dtype: torch.dtype, seed: int = 0, *, trained: bool = False
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The network, a FedSGD update on ``b`` RGB patches, the true features and labels."""
+    """The network (``trained``: after :func:`spear.networks.pretrain` on the pool's second
+    half), a FedSGD update on ``b`` RGB patches, the true features and labels."""
     net = build_cnn(name, seed, dtype=dtype)
     pool = rgb_patches(1000, seed=0)
+    if trained:
+        pretrain(net, pool.images[500:], pool.labels[500:], seed=seed)
     images, labels = sample_batch(pool.subset(500), b, seed=seed + 1)
     images = images.to(dtype)
     update = fedsgd_update(net, images, labels)

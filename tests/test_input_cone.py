@@ -14,7 +14,7 @@ import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.input_cone import cone_vertex, directions_from_inputs
-from spear.inversion.steps.cone import _exact_column
+from spear.inversion.steps.cone import _exact_column, _truncated_svd
 from spear.networks import build_cnn
 
 
@@ -170,16 +170,7 @@ def test_a_merged_pair_in_float32_comes_back_as_its_mean() -> None:
 def test_a_trained_cnn_batch_of_32_is_whole_in_float64() -> None:
     # trained VGG-style CNN, b = 32: the gradient columns single out 24 of 32, the inputs'
     # zero sets 29 of 32; peeling on both sides gives every example
-    from spear.networks import pretrain
-
-    net = build_cnn("vgg", 0, dtype=torch.float64)
-    pool = rgb_patches(1000, seed=0)
-    pretrain(net, pool.images[500:], pool.labels[500:], seed=0)
-    images, labels = sample_batch(pool.subset(500), 32, seed=1)
-    images = images.to(torch.float64)
-    update = fedsgd_update(net, images, labels)
-    with torch.no_grad():
-        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
+    net, update, truth, labels = _batch("vgg", 32, torch.float64, trained=True)
     rec = spear.attack(net, update, time_budget=60, progress=False, image_budget=0)
     _assert_exact(rec, truth, labels, 1e-6)
 
@@ -190,16 +181,7 @@ def test_a_trained_cnn_batch_of_32_in_float32_completes_from_pooled_cone_directi
     # missing (not one per example, so no solve of its own), whose exact columns join the
     # pool; the tentative step finds the 6 the pool still needs, and the solve verifies
     # all 31 (measured: 11 s on one thread)
-    from spear.networks import pretrain
-
-    net = build_cnn("vgg", 0, dtype=torch.float32)
-    pool = rgb_patches(1000, seed=0)
-    pretrain(net, pool.images[500:], pool.labels[500:], seed=0)
-    images, labels = sample_batch(pool.subset(500), 32, seed=1)
-    images = images.to(torch.float32)
-    update = fedsgd_update(net, images, labels)
-    with torch.no_grad():
-        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
+    net, update, truth, _ = _batch("vgg", 32, torch.float32, trained=True)
     rec = spear.attack(net, update, time_budget=60, progress=False, image_budget=0)
     result = rec.layer_result
     assert result is not None and result.verified and rec.inputs.shape[0] == 31
@@ -222,10 +204,10 @@ def test_exact_column_peels_an_example_whatever_the_error_of_its_scale(
     # (Fashion-MNIST pixels through a 100 -> 200 layer, b = 12)
     case = layer_case(200, 100, 12, seed=3, real=True, dtype=dtype)
     problem = problem_for(case)
-    left, right = problem.fac.left, problem.fac.right
+    factors, right = _truncated_svd(problem.fac.left, problem.rank), problem.fac.right
     for i in range(case.inputs.shape[0]):
         coord = 1.005 * (case.inputs[i] @ right.T)  # (b,)
-        column = _exact_column(problem, left, problem.rank, coord)
+        column = _exact_column(problem, factors, coord)
         assert column is not None
         truth = torch.outer(case.output_grads[:, i], case.inputs[i] @ right.T)
         term = torch.outer(column, coord)
@@ -233,4 +215,4 @@ def test_exact_column_peels_an_example_whatever_the_error_of_its_scale(
         assert float((term - truth).norm()) <= rel * float(truth.norm())
     # the mean of two examples is no example: its sure zeros admit no one column
     mixed = 0.5 * (case.inputs[0] + case.inputs[1]) @ right.T
-    assert _exact_column(problem, left, problem.rank, mixed) is None
+    assert _exact_column(problem, factors, mixed) is None

@@ -33,41 +33,37 @@ def _batch(n: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 10, (B,), generator=g)
 
 
-class Selects(nn.Module):
-    """Uses only the first 64 of its 100 input columns."""
+class TwoLayers(nn.Module):
+    """``fc1`` (64 -> 200) and ``fc2`` (200 -> 10) in float64; subclasses say how the
+    input reaches ``fc1`` and what follows its ReLU."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.fc1 = nn.Linear(64, 200, dtype=torch.float64)
         self.fc2 = nn.Linear(200, 10, dtype=torch.float64)
+
+
+class Selects(TwoLayers):
+    """Uses only the first 64 of its 100 input columns."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(functional.relu(self.fc1(x[:, :64])))
 
 
-class Permutes(nn.Module):
+class Permutes(TwoLayers):
     """Reorders its input columns before the first layer."""
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(64, 200, dtype=torch.float64)
-        self.fc2 = nn.Linear(200, 10, dtype=torch.float64)
         self.register_buffer("order", torch.randperm(64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(functional.relu(self.fc1(x[:, self.order])))
 
 
-class Unsqueezes(nn.Module):
+class Unsqueezes(TwoLayers):
     """Indexes with full slices and ``None`` only: a view of every element."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(64, 200, dtype=torch.float64)
-        self.fc2 = nn.Linear(200, 10, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(functional.relu(self.fc1(x[:, None, :].flatten(1))))
@@ -146,23 +142,13 @@ def test_parameters_are_read_under_their_own_names(make: type[nn.Module]) -> Non
     assert torch.equal(rec.labels[match.rec_index], y[match.truth_index])
 
 
-class BatchNormAfter(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, 200, dtype=torch.float64)
-        self.fc2 = nn.Linear(200, 10, dtype=torch.float64)
-
+class BatchNormAfter(TwoLayers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = functional.relu(self.fc1(x))
         return self.fc2(functional.batch_norm(hidden, None, None, training=True))
 
 
-class DropoutAfter(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, 200, dtype=torch.float64)
-        self.fc2 = nn.Linear(200, 10, dtype=torch.float64)
-
+class DropoutAfter(TwoLayers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = functional.relu(self.fc1(x))
         return self.fc2(functional.dropout(hidden, 0.5, training=self.training))
@@ -177,16 +163,10 @@ def test_functional_batch_statistics_and_dropout_are_refused(cls: type[nn.Module
         spear.attack(model, update, time_budget=20, progress=False)
 
 
-class LogProbs(nn.Module):
+class LogProbs(TwoLayers):
     """The classic MNIST form: ``LogSoftmax`` output, trained with ``nll_loss``."""
 
     log_probs = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(64, 200, dtype=torch.float64)
-        self.fc2 = nn.Linear(200, 10, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return functional.log_softmax(self.fc2(functional.relu(self.fc1(x))), dim=1)

@@ -225,14 +225,13 @@ def _pool_exact_columns(problem: Problem, state: SearchState) -> int:
     added."""
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
-    res = state.residual
-    remaining = problem.rank - state.found
-    basis = orthonormal_basis(res.left, remaining)  # (m, r)
+    factors = _truncated_svd(state.residual.left, problem.rank - state.found)
+    basis = factors[0]  # (m, r)
     limit = range_tolerance(problem.tol.zero_tol)
     same = same_direction_tolerance(problem.tol.zero_tol)
     added = 0
     for _, coord, _ in state.cone_taken:
-        column = _exact_column(problem, res.left, remaining, coord)
+        column = _exact_column(problem, factors, coord)
         if column is None:
             continue
         unit = column / column.norm()
@@ -291,7 +290,8 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
             continue
         x = tried[-1] @ layer.right  # (n,) the vertex (_seen keeps its unit coordinates)
         unit = _refit(own, layer.right, x, tol)
-        basis = orthonormal_basis(copy.left, wanted - len(taken))
+        factors = _truncated_svd(copy.left, wanted - len(taken))
+        basis = factors[0]  # (m, r)
         starts = scale_candidates(downstream, basis, x, reference) if unit is not None else []
         if unit is None or not starts or any(same_direction(unit, u, same) for u, _, _ in taken):
             misses += 1
@@ -303,7 +303,7 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
         if grad is None or float(miss[k]) > limit:
             misses += 1
             continue
-        exact = _exact_column(problem, copy.left, wanted - len(taken), coord)
+        exact = _exact_column(problem, factors, coord)
         grad = grad if exact is None else exact
         copy.peel(coord, grad)
         taken.append((unit, coord, grad))
@@ -312,11 +312,21 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
     return tries
 
 
-def _exact_column(
-    problem: Problem, left: torch.Tensor, rank: int, coord: torch.Tensor
-) -> torch.Tensor | None:
+#: A residual's truncated SVD ``left = U S V^T`` at its rank: ``U`` ``(m, r)``, ``S``
+#: ``(r,)``, ``V^T`` ``(r, b)`` (:func:`_truncated_svd`).
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _truncated_svd(left: torch.Tensor, rank: int) -> Factors:
+    """The SVD of the residual ``left`` ``(m, b)`` truncated at ``rank``."""
+    u, s, vh = torch.linalg.svd(left, full_matrices=False)
+    return u[:, :rank].contiguous(), s[:rank], vh[:rank]
+
+
+def _exact_column(problem: Problem, factors: Factors, coord: torch.Tensor) -> torch.Tensor | None:
     """The gradient column ``(m,)`` that peels the example at ``coord`` ``(b,)`` (its
-    scale known roughly) from the residual ``left`` ``(m, b)`` of rank ``rank`` exactly.
+    scale known roughly) exactly from the residual ``left`` ``(m, b)`` whose truncated
+    SVD is ``factors`` (:func:`_truncated_svd`).
 
     Its direction is the kernel of ``left``'s column basis on the units the example is
     off on at every scale within :data:`SCALE_MARGIN` of ``coord``'s (its ReLU pattern
@@ -331,8 +341,8 @@ def _exact_column(
     slope = layer.weight_coords @ coord  # (m,) pre-activation without the bias
     bias = layer.bias if layer.bias is not None else torch.zeros_like(slope)
     off = ((1.0 - SCALE_MARGIN) * slope + bias < 0) & ((1.0 + SCALE_MARGIN) * slope + bias < 0)
-    u, s, vh = torch.linalg.svd(left, full_matrices=False)
-    basis, values, rows = u[:, :rank], s[:rank], vh[:rank]  # (m, r), (r,), (r, b)
+    basis, values, rows = factors  # (m, r), (r,), (r, b)
+    rank = int(values.numel())
     if rank < 1 or float(values[-1]) <= 0.0:
         return None
     zeros = off & live_rows(basis, problem.tol.zero_tol)
