@@ -235,8 +235,8 @@ def _pool_exact_columns(problem: Problem, state: SearchState) -> int:
         if column is None:
             continue
         unit = column / column.norm()
-        (model,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
-        if model is None or not same_direction(unit, model, same):
+        (from_model,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
+        if from_model is None or not same_direction(unit, from_model, same):
             continue
         if state.pool.add(unit):
             added += 1
