@@ -33,6 +33,17 @@ def _batch(n: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 10, (B,), generator=g)
 
 
+def _assert_verified_exact(
+    rec: spear.Reconstruction, x: torch.Tensor, y: torch.Tensor, tol: float
+) -> None:
+    """``rec`` is verified, and its inputs within ``tol`` of ``x`` with the labels ``y``."""
+    assert rec.verified
+    match = spear.metrics.match(rec.inputs, x)
+    assert match.max_abs_error.max() < tol
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[match.rec_index], y[match.truth_index])
+
+
 class TwoLayers(nn.Module):
     """``fc1`` (64 -> 200) and ``fc2`` (200 -> 10) in float64; subclasses say how the
     input reaches ``fc1`` and what follows its ReLU."""
@@ -135,11 +146,7 @@ def test_parameters_are_read_under_their_own_names(make: type[nn.Module]) -> Non
     model = make()
     x, y = _batch(64)
     rec = spear.attack(model, _update(model, x, y), time_budget=20, progress=False)
-    assert rec.verified
-    match = spear.metrics.match(rec.inputs, x)
-    assert match.max_abs_error.max() < 1e-10
-    assert rec.labels is not None
-    assert torch.equal(rec.labels[match.rec_index], y[match.truth_index])
+    _assert_verified_exact(rec, x, y, 1e-10)
 
 
 class BatchNormAfter(TwoLayers):
@@ -176,11 +183,7 @@ def test_log_softmax_with_nll_loss_is_cross_entropy() -> None:
     model = LogProbs()
     x, y = _batch(64)
     rec = spear.attack(model, _update(model, x, y), time_budget=20, progress=False)
-    assert rec.verified
-    match = spear.metrics.match(rec.inputs, x)
-    assert match.max_abs_error.max() < 1e-10
-    assert rec.labels is not None
-    assert torch.equal(rec.labels[match.rec_index], y[match.truth_index])
+    _assert_verified_exact(rec, x, y, 1e-10)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -191,11 +194,7 @@ def test_float64_model_with_a_float32_update(seed: int) -> None:
     x, y = _batch(64, seed=100 + seed)
     update = {k: v.float() for k, v in _update(model, x, y).items()}
     rec = spear.attack(model, update, time_budget=20, progress=False)
-    assert rec.verified
-    match = spear.metrics.match(rec.inputs, x)
-    assert match.max_abs_error.max() < 1e-5
-    assert rec.labels is not None
-    assert torch.equal(rec.labels[match.rec_index], y[match.truth_index])
+    _assert_verified_exact(rec, x, y, 1e-5)
 
 
 def _clean_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
