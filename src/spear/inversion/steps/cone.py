@@ -152,8 +152,7 @@ def _peel_vertices(
             else residual_row_space(res.left, remaining)
         )  # (b, d)
         rows = layer.right.T @ space  # (n, r)
-        norms = rows.norm(dim=1)
-        live_in = norms > problem.tol.zero_tol * float(norms.max())
+        live_in = live_rows(rows, problem.tol.zero_tol)
         w = cone_vertex(rows[live_in], problem.generator, problem.tol.zero_tol)
         if w is None:
             misses += 1
@@ -283,8 +282,7 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
             # one left: the rough peels leave its direction, rough too, as the residual
             w = torch.sign(rows.sum(dim=0)) if float(rows.sum()) != 0 else None
         else:
-            norms = rows.norm(dim=1)
-            w = cone_vertex(rows[norms > tol * float(norms.max())], problem.generator, tol)
+            w = cone_vertex(rows[live_rows(rows, tol)], problem.generator, tol)
         if w is None or _seen(tried, space @ w):
             misses += 1
             continue
@@ -368,8 +366,7 @@ def _refit(
     when that kernel is not one line of nonnegative inputs (``x`` was a vertex of the
     rougher space only, no example)."""
     rows = right.T @ space  # (n, r)
-    norms = rows.norm(dim=1)
-    live = norms > zero_tol * float(norms.max())
+    live = live_rows(rows, zero_tol)
     w = ray_at_zeros(rows[live], x[live], zero_tol)
     if w is None:
         return None
