@@ -18,10 +18,13 @@ from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.downstream import Downstream
 from spear.inversion.checks import verified_indices
+from spear.inversion.driver import unverify_unshared_divisor
 from spear.inversion.problem import Problem
 from spear.inversion.solve import solve_complete
 from spear.linalg import kernel
+from spear.model import find_target
 from spear.networks import FlowerCnn, build_cnn, pretrain
+from spear.results import LayerReconstruction
 
 
 def _batch(
@@ -288,3 +291,61 @@ def test_no_sparse_direction_behind_a_relu_is_a_partial_result_not_an_error() ->
     assert not rec.complete and not rec.verified
     assert any("no sparse direction" in n and "ReLU follows" in n for n in rec.notes)
     assert any("could not be identified" in n for n in rec.notes)
+
+
+def test_mixtures_of_examples_with_one_zero_set_fail_the_divisor_of_a_merged_batch() -> None:
+    # trained VGG-style CNN (seed 1), float32, b = 16: examples 9 and 14 (one label, the
+    # same zero sets at fc1) have columns that agree to float32's precision, so the update
+    # shows 15 examples while its mean counts 16; examples 2 and 5 have the same zero sets
+    # at fc1 and different labels, so every convex mixture of the two passes every
+    # ReLU-pattern check. Only the cross-entropy divisor tells them apart, and the
+    # update's divisor is 16, not its rank
+    net, update, truth, labels = _batch("vgg", 16, torch.float32, 1, trained=True)
+    target = find_target(net)
+    assert target.after is not None and target.bias is not None
+    weight, bias = target.weight.detach(), target.bias.detach()
+    downstream = Downstream(target.after, weight, bias, torch.float32)
+    problem = problem_from(
+        update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
+    )
+    assert problem.rank == 15 and problem.layer is not None
+    pre = (truth.to(torch.float32) @ weight.T + bias).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(target.after(pre), labels)
+    (cols,) = torch.autograd.grad(loss, pre)
+    cols = cols.to(torch.float64).T  # (m, 16)
+    zeros = cols == 0
+    assert torch.equal(zeros[:, 2], zeros[:, 5]) and labels[2] != labels[5]
+    assert torch.equal(zeros[:, 9], zeros[:, 14]) and labels[9] == labels[14]
+    # the batch the update shows, with 2 and 5 replaced by two convex mixtures of them
+    mix = torch.tensor([[0.7, 0.3], [0.3, 0.7]], dtype=torch.float64)
+    singles = [i for i in range(16) if i not in (2, 5, 9, 14)]
+    inputs = torch.cat([truth[singles], ((truth[9] + truth[14]) / 2)[None], mix @ truth[[2, 5]]])
+    grads = torch.cat(
+        [cols[:, singles], (cols[:, 9] + cols[:, 14])[:, None], cols[:, [2, 5]] @ mix.inverse()],
+        dim=1,
+    )
+    coords = inputs @ problem.layer.right.T  # (15, 15)
+    live = torch.ones(grads.shape[0], dtype=torch.bool)
+    accepted = verified_indices(problem, coords.clone(), grads.clone(), live)
+    assert problem.evidence.whole == 16.0
+    assert accepted == list(range(13))  # the singles and the merged pair, not the mixtures
+    # the result's own last check holds a batch to one divisor whatever the search did
+    result = LayerReconstruction(
+        inputs=inputs,
+        batch_size=15,
+        complete=True,
+        verified=True,
+        output_grads=grads,
+        singular_values=problem.fac.singular_values,
+        rank_gap=problem.fac.gap,
+        sparsity=zeros.to(torch.float64).mean(dim=0),
+        consistency=None,
+        residual=0.0,
+        precision=problem.eps,
+    )
+    fresh = problem_from(
+        update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
+    )
+    unverify_unshared_divisor(fresh, result)
+    assert not result.verified
+    assert "examples [13, 14] do not fit" in result.notes[-1]

@@ -14,7 +14,13 @@ from collections.abc import Callable
 
 import torch
 
-from spear.downstream import Downstream, own_columns, range_tolerance
+from spear.downstream import (
+    Downstream,
+    fits_whole,
+    implied_whole,
+    own_columns,
+    range_tolerance,
+)
 from spear.inversion.pool import DirectionPool, same_direction
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
@@ -226,8 +232,10 @@ def certified_alone(
     examples turn on gives a mixture, which may have the ReLU patterns of one of them
     (when the others' gradients are small at that unit) and then passes every pattern
     check. Its column must lie in the range of the Jacobian at the candidate and fit
-    softmax cross-entropy there with the divisor of a plain mean (``b``) or sum (1) of
-    per-example losses (:meth:`spear.downstream.Downstream.plain_fit`). The divisor
+    softmax cross-entropy there with the divisor of a plain mean (the count of examples:
+    ``b``, or more where examples merge) or sum (1) of per-example losses
+    (:func:`spear.downstream.implied_whole`), and the update's divisor once examples have
+    established it (:attr:`spear.inversion.problem.Evidence.whole`). The divisor
     settles it: a mixture with weight ``w`` on the example whose patterns it has gets
     that example's column scaled by ``1 / w``, so its divisor is ``w b`` (measured on the
     VGG-style CNN, float32, b = 8: mixtures 4 to 9% off fit cross-entropy to 1e-4, as a
@@ -244,15 +252,18 @@ def certified_alone(
 
     def certify(coord: torch.Tensor, grad: torch.Tensor, alone: bool) -> bool:
         x = (coord @ layer.right)[None]
-        far, plain, repeated = downstream.checks(x, grad[:, None], problem.rank)
+        far, fit, divisor = downstream.checks(x, grad[:, None])
         if float(far[0]) > limit:
             return False
-        if bool(plain[0]):
-            problem.evidence.plain_cross_entropy = True
-            return True
+        rank, dtype = problem.rank, downstream.dtype
+        shown = implied_whole(float(fit[0]), float(divisor[0]), rank, dtype)
+        problem.evidence.tally(shown, x[0], rank)
+        whole = problem.evidence.whole
         if alone:
-            return False
-        return not problem.evidence.plain_cross_entropy or bool(repeated[0])
+            return shown is not None and whole in (None, shown)
+        if whole is None:
+            return True
+        return bool(fits_whole(fit, divisor, whole, rank, dtype, copies=True)[0])
 
     return certify
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from spear.downstream import range_tolerance
+from spear.downstream import fits_whole, implied_whole, range_tolerance
 from spear.inversion.problem import Problem
 from spear.inversion.solve import verified_solve
 from spear.linalg import zero_mask
@@ -33,9 +33,9 @@ def verified_indices(
     kernel has several dimensions can be wrong by a small multiple of another example's
     column and still pass every pattern check, and the Jacobian catches it. The examples
     mixed into such a direction are shifted without leaving their Jacobian's range; once
-    some example has fitted softmax cross-entropy with the divisor of a plain mean or sum
-    (:meth:`spear.downstream.Downstream.plain_fit`), every example must, and a shifted
-    one fails (its divisor moves with the shift).
+    examples have fitted softmax cross-entropy with the divisor of a plain mean or sum
+    (:attr:`spear.inversion.problem.Evidence.whole`), every example must fit that divisor
+    (over its count of copies), and a shifted one fails (its divisor moves with the shift).
 
     Parameters
     ----------
@@ -70,13 +70,16 @@ def verified_indices(
     if downstream is not None and accepted:
         pick = torch.tensor(accepted, device=coords.device)
         inputs = coords[pick] @ layer.right
-        far, plain, repeated = downstream.checks(inputs, grads[:, pick], problem.rank)
+        far, fit, divisor = downstream.checks(inputs, grads[:, pick])
         near = far <= range_tolerance(problem.tol.zero_tol)
-        if bool(plain.any()):
-            problem.evidence.plain_cross_entropy = True
-        if problem.evidence.plain_cross_entropy:
-            # duplicates (an example counted c times) have the plain divisor over c
-            near &= repeated
+        evidence, rank, dtype = problem.evidence, problem.rank, downstream.dtype
+        for j in torch.nonzero(near).flatten().tolist():
+            shown = implied_whole(float(fit[j]), float(divisor[j]), rank, dtype)
+            evidence.tally(shown, inputs[j], rank)
+        whole = evidence.whole
+        if whole is not None:
+            # duplicates (an example counted c times) have the update's divisor over c
+            near &= fits_whole(fit, divisor, whole, rank, dtype, copies=True)
         accepted = [i for i, ok in zip(accepted, near.tolist(), strict=True) if ok]
     return accepted
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spear.downstream import fits_whole, implied_whole
 from spear.errors import NoReluSparsityError
 from spear.inversion.checks import exact_patterns, verified_indices, whole_batch_solve
 from spear.inversion.demix import demix
@@ -42,7 +43,14 @@ from spear.linalg import TINY_NORM
 from spear.results import LayerReconstruction
 from spear.verify import exact_precision
 
-__all__ = ["GUIDED", "WEIGHT_FREE", "Pipeline", "invert", "pipeline_for"]
+__all__ = [
+    "GUIDED",
+    "WEIGHT_FREE",
+    "Pipeline",
+    "invert",
+    "pipeline_for",
+    "unverify_unshared_divisor",
+]
 
 #: Rounds in a row without progress after which the search stops.
 MAX_STALLED_ROUNDS = 2
@@ -206,16 +214,58 @@ def _withhold_loose(problem: Problem, state: SearchState, start: int) -> int:
     """
     downstream, layer = problem.downstream, problem.layer
     res = state.residual
-    if downstream is None or layer is None or not problem.evidence.plain_cross_entropy:
+    whole = problem.evidence.whole
+    if downstream is None or layer is None or whole is None:
         return state.withhold_from(start)
     tail = list(range(start, res.found))
     if not tail:
         return 0
     coords = torch.stack([res.coords[i] for i in tail])
     grads = torch.stack([res.grads[i] for i in tail], dim=1)
-    fits = downstream.plain_fit(coords @ layer.right, grads, problem.rank, duplicates=True)
+    fit, divisor = downstream.cross_entropy_fit(coords @ layer.right, grads)
+    fits = fits_whole(fit, divisor, whole, problem.rank, downstream.dtype, copies=True)
     keep = list(range(start)) + [i for i, ok in zip(tail, fits.tolist(), strict=True) if ok]
     return state.keep(keep)
+
+
+def unverify_unshared_divisor(problem: Problem, result: LayerReconstruction) -> None:
+    """Withdraw verification where some examples fit softmax cross-entropy with the
+    divisor of a plain mean or sum and the others do not share it.
+
+    Examples whose ReLU patterns agree at the layer are told apart only by the model after
+    it: any mixture of two such examples passes every pattern check, and where they have
+    the same activation patterns after the layer too, the Jacobian's range. Their columns
+    fit cross-entropy only as themselves (fact 12). Where the update shows fewer examples
+    than its mean counts (examples merged at its precision), every check made while the
+    search ran may have been one that had not yet learnt the divisor; this one sees the
+    whole batch at once.
+    """
+    downstream = problem.downstream
+    if not result.verified or downstream is None or result.inputs.shape[0] == 0:
+        return
+    rank, dtype = problem.rank, downstream.dtype
+    fit, divisor = downstream.cross_entropy_fit(result.inputs, result.output_grads)
+    shown = [
+        implied_whole(float(f), float(d), rank, dtype)
+        for f, d in zip(fit.tolist(), divisor.tolist(), strict=True)
+    ]
+    wholes = {w for w in shown if w is not None}
+    if problem.evidence.whole is not None:
+        wholes.add(problem.evidence.whole)
+    if not wholes:
+        return  # no plain cross-entropy mean or sum to hold the examples to
+    fits = [fits_whole(fit, divisor, w, rank, dtype, copies=True) for w in wholes]
+    if any(bool(f.all()) for f in fits):
+        return
+    best = max(fits, key=lambda f: int(f.sum()))
+    result.verified = False
+    misfits = torch.nonzero(~best).flatten().tolist()
+    result.notes.append(
+        f"examples {misfits} do not fit softmax cross-entropy with the divisor the other "
+        f"{int(best.sum())} share (a plain mean or sum): mixtures of examples with the "
+        "same ReLU patterns pass every pattern check, and only the model after the layer "
+        "tells them apart: not verified."
+    )
 
 
 def _unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
@@ -324,6 +374,7 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
         _polish(problem, state)
         _demix(problem, state)
     result = finish(problem, state)
+    unverify_unshared_divisor(problem, result)
     _unverify_merged(problem, result)
     if problem.noisy:
         result.verified = False  # patterns were allowed to disagree: estimates, not checks

@@ -86,20 +86,70 @@ class Request:
     scale: float = 1.0
 
 
+#: Two inputs that show the same divisor are one example when they differ by at most this
+#: fraction of the larger's norm (the same example reached twice carries the update's
+#: roundoff; two examples, or an example and a mixture, differ by far more).
+SAME_INPUT = 1e-3
+#: An update read as a mean over more examples than it shows needs that count from this
+#: many distinct inputs: one example counted twice, or two that merge at the update's
+#: precision, make such a count, but a single mixture can fit one by chance.
+CORROBORATE_LARGER_COUNT = 2
+#: Distinct inputs kept per divisor (enough to compare counts of support).
+MAX_SUPPORT = 8
+
+
 @dataclass
 class Evidence:
     """What the search has learnt about the update while it runs (shared by its steps).
 
     Attributes
     ----------
-    plain_cross_entropy:
-        Some example's column fitted softmax cross-entropy at its own input with the
-        divisor of a plain mean (``b``) or sum (1) of per-example losses (with the model
-        after the layer): the update is such a mean or sum, and every example must fit
-        it too (:func:`spear.inversion.checks.verified_indices`).
+    shown:
+        For each divisor of the whole update that examples' columns have shown with a
+        plain cross-entropy fit (:func:`spear.downstream.implied_whole`: 1 for a plain
+        sum, the count ``D`` for a plain mean), the distinct inputs ``(n,)`` that showed
+        it (at most :data:`MAX_SUPPORT`).
+    rank:
+        The number of examples the update shows (set by the first :meth:`tally`).
     """
 
-    plain_cross_entropy: bool = False
+    shown: dict[float, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    rank: int = 0
+
+    def tally(self, whole: float | None, inputs: torch.Tensor, rank: int) -> None:
+        """Record that the example ``inputs`` ``(n,)`` showed the divisor ``whole`` (nothing
+        when ``None``) in an update of ``rank`` examples."""
+        self.rank = rank
+        if whole is None:
+            return
+        support = self.shown.setdefault(whole, [])
+        if len(support) >= MAX_SUPPORT:
+            return
+        size = float(inputs.norm())
+        for seen in support:
+            if float((seen - inputs).norm()) <= SAME_INPUT * max(size, float(seen.norm())):
+                return
+        support.append(inputs.detach().clone())
+
+    @property
+    def whole(self) -> float | None:
+        """The update's divisor: the one shown by the most distinct inputs, among those
+        shown by enough of them (one for a sum or a mean over ``rank`` examples,
+        :data:`CORROBORATE_LARGER_COUNT` for a mean over more); ``None`` before any."""
+        best: float | None = None
+        for whole, support in self.shown.items():
+            needed = 1 if whole in (1.0, float(self.rank)) else CORROBORATE_LARGER_COUNT
+            if len(support) < needed:
+                continue
+            if best is None or len(support) > len(self.shown[best]):
+                best = whole
+        return best
+
+    @property
+    def plain_cross_entropy(self) -> bool:
+        """Some divisor is established: the update is a plain cross-entropy mean or sum,
+        and every example must fit it (:func:`spear.inversion.checks.verified_indices`)."""
+        return self.whole is not None
 
 
 @dataclass(frozen=True)

@@ -389,8 +389,9 @@ def _plain_scale(
     problem: Problem, res: Residual, basis: torch.Tensor, coord_dir: torch.Tensor, t: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The example's coordinates ``(b,)`` and column ``(m,)`` near the scale ``t`` of
-    ``coord_dir`` ``(b,)``, at the scale whose cross-entropy divisor is a plain mean's
-    (the batch size) or sum's (1); ``None`` when none is found near ``t`` or the
+    ``coord_dir`` ``(b,)``, at the scale whose cross-entropy divisor is the update's
+    (:attr:`spear.inversion.problem.Evidence.whole` once examples have shown it, else a
+    plain mean's over the rank or a sum's, 1); ``None`` when none is found near ``t`` or the
     example's own column is not in ``span(basis)`` there.
 
     The column's size is fixed by the update (``grad coord^T`` does not depend on ``t``)
@@ -423,7 +424,9 @@ def _plain_scale(
     first = at(s)
     if first is None:
         return None
-    plain = min((math.log(problem.rank), 0.0), key=lambda d: abs(first[0] - d))
+    whole = problem.evidence.whole  # a mean's count once examples have shown it
+    targets = (math.log(whole),) if whole is not None else (math.log(problem.rank), 0.0)
+    plain = min(targets, key=lambda d: abs(first[0] - d))
     h, coord, grad, miss = first
     h -= plain
     prev: tuple[float, float] | None = None
