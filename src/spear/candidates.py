@@ -260,7 +260,7 @@ def certified_alone(
         problem.evidence.tally(shown, x[0], rank)
         whole = problem.evidence.whole
         if alone:
-            return shown is not None and whole in (None, shown)
+            return shown is not None and shown == whole
         if whole is None:
             return True
         return bool(fits_whole(fit, divisor, whole, rank, dtype, copies=True)[0])
