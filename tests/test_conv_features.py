@@ -9,6 +9,8 @@ after the layer, whose Jacobians single out the true batch (:mod:`spear.downstre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from tests.conftest import problem_from
@@ -293,14 +295,37 @@ def test_no_sparse_direction_behind_a_relu_is_a_partial_result_not_an_error() ->
     assert any("could not be identified" in n for n in rec.notes)
 
 
-def test_mixtures_of_examples_with_one_zero_set_fail_the_divisor_of_a_merged_batch() -> None:
-    # trained VGG-style CNN (seed 1), float32, b = 16: examples 9 and 14 (one label, the
-    # same zero sets at fc1) have columns that agree to float32's precision, so the update
-    # shows 15 examples while its mean counts 16; examples 2 and 5 have the same zero sets
-    # at fc1 and different labels, so every convex mixture of the two passes every
-    # ReLU-pattern check. Only the cross-entropy divisor tells them apart, and the
-    # update's divisor is 16, not its rank
-    net, update, truth, labels = _batch("vgg", 16, torch.float32, 1, trained=True)
+@dataclass
+class _Seed1:
+    """The trained VGG-style CNN of seed 1 and its float32 batch of 16 (or those of its
+    examples ``keep``), with the problem its update makes and the truth of ``fc1``."""
+
+    problem: Problem
+    truth: torch.Tensor  # (k, 1024) float64 features
+    cols: torch.Tensor  # (256, k) float64 gradient columns
+    labels: torch.Tensor
+
+
+def _seed1_batch(keep: list[int], class_weight: float | None = None) -> _Seed1:
+    """:class:`_Seed1` of the examples ``keep``; ``class_weight``: the weight of the
+    class of example 3 in a class-weighted mean cross-entropy (the others 1)."""
+    net = build_cnn("vgg", 1, dtype=torch.float32)
+    pool = rgb_patches(1000, seed=0)
+    pretrain(net, pool.images[500:], pool.labels[500:], seed=1)
+    images, labels = sample_batch(pool.subset(500), 16, seed=2)
+    images, labels = images[keep].to(torch.float32), labels[keep]
+    weights = torch.ones(10, dtype=torch.float32)
+    if class_weight is not None:
+        weights[labels[3]] = class_weight
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, targets, weight=weights)
+
+    net.zero_grad()
+    loss_fn(net(images), labels).backward()
+    update = {k: p.grad.detach().clone() for k, p in net.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
     target = find_target(net)
     assert target.after is not None and target.bias is not None
     weight, bias = target.weight.detach(), target.bias.detach()
@@ -308,44 +333,104 @@ def test_mixtures_of_examples_with_one_zero_set_fail_the_divisor_of_a_merged_bat
     problem = problem_from(
         update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
     )
-    assert problem.rank == 15 and problem.layer is not None
     pre = (truth.to(torch.float32) @ weight.T + bias).requires_grad_(True)
-    loss = torch.nn.functional.cross_entropy(target.after(pre), labels)
-    (cols,) = torch.autograd.grad(loss, pre)
-    cols = cols.to(torch.float64).T  # (m, 16)
-    zeros = cols == 0
-    assert torch.equal(zeros[:, 2], zeros[:, 5]) and labels[2] != labels[5]
-    assert torch.equal(zeros[:, 9], zeros[:, 14]) and labels[9] == labels[14]
-    # the batch the update shows, with 2 and 5 replaced by two convex mixtures of them
-    mix = torch.tensor([[0.7, 0.3], [0.3, 0.7]], dtype=torch.float64)
-    singles = [i for i in range(16) if i not in (2, 5, 9, 14)]
-    inputs = torch.cat([truth[singles], ((truth[9] + truth[14]) / 2)[None], mix @ truth[[2, 5]]])
-    grads = torch.cat(
-        [cols[:, singles], (cols[:, 9] + cols[:, 14])[:, None], cols[:, [2, 5]] @ mix.inverse()],
-        dim=1,
-    )
-    coords = inputs @ problem.layer.right.T  # (15, 15)
+    (cols,) = torch.autograd.grad(loss_fn(target.after(pre), labels), pre)
+    return _Seed1(problem, truth, cols.to(torch.float64).T, labels)
+
+
+def _accepted(problem: Problem, inputs: torch.Tensor, grads: torch.Tensor) -> list[int]:
+    """The examples ``inputs`` ``(k, n)`` with columns ``grads`` ``(m, k)`` that pass
+    :func:`verified_indices` as one solve."""
+    assert problem.layer is not None
+    coords = inputs @ problem.layer.right.T
     live = torch.ones(grads.shape[0], dtype=torch.bool)
-    accepted = verified_indices(problem, coords.clone(), grads.clone(), live)
-    assert problem.evidence.whole == 16.0
-    assert accepted == list(range(13))  # the singles and the merged pair, not the mixtures
-    # the result's own last check holds a batch to one divisor whatever the search did
-    result = LayerReconstruction(
+    return verified_indices(problem, coords, grads.clone(), live)
+
+
+def _result(problem: Problem, inputs: torch.Tensor, grads: torch.Tensor) -> LayerReconstruction:
+    """A complete result marked verified, holding ``inputs`` ``(k, n)`` and ``grads``."""
+    k = inputs.shape[0]
+    return LayerReconstruction(
         inputs=inputs,
-        batch_size=15,
+        batch_size=k,
         complete=True,
         verified=True,
         output_grads=grads,
         singular_values=problem.fac.singular_values,
         rank_gap=problem.fac.gap,
-        sparsity=zeros.to(torch.float64).mean(dim=0),
+        sparsity=torch.zeros(k, dtype=torch.float64),
         consistency=None,
         residual=0.0,
         precision=problem.eps,
     )
-    fresh = problem_from(
-        update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
-    )
-    unverify_unshared_divisor(fresh, result)
+
+
+def _mixed(batch: _Seed1, weight: float, singles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples ``singles`` and two mixtures of examples 2 and 5 with weights
+    ``(weight, 1 - weight)``, inputs ``(k, n)`` and columns ``(m, k)`` (the same update)."""
+    truth, cols = batch.truth, batch.cols
+    mix = torch.tensor([[weight, 1 - weight], [1 - weight, weight]], dtype=torch.float64)
+    inputs = torch.cat([truth[singles], mix @ truth[[2, 5]]])
+    grads = torch.cat([cols[:, singles], cols[:, [2, 5]] @ mix.inverse()], dim=1)
+    return inputs, grads
+
+
+def test_mixtures_of_examples_with_one_zero_set_fail_the_divisor_of_a_merged_batch() -> None:
+    # trained VGG-style CNN (seed 1), float32, b = 16: examples 9 and 14 (one label, the
+    # same zero sets at fc1) have columns that agree to float32's precision, so the update
+    # shows 15 examples while its mean counts 16; examples 2 and 5 have the same zero sets
+    # at fc1 and different labels, so every convex mixture of the two passes every
+    # ReLU-pattern check. Only the cross-entropy divisor tells them apart, and the
+    # update's divisor is 16, not its rank
+    batch = _seed1_batch(list(range(16)))
+    problem, truth, cols, labels = batch.problem, batch.truth, batch.cols, batch.labels
+    assert problem.rank == 15
+    zeros = cols == 0
+    assert torch.equal(zeros[:, 2], zeros[:, 5]) and labels[2] != labels[5]
+    assert torch.equal(zeros[:, 9], zeros[:, 14]) and labels[9] == labels[14]
+    # the batch the update shows, with 2 and 5 replaced by two convex mixtures of them
+    singles = [i for i in range(16) if i not in (2, 5, 9, 14)]
+    inputs, grads = _mixed(batch, 0.7, singles)
+    merged = ((truth[9] + truth[14]) / 2)[None]
+    inputs = torch.cat([inputs[:12], merged, inputs[12:]])
+    grads = torch.cat([grads[:, :12], (cols[:, 9] + cols[:, 14])[:, None], grads[:, 12:]], 1)
+    assert _accepted(problem, inputs, grads) == list(range(13))  # not the mixtures
+    assert problem.evidence.whole == 16.0
+    # the result's own last check holds a batch to one divisor whatever the search did
+    result = _result(problem, inputs, grads)
+    unverify_unshared_divisor(problem, result)
     assert not result.verified
     assert "examples [13, 14] do not fit" in result.notes[-1]
+
+
+@pytest.mark.parametrize(("weight", "accepted"), [(0.99, 13), (0.995, 13), (1.0, 15)])
+def test_a_mixture_a_hundredth_off_an_example_fails_its_divisor(
+    weight: float, accepted: int
+) -> None:
+    # the batch above without example 14: 15 distinct examples, a mean over 15. A mixture
+    # with weight w on example 2 has the divisor 15 w and misses the fit by about
+    # 80 (1 - w): the tolerance that examples peeled in float32 need (5e-4) must not
+    # pass it
+    batch = _seed1_batch([i for i in range(16) if i != 14])
+    assert batch.problem.rank == 15
+    singles = [i for i in range(15) if i not in (2, 5)]
+    inputs, grads = _mixed(batch, weight, singles)
+    assert len(_accepted(batch.problem, inputs, grads)) == accepted
+    result = _result(batch.problem, inputs, grads)
+    unverify_unshared_divisor(batch.problem, result)
+    assert result.verified == (accepted == 15)
+
+
+def test_a_class_weighted_mean_keeps_its_examples_verified() -> None:
+    # class weights 1 and 1.5 (the class of example 3, two examples of this batch): the
+    # weight-1 examples show the divisor 16 = the weights' sum, an integer in [15, 30],
+    # and the others 16 / 1.5; two examples that share a divisor of no plain form say
+    # the loss weighs examples, and no count is held against them
+    batch = _seed1_batch([i for i in range(16) if i != 14], class_weight=1.5)
+    problem, truth, cols = batch.problem, batch.truth, batch.cols
+    assert int((batch.labels == batch.labels[3]).sum()) == 2
+    assert _accepted(problem, truth, cols) == list(range(15))
+    assert problem.evidence.whole is None
+    result = _result(problem, truth, cols)
+    unverify_unshared_divisor(problem, result)
+    assert result.verified

@@ -176,7 +176,9 @@ def row_candidates(
             ok, _ = pattern_check(
                 layer, coord, zero_mask(grad[:, None], tol.zero_tol)[:, 0], live, eps, delta
             )
-            taken = ok and (certify(coord, grad, not several) if certify is not None else several)
+            taken = ok and (
+                certify(coord, grad, not several, True) if certify is not None else several
+            )
             unit_grad = grad / grad.norm()
             if taken and not any(same_direction(unit_grad, g / g.norm()) for _, g in exact):
                 exact.append((coord, grad))
@@ -193,7 +195,7 @@ def _own_column_examples(
     cand: torch.Tensor,
     basis: torch.Tensor,
     live: torch.Tensor,
-    certify: Callable[[torch.Tensor, torch.Tensor, bool], bool],
+    certify: Callable[[torch.Tensor, torch.Tensor, bool, bool], bool],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Row candidates ``cand`` ``(k, b)`` that are exact examples, with their columns.
 
@@ -216,17 +218,18 @@ def _own_column_examples(
             continue
         zeros = zero_mask(grad[:, None], tol.zero_tol)[:, 0]
         ok, _ = pattern_check(layer, cand[i], zeros, live, problem.eps, problem.delta)
-        if ok and certify(cand[i], grad, True):
+        if ok and certify(cand[i], grad, True, True):
             found.append((cand[i], grad))
     return found
 
 
 def certified_alone(
     problem: Problem,
-) -> Callable[[torch.Tensor, torch.Tensor, bool], bool] | None:
+) -> Callable[[torch.Tensor, torch.Tensor, bool, bool], bool] | None:
     """Whether a row candidate ``coord`` ``(b,)`` with its column ``grad`` ``(m,)`` is an
     exact example by the model after the layer (``None`` when it is not known); the third
-    argument says whether one row alone gave it.
+    argument says whether one row alone gave it, the fourth whether its divisor is
+    evidence of the update's (not where its scale was chosen to make it plain).
 
     A row that one example alone turns on gives that example exactly; a row several
     examples turn on gives a mixture, which may have the ReLU patterns of one of them
@@ -250,17 +253,21 @@ def certified_alone(
         return None
     limit = range_tolerance(problem.tol.zero_tol)
 
-    def certify(coord: torch.Tensor, grad: torch.Tensor, alone: bool) -> bool:
+    def certify(coord: torch.Tensor, grad: torch.Tensor, alone: bool, tally: bool) -> bool:
         x = (coord @ layer.right)[None]
         far, fit, divisor = downstream.checks(x, grad[:, None])
         if float(far[0]) > limit:
             return False
         rank, dtype = problem.rank, downstream.dtype
-        shown = implied_whole(float(fit[0]), float(divisor[0]), rank, dtype)
-        problem.evidence.tally(shown, x[0], rank)
+        found = float(fit[0]), float(divisor[0])
+        shown = implied_whole(*found, rank, dtype)
+        if tally:
+            problem.evidence.tally(*found, x[0], rank, dtype)
         whole = problem.evidence.whole
         if alone:
-            return shown is not None and shown == whole
+            if whole is None:  # nothing established: a plain mean over the rank, or a sum
+                return shown in (float(rank), 1.0)
+            return shown == whole
         if whole is None:
             return True
         return bool(fits_whole(fit, divisor, whole, rank, dtype, copies=True)[0])

@@ -42,6 +42,7 @@ __all__ = [
     "held_tolerances",
     "implied_whole",
     "label_columns",
+    "other_divisor",
     "own_columns",
     "range_tolerance",
 ]
@@ -97,10 +98,12 @@ def divisor_tolerance(dtype: torch.dtype) -> float:
 #: gap to a mean over one example more or fewer. Examples solved after many float32
 #: peels carry the peels' roundoff: measured on the trained VGG-style CNN (b = 32,
 #: float32, 31 examples shown) fits to 5e-4 and divisors within 5e-4 of 32, where the
-#: establishing tolerances are 1.2e-4. A mixture of two examples with the same zero sets
-#: misses the fit by 0.08 or more, an example shifted along another's direction moves
-#: its divisor by 0.4 or more.
-HELD_ULPS = 1e5
+#: establishing tolerances are 1.2e-4. A mixture with weight ``w`` on one of two examples
+#: with the same zero sets has the divisor ``w D`` and misses the fit by about ``80 (1 -
+#: w)`` (0.08 at ``w = 0.999`` on that network's seed-1 batch): this tolerance (1.2e-3
+#: in float32) passes only mixtures within ``1e-3`` of the example's own weight, whose
+#: inputs lie as close to it as the peels' roundoff does.
+HELD_ULPS = 1e4
 
 
 def held_tolerances(dtype: torch.dtype, whole: float) -> tuple[float, float]:
@@ -135,6 +138,25 @@ def implied_whole(fit: float, divisor: float, rank: int, dtype: torch.dtype) -> 
     if rank <= count <= MAX_COUNT_PER_RANK * rank and abs(divisor - count) <= tol * count:
         return float(count)
     return None
+
+
+def other_divisor(divisors: list[float], whole: float, rank: int, dtype: torch.dtype) -> bool:
+    """Whether two of ``divisors`` (of distinct examples whose columns fit cross-entropy)
+    agree with each other and are not ``whole`` over a count of copies
+    (:func:`fits_whole`): a loss that weighs examples (class weights), not a plain mean
+    or sum over ``whole``. One such divisor alone is no evidence (a mixture can fit
+    cross-entropy on a flat softmax with a divisor of its own)."""
+    if len(divisors) < 2:
+        return False
+    values = torch.tensor(divisors, dtype=torch.float64)
+    plain = fits_whole(torch.zeros_like(values), values, whole, rank, dtype, copies=True)
+    others = values[~plain]
+    _, tol = held_tolerances(dtype, whole)
+    for i in range(others.numel()):
+        near = (others[i + 1 :] - others[i]).abs() <= tol * float(others[i].abs())
+        if bool(near.any()):
+            return True
+    return False
 
 
 def fits_whole(
@@ -282,8 +304,8 @@ class Downstream:
         duplicates: bool = False,
     ) -> torch.Tensor:
         """``(k,)`` bool: column ``grads[:, i]`` ``(m, k)`` fits softmax cross-entropy at
-        ``inputs[i]`` ``(k, n)`` (:func:`spear.labels.label_fit_tol`) with the divisor of a
-        plain mean over ``batch_size`` examples or a plain sum (:func:`divisor_tolerance`).
+        ``inputs[i]`` ``(k, n)`` with the divisor of a plain mean over ``batch_size``
+        examples or a plain sum (:func:`fits_whole`, :func:`held_tolerances`).
 
         ``batch_size`` is the number of distinct examples the update shows (its rank).
         ``duplicates``: an example that occurs ``c`` times in the batch has ``c`` times

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from spear.downstream import fits_whole, implied_whole, range_tolerance
+from spear.downstream import fits_whole, range_tolerance
 from spear.inversion.problem import Problem
 from spear.inversion.solve import verified_solve
 from spear.linalg import zero_mask
@@ -74,8 +74,7 @@ def verified_indices(
         near = far <= range_tolerance(problem.tol.zero_tol)
         evidence, rank, dtype = problem.evidence, problem.rank, downstream.dtype
         for j in torch.nonzero(near).flatten().tolist():
-            shown = implied_whole(float(fit[j]), float(divisor[j]), rank, dtype)
-            evidence.tally(shown, inputs[j], rank)
+            evidence.tally(float(fit[j]), float(divisor[j]), inputs[j], rank, dtype)
         whole = evidence.whole
         if whole is not None:
             # duplicates (an example counted c times) have the update's divisor over c

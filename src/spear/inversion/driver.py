@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from spear.downstream import fits_whole, implied_whole
+from spear.downstream import fits_whole
 from spear.errors import NoReluSparsityError
 from spear.inversion.checks import exact_patterns, verified_indices, whole_batch_solve
 from spear.inversion.demix import demix
-from spear.inversion.problem import Problem
+from spear.inversion.problem import Evidence, Problem
 from spear.inversion.result import finish
 from spear.inversion.solve import joint_check, refine_columns
 from spear.inversion.state import SearchState
@@ -229,42 +229,40 @@ def _withhold_loose(problem: Problem, state: SearchState, start: int) -> int:
 
 
 def unverify_unshared_divisor(problem: Problem, result: LayerReconstruction) -> None:
-    """Withdraw verification where some examples fit softmax cross-entropy with the
-    divisor of a plain mean or sum and the others do not share it.
+    """Withdraw verification where the result's own examples establish the divisor of a
+    plain cross-entropy mean or sum (:class:`spear.inversion.problem.Evidence`) and some
+    example does not fit it.
 
     Examples whose ReLU patterns agree at the layer are told apart only by the model after
     it: any mixture of two such examples passes every pattern check, and where they have
     the same activation patterns after the layer too, the Jacobian's range. Their columns
     fit cross-entropy only as themselves (fact 12). Where the update shows fewer examples
-    than its mean counts (examples merged at its precision), every check made while the
-    search ran may have been one that had not yet learnt the divisor; this one sees the
-    whole batch at once.
+    than its mean counts (examples merged at its precision), a check made while the search
+    ran may have been one that had not yet learnt the divisor; this one sees the whole
+    batch at once. Losses that weigh examples (two examples sharing a divisor of another
+    form) establish none, and nothing is withdrawn.
     """
     downstream = problem.downstream
     if not result.verified or downstream is None or result.inputs.shape[0] == 0:
         return
     rank, dtype = problem.rank, downstream.dtype
     fit, divisor = downstream.cross_entropy_fit(result.inputs, result.output_grads)
-    shown = [
-        implied_whole(float(f), float(d), rank, dtype)
-        for f, d in zip(fit.tolist(), divisor.tolist(), strict=True)
-    ]
-    wholes = {w for w in shown if w is not None}
-    if problem.evidence.whole is not None:
-        wholes.add(problem.evidence.whole)
-    if not wholes:
+    own = Evidence()
+    for i in range(result.inputs.shape[0]):
+        own.tally(float(fit[i]), float(divisor[i]), result.inputs[i], rank, dtype)
+    whole = own.whole
+    if whole is None:
         return  # no plain cross-entropy mean or sum to hold the examples to
-    fits = [fits_whole(fit, divisor, w, rank, dtype, copies=True) for w in wholes]
-    if any(bool(f.all()) for f in fits):
+    fits = fits_whole(fit, divisor, whole, rank, dtype, copies=True)
+    if bool(fits.all()):
         return
-    best = max(fits, key=lambda f: int(f.sum()))
     result.verified = False
-    misfits = torch.nonzero(~best).flatten().tolist()
+    misfits = torch.nonzero(~fits).flatten().tolist()
     result.notes.append(
         f"examples {misfits} do not fit softmax cross-entropy with the divisor the other "
-        f"{int(best.sum())} share (a plain mean or sum): mixtures of examples with the "
-        "same ReLU patterns pass every pattern check, and only the model after the layer "
-        "tells them apart: not verified."
+        f"{int(fits.sum())} share ({whole:g}, a plain mean or sum): mixtures of examples "
+        "with the same ReLU patterns pass every pattern check, and only the model after "
+        "the layer tells them apart: not verified."
     )
 
 
@@ -275,7 +273,9 @@ def _unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
     patterns after the layer, in a network whose logits barely depend on the input, such
     as an untrained one), whose mean it then returns as one example."""
     downstream = problem.downstream
-    if not result.verified or downstream is None or exact_precision(problem.eps):
+    if not result.verified or downstream is None:
+        return
+    if exact_precision(problem.eps) and exact_precision(float(torch.finfo(downstream.dtype).eps)):
         return
     repeated = downstream.repeated(result.inputs, result.output_grads, problem.request.batch_size)
     if not bool(repeated.any()):

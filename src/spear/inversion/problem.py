@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from spear.downstream import Downstream
+from spear.downstream import Downstream, implied_whole, other_divisor
 from spear.errors import BatchTooLargeError, InputError
+from spear.labels import label_fit_tol
 from spear.linalg import Factorisation, Tolerances, factorise, noise_floor, orthonormal_basis
 from spear.solvers.base import Budget
 from spear.solvers.polish import live_rows
@@ -86,16 +87,25 @@ class Request:
     scale: float = 1.0
 
 
-#: Two inputs that show the same divisor are one example when they differ by at most this
-#: fraction of the larger's norm (the same example reached twice carries the update's
-#: roundoff; two examples, or an example and a mixture, differ by far more).
+#: Two inputs are one example when they differ by at most this fraction of the larger's
+#: norm (the same example reached twice carries the update's roundoff; two examples, or
+#: an example and a mixture, differ by far more).
 SAME_INPUT = 1e-3
 #: An update read as a mean over more examples than it shows needs that count from this
 #: many distinct inputs: one example counted twice, or two that merge at the update's
 #: precision, make such a count, but a single mixture can fit one by chance.
 CORROBORATE_LARGER_COUNT = 2
-#: Distinct inputs kept per divisor (enough to compare counts of support).
-MAX_SUPPORT = 8
+#: Distinct inputs kept per divisor, and examples whose columns fit cross-entropy.
+MAX_SUPPORT = 64
+
+
+def _is_new(inputs: torch.Tensor, seen: list[torch.Tensor]) -> bool:
+    """Whether ``inputs`` ``(n,)`` differs from every input in ``seen`` (:data:`SAME_INPUT`)."""
+    size = float(inputs.norm())
+    return all(
+        float((other - inputs).norm()) > SAME_INPUT * max(size, float(other.norm()))
+        for other in seen
+    )
 
 
 @dataclass
@@ -108,42 +118,62 @@ class Evidence:
         For each divisor of the whole update that examples' columns have shown with a
         plain cross-entropy fit (:func:`spear.downstream.implied_whole`: 1 for a plain
         sum, the count ``D`` for a plain mean), the distinct inputs ``(n,)`` that showed
-        it (at most :data:`MAX_SUPPORT`).
-    rank:
-        The number of examples the update shows (set by the first :meth:`tally`).
+        it.
+    fitted:
+        The divisor and input ``(n,)`` of each distinct example whose column fitted
+        cross-entropy, plain or not (class weights give divisors of no plain form).
+    rank, dtype:
+        The number of examples the update shows and the precision of the checks (set by
+        :meth:`tally`).
     """
 
     shown: dict[float, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    fitted: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
     rank: int = 0
+    dtype: torch.dtype = torch.float64
 
-    def tally(self, whole: float | None, inputs: torch.Tensor, rank: int) -> None:
-        """Record that the example ``inputs`` ``(n,)`` showed the divisor ``whole`` (nothing
-        when ``None``) in an update of ``rank`` examples."""
-        self.rank = rank
-        if whole is None:
-            return
-        support = self.shown.setdefault(whole, [])
-        if len(support) >= MAX_SUPPORT:
-            return
-        size = float(inputs.norm())
-        for seen in support:
-            if float((seen - inputs).norm()) <= SAME_INPUT * max(size, float(seen.norm())):
-                return
-        support.append(inputs.detach().clone())
+    def tally(
+        self, fit: float, divisor: float, inputs: torch.Tensor, rank: int, dtype: torch.dtype
+    ) -> float | None:
+        """Record an example ``inputs`` ``(n,)`` whose column fits cross-entropy to ``fit``
+        with ``divisor`` (:meth:`spear.downstream.Downstream.cross_entropy_fit`) in an
+        update of ``rank`` examples; returns the divisor of the whole update it shows
+        (:func:`spear.downstream.implied_whole`), or ``None``."""
+        self.rank, self.dtype = rank, dtype
+        if not fit <= label_fit_tol(dtype):
+            return None
+        if len(self.fitted) < MAX_SUPPORT and _is_new(inputs, [x for _, x in self.fitted]):
+            self.fitted.append((divisor, inputs.detach().clone()))
+        whole = implied_whole(fit, divisor, rank, dtype)
+        if whole is not None:
+            support = self.shown.setdefault(whole, [])
+            if len(support) < MAX_SUPPORT and _is_new(inputs, support):
+                support.append(inputs.detach().clone())
+        return whole
 
     @property
     def whole(self) -> float | None:
-        """The update's divisor: the one shown by the most distinct inputs, among those
-        shown by enough of them (one for a sum or a mean over ``rank`` examples,
-        :data:`CORROBORATE_LARGER_COUNT` for a mean over more); ``None`` before any."""
-        best: float | None = None
+        """The update's divisor, or ``None``: the one shown by the most distinct inputs,
+        among those shown by enough of them (one for a sum or a mean over ``rank``
+        examples, :data:`CORROBORATE_LARGER_COUNT` for a mean over more) and not
+        contradicted by two examples that share a divisor of another form
+        (:func:`spear.downstream.other_divisor`); on a tie, the sum's or the rank's,
+        else none."""
+        plain = (1.0, float(self.rank))
+        divisors = [d for d, _ in self.fitted]
+        counts: dict[float, int] = {}
         for whole, support in self.shown.items():
-            needed = 1 if whole in (1.0, float(self.rank)) else CORROBORATE_LARGER_COUNT
-            if len(support) < needed:
-                continue
-            if best is None or len(support) > len(self.shown[best]):
-                best = whole
-        return best
+            needed = 1 if whole in plain else CORROBORATE_LARGER_COUNT
+            if len(support) >= needed and not other_divisor(divisors, whole, self.rank, self.dtype):
+                counts[whole] = len(support)
+        if not counts:
+            return None
+        most = max(counts.values())
+        best = [w for w, c in counts.items() if c == most]
+        if len(best) == 1:
+            return best[0]
+        preferred = [w for w in best if w in plain]
+        return preferred[0] if len(preferred) == 1 else None
 
     @property
     def plain_cross_entropy(self) -> bool:

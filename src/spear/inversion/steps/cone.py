@@ -174,7 +174,8 @@ def _peel_vertices(
         live = live_rows(basis, problem.tol.zero_tol)
         zeros = zero_mask(grad[:, None], problem.tol.zero_tol)[:, 0]
         ok, _ = pattern_check(layer, coord, zeros, live, problem.eps, problem.delta)
-        if not (ok and certify(coord, grad, True)):
+        # the scale was chosen to make the divisor plain: no evidence of the update's
+        if not (ok and certify(coord, grad, True, False)):
             misses += 1
             continue
         res.directions.remove(grad / grad.norm())
