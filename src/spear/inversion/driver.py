@@ -228,6 +228,28 @@ def _withhold_loose(problem: Problem, state: SearchState, start: int) -> int:
     return state.keep(keep)
 
 
+def _own_evidence(
+    problem: Problem,
+    result: LayerReconstruction,
+    fits: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Evidence:
+    """The divisors the result's own examples show (:class:`Evidence`); ``fits``: their
+    ``(fit, divisor)`` when already computed."""
+    downstream = problem.downstream
+    assert downstream is not None
+    fit, divisor = (
+        fits
+        if fits is not None
+        else downstream.cross_entropy_fit(result.inputs, result.output_grads)
+    )
+    own = Evidence()
+    for i in range(result.inputs.shape[0]):
+        own.tally(
+            float(fit[i]), float(divisor[i]), result.inputs[i], problem.rank, downstream.dtype
+        )
+    return own
+
+
 def unverify_unshared_divisor(problem: Problem, result: LayerReconstruction) -> None:
     """Withdraw verification where the result's own examples establish the divisor of a
     plain cross-entropy mean or sum (:class:`spear.inversion.problem.Evidence`) and some
@@ -247,9 +269,7 @@ def unverify_unshared_divisor(problem: Problem, result: LayerReconstruction) -> 
         return
     rank, dtype = problem.rank, downstream.dtype
     fit, divisor = downstream.cross_entropy_fit(result.inputs, result.output_grads)
-    own = Evidence()
-    for i in range(result.inputs.shape[0]):
-        own.tally(float(fit[i]), float(divisor[i]), result.inputs[i], rank, dtype)
+    own = _own_evidence(problem, result, (fit, divisor))
     whole = own.whole
     if whole is None:
         return  # no plain cross-entropy mean or sum to hold the examples to
@@ -271,18 +291,29 @@ def _unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
     than once: the update cannot tell ``c`` copies of one input from ``c`` inputs whose
     gradient columns agree to its precision (the same label and the same activation
     patterns after the layer, in a network whose logits barely depend on the input, such
-    as an untrained one), whose mean it then returns as one example."""
+    as an untrained one), whose mean it then returns as one example. Such an example is
+    flagged where it fits the others' divisor over ``c >= 2`` (:meth:`Downstream.repeated`)
+    or, where its own fit is too rough for that, where the other examples show a mean
+    over more examples than the update shows."""
     downstream = problem.downstream
     if not result.verified or downstream is None:
         return
     if exact_precision(problem.eps) and exact_precision(float(torch.finfo(downstream.dtype).eps)):
         return
     repeated = downstream.repeated(result.inputs, result.output_grads, problem.request.batch_size)
-    if not bool(repeated.any()):
+    own = _own_evidence(problem, result)
+    counted_more = own.whole is not None and own.whole > max(problem.rank, 1)
+    if not (bool(repeated.any()) or counted_more):
         return
+    which = (
+        f"examples {torch.nonzero(repeated).flatten().tolist()} fit"
+        if bool(repeated.any())
+        else f"the examples fit a mean over {own.whole:g} while the update shows "
+        f"{problem.rank}: some example fits"
+    )
     result.verified = False
     result.notes.append(
-        f"examples {torch.nonzero(repeated).flatten().tolist()} fit the update as if counted "
+        f"{which} the update as if counted "
         f"more than once; at {problem.in_dtype}'s precision the update cannot tell a repeated "
         "example from several examples whose gradients agree to that precision (the same "
         "label and activation patterns after the layer), whose mean it would show as one: "
