@@ -20,7 +20,7 @@ from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.downstream import Downstream
 from spear.inversion.checks import verified_indices
-from spear.inversion.driver import unverify_unshared_divisor
+from spear.inversion.driver import unverify_merged, unverify_unshared_divisor
 from spear.inversion.problem import Problem
 from spear.inversion.solve import solve_complete
 from spear.linalg import kernel
@@ -434,3 +434,22 @@ def test_a_class_weighted_mean_keeps_its_examples_verified() -> None:
     result = _result(problem, truth, cols)
     unverify_unshared_divisor(problem, result)
     assert result.verified
+
+
+def test_a_merged_pair_too_rough_to_show_its_copies_still_unverifies_a_float32_batch() -> None:
+    # the trained seed-1 batch as the update shows it: 13 examples, the merged pair 9 and
+    # 14 as their mean (its column bent by 1%, so that it no longer fits cross-entropy
+    # as an example counted twice) and example 2 in place of the pair 2, 5 (a batch of
+    # 15 that passes every check). The others show a mean over 16, one more than the
+    # update shows: some example is counted twice, and float32 cannot tell copies from
+    # a merge
+    batch = _seed1_batch(list(range(16)))
+    truth, cols = batch.truth, batch.cols
+    keep = [i for i in range(16) if i not in (9, 14, 5)]
+    bent = (cols[:, 9] + cols[:, 14]) * (1 + 0.01 * torch.linspace(-1, 1, cols.shape[0]))
+    inputs = torch.cat([truth[keep], ((truth[9] + truth[14]) / 2)[None]])
+    grads = torch.cat([cols[:, keep], bent[:, None]], dim=1)
+    result = _result(batch.problem, inputs, grads)
+    unverify_merged(batch.problem, result)
+    assert not result.verified
+    assert "a mean over 16 while the update shows 15" in result.notes[-1]

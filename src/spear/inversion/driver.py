@@ -49,6 +49,7 @@ __all__ = [
     "Pipeline",
     "invert",
     "pipeline_for",
+    "unverify_merged",
     "unverify_unshared_divisor",
 ]
 
@@ -286,7 +287,7 @@ def unverify_unshared_divisor(problem: Problem, result: LayerReconstruction) -> 
     )
 
 
-def _unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
+def unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
     """Withdraw verification where a low-precision update shows an example counted more
     than once: the update cannot tell ``c`` copies of one input from ``c`` inputs whose
     gradient columns agree to its precision (the same label and the same activation
@@ -406,7 +407,7 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
         _demix(problem, state)
     result = finish(problem, state)
     unverify_unshared_divisor(problem, result)
-    _unverify_merged(problem, result)
+    unverify_merged(problem, result)
     if problem.noisy:
         result.verified = False  # patterns were allowed to disagree: estimates, not checks
     result.interrupted = interrupted
