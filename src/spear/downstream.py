@@ -322,7 +322,11 @@ class Downstream:
         return self._plain(fit, divisor, batch_size, duplicates)
 
     def repeated(
-        self, inputs: torch.Tensor, grads: torch.Tensor, batch_size: int | None = None
+        self,
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        batch_size: int | None = None,
+        fits: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``(k,)`` bool: examples counted more than once in a plain mean or sum.
 
@@ -332,8 +336,9 @@ class Downstream:
         (1) or a mean over ``batch_size`` when given; those with ``c_i >= 2`` are returned:
         an example counted ``c_i`` times, or ``c_i`` examples whose columns agree to the
         update's precision. Divisors of no such form (per-example clipping) flag none.
+        ``fits``: the examples' :meth:`cross_entropy_fit` when already computed.
         """
-        fit, divisor = self.cross_entropy_fit(inputs, grads)
+        fit, divisor = fits if fits is not None else self.cross_entropy_fit(inputs, grads)
         if divisor.numel() == 0:
             return torch.zeros(0, dtype=torch.bool)
         wholes = [float(divisor.max()), 1.0] + ([float(batch_size)] if batch_size else [])

@@ -230,19 +230,13 @@ def _withhold_loose(problem: Problem, state: SearchState, start: int) -> int:
 
 
 def _own_evidence(
-    problem: Problem,
-    result: LayerReconstruction,
-    fits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    problem: Problem, result: LayerReconstruction, fits: tuple[torch.Tensor, torch.Tensor]
 ) -> Evidence:
-    """The divisors the result's own examples show (:class:`Evidence`); ``fits``: their
-    ``(fit, divisor)`` when already computed."""
+    """The divisors the result's own examples show (:class:`Evidence`), from their
+    ``(fit, divisor)`` (:meth:`spear.downstream.Downstream.cross_entropy_fit`)."""
     downstream = problem.downstream
     assert downstream is not None
-    fit, divisor = (
-        fits
-        if fits is not None
-        else downstream.cross_entropy_fit(result.inputs, result.output_grads)
-    )
+    fit, divisor = fits
     own = Evidence()
     for i in range(result.inputs.shape[0]):
         own.tally(
@@ -251,7 +245,11 @@ def _own_evidence(
     return own
 
 
-def unverify_unshared_divisor(problem: Problem, result: LayerReconstruction) -> None:
+def unverify_unshared_divisor(
+    problem: Problem,
+    result: LayerReconstruction,
+    fits: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     """Withdraw verification where the result's own examples establish the divisor of a
     plain cross-entropy mean or sum (:class:`spear.inversion.problem.Evidence`) and some
     example does not fit it.
@@ -263,31 +261,38 @@ def unverify_unshared_divisor(problem: Problem, result: LayerReconstruction) -> 
     than its mean counts (examples merged at its precision), a check made while the search
     ran may have been one that had not yet learnt the divisor; this one sees the whole
     batch at once. Losses that weigh examples (two examples sharing a divisor of another
-    form) establish none, and nothing is withdrawn.
+    form) establish none, and nothing is withdrawn. ``fits``: the examples'
+    :meth:`spear.downstream.Downstream.cross_entropy_fit` when already computed.
     """
     downstream = problem.downstream
     if not result.verified or downstream is None or result.inputs.shape[0] == 0:
         return
     rank, dtype = problem.rank, downstream.dtype
-    fit, divisor = downstream.cross_entropy_fit(result.inputs, result.output_grads)
-    own = _own_evidence(problem, result, (fit, divisor))
+    if fits is None:
+        fits = downstream.cross_entropy_fit(result.inputs, result.output_grads)
+    fit, divisor = fits
+    own = _own_evidence(problem, result, fits)
     whole = own.whole
     if whole is None:
         return  # no plain cross-entropy mean or sum to hold the examples to
-    fits = fits_whole(fit, divisor, whole, rank, dtype, copies=True)
-    if bool(fits.all()):
+    held = fits_whole(fit, divisor, whole, rank, dtype, copies=True)
+    if bool(held.all()):
         return
     result.verified = False
-    misfits = torch.nonzero(~fits).flatten().tolist()
+    misfits = torch.nonzero(~held).flatten().tolist()
     result.notes.append(
         f"examples {misfits} do not fit softmax cross-entropy with the divisor the other "
-        f"{int(fits.sum())} share ({whole:g}, a plain mean or sum): mixtures of examples "
+        f"{int(held.sum())} share ({whole:g}, a plain mean or sum): mixtures of examples "
         "with the same ReLU patterns pass every pattern check, and only the model after "
         "the layer tells them apart: not verified."
     )
 
 
-def unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
+def unverify_merged(
+    problem: Problem,
+    result: LayerReconstruction,
+    fits: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     """Withdraw verification where a low-precision update shows an example counted more
     than once: the update cannot tell ``c`` copies of one input from ``c`` inputs whose
     gradient columns agree to its precision (the same label and the same activation
@@ -295,14 +300,19 @@ def unverify_merged(problem: Problem, result: LayerReconstruction) -> None:
     as an untrained one), whose mean it then returns as one example. Such an example is
     flagged where it fits the others' divisor over ``c >= 2`` (:meth:`Downstream.repeated`)
     or, where its own fit is too rough for that, where the other examples show a mean
-    over more examples than the update shows."""
+    over more examples than the update shows. ``fits`` as for
+    :func:`unverify_unshared_divisor`."""
     downstream = problem.downstream
     if not result.verified or downstream is None:
         return
     if exact_precision(problem.eps) and exact_precision(float(torch.finfo(downstream.dtype).eps)):
         return
-    repeated = downstream.repeated(result.inputs, result.output_grads, problem.request.batch_size)
-    own = _own_evidence(problem, result)
+    if fits is None:
+        fits = downstream.cross_entropy_fit(result.inputs, result.output_grads)
+    repeated = downstream.repeated(
+        result.inputs, result.output_grads, problem.request.batch_size, fits
+    )
+    own = _own_evidence(problem, result, fits)
     counted_more = own.whole is not None and own.whole > max(problem.rank, 1)
     if not (bool(repeated.any()) or counted_more):
         return
@@ -406,8 +416,12 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
         _polish(problem, state)
         _demix(problem, state)
     result = finish(problem, state)
-    unverify_unshared_divisor(problem, result)
-    unverify_merged(problem, result)
+    downstream = problem.downstream
+    if result.verified and downstream is not None and result.found:
+        # one Jacobian per example for both checks
+        fits = downstream.cross_entropy_fit(result.inputs, result.output_grads)
+        unverify_unshared_divisor(problem, result, fits)
+        unverify_merged(problem, result, fits)
     if problem.noisy:
         result.verified = False  # patterns were allowed to disagree: estimates, not checks
     result.interrupted = interrupted

@@ -175,12 +175,6 @@ class Evidence:
         preferred = [w for w in best if w in plain]
         return preferred[0] if len(preferred) == 1 else None
 
-    @property
-    def plain_cross_entropy(self) -> bool:
-        """Some divisor is established: the update is a plain cross-entropy mean or sum,
-        and every example must fit it (:func:`spear.inversion.checks.verified_indices`)."""
-        return self.whole is not None
-
 
 @dataclass(frozen=True)
 class Problem:
