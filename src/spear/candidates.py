@@ -260,9 +260,11 @@ def certified_alone(
             return False
         rank, dtype = problem.rank, downstream.dtype
         found = float(fit[0]), float(divisor[0])
-        shown = implied_whole(*found, rank, dtype)
-        if tally:
+        shown = (
             problem.evidence.tally(*found, x[0], rank, dtype)
+            if tally
+            else implied_whole(*found, rank, dtype)
+        )
         whole = problem.evidence.whole
         if alone:
             if whole is None:  # nothing established: a plain mean over the rank, or a sum
