@@ -119,6 +119,30 @@ def test_attack_duplicates_reports_multiplicity() -> None:
     assert_exact(batch, x)
 
 
+@pytest.mark.parametrize("batch_size", [None, 7, 8])
+def test_examples_a_hair_apart_are_not_verified_as_one_counted_twice(
+    batch_size: int | None,
+) -> None:
+    # two examples 1e-5 apart (one label, one ReLU pattern): their mean counted twice
+    # reproduces the update to about the square of that distance (6e-12, far below the
+    # certificate's threshold), yet it is 2e-6 of the batch's scale off both; the update's
+    # 8th singular value (9e-13 of the first) stands 4000 times above float64's roundoff,
+    # so the update shows 8 examples and an answer of 7 is not exact
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 5)).double()
+    x = torch.randn(8, 30, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    x[1] = x[0] + 1e-5 * torch.randn(30, dtype=torch.float64)
+    y[1] = y[0]
+    rec = spear.attack(model, fedsgd_update(model, x, y), batch_size=batch_size, time_budget=10)
+    assert not rec.verified, rec.notes
+    assert any("the update shows 8 examples above its rounding" in n for n in rec.notes)
+    scale = float(x.abs().max())
+    matching = spear.metrics.match(rec.inputs, x)
+    exact = matching.max_abs_error <= EXACT * scale
+    assert int(exact.sum()) >= 6  # the six examples apart from the pair come back exact
+
+
 def test_unequal_loss_weights_are_not_reported_as_copies() -> None:
     # two clients' mean-reduced gradients summed (batches of 2 and 4): the first client's
     # examples weigh twice the others', which no plain mean or sum over one batch gives;

@@ -17,6 +17,7 @@ from spear.linalg import (
     MAX_ZERO_TOL,
     MIN_ZERO_TOL,
     Tolerances,
+    clean_rank,
     estimate_rank,
     factorise,
     kernel,
@@ -79,6 +80,20 @@ def test_estimate_rank_ignores_gaps_inside_the_roundoff_floor() -> None:
     s = torch.tensor([1.0, 0.5, 1e-15, 1e-30], dtype=torch.float64)
     rank, _ = estimate_rank(s, EPS64)
     assert rank == 2
+
+
+def test_clean_rank_counts_a_small_value_far_above_the_roundoff() -> None:
+    # two examples a hair apart leave a small singular value (9e-13 of the first) that
+    # still stands thousands of times above float64's roundoff: it is an example, and
+    # the largest ratio (at 7) leaves it out
+    s = torch.tensor([1.0, 0.8, 0.5, 0.36, 0.32, 0.26, 0.23, 9e-13, 1.5e-16, 1e-16])
+    assert estimate_rank(s.double(), EPS64)[0] == 7
+    assert clean_rank(s.double(), EPS64) == 8
+    # noise down to the roundoff, with no clean drop into it: none
+    noisy = torch.tensor([1.0, 0.8, 0.5, 1e-9, 8e-10, 6e-10, 5e-10, 4e-10, 3e-15, 2e-15])
+    assert clean_rank(noisy.double(), EPS64) is None
+    # in float32 the same small value is roundoff
+    assert clean_rank(s.double(), EPS32) == 7
 
 
 def test_estimate_rank_float32_floor_is_coarser() -> None:

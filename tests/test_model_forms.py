@@ -241,3 +241,60 @@ def test_an_example_the_layer_does_not_show_is_pointed_at() -> None:
     rec = spear.attack(model, update, time_budget=10, progress=False)
     assert not rec.verified and rec.batch_size == B - 1
     assert any("unexplained" in n and "does not show" in n for n in rec.notes)
+
+
+def test_an_example_the_update_holds_no_trace_of_is_counted_against_a_given_batch_size() -> None:
+    # a head without bias and a summed loss: an example that turns every unit of the layer
+    # off changes neither the update nor the certificate, and only the batch size tells
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4, bias=False)).double()
+    x = torch.randn(6, 20, dtype=torch.float64)
+    with torch.no_grad():
+        model[0].bias.copy_(-(model[0].weight @ x[0]) - 0.3)
+    y = torch.randint(0, 4, (6,))
+    grads = torch.autograd.grad(
+        functional.cross_entropy(model(x), y, reduction="sum"), list(model.parameters())
+    )
+    update = {name: g for (name, _), g in zip(model.named_parameters(), grads, strict=True)}
+    told = spear.attack(model, update, batch_size=6, time_budget=10, progress=False)
+    assert not told.verified and not told.complete
+    assert any("count 5 of the batch_size=6" in n for n in told.notes), told.notes
+    others = spear.metrics.match(told.inputs, x[1:])  # the five it shows come back exact
+    assert float(others.max_abs_error.max()) < 1e-10
+
+
+@pytest.mark.parametrize("functional_relu", [False, True])
+def test_an_in_place_relu_is_attacked(functional_relu: bool) -> None:
+    class InPlace(TwoLayers):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(functional.relu(self.fc1(x), inplace=True))
+
+    torch.manual_seed(0)
+    model: nn.Module = (
+        InPlace()
+        if functional_relu
+        else nn.Sequential(nn.Linear(64, 200), nn.ReLU(inplace=True), nn.Linear(200, 10)).double()
+    )
+    x, y = _batch(64)
+    rec = spear.attack(model, _update(model, x, y), time_budget=20, progress=False)
+    _assert_verified_exact(rec, x, y, 1e-10)
+
+
+def test_a_float32_update_cast_to_float64_is_read_at_float32() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 10))
+    x, y = _batch(64)
+    x = x.float()
+    update = {k: v.double() for k, v in _update(model, x, y).items()}
+    rec = spear.attack(model, update, time_budget=20, progress=False)
+    _assert_verified_exact(rec, x, y, 1e-5)
+    assert any("read at float32's precision" in n for n in rec.notes), rec.notes
+
+
+def test_any_mapping_is_an_update() -> None:
+    from types import MappingProxyType
+
+    model, x, y = _clean_mlp()
+    update = _update(model, x, y)
+    rec = spear.attack(model, MappingProxyType(update), time_budget=20, progress=False)
+    _assert_verified_exact(rec, x, y, 1e-10)

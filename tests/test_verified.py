@@ -3,7 +3,8 @@
 A wrong answer marked verified is the worst result the attack can give, so each way one
 was once produced is pinned here: an update of the other kind (a gradient passed as a
 FedAvg delta), an update of extreme magnitude (norms that underflow), and the labels of a
-FedAvg delta (which cannot be recomputed).
+FedAvg delta (which cannot be recomputed), the labels of a two-class head (whose
+gradient columns fit either label).
 """
 
 from __future__ import annotations
@@ -162,3 +163,39 @@ def test_a_partial_layer_result_is_never_verified() -> None:
     )
     assert 0 < rec.inputs.shape[0] < b  # some examples pass their check, not all
     assert not rec.complete and not rec.verified
+
+
+def _two_classes(dtype: torch.dtype, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)
+    ).to(dtype)
+    return model, torch.randn(8, 20, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wrong_labels_of_a_two_class_head_are_not_certified(dtype: torch.dtype) -> None:
+    # p - e_0 = -(p_1 / p_0) (p - e_1): a wrong label fits the update at a negative weight
+    model, x = _two_classes(dtype, 0)
+    y = torch.randint(0, 2, (8,))
+    update = fedsgd_update(model, x, y)
+    assert spear.certify(model, update, x, y) < spear.VERIFIED_BELOW[dtype]
+    flipped = y.clone()
+    flipped[:3] = 1 - flipped[:3]
+    assert spear.certify(model, update, x, flipped) > 1e-2
+    assert spear.certify(model, update, x, 1 - y) > 1e-2
+
+
+def test_label_smoothing_on_a_two_class_head_leaves_labels_uncertified() -> None:
+    # label smoothing on examples classified confidently turns their columns' signs, so
+    # every column fits the other label, at scales no plain mean or sum gives
+    model, x = _two_classes(torch.float32, 8)
+    with torch.no_grad():
+        model[2].weight.mul_(30)
+        y = model(x).argmax(1)
+    loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.2)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    update = {n: g for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
+    rec = spear.attack(model, update, time_budget=8, progress=False)
+    assert not rec.verified
+    assert any("with two classes" in n for n in rec.notes), rec.notes

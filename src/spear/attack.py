@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from spear.model import (
 )
 from spear.noisy import approximate_layer, noisy_batch_size, rounding_batch_size
 from spear.results import LayerReconstruction, Reconstruction
-from spear.update import UpdateKind, check_update, check_update_kind
+from spear.update import UpdateKind, check_update, check_update_kind, float32_in_float64
 from spear.verify import exact_precision
 
 __all__ = ["attack"]
@@ -60,7 +61,7 @@ APPROXIMATE_SHARE = 0.75
 
 def attack(
     model: nn.Module,
-    update: dict[str, torch.Tensor],
+    update: Mapping[str, torch.Tensor],
     *,
     update_kind: str = "gradient",
     batch_size: int | None = None,
@@ -141,11 +142,8 @@ def attack(
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
-    if not isinstance(update, dict):
-        raise InputError(
-            f"update must be a mapping parameter-name -> tensor, found {type(update).__name__}."
-        )
     check_update(model, update)
+    update = {name: tensor.detach() for name, tensor in update.items()}
     kind = check_update_kind(update_kind)
     validate.batch_size(batch_size)
     validate.time_budget(time_budget)
@@ -161,6 +159,12 @@ def attack(
     target = find_target(work, layer)
     _check_input_shape(input_shape, target)
     notes: list[str] = []
+    if float32_in_float64(update):
+        update = {name: tensor.to(torch.float32) for name, tensor in update.items()}
+        notes.append(
+            "every entry of the float64 update is a float32 number (computed in float32, "
+            "then cast): it is read at float32's precision."
+        )
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
     bias_key = target.bias_key
@@ -397,6 +401,18 @@ def attack(
     # examples a plain mean counts but the update does not show: the batch is incomplete
     unseen = label_result.unseen if label_result is not None and not kind_mismatch else 0
     complete = result.complete and unseen == 0
+    counted = (
+        int(label_result.multiplicity.sum()) if label_result is not None else result.found
+    ) + unseen
+    if complete and batch_size is not None and counted < batch_size and source == "exact":
+        # an example that turns every unit of the layer off leaves no trace in it
+        complete = False
+        notes.append(
+            f"the examples returned count {counted} of the batch_size={batch_size} given: "
+            f"{batch_size - counted} leave no trace of their own in the update (an example "
+            "that turns every unit of the layer off, or one whose gradient is a combination "
+            "of the others'), so the batch is incomplete and not verified."
+        )
     examples_verified = certified and result.verified and complete and not repeated
     labels_certified = kind == "gradient" and label_result is not None and label_result.exact
     verified = examples_verified and labels_certified

@@ -111,6 +111,7 @@ def certify(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
     check_update(model, update)
+    update = {name: tensor.detach() for name, tensor in update.items()}
     x = _as_tensor(inputs, "inputs", parameter_dtype(model))
     y = _as_tensor(labels, "labels")
     if x.dim() == 0 or y.dim() == 0 or y.dim() > 2:
@@ -150,7 +151,9 @@ def certify(
         best = min(best, relative_error(grad, observed))
     if best > verified_threshold(dtype) and not batch_statistics_layers(model):
         fitted = _fit_weights(model, params, x, y, update)
-        if fitted is not None:
+        # a loss weighs its examples by positive amounts; a negative weight fits a wrong
+        # label where gradients of two labels are parallel (two classes)
+        if fitted is not None and bool((fitted > 0).all()):
             grad = _weighted_grad(model, tensors, x, y, fitted.to(dtype))
             best = min(best, relative_error(grad, observed))
     return best

@@ -255,7 +255,7 @@ class Downstream:
         bias = self.bias.detach() if self.bias is not None else None
         with torch.enable_grad():
             z = torch.nn.functional.linear(x, weight, bias).requires_grad_(True)
-            out = self.after(z)
+            out = self.after(z.clone())  # a copy: an in-place ReLU may not write into a leaf
             logits = out[0] if isinstance(out, (tuple, list)) else out
             classes = int(logits.shape[1])
             rows = [

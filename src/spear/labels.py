@@ -144,7 +144,7 @@ def recover_labels(
     dtype = weight.dtype
 
     def logits(z: torch.Tensor) -> torch.Tensor:
-        out = after(z)
+        out = after(z.clone())  # a copy: an in-place ReLU may not write into a leaf
         return out[0] if isinstance(out, (tuple, list)) else out
 
     feats = features.to(dtype).detach()
@@ -182,7 +182,23 @@ def recover_labels(
     narrow = ranks < classes - 1
     if bool(narrow.any()):
         _undetermined(result, narrow, int(ranks.min()), classes)
+    if classes == 2 and result.reduction == "unknown" and result.exact:
+        _two_classes_unscaled(result)
     return result
+
+
+def _two_classes_unscaled(result: LabelResult) -> None:
+    """Mark every label of a two-class head undetermined where the examples' scales fit
+    no plain mean or sum: there ``p - e_0 = -(p_1 / p_0) (p - e_1)``, so a column fits
+    either label, at scales of opposite signs, and only a plain divisor tells which
+    (label smoothing on a confidently classified example flips the column's sign)."""
+    result.fit_error = torch.full_like(result.fit_error, math.inf)
+    result.notes = [n for n in result.notes if "labels come from the sign pattern" not in n]
+    result.notes.append(
+        "with two classes a gradient column fits either label (at scales of opposite "
+        "signs), and the examples' scales fit no plain mean or sum (label smoothing, "
+        "clipping, weights): the labels are guesses from the columns' signs, not certified."
+    )
 
 
 def _jacobian_rank(jac: torch.Tensor, dtype: torch.dtype) -> int:

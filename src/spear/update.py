@@ -45,6 +45,7 @@ __all__ = [
     "check_update",
     "check_update_kind",
     "check_values",
+    "float32_in_float64",
 ]
 
 #: What a client's update is: ``"gradient"`` (FedSGD, any loss reduction, clipping) or
@@ -209,6 +210,18 @@ def check_update(model: nn.Module, update: Mapping[str, torch.Tensor]) -> None:
         + f". Expected the {len(params)} names {list(params)}. Pass the update the client "
         "computed on exactly the model the server sent (same architecture, unwrapped)." + hint
     )
+
+
+def float32_in_float64(update: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``update`` is float64 holding float32 numbers only: an update computed in
+    float32 and cast before it was sent, whose precision is float32's. A float64
+    computation gives such entries with vanishing probability."""
+    tensors = list(update.values())
+    if not tensors or any(t.dtype != torch.float64 for t in tensors):
+        return False
+    if not any(bool((t != 0).any()) for t in tensors):
+        return False
+    return all(torch.equal(t.to(torch.float32).to(torch.float64), t) for t in tensors)
 
 
 def check_partial_update(

@@ -18,7 +18,7 @@ from spear.downstream import fits_whole
 from spear.errors import NoReluSparsityError
 from spear.inversion.checks import exact_patterns, verified_indices, whole_batch_solve
 from spear.inversion.demix import demix
-from spear.inversion.problem import Evidence, Problem
+from spear.inversion.problem import MIN_RANK_GAP, Evidence, Problem
 from spear.inversion.result import finish
 from spear.inversion.solve import joint_check, refine_columns
 from spear.inversion.state import SearchState
@@ -39,7 +39,7 @@ from spear.inversion.steps import (
     TentativeCompletion,
 )
 from spear.inversion.steps.search import SAMPLING_AFFORDABLE_RANK
-from spear.linalg import TINY_NORM
+from spear.linalg import TINY_NORM, clean_rank, estimate_rank
 from spear.results import LayerReconstruction
 from spear.verify import exact_precision
 
@@ -50,6 +50,7 @@ __all__ = [
     "invert",
     "pipeline_for",
     "unverify_merged",
+    "unverify_unexplained",
     "unverify_unshared_divisor",
 ]
 
@@ -332,6 +333,38 @@ def unverify_merged(
     )
 
 
+def unverify_unexplained(problem: Problem, result: LayerReconstruction) -> None:
+    """Withdraw verification where the update shows more examples than the search ran at:
+    a clear rank above it (a ``batch_size`` smaller than the batch), or values above the
+    update's rounding that end in a clean drop (:func:`spear.linalg.clean_rank`) past the
+    largest gap. The examples returned then leave part of the update unexplained, however
+    well each passes its own checks: two examples a hair apart come back as their mean
+    counted twice, which reproduces the update to about the square of their distance, far
+    below the certificate's threshold."""
+    if not result.verified or problem.noisy:
+        return
+    eps = float(torch.finfo(problem.in_dtype).eps)
+    singular_values = problem.fac.singular_values
+    shown, gap = estimate_rank(singular_values, eps)
+    clear = shown if gap >= MIN_RANK_GAP else 0
+    clean = clean_rank(singular_values, eps) or 0
+    if max(clear, clean) <= problem.rank:
+        return
+    result.verified = False
+    given = problem.request.batch_size
+    why = (
+        f"batch_size={given}"
+        if given is not None and given < max(clear, clean)
+        else "the largest gap in its spectrum comes earlier: the smallest may be examples "
+        "a hair apart, or a confidently classified one"
+    )
+    result.notes.append(
+        f"the update shows {max(clear, clean)} examples above its rounding and the search "
+        f"ran at {problem.rank} ({why}): the examples returned leave part of the update "
+        "unexplained, so they are not verified."
+    )
+
+
 def _factor_misfit(problem: Problem, coords: torch.Tensor, grads: torch.Tensor) -> float:
     """``||left - grads @ coords|| / ||left||`` of a whole batch: how far the examples
     ``coords`` ``(b, b)`` and their columns ``grads`` ``(m, b)`` miss the factorisation."""
@@ -416,6 +449,7 @@ def conclude(problem: Problem, state: SearchState, interrupted: bool) -> LayerRe
         _polish(problem, state)
         _demix(problem, state)
     result = finish(problem, state)
+    unverify_unexplained(problem, result)
     downstream = problem.downstream
     if result.verified and downstream is not None and result.found:
         # one Jacobian per example for both checks

@@ -93,7 +93,10 @@ def identifiability_note(problem: Problem, state: SearchState) -> str:
             "missing examples when it stopped; examples are solved from directions only "
             "once every direction is found, so these are not returned."
         )
-    full = near_full_rank_note(b, n_live) if not k else None
+    # units with a row of the update that is not exactly zero (the basis above blurs a
+    # dead unit's row at the roundoff of the smallest singular value)
+    units = int((problem.request.weight_grad != 0).any(dim=1).sum())
+    full = near_full_rank_note(b, units) if not k else None
     return text if full is None else f"{text} {full}"
 
 

@@ -403,15 +403,18 @@ def _factorisation(
             raise BatchTooLargeError(
                 f"the weight gradient has full rank {rank} = min(m, n) for a ({m}, {n}) "
                 f"layer, so the batch size cannot be read off it: the batch may have b >= "
-                f"m={m} or b > n={n} examples, or the update is noisy. Pass batch_size= if "
-                "it is known and smaller, or attack a wider layer."
+                f"m={m} or b > n={n} examples, or the update is noisy (DP-SGD), or it is a "
+                "FedAvg delta of an optimiser that scales each coordinate on its own (Adam), "
+                "which leaves no low-rank part. Pass batch_size= if it is known and smaller, "
+                "or attack a wider layer."
             )
         if fac.gap < MIN_RANK_GAP:
             raise BatchTooLargeError(
                 f"no clear rank gap in the weight gradient (largest ratio of consecutive "
                 f"singular values {fac.gap:.3g} < {MIN_RANK_GAP:g}): the update looks noisy "
-                "(DP-SGD) or the batch fills the layer. Pass batch_size= to truncate at a "
-                "known size."
+                "(DP-SGD), the batch fills the layer, or it is a FedAvg delta of an "
+                "optimiser that scales each coordinate on its own (Adam). Pass batch_size= "
+                "to truncate at a known size."
             )
         return fac
     if rank < batch_size:
