@@ -33,14 +33,23 @@ def _batch(
     name: str, b: int, dtype: torch.dtype, seed: int = 0, *, trained: bool = False
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The network (``trained``: after :func:`spear.networks.pretrain` on the pool's second
-    half), a FedSGD update on ``b`` RGB patches, the true features and labels."""
-    net = build_cnn(name, seed, dtype=dtype)
+    half), a FedSGD update on ``b`` RGB patches, the true features and labels.
+
+    A trained float32 network is trained in float64 and rounded, and its update computed
+    in float64 and rounded: float32 training and convolutions round differently on
+    different CPUs, and the last bits of a trained network and of its update decide
+    which examples of a hard batch merge or single out."""
     pool = rgb_patches(1000, seed=0)
-    if trained:
-        pretrain(net, pool.images[500:], pool.labels[500:], seed=seed)
     images, labels = sample_batch(pool.subset(500), b, seed=seed + 1)
+    if trained:
+        net = build_cnn(name, seed, dtype=torch.float64)
+        pretrain(net, pool.images[500:], pool.labels[500:], seed=seed)
+        update = {k: v.to(dtype) for k, v in fedsgd_update(net, images, labels).items()}
+        net = net.to(dtype)
+    else:
+        net = build_cnn(name, seed, dtype=dtype)
+        update = fedsgd_update(net, images.to(dtype), labels)
     images = images.to(dtype)
-    update = fedsgd_update(net, images, labels)
     with torch.no_grad():
         truth = net.features(images).to(torch.float64)  # type: ignore[operator]
     return net, update, truth, labels
@@ -297,8 +306,9 @@ def test_no_sparse_direction_behind_a_relu_is_a_partial_result_not_an_error() ->
 
 @dataclass
 class _Seed1:
-    """The trained VGG-style CNN of seed 1 and its float32 batch of 16 (or those of its
-    examples ``keep``), with the problem its update makes and the truth of ``fc1``."""
+    """The features entering ``fc1`` of the trained VGG-style CNN of seed 1 for its float32
+    batch of 16 (or those of its examples ``keep``), with the problem their ``fc1`` update
+    makes, the truth of ``fc1`` and the labels."""
 
     problem: Problem
     truth: torch.Tensor  # (k, 1024) float64 features
@@ -306,36 +316,56 @@ class _Seed1:
     labels: torch.Tensor
 
 
-def _seed1_batch(keep: list[int], class_weight: float | None = None) -> _Seed1:
+def _seed1_batch(
+    keep: list[int], class_weight: float | None = None, *, shared: bool = False
+) -> _Seed1:
     """:class:`_Seed1` of the examples ``keep``; ``class_weight``: the weight of the
-    class of example 3 in a class-weighted mean cross-entropy (the others 1)."""
+    class of example 3 in a class-weighted mean cross-entropy (the others 1).
+
+    The update is that of ``fc1`` for the batch's features (a float32 computation from
+    them, as the client's). ``shared``: example 14 a copy of example 9 (one label: the
+    update shows 15 examples while its mean counts 16) and example 5 moved next to
+    example 2 (another label) by a step that keeps every unit of ``fc1`` on the side
+    example 2 puts it, so the two have the same zero sets at ``fc1``. Built from the
+    features at test time, both hold whatever CPU trained the network (its float32
+    weights, and so the batch's own ties, differ between CPUs in their last bits).
+    """
     net = build_cnn("vgg", 1, dtype=torch.float32)
     pool = rgb_patches(1000, seed=0)
     pretrain(net, pool.images[500:], pool.labels[500:], seed=1)
     images, labels = sample_batch(pool.subset(500), 16, seed=2)
-    images, labels = images[keep].to(torch.float32), labels[keep]
+    target = find_target(net)
+    assert target.after is not None and target.bias is not None
+    weight, bias = target.weight.detach(), target.bias.detach()
+    with torch.no_grad():
+        features = net.features(images.to(torch.float32))  # type: ignore[operator]
+    if shared:
+        assert labels[9] == labels[14] and labels[2] != labels[5]
+        features[14] = features[9]
+        margins = (features[2] @ weight.T + bias).abs()
+        step = torch.rand(features.shape[1], generator=torch.Generator().manual_seed(0))
+        step = step * (features[2] > 0)
+        size = 0.5 * float((margins / (weight @ step).abs()).min())
+        features[5] = features[2] + size * step
+    features, labels = features[keep], labels[keep]
     weights = torch.ones(10, dtype=torch.float32)
     if class_weight is not None:
         weights[labels[3]] = class_weight
 
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits, targets, weight=weights)
+    def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, labels, weight=weights)
 
-    net.zero_grad()
-    loss_fn(net(images), labels).backward()
-    update = {k: p.grad.detach().clone() for k, p in net.named_parameters() if p.grad is not None}
-    with torch.no_grad():
-        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
-    target = find_target(net)
-    assert target.after is not None and target.bias is not None
-    weight, bias = target.weight.detach(), target.bias.detach()
-    downstream = Downstream(target.after, weight, bias, torch.float32)
-    problem = problem_from(
-        update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
+    layer_weight = weight.clone().requires_grad_(True)
+    layer_bias = bias.clone().requires_grad_(True)
+    pre = torch.nn.functional.linear(features, layer_weight, layer_bias)
+    weight_grad, bias_grad = torch.autograd.grad(
+        loss_fn(target.after(pre)), [layer_weight, layer_bias]
     )
-    pre = (truth.to(torch.float32) @ weight.T + bias).requires_grad_(True)
-    (cols,) = torch.autograd.grad(loss_fn(target.after(pre), labels), pre)
-    return _Seed1(problem, truth, cols.to(torch.float64).T, labels)
+    downstream = Downstream(target.after, weight, bias, torch.float32)
+    problem = problem_from(weight_grad, bias_grad, weight, bias, downstream=downstream)
+    pre = (features @ weight.T + bias).requires_grad_(True)
+    (cols,) = torch.autograd.grad(loss_fn(target.after(pre)), pre)
+    return _Seed1(problem, features.to(torch.float64), cols.to(torch.float64).T, labels)
 
 
 def _accepted(problem: Problem, inputs: torch.Tensor, grads: torch.Tensor) -> list[int]:
@@ -376,13 +406,13 @@ def _mixed(batch: _Seed1, weight: float, singles: list[int]) -> tuple[torch.Tens
 
 
 def test_mixtures_of_examples_with_one_zero_set_fail_the_divisor_of_a_merged_batch() -> None:
-    # trained VGG-style CNN (seed 1), float32, b = 16: examples 9 and 14 (one label, the
-    # same zero sets at fc1) have columns that agree to float32's precision, so the update
-    # shows 15 examples while its mean counts 16; examples 2 and 5 have the same zero sets
-    # at fc1 and different labels, so every convex mixture of the two passes every
-    # ReLU-pattern check. Only the cross-entropy divisor tells them apart, and the
-    # update's divisor is 16, not its rank
-    batch = _seed1_batch(list(range(16)))
+    # trained VGG-style CNN (seed 1), float32, b = 16, the batch made to hold what a
+    # merged batch holds: examples 9 and 14 (one label) have one column, so the update
+    # shows 15 examples while its mean counts 16 (as where two columns agree to float32's
+    # precision); examples 2 and 5 have the same zero sets at fc1 and different labels,
+    # so every convex mixture of the two passes every ReLU-pattern check. Only the
+    # cross-entropy divisor tells them apart, and the update's divisor is 16, not its rank
+    batch = _seed1_batch(list(range(16)), shared=True)
     problem, truth, cols, labels = batch.problem, batch.truth, batch.cols, batch.labels
     assert problem.rank == 15
     zeros = cols == 0
@@ -443,7 +473,7 @@ def test_a_merged_pair_too_rough_to_show_its_copies_still_unverifies_a_float32_b
     # 15 that passes every check). The others show a mean over 16, one more than the
     # update shows: some example is counted twice, and float32 cannot tell copies from
     # a merge
-    batch = _seed1_batch(list(range(16)))
+    batch = _seed1_batch(list(range(16)), shared=True)
     truth, cols = batch.truth, batch.cols
     keep = [i for i in range(16) if i not in (9, 14, 5)]
     bent = (cols[:, 9] + cols[:, 14]) * (1 + 0.01 * torch.linspace(-1, 1, cols.shape[0]))
