@@ -46,6 +46,7 @@ __all__ = [
     "ray_at_zeros",
     "residual_row_space",
     "scale_candidates",
+    "trimmed_vertex",
 ]
 
 #: Reweighting rounds of :func:`cone_vertex` (it stops earlier once the zero count stops
@@ -55,6 +56,11 @@ CONE_REWEIGHTS = 6
 CONE_DELTA = 1e-2
 #: The first objective's weights are ``exp(CONE_SPREAD * z)``, ``z`` standard normal.
 CONE_SPREAD = 2.0
+#: :func:`trimmed_vertex`: the sizes of the coordinate subsets it fits, as offsets past
+#: the row space's dimension ``r``, tried in turn from the smallest.
+TRIM_OFFSETS = (4, 8, 12, 16, 20, 25, 30, 36, 42, 50, 60)
+#: Refits at one subset size before the subset must have settled.
+TRIM_REFITS = 50
 #: The scale of an example is searched over this many decades either side of the
 #: reference scale (the typical norm of the row candidates ``dW[j] / db[j]``).
 SCALE_DECADES = 3
@@ -151,6 +157,74 @@ def cone_vertex(
         return None
     vertex = torch.as_tensor(w, dtype=torch.float64, device=rows.device)
     return ray_at_zeros(rows, rows @ vertex, zero_tol)
+
+
+def trimmed_vertex(
+    rows: torch.Tensor, generator: torch.Generator, zero_tol: float
+) -> torch.Tensor | None:
+    """A sparse extreme ray of ``{w : rows @ w >= 0}`` by trimmed least squares, refitted
+    exactly.
+
+    Each coordinate's row of ``rows`` is a point in ``R^r``; an example is a direction
+    ``w`` orthogonal to far more of them than the ``r - 1`` a generic vertex is. From a
+    random ``w``, the ``k`` coordinates where ``rows @ w`` is smallest (most negative
+    first) are taken and ``w`` moved to the direction they come closest to vanishing on
+    (their smallest right singular vector), until the subset settles; ``k`` grows from
+    ``r + 4`` (:data:`TRIM_OFFSETS`). A direction that vanishes on ``r`` or more
+    coordinates and is nonnegative on the rest is refitted at its zeros
+    (:func:`ray_at_zeros`). No linear program: cheaper than :func:`cone_vertex` per try,
+    and measured on Flower's CNN at ``b = 32`` (float64, batches where the programs' vertices
+    almost never are examples) one try in 5 gave an example where none of 200 programs
+    did.
+
+    Parameters
+    ----------
+    rows:
+        ``(n, r)`` float64: the row space's basis at each live input coordinate.
+    generator:
+        The run's random source (the first direction).
+    zero_tol:
+        Relative zero tolerance of the update.
+
+    Returns
+    -------
+    torch.Tensor | None
+        ``(r,)`` unit vector, or ``None`` (no subset size gave a sparse nonnegative
+        direction, or the zeros found hold a face).
+    """
+    n, r = rows.shape
+    if r == 0 or n <= r:
+        return None
+    w = torch.randn(r, generator=generator, dtype=torch.float64, device=generator.device)
+    w = w.to(rows.device)
+    x = rows @ w
+    for offset in TRIM_OFFSETS:
+        k = min(n - 1, r + offset)
+        subset: torch.Tensor | None = None
+        for _ in range(TRIM_REFITS):
+            chosen = torch.sort(torch.topk(x, k, largest=False).indices).values
+            if subset is not None and torch.equal(chosen, subset):
+                break
+            subset = chosen
+            w = _least_vanishing(rows[subset])
+            x = rows @ w
+            if float(x.sum()) < 0:
+                w, x = -w, -x
+        top = float(x.abs().max())
+        zeros = int((x.abs() <= zero_tol * top).sum())
+        if zeros >= r and float(x.min()) >= -zero_tol * top:
+            return ray_at_zeros(rows, x, zero_tol)
+    return None
+
+
+def _least_vanishing(rows: torch.Tensor) -> torch.Tensor:
+    """``(r,)`` unit vector that ``rows`` ``(k, r)`` come closest to vanishing on (the
+    smallest right singular vector; the Gram matrix's least eigenvector where the SVD
+    does not converge)."""
+    try:
+        return torch.linalg.svd(rows, full_matrices=False)[2][-1]
+    except RuntimeError:
+        return torch.linalg.eigh(rows.T @ rows)[1][:, 0]
 
 
 def ray_at_zeros(rows: torch.Tensor, values: torch.Tensor, zero_tol: float) -> torch.Tensor | None:

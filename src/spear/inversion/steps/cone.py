@@ -20,6 +20,7 @@ from spear.input_cone import (
     ray_at_zeros,
     residual_row_space,
     scale_candidates,
+    trimmed_vertex,
 )
 from spear.inversion.pool import DirectionPool, same_direction, same_direction_tolerance
 from spear.inversion.problem import Problem
@@ -123,6 +124,16 @@ class InputCone:
         return StepReport(stats=record, progressed=progressed)
 
 
+def _vertex(
+    tries: int,
+) -> Callable[[torch.Tensor, torch.Generator, float], torch.Tensor | None]:
+    """The vertex search of try ``tries`` (from 1): trimmed least squares and linear
+    programs in turn (:func:`spear.input_cone.trimmed_vertex` lands on examples far more
+    often where most of the cone's vertices are no example, the programs on batches where
+    it finds none)."""
+    return trimmed_vertex if tries % 2 else cone_vertex
+
+
 def _peel_vertices(
     problem: Problem, res: Residual, stop: float, on_peel: Callable[[int], object]
 ) -> int:
@@ -153,7 +164,7 @@ def _peel_vertices(
         )  # (b, d)
         rows = layer.right.T @ space  # (n, r)
         live_in = live_rows(rows, problem.tol.zero_tol)
-        w = cone_vertex(rows[live_in], problem.generator, problem.tol.zero_tol)
+        w = _vertex(tries)(rows[live_in], problem.generator, problem.tol.zero_tol)
         if w is None:
             misses += 1
             continue
@@ -283,7 +294,7 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
             # one left: the rough peels leave its direction, rough too, as the residual
             w = torch.sign(rows.sum(dim=0)) if float(rows.sum()) != 0 else None
         else:
-            w = cone_vertex(rows[live_rows(rows, tol)], problem.generator, tol)
+            w = _vertex(tries)(rows[live_rows(rows, tol)], problem.generator, tol)
         if w is None or _seen(tried, space @ w):
             misses += 1
             continue
