@@ -129,8 +129,8 @@ def _vertex(
 ) -> Callable[[torch.Tensor, torch.Generator, float], torch.Tensor | None]:
     """The vertex search of try ``tries`` (from 1): trimmed least squares and linear
     programs in turn (:func:`spear.input_cone.trimmed_vertex` lands on examples far more
-    often where most of the cone's vertices are no example, the programs on batches where
-    it finds none)."""
+    often where most of the cone's vertices are no example; the programs keep every batch
+    the vertices they gave before)."""
     return trimmed_vertex if tries % 2 else cone_vertex
 
 
