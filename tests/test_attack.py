@@ -119,6 +119,24 @@ def test_attack_duplicates_reports_multiplicity() -> None:
     assert_exact(batch, x)
 
 
+def test_one_input_with_two_labels_leaves_the_others_recovered() -> None:
+    # an input sent twice with two labels is one row of the update with the sum of two
+    # cross-entropy columns (no example's): the other six are examples of a mean over 8,
+    # more than the update's rank 7, so a lone row is certified only once two examples
+    # have shown that divisor, and the rows it kept out must be scanned again then
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 5)).double()
+    x = torch.randn(8, 30, dtype=torch.float64)
+    x[1] = x[0]
+    y = torch.randint(0, 5, (8,))
+    y[0], y[1] = 0, 3
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=10)
+    assert not rec.verified and not rec.complete
+    matching = spear.metrics.match(rec.inputs, x[1:])
+    exact = matching.max_abs_error <= EXACT * float(x.abs().max())
+    assert int(exact.sum()) == 6, matching.max_abs_error
+
+
 @pytest.mark.parametrize("batch_size", [None, 7, 8])
 def test_examples_a_hair_apart_are_not_verified_as_one_counted_twice(
     batch_size: int | None,

@@ -55,6 +55,10 @@ class SearchState:
         Below float64, the input side's vertices taken so far (its unit coordinates
         ``(b,)`` and the rough peel ``(coord (b,), grad (m,))`` of each), valid while
         ``cone_taken_at`` examples are found (:mod:`spear.inversion.steps.cone`).
+    scanned_whole:
+        The update's divisor the evidence had established when rows were last scanned
+        (:attr:`spear.inversion.problem.Evidence.whole`): rows a lone example's divisor
+        kept out are scanned again once it changes.
     """
 
     residual: Residual
@@ -75,6 +79,7 @@ class SearchState:
     round_start: tuple[int, int] = (0, 0)
     cone_taken: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     cone_taken_at: int = -1
+    scanned_whole: float | None = None
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:

@@ -18,8 +18,10 @@ __all__ = ["RowPeeling"]
 
 class RowPeeling:
     """Scan rows, pool their exact directions, peel examples two rows agree on; again on
-    the rows the new examples changed, until a scan peels nothing. Needs the weights and
-    the bias gradient."""
+    the rows the new examples changed, until a scan peels nothing, and on every row once
+    the examples establish the update's divisor (a single row is peeled alone only at
+    that divisor, so before it rows whose divisor exceeds the rank wait). Needs the
+    weights and the bias gradient."""
 
     name = "peeling"
 
@@ -29,6 +31,8 @@ class RowPeeling:
             return StepReport()
         t0 = time.perf_counter()
         before, pooled = state.found, len(state.pool)
+        if problem.evidence.whole != state.scanned_whole:
+            state.dirty = torch.ones(problem.m, dtype=torch.bool, device=problem.device)
         while True:
             added = row_candidates(problem, state.residual, state.dirty)
             state.bar.update(added)
@@ -37,6 +41,7 @@ class RowPeeling:
             new = torch.stack(state.residual.grads[-added:], dim=1)
             state.dirty = ~zero_mask(new, problem.tol.zero_tol).all(dim=1)
         state.dirty = torch.zeros(problem.m, dtype=torch.bool, device=problem.device)
+        state.scanned_whole = problem.evidence.whole
         peeled = state.found - before
         gained = peeled + len(state.pool) - pooled
         if gained <= 0:
