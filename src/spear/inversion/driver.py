@@ -347,20 +347,20 @@ def unverify_unexplained(problem: Problem, result: LayerReconstruction) -> None:
     singular_values = problem.fac.singular_values
     shown, gap = estimate_rank(singular_values, eps)
     clear = shown if gap >= MIN_RANK_GAP else 0
-    clean = clean_rank(singular_values, eps) or 0
-    if max(clear, clean) <= problem.rank:
+    shows = max(clear, clean_rank(singular_values, eps) or 0)
+    if shows <= problem.rank:
         return
     result.verified = False
     given = problem.request.batch_size
     why = (
         f"batch_size={given}"
-        if given is not None and given < max(clear, clean)
+        if given is not None and given < shows
         else "the largest gap in its spectrum comes earlier: the smallest may be examples "
         "a hair apart, or a confidently classified one"
     )
     result.notes.append(
-        f"the update shows {max(clear, clean)} examples above its rounding and the search "
-        f"ran at {problem.rank} ({why}): the examples returned leave part of the update "
+        f"the update shows {shows} examples above its rounding and the search ran at "
+        f"{problem.rank} ({why}): the examples returned leave part of the update "
         "unexplained, so they are not verified."
     )
 
