@@ -33,7 +33,13 @@ import torch
 from scipy.optimize import linprog
 
 from spear.downstream import Downstream, label_columns
-from spear.linalg import kernel, orthonormal_basis, zero_mask
+from spear.linalg import (
+    GRAM_THRESHOLD,
+    kernel,
+    orthonormal_basis,
+    smallest_singular_vector,
+    zero_mask,
+)
 
 __all__ = [
     "CONE_DELTA",
@@ -218,13 +224,13 @@ def trimmed_vertex(
 
 
 def _least_vanishing(rows: torch.Tensor) -> torch.Tensor:
-    """``(r,)`` unit vector that ``rows`` ``(k, r)`` come closest to vanishing on (the
-    smallest right singular vector; the Gram matrix's least eigenvector where the SVD
-    does not converge)."""
+    """``(r,)`` unit vector that ``rows`` ``(k, r)`` come closest to vanishing on: the
+    smallest right singular vector, from an SVD, or from the Gram matrix where the SVD
+    does not converge."""
     try:
-        return torch.linalg.svd(rows, full_matrices=False)[2][-1]
+        return smallest_singular_vector(rows, 0.0)
     except RuntimeError:
-        return torch.linalg.eigh(rows.T @ rows)[1][:, 0]
+        return smallest_singular_vector(rows, GRAM_THRESHOLD)
 
 
 def ray_at_zeros(rows: torch.Tensor, values: torch.Tensor, zero_tol: float) -> torch.Tensor | None:
