@@ -3,19 +3,23 @@ cone (:mod:`spear.input_cone`), scaled by the model after the layer."""
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 
 import pytest
 import torch
-from tests.conftest import layer_case, problem_for
+from tests.conftest import layer_case, problem_for, problem_from
 from tests.test_conv_features import _assert_exact, _batch
 
 import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
+from spear.downstream import Downstream
 from spear.input_cone import cone_vertex, directions_from_inputs, trimmed_vertex
-from spear.inversion.steps.cone import _exact_column, _truncated_svd
+from spear.inversion.state import SearchState
+from spear.inversion.steps.cone import _exact_column, _take_vertices, _truncated_svd
 from spear.linalg import Tolerances
+from spear.model import find_target
 from spear.networks import build_cnn
 
 
@@ -206,9 +210,9 @@ def test_a_trained_cnn_batch_of_32_is_whole_in_float64() -> None:
 
 
 @pytest.mark.xfail(
-    reason="the search's time shares decide how many vertices and samples it draws, and on "
-    "this hard batch that decides the outcome: all 31 on some machines and runs, 12 to 29 "
-    "on others",
+    reason="the search's products differ in their last bits from process to process "
+    "(memory alignment), and on this hard batch that decides which vertices of the cone "
+    "it reaches: measured all 31 in 16 of 18 fresh processes, 25 and 29 in the others",
     strict=False,
 )
 def test_a_trained_cnn_batch_of_32_in_float32_completes_from_pooled_cone_directions() -> None:
@@ -254,3 +258,36 @@ def test_exact_column_peels_an_example_whatever_the_error_of_its_scale(
     # the mean of two examples is no example: its sure zeros admit no one column
     mixed = 0.5 * (case.inputs[0] + case.inputs[1]) @ right.T
     assert _exact_column(problem, factors, mixed) is None
+
+
+def test_vertices_are_taken_beside_a_rough_peel() -> None:
+    # below float64 the input side peels the vertices it takes from a copy of the
+    # residual, some roughly; the scales and range tests of the next vertices are taken on
+    # the residual itself, whose column space the rough peels do not touch (untrained
+    # VGG-style CNN, float32, b = 16: every example is a vertex; with one example taken
+    # at a product 1e-5 off, range tests on the copy take none of the other 15)
+    net, update, truth, _ = _batch("vgg", 16, torch.float32)
+    target = find_target(net)
+    assert target.after is not None and target.bias is not None
+    weight, bias = target.weight.detach(), target.bias.detach()
+    downstream = Downstream(target.after, weight, bias, torch.float32)
+    problem = problem_from(
+        update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
+    )
+    assert problem.layer is not None
+    right = problem.layer.right  # (b, n)
+    coords = torch.linalg.lstsq(right.T, truth.T).solution.T  # (b, b): truth = coords R
+    columns = torch.linalg.lstsq(coords, problem.fac.left.T).solution.T  # (m, b)
+    residual = SearchState.begin(problem).residual
+    rough = (coords[0] / coords[0].norm(), (1 + 1e-5) * coords[0], columns[:, 0].clone())
+    taken = [rough]
+    _take_vertices(problem, residual, math.inf, taken)
+    units = truth / truth.norm(dim=1, keepdim=True)
+    exact = 0
+    for _, coord, _ in taken[1:]:
+        x = coord @ right
+        exact += float((units @ (x / x.norm())).max()) >= 1.0 - 1e-6
+    # measured: 6 taken, 3 of them examples to 1e-6 and the rest within 1e-3 of one (the
+    # rough peel spoils the copy's row space the vertices are searched in); with the
+    # tests on the copy, none
+    assert len(taken) - 1 >= 3 and exact >= 2
