@@ -199,3 +199,25 @@ def test_label_smoothing_on_a_two_class_head_leaves_labels_uncertified() -> None
     rec = spear.attack(model, update, time_budget=8, progress=False)
     assert not rec.verified
     assert any("with two classes" in n for n in rec.notes), rec.notes
+
+
+def test_a_one_logit_head_says_why_its_examples_are_not_told_apart() -> None:
+    # binary cross-entropy on one logit: every example's gradient column is the one
+    # output weight vector masked by its ReLU pattern, so sparsity alone leaves the batch
+    # ambiguous and the softmax cross-entropy fit does not hold; the result says so
+    model, x = _two_classes(torch.float64, 8)
+    head = torch.nn.Sequential(model[0], model[1], torch.nn.Linear(64, 1).to(torch.float64))
+    with torch.no_grad():
+        y = (head(x)[:, 0] > 0).to(torch.float64)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x)[:, 0], y)
+    grads = torch.autograd.grad(loss, list(head.parameters()))
+    update = {n: g for (n, _), g in zip(head.named_parameters(), grads, strict=True)}
+    rec = spear.attack(head, update, time_budget=5, progress=False)
+    assert not rec.complete and not rec.verified
+    assert any("the model has one output" in n for n in rec.notes), rec.notes
+    # plain cross-entropy on two classes fits, and its complete result has no such note
+    model, x = _two_classes(torch.float64, 8)
+    y2 = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(0))
+    rec = spear.attack(model, fedsgd_update(model, x, y2), time_budget=20, progress=False)
+    assert rec.complete and rec.verified
+    assert not any("the model has" in n for n in rec.notes)

@@ -57,6 +57,10 @@ NOISY_EXACT_SECONDS = 2.0
 #: approximate path of a noisy update stops its search; the rest is for the
 #: gradient-matching estimates that run where its answer is not reliable.
 APPROXIMATE_SHARE = 0.75
+#: Models with at most this many outputs give each example's output gradient one
+#: dimension (one logit; two classes under softmax, where ``p - e_0`` and ``p - e_1`` are
+#: parallel), and an incomplete result on them says why (:func:`_narrow_head_note`).
+NARROW_HEAD_OUTPUTS = 2
 
 
 def attack(
@@ -231,6 +235,9 @@ def attack(
             notes.append(full)
         result = invert(batch_size)
     notes.extend(result.notes)
+    narrow = _narrow_head_note(target) if not result.complete else None
+    if narrow is not None:
+        notes.append(narrow)
     features = _clipped(result.inputs.cpu(), input_range) if half else result.inputs.cpu()
     if half:
         batch_size = result.batch_size
@@ -442,6 +449,34 @@ def attack(
         image_feature_residual=rebuilt.feature_residual if rebuilt is not None else None,
         multiplicity=_multiplicity(label_result, inputs.shape[0], source),
         **_image_fields(rebuilt, labels, missing_images),
+    )
+
+
+def _narrow_head_note(target: AttackTarget) -> str | None:
+    """Why a model with at most :data:`NARROW_HEAD_OUTPUTS` outputs leaves examples
+    unidentified, or ``None`` for other models (and where the model after the layer is
+    unknown or does not run on a ``(1, m)`` pre-activation)."""
+    if target.after is None:
+        return None
+    probe = torch.zeros(
+        1, target.weight.shape[0], dtype=target.weight.dtype, device=target.weight.device
+    )
+    try:
+        with torch.no_grad():
+            outputs = target.after(probe)
+    except Exception:  # a model that does not run on the probe: no note
+        return None
+    if outputs.ndim != 2 or outputs.shape[1] > NARROW_HEAD_OUTPUTS:
+        return None
+    count = int(outputs.shape[1])
+    head = "one output" if count == 1 else f"{count} outputs"
+    return (
+        f"the model has {head}: each example's gradient at the layer's output is one "
+        "vector masked by its ReLU pattern, up to a scale, so the update's sparsity alone "
+        "does not single examples out. The search tells them apart by fitting softmax "
+        "cross-entropy with a plain mean or sum, which two classes under plain "
+        "cross-entropy satisfy, and binary cross-entropy on one logit, label smoothing "
+        "or other losses do not."
     )
 
 
