@@ -235,7 +235,7 @@ def attack(
             notes.append(full)
         result = invert(batch_size)
     notes.extend(result.notes)
-    narrow = _narrow_head_note(target) if not result.complete else None
+    narrow = None if result.complete or result.interrupted else _narrow_head_note(target)
     if narrow is not None:
         notes.append(narrow)
     features = _clipped(result.inputs.cpu(), input_range) if half else result.inputs.cpu()
@@ -455,7 +455,8 @@ def attack(
 def _narrow_head_note(target: AttackTarget) -> str | None:
     """Why a model with at most :data:`NARROW_HEAD_OUTPUTS` outputs leaves examples
     unidentified, or ``None`` for other models (and where the model after the layer is
-    unknown or does not run on a ``(1, m)`` pre-activation)."""
+    unknown, does not run on a ``(1, m)`` pre-activation, or returns no ``(1, C)``
+    tensor, such as an exported program's tuple)."""
     if target.after is None:
         return None
     probe = torch.zeros(
@@ -466,7 +467,9 @@ def _narrow_head_note(target: AttackTarget) -> str | None:
             outputs = target.after(probe)
     except Exception:  # a model that does not run on the probe: no note
         return None
-    if outputs.ndim != 2 or outputs.shape[1] > NARROW_HEAD_OUTPUTS:
+    if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2:
+        return None  # a model whose output is not one batch of logits
+    if outputs.shape[1] > NARROW_HEAD_OUTPUTS:
         return None
     count = int(outputs.shape[1])
     head = "one output" if count == 1 else f"{count} outputs"
