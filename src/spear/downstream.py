@@ -532,15 +532,24 @@ def label_columns(
     inside:
         ``(k, m, C)`` their projections on ``span(basis)``.
     distance:
-        ``(k, C)`` their relative distances from ``span(basis)``.
+        ``(k, C)`` their relative distances from ``span(basis)``; 1, the farthest a unit
+        column can be, for a column that is exactly zero (the softmax saturated on the
+        label, or every unit off): it fits nothing.
     """
     p = torch.softmax(logits, dim=1)  # (k, C)
-    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-    targets = p[:, :, None] - eye[None]  # (k, C classes, C labels)
+    classes = p.shape[1]
+    # p_y - 1 as minus the other classes' mass, summed: exact where the softmax nearly
+    # saturates on y (there 1 - p_y rounds to zero while the other p_c, which set the
+    # column's direction, do not)
+    apart = 1.0 - torch.eye(classes, dtype=p.dtype, device=p.device)
+    targets = p[:, :, None].repeat(1, 1, classes)  # (k, C classes, C labels)
+    targets.diagonal(dim1=1, dim2=2).copy_(-(p @ apart))
     cols = jac.mT @ targets  # (k, m, C labels)
-    cols = cols / cols.norm(dim=1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
+    size = cols.norm(dim=1, keepdim=True)  # (k, 1, C)
+    cols = cols / size.clamp_min(torch.finfo(cols.dtype).tiny)
     inside = basis @ (basis.T @ cols)
-    return cols, inside, (cols - inside).norm(dim=1)
+    distance = torch.where(size[:, 0] > 0, (cols - inside).norm(dim=1), 1.0)
+    return cols, inside, distance
 
 
 def own_columns(
