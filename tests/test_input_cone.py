@@ -13,9 +13,11 @@ from tests.test_conv_features import _assert_exact, _batch
 import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
-from spear.downstream import Downstream, own_columns, range_tolerance
-from spear.input_cone import cone_vertex, directions_from_inputs, trimmed_vertex
-from spear.inversion.steps.cone import _exact_column, _truncated_svd
+from spear.downstream import Downstream, label_columns, own_columns, range_tolerance
+from spear.input_cone import cone_vertex, directions_from_inputs, residual_row_space, trimmed_vertex
+from spear.inversion.pool import DirectionPool
+from spear.inversion.residual import Residual
+from spear.inversion.steps.cone import _column_of, _exact_column, _refit, _truncated_svd
 from spear.linalg import Tolerances
 from spear.model import find_target
 from spear.networks import build_cnn
@@ -55,6 +57,30 @@ def test_cone_vertex_is_an_example(noise: float) -> None:
         assert 1.0 - float(cos[best]) <= max(1e-12, 100 * noise)
         hits.add(best)
     assert len(hits) >= (3 if noise == 0.0 else 2)
+
+
+def test_a_saturated_softmax_column_is_exact_or_fits_nothing() -> None:
+    # logits whose softmax rounds p_y to 1: the column J^T (p - e_y) is set by the other
+    # classes' tiny p_c, its y entry minus their sum; where every p_c underflows the
+    # column is zero and must not count as lying in the span (a scale search ranked
+    # such points first, on Flower's trained CNN in float32, and rejected the examples)
+    gen = torch.Generator().manual_seed(0)
+    classes, m = 4, 7
+    jac = torch.randn(2, classes, m, generator=gen, dtype=torch.float64)
+    logits = torch.tensor(
+        [[0.0, -40.0, -41.0, -45.0], [0.0, -800.0, -900.0, -1000.0]], dtype=torch.float64
+    )
+    basis = torch.linalg.qr(jac[0].T).Q  # (m, C): holds every column of the first
+    cols, _, distance = label_columns(basis, logits, jac)
+    p = torch.softmax(logits[0], dim=0)
+    assert float(p[0]) == 1.0  # saturated in float64
+    target = p.clone()
+    target[0] = -float(p[1:].sum())
+    true = jac[0].T @ target
+    assert torch.allclose(cols[0, :, 0], true / true.norm(), rtol=0.0, atol=1e-12)
+    assert float(distance[0, 0]) <= 1e-12
+    assert float(distance[1, 0]) == 1.0  # a zero column: no evidence for the label
+    assert bool((distance[1, 1:] < 1.0).all())
 
 
 def test_no_vertex_when_the_inputs_take_both_signs() -> None:
@@ -283,3 +309,57 @@ def test_range_tests_on_the_residual_are_not_spoiled_by_a_rough_peel() -> None:
     _, on_copy = own_columns(downstream, copy, truth[1:])
     assert float(on_residual.max()) <= limit  # measured: 4.6e-7 against 6.8e-5
     assert int((on_copy > limit).sum()) >= 4  # measured: 8 of 15
+
+
+def test_an_example_inside_a_face_is_a_vertex_of_the_exactly_peeled_copy() -> None:
+    # below float64 the input side takes vertices one by one and peels each from a copy
+    # of the residual; where every peel is exact (its column from its ReLU pattern) the
+    # copy holds the examples not taken alone, and an example that lies inside a face of
+    # the residual's cone with examples taken is an extreme ray of the copy's: refitted
+    # there it is the example to roundoff (Flower's trained CNN, float32, b = 32: three
+    # such examples once the nine with exact columns are peeled)
+    net, update, truth, _ = _batch("flower-cnn", 32, torch.float32, trained=True)
+    target = find_target(net)
+    assert target.after is not None and target.bias is not None
+    weight, bias = target.weight.detach(), target.bias.detach()
+    downstream = Downstream(target.after, weight, bias, torch.float32)
+    problem = problem_from(
+        update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
+    )
+    assert problem.layer is not None
+    left, right, rank = problem.fac.left, problem.layer.right, problem.rank
+    tol = problem.tol.zero_tol
+    coords = torch.linalg.lstsq(right.T, truth.T).solution.T  # (b, b): truth = coords R
+    columns = torch.linalg.lstsq(coords.T, left.T).solution.T  # (m, b): left = G C^T
+    own = residual_row_space(left, rank)
+    factors = _truncated_svd(left, rank)
+    copy = Residual(left=left.clone(), bias=None, coords=[], grads=[], directions=DirectionPool())
+    first = []
+    for i in range(truth.shape[0]):
+        if _refit(own, right, truth[i], tol) is None:
+            continue
+        first.append(i)
+        coord = 1.003 * coords[i]  # a scale known roughly
+        column = _exact_column(problem, factors, coord)
+        if column is not None:
+            copy.peel(coord, column)
+    space = residual_row_space(copy.left, rank - len(copy.coords))
+    unit = truth / truth.norm(dim=1, keepdim=True)
+    inside = [i for i in range(truth.shape[0]) if i not in first]
+    second = []
+    for i in inside:
+        w = _refit(space, right, truth[i], tol)
+        if w is not None:
+            x = w @ right
+            assert 1.0 - float(unit[i] @ (x / x.norm())) <= 1e-9  # measured: 7e-12
+            second.append(i)
+    assert len(second) >= 2  # measured: 3
+    # their columns, where the copy singles them out and the model agrees
+    found = 0
+    for i in second:
+        column = _column_of(problem, factors, copy, 1.003 * coords[i])
+        if column is not None:
+            cos = float(column @ columns[:, i]) / float(column.norm() * columns[:, i].norm())
+            assert 1.0 - abs(cos) <= 1e-5  # measured: 1e-6 and 2e-11
+            found += 1
+    assert found >= 1

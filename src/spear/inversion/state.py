@@ -13,7 +13,13 @@ from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.results import SolverStats
 
-__all__ = ["SearchState"]
+__all__ = ["SearchState", "Taken"]
+
+#: A vertex of the input cone taken below float64 (:mod:`spear.inversion.steps.cone`):
+#: its unit row-space coordinates ``(b,)``, its peel, ``coord`` ``(b,)`` and ``grad``
+#: ``(m,)``, and whether ``grad`` is its exact column (from its ReLU pattern; else its
+#: own cross-entropy column at its rough scale).
+Taken = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
 
 
 @dataclass
@@ -52,8 +58,7 @@ class SearchState:
     round_start:
         Examples found and directions pooled when the current round began.
     cone_taken:
-        Below float64, the input side's vertices taken so far (its unit coordinates
-        ``(b,)`` and the rough peel ``(coord (b,), grad (m,))`` of each), valid while
+        Below float64, the input side's vertices taken so far (:data:`Taken`), valid while
         ``cone_taken_at`` examples are found (:mod:`spear.inversion.steps.cone`).
     scanned_whole:
         The update's divisor the evidence had established when rows were last scanned
@@ -77,7 +82,7 @@ class SearchState:
     tentatives: list[torch.Tensor] = field(default_factory=list)
     tentatives_at: int = 0
     round_start: tuple[int, int] = (0, 0)
-    cone_taken: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    cone_taken: list[Taken] = field(default_factory=list)
     cone_taken_at: int = -1
     scanned_whole: float | None = None
 

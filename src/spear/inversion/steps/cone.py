@@ -25,7 +25,7 @@ from spear.input_cone import (
 from spear.inversion.pool import DirectionPool, same_direction, same_direction_tolerance
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
-from spear.inversion.state import SearchState
+from spear.inversion.state import SearchState, Taken
 from spear.inversion.steps.base import StepReport
 from spear.inversion.steps.complete import peel_verified
 from spear.linalg import KERNEL_GAP, kernel, orthonormal_basis, zero_mask
@@ -57,11 +57,6 @@ DIVISOR_ROUNDS = 20
 #: (:func:`_exact_column`). Measured: the rough scale of an example on the trained
 #: VGG-style CNN (float32, b = 32) is a few 1e-4 off.
 SCALE_MARGIN = 0.1
-
-
-#: A vertex taken below float64: its unit row-space coordinates ``(b,)`` and its rough
-#: peel, ``coord`` ``(b,)`` and ``grad`` ``(m,)`` (:func:`_take_vertices`).
-Taken = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def has_input_side(problem: Problem) -> bool:
@@ -215,7 +210,7 @@ def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[
     if state.cone_taken_at != state.found:
         state.cone_taken, state.cone_taken_at = [], state.found
     tries = _take_vertices(problem, state.residual, stop, state.cone_taken)
-    taken = [unit for unit, _, _ in state.cone_taken]
+    taken = [unit for unit, _, _, _ in state.cone_taken]
     if len(taken) < remaining:
         return tries, len(taken), 0, _pool_exact_columns(problem, state)
     grads = directions_from_inputs(state.residual.left, taken)  # (m, r)
@@ -227,23 +222,21 @@ def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[
 
 def _pool_exact_columns(problem: Problem, state: SearchState) -> int:
     """Pool the gradient direction of each vertex taken where two derivations agree: its
-    exact column (:func:`_exact_column`, from its ReLU pattern, on the residual itself)
-    and the one direction of the column space in the range of the model's Jacobian at
-    the vertex that fits cross-entropy
+    exact column (:func:`_exact_column`, from its ReLU pattern, found when the vertex was
+    taken) and the one direction of the column space in the range of the model's
+    Jacobian at the vertex that fits cross-entropy
     (:meth:`spear.downstream.Downstream.directions`). A vertex that mixes examples fails
     one or the other. Directions, not examples: the complete solve checks them like any
     pooled one once the pool holds the round's every direction. Returns how many were
     added."""
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
-    factors = _truncated_svd(state.residual.left, problem.rank - state.found)
-    basis = factors[0]  # (m, r)
+    basis = _truncated_svd(state.residual.left, problem.rank - state.found)[0]  # (m, r)
     limit = range_tolerance(problem.tol.zero_tol)
     same = same_direction_tolerance(problem.tol.zero_tol)
     added = 0
-    for _, coord, _ in state.cone_taken:
-        column = _exact_column(problem, factors, coord)
-        if column is None:
+    for _, coord, column, exact in state.cone_taken:
+        if not exact:
             continue
         unit = column / column.norm()
         (from_model,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
@@ -264,9 +257,13 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
     :func:`spear.downstream.range_tolerance`) is taken, refitted on the row space of
     ``res`` itself (:func:`_refit`), and peeled from a copy of the residual by its exact
     column where that is found (:func:`_exact_column`), else at its rough scale: the copy
-    only steers the next vertex searches away from the examples taken. Stops when as many
-    vertices are taken as examples are missing, after :data:`CONE_MISSES` times the
-    missing examples give none in a row, or when the clock passes ``stop``.
+    steers the next vertex searches away from the examples taken. While every peel of the
+    copy is exact, the copy is the residual of the examples not taken, and a vertex it
+    shows that ``res`` does not (an example inside a face of the cone of ``res`` with
+    examples taken: the input side's next wave) is refitted, and its exact column found,
+    on the copy. Stops when as many vertices are taken as examples are missing, after
+    :data:`CONE_MISSES` times the missing examples give none in a row, or when the clock
+    passes ``stop``.
     """
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
@@ -276,16 +273,17 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
     own = residual_row_space(res.left, wanted)  # (b, r)
     # the scales, range tests and exact columns are taken on the residual itself: its
     # column space holds every missing example's column to the update's precision, while
-    # the copy's holds the rough peels' errors as well (measured on the trained VGG-style
-    # CNN, float32, b = 32: examples' columns 4e-5 to 1.5e-4 from the copy's after ten
-    # peels, 5e-7 from the residual's, against a limit of 3.4e-5)
+    # a roughly peeled copy's holds the rough peels' errors as well (measured on the
+    # trained VGG-style CNN, float32, b = 32: examples' columns 4e-5 to 1.5e-4 from the
+    # copy's after ten peels, 5e-7 from the residual's, against a limit of 3.4e-5)
     factors = _truncated_svd(res.left, wanted)
     basis = factors[0]  # (m, r)
     copy = Residual(
         left=res.left.clone(), bias=res.bias, coords=[], grads=[], directions=DirectionPool()
     )
-    for _, rough_coord, rough_grad in taken:
-        copy.peel(rough_coord, rough_grad)
+    for _, coord, grad, _ in taken:
+        copy.peel(coord, grad)
+    exact_copy = all(exact for *_, exact in taken)
     reference = _reference_norm(problem, res)
     same = same_direction_tolerance(tol)
     tried: list[torch.Tensor] = []
@@ -298,7 +296,7 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
         rows = layer.right.T @ space  # (n, d)
         w: torch.Tensor | None
         if space.shape[1] == 1:
-            # one left: the rough peels leave its direction, rough too, as the residual
+            # one left: the peels leave its direction as the residual
             w = torch.sign(rows.sum(dim=0)) if float(rows.sum()) != 0 else None
         else:
             w = _vertex(tries)(rows[live_rows(rows, tol)], problem.generator, tol)
@@ -307,21 +305,25 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
             continue
         x = tried[-1] @ layer.right  # (n,) the vertex (_seen keeps its unit coordinates)
         unit = _refit(own, layer.right, x, tol)
+        on_copy = unit is None and exact_copy and bool(taken)
+        if on_copy:
+            unit = _refit(space, layer.right, x, tol)
         starts = scale_candidates(downstream, basis, x, reference) if unit is not None else []
-        if unit is None or not starts or any(same_direction(unit, u, same) for u, _, _ in taken):
+        if unit is None or not starts or any(same_direction(unit, u, same) for u, *_ in taken):
             misses += 1
             continue
         columns, miss = own_columns(downstream, basis, torch.stack([t * x for t in starts]))
         k = int(miss.argmin())
-        coord = starts[k] * tried[-1]
-        grad = scaled_grad(res, coord, columns[:, k])
-        if grad is None or float(miss[k]) > limit:
+        coord = starts[k] * unit
+        rough = scaled_grad(res, coord, columns[:, k])
+        if rough is None or float(miss[k]) > limit:
             misses += 1
             continue
-        exact = _exact_column(problem, factors, coord)
-        grad = grad if exact is None else exact
+        exact = _column_of(problem, factors, copy if exact_copy else None, coord)
+        exact_copy = exact_copy and exact is not None
+        grad = rough if exact is None else exact
         copy.peel(coord, grad)
-        taken.append((unit, coord, grad))
+        taken.append((unit, coord, grad, exact is not None))
         tried.clear()
         misses = 0
     return tries
@@ -330,6 +332,35 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
 #: A residual's truncated SVD ``left = U S V^T`` at its rank: ``U`` ``(m, r)``, ``S``
 #: ``(r,)``, ``V^T`` ``(r, b)`` (:func:`_truncated_svd`).
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _column_of(
+    problem: Problem, factors: Factors, copy: Residual | None, coord: torch.Tensor
+) -> torch.Tensor | None:
+    """The exact gradient column ``(m,)`` of the vertex taken at ``coord`` ``(b,)`` (its
+    scale known roughly), from its ReLU pattern (:func:`_exact_column`) on the residual
+    whose truncated SVD is ``factors``, else on ``copy``: the residual of the examples
+    not taken, when its peels are exact, whose smaller column space can single out a
+    column that the residual's does not. A column from the copy counts only where the
+    one direction of the residual's column space in the range of the model's Jacobian at
+    the vertex that fits cross-entropy (:meth:`spear.downstream.Downstream.directions`)
+    agrees with it: a kernel of the copy's basis can be one line and still be bent by
+    the copy's roundoff. ``None`` where no column is found."""
+    column = _exact_column(problem, factors, coord)
+    if column is not None or copy is None or not copy.coords:
+        return column
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    rank = factors[1].numel() - len(copy.coords)
+    column = _exact_column(problem, _truncated_svd(copy.left, rank), coord)
+    if column is None:
+        return None
+    limit = range_tolerance(problem.tol.zero_tol)
+    (from_model,) = downstream.directions(factors[0], (coord @ layer.right)[None], limit)
+    same = same_direction_tolerance(problem.tol.zero_tol)
+    if from_model is None or not same_direction(column / column.norm(), from_model, same):
+        return None
+    return column
 
 
 def _truncated_svd(left: torch.Tensor, rank: int) -> Factors:
