@@ -16,6 +16,7 @@ from spear.data import rgb_patches, sample_batch
 from spear.downstream import Downstream, label_columns, own_columns, range_tolerance
 from spear.input_cone import cone_vertex, directions_from_inputs, residual_row_space, trimmed_vertex
 from spear.inversion.pool import DirectionPool
+from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.inversion.steps.cone import _column_of, _exact_column, _refit, _truncated_svd
 from spear.linalg import Tolerances
@@ -284,13 +285,12 @@ def test_exact_column_peels_an_example_whatever_the_error_of_its_scale(
     assert _exact_column(problem, factors, mixed) is None
 
 
-def test_range_tests_on_the_residual_are_not_spoiled_by_a_rough_peel() -> None:
-    # below float64 the input side peels the vertices it takes from a copy of the
-    # residual, at rough scales; it tests the next vertices' columns on the residual
-    # itself, whose column space no rough term touches (untrained VGG-style CNN, float32,
-    # b = 16: with one example's term peeled 1% off, 8 of the other 15 examples' true
-    # columns leave the copy's column space by more than the range tolerance)
-    net, update, truth, _ = _batch("vgg", 16, torch.float32)
+def _float32_problem(
+    name: str, b: int, *, trained: bool = False
+) -> tuple[Problem, Downstream, torch.Tensor]:
+    """The layer problem of ``fc1`` of a float32 CNN batch (:func:`_batch`) with the model
+    after it, that model, and the true features ``(b, n)``."""
+    net, update, truth, _ = _batch(name, b, torch.float32, trained=trained)
     target = find_target(net)
     assert target.after is not None and target.bias is not None
     weight, bias = target.weight.detach(), target.bias.detach()
@@ -298,6 +298,16 @@ def test_range_tests_on_the_residual_are_not_spoiled_by_a_rough_peel() -> None:
     problem = problem_from(
         update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
     )
+    return problem, downstream, truth
+
+
+def test_range_tests_on_the_residual_are_not_spoiled_by_a_rough_peel() -> None:
+    # below float64 the input side peels the vertices it takes from a copy of the
+    # residual, at rough scales; it tests the next vertices' columns on the residual
+    # itself, whose column space no rough term touches (untrained VGG-style CNN, float32,
+    # b = 16: with one example's term peeled 1% off, 8 of the other 15 examples' true
+    # columns leave the copy's column space by more than the range tolerance)
+    problem, downstream, truth = _float32_problem("vgg", 16)
     assert problem.layer is not None and problem.rank == 16
     left, right = problem.fac.left, problem.layer.right  # (m, b), (b, n)
     coords = torch.linalg.lstsq(right.T, truth.T).solution.T  # (b, b): truth = coords R
@@ -318,14 +328,7 @@ def test_an_example_inside_a_face_is_a_vertex_of_the_exactly_peeled_copy() -> No
     # the residual's cone with examples taken is an extreme ray of the copy's: refitted
     # there it is the example to roundoff (Flower's trained CNN, float32, b = 32: three
     # such examples once the nine with exact columns are peeled)
-    net, update, truth, _ = _batch("flower-cnn", 32, torch.float32, trained=True)
-    target = find_target(net)
-    assert target.after is not None and target.bias is not None
-    weight, bias = target.weight.detach(), target.bias.detach()
-    downstream = Downstream(target.after, weight, bias, torch.float32)
-    problem = problem_from(
-        update["fc1.weight"], update["fc1.bias"], weight, bias, downstream=downstream
-    )
+    problem, _, truth = _float32_problem("flower-cnn", 32, trained=True)
     assert problem.layer is not None
     left, right, rank = problem.fac.left, problem.layer.right, problem.rank
     tol = problem.tol.zero_tol
