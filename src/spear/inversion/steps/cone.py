@@ -229,22 +229,28 @@ def _pool_exact_columns(problem: Problem, state: SearchState) -> int:
     one or the other. Directions, not examples: the complete solve checks them like any
     pooled one once the pool holds the round's every direction. Returns how many were
     added."""
-    downstream, layer = problem.downstream, problem.layer
-    assert downstream is not None and layer is not None
     basis = _truncated_svd(state.residual.left, problem.rank - state.found)[0]  # (m, r)
-    limit = range_tolerance(problem.tol.zero_tol)
-    same = same_direction_tolerance(problem.tol.zero_tol)
     added = 0
     for _, coord, column, exact in state.cone_taken:
-        if not exact:
+        if not exact or not _model_agrees(problem, basis, coord, column):
             continue
-        unit = column / column.norm()
-        (from_model,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
-        if from_model is None or not same_direction(unit, from_model, same):
-            continue
-        if state.pool.add(unit):
+        if state.pool.add(column / column.norm()):
             added += 1
     return added
+
+
+def _model_agrees(
+    problem: Problem, basis: torch.Tensor, coord: torch.Tensor, column: torch.Tensor
+) -> bool:
+    """Whether ``column`` ``(m,)`` has the direction of the one vector of ``span(basis)``
+    ``(m, r)`` in the range of the model's Jacobian at the vertex ``coord`` ``(b,)`` that
+    fits cross-entropy (:meth:`spear.downstream.Downstream.directions`)."""
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    limit = range_tolerance(problem.tol.zero_tol)
+    (from_model,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
+    same = same_direction_tolerance(problem.tol.zero_tol)
+    return from_model is not None and same_direction(column / column.norm(), from_model, same)
 
 
 def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Taken]) -> int:
@@ -349,16 +355,9 @@ def _column_of(
     column = _exact_column(problem, factors, coord)
     if column is not None or copy is None or not copy.coords:
         return column
-    downstream, layer = problem.downstream, problem.layer
-    assert downstream is not None and layer is not None
     rank = factors[1].numel() - len(copy.coords)
     column = _exact_column(problem, _truncated_svd(copy.left, rank), coord)
-    if column is None:
-        return None
-    limit = range_tolerance(problem.tol.zero_tol)
-    (from_model,) = downstream.directions(factors[0], (coord @ layer.right)[None], limit)
-    same = same_direction_tolerance(problem.tol.zero_tol)
-    if from_model is None or not same_direction(column / column.norm(), from_model, same):
+    if column is None or not _model_agrees(problem, factors[0], coord, column):
         return None
     return column
 
