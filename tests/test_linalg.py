@@ -22,6 +22,7 @@ from spear.linalg import (
     factorise,
     kernel,
     least_absolute_fit,
+    least_squares,
     low_singular_basis,
     null_vectors,
     orthonormal_basis,
@@ -273,3 +274,43 @@ def test_least_absolute_fit_is_exact_on_the_rows_a_minority_leaves_alone() -> No
     fitted = least_absolute_fit(target, design)
     assert fitted is not None
     assert float((fitted - coeffs).abs().max()) < 1e-9
+
+
+def _stored_at(tensor: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``tensor`` that starts ``offset`` elements into a fresh buffer (another
+    memory alignment)."""
+    buffer = torch.zeros(tensor.numel() + 16, dtype=tensor.dtype)
+    copy = buffer[offset : offset + tensor.numel()].view(tensor.shape)
+    copy.copy_(tensor)
+    return copy
+
+
+@pytest.mark.parametrize("shape", [(120, 28, 3), (400, 32, 32), (1000, 64, 1), (50, 400, 3)])
+def test_least_squares_gives_the_same_bits_wherever_its_inputs_are_stored(
+    shape: tuple[int, int, int],
+) -> None:
+    # the searches branch on the last bits of their products, so a solve whose bits
+    # depend on the memory alignment of its inputs makes two runs with the same seed
+    # differ (PyTorch's default CPU driver, gelsy, with MKL: up to 5e-16 here)
+    m, k, j = shape
+    generator = torch.Generator().manual_seed(m + k)
+    design = torch.randn(m, k, dtype=torch.float64, generator=generator)
+    target = torch.randn(m, j, dtype=torch.float64, generator=generator)
+    first = least_squares(design, target)
+    assert torch.allclose(first, torch.linalg.pinv(design) @ target, rtol=1e-9, atol=1e-12)
+    for offset in range(1, 8):
+        again = least_squares(_stored_at(design, offset), _stored_at(target, offset))
+        assert torch.equal(again, first)
+
+
+def test_least_squares_of_a_rank_deficient_design_is_the_minimum_norm_solution() -> None:
+    generator = torch.Generator().manual_seed(3)
+    design = torch.randn(80, 5, dtype=torch.float64, generator=generator) @ torch.randn(
+        5, 12, dtype=torch.float64, generator=generator
+    )  # (80, 12) of rank 5
+    target = torch.randn(80, 2, dtype=torch.float64, generator=generator)
+    found = least_squares(design, target)
+    assert torch.allclose(found, torch.linalg.pinv(design) @ target, rtol=1e-8, atol=1e-10)
+    batched = least_squares(torch.stack([design, 2 * design]), torch.stack([target, target]))
+    assert torch.allclose(batched[0], found, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(batched[1], found / 2, rtol=1e-10, atol=1e-12)

@@ -24,7 +24,7 @@ from spear.downstream import (
 from spear.inversion.pool import DirectionPool, same_direction
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
-from spear.linalg import Tolerances, orthonormal_basis, zero_mask
+from spear.linalg import Tolerances, least_squares, orthonormal_basis, zero_mask
 from spear.solvers.polish import live_rows
 from spear.verify import LayerView, direction_for, pattern_check
 
@@ -81,7 +81,7 @@ def scaled_grad(
     With ``dW_res = G P`` and ``p_i^T P^+ ... = 1`` (see module notes), the scale is
     ``1 / (p^T L^+ v)``.
     """
-    w = torch.linalg.lstsq(state.left, direction[:, None]).solution[:, 0]
+    w = least_squares(state.left, direction[:, None])[:, 0]
     denom = float(coord @ w)
     if denom == 0.0 or not math.isfinite(denom):
         return None

@@ -28,6 +28,7 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from spear.errors import InputError
+from spear.linalg import least_squares
 from spear.model import parameter_dtype
 from spear.update import check_update, check_update_kind
 
@@ -331,7 +332,7 @@ def _fit_weights(
         rows.append(_flat(_fill(grads, tensors)))
     design = torch.stack(rows, dim=1)  # (size, k)
     target = _flat([update[n] for n, _ in chosen])
-    return torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+    return least_squares(design, target[:, None])[:, 0]
 
 
 def _certify_delta(

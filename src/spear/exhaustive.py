@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from spear.linalg import least_squares
 from spear.verify import LayerView
 
 __all__ = [
@@ -286,9 +287,9 @@ def _batched_solve(
     ``grads`` ``(k, m, r)``.
     """
     rhs = bias_grad[None, :, None].expand(cols.shape[0], -1, 1)
-    scales = torch.linalg.lstsq(cols, rhs).solution  # (k, r, 1)
+    scales = least_squares(cols, rhs)  # (k, r, 1)
     grads = cols * scales.transpose(1, 2)
-    coords = torch.linalg.lstsq(grads, left.expand(cols.shape[0], -1, -1)).solution
+    coords = least_squares(grads, left.expand(cols.shape[0], -1, -1))
     return coords, grads
 
 

@@ -41,6 +41,7 @@ from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.linalg import (
     Tolerances,
+    least_squares,
     low_singular_basis,
     null_vectors,
     orthonormal_basis,
@@ -145,7 +146,7 @@ def focused_sampling(problem: Problem, state: Residual) -> tuple[int, int]:
     if idx.numel() == 0 or pool_size < r:
         return 0, 0
     cand = state.left[idx] / state.bias[idx, None]  # (k, b) mixtures, p . s = 1
-    s = torch.linalg.lstsq(state.left, state.bias[:, None]).solution[:, 0]  # (b,)
+    s = least_squares(state.left, state.bias[:, None])[:, 0]  # (b,)
     spec = SearchSpec(
         basis=basis,
         target=r,

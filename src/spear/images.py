@@ -57,6 +57,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from spear.errors import InputError
+from spear.linalg import least_squares
 
 __all__ = [
     "CALIBRATION_STEPS",
@@ -461,7 +462,7 @@ def _newton(
             residual = head(x.reshape(1, *x.shape)).reshape(-1) - target
         if float(residual.norm()) <= math.sqrt(size) * eps * norm:
             break
-        step = torch.linalg.lstsq(active, residual[rows].unsqueeze(1)).solution
+        step = least_squares(active, residual[rows].unsqueeze(1))
         x = x - step.reshape(x.shape)
     with torch.no_grad():
         residual = head(x.reshape(1, *x.shape)).reshape(-1) - target

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spear.linalg import TINY_NORM
+from spear.linalg import TINY_NORM, least_squares
 
 __all__ = ["LabelResult", "missing_labels", "recover_labels"]
 
@@ -50,7 +50,7 @@ def output_coefficients(
     drops ``r``'s component along it; cross-entropy's ``(p - e_y) / B`` sums to zero,
     which puts it back. ``nll_loss`` on log-probabilities is cross-entropy on them.
     """
-    r = torch.linalg.lstsq(jacobian.T, column).solution[:, 0]
+    r = least_squares(jacobian.T, column)[:, 0]
     out = outputs.detach().to(torch.float64)
     if abs(float(torch.logsumexp(out, dim=0))) <= LOG_PROBABILITY_ULPS * float(
         torch.finfo(dtype).eps

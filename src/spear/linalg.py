@@ -26,6 +26,7 @@ __all__ = [
     "gap_at",
     "kernel",
     "least_absolute_fit",
+    "least_squares",
     "low_singular_basis",
     "noise_floor",
     "null_vectors",
@@ -341,6 +342,28 @@ def factorise(weight_grad: torch.Tensor, eps: float, rank: int | None = None) ->
         b = max(0, min(int(rank), s.numel()))
         gap = gap_at(s, b, eps)
     return Factorisation(left=u[:, :b] * s[:b], right=vh[:b], singular_values=s, rank=b, gap=gap)
+
+
+#: LAPACK driver of :func:`least_squares` on the CPU: the SVD-based ``gelsd``, whose
+#: results do not depend on where its inputs sit in memory. PyTorch's default there,
+#: ``gelsy`` (QR with column pivoting), gives results that differ in their last bits
+#: with the inputs' memory alignment (measured with PyTorch's MKL build: up to 5e-16 on
+#: copies of the same matrices at other offsets), so that two runs of the attack with the
+#: same seed took different paths through its searches and returned different results.
+CPU_LEAST_SQUARES_DRIVER = "gelsd"
+
+
+def least_squares(design: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares solution ``x`` of ``design @ x = target``.
+
+    ``design`` ``(*, m, k)``, ``target`` ``(*, m, j)``; returns ``(*, k, j)``, as
+    ``torch.linalg.lstsq(design, target).solution``. On the CPU with
+    :data:`CPU_LEAST_SQUARES_DRIVER`, so that the same inputs give the same bits
+    wherever they are stored (runs are reproducible); elsewhere with the device's only
+    driver (``gels`` on CUDA: ``design`` of full column rank).
+    """
+    driver = CPU_LEAST_SQUARES_DRIVER if design.device.type == "cpu" else None
+    return torch.linalg.lstsq(design, target, driver=driver).solution
 
 
 def orthonormal_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:

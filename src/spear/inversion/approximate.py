@@ -45,7 +45,7 @@ from spear.inversion.sparse_directions import (
     span_distance,
     zero_count,
 )
-from spear.linalg import TINY_NORM
+from spear.linalg import TINY_NORM, least_squares
 from spear.noise import NoiseEstimate, augmented, estimate_noise, zero_row_sigma
 
 __all__ = [
@@ -627,7 +627,7 @@ def _solve(
     bias column of that fit is each example's scale (it must come out 1).
     """
     g = basis @ directions  # (m, k)
-    coef = torch.linalg.lstsq(g, denoised).solution  # (k, n + 1)
+    coef = least_squares(g, denoised)  # (k, n + 1)
     scale = coef[:, -1:]
     good = scale.abs().squeeze(1) > TINY_NORM
     if not bool(good.any()):
@@ -726,7 +726,7 @@ def _g_step(denoised: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor) -> t
 
 def _x_step(denoised: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``(k, n)`` examples fitted to every row at once: ``X^T = lstsq(G, dW)``."""
-    return torch.linalg.lstsq(g, denoised[:, :-1]).solution
+    return least_squares(g, denoised[:, :-1])
 
 
 def _conclude(

@@ -15,7 +15,7 @@ import torch
 
 from spear.downstream import Downstream, range_tolerance
 from spear.inversion.residual import Residual
-from spear.linalg import Tolerances, kernel, least_absolute_fit, orthonormal_basis
+from spear.linalg import Tolerances, kernel, least_absolute_fit, least_squares, orthonormal_basis
 from spear.solvers.polish import live_rows
 from spear.verify import LayerView, movement, pre_activations, pure_direction
 
@@ -70,11 +70,11 @@ def solve_complete(
         # no bias gradient: each example only up to scale (unit gradient columns)
         grads = cols
     else:
-        scales = torch.linalg.lstsq(cols, bias[:, None]).solution[:, 0]
+        scales = least_squares(cols, bias[:, None])[:, 0]
         if bool((scales == 0).any()):
             return None
         grads = cols * scales
-    coords = torch.linalg.lstsq(grads, left).solution  # (r, b)
+    coords = least_squares(grads, left)  # (r, b)
     return coords, grads
 
 

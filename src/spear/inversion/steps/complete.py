@@ -24,7 +24,7 @@ from spear.inversion.problem import Problem
 from spear.inversion.solve import refine_columns, repair_one_direction, solve_complete
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
-from spear.linalg import orthonormal_basis, unit_rows
+from spear.linalg import least_squares, orthonormal_basis, unit_rows
 from spear.results import SolverStats
 from spear.solvers.polish import live_rows
 
@@ -145,7 +145,7 @@ def _solve_from_original(
     res, fac, db = state.residual, problem.fac, problem.bias_grad
     full_basis, _ = problem.original
     old = state.found
-    coords_new = torch.linalg.lstsq(cols, res.left).solution if solved is None else solved[0]
+    coords_new = least_squares(cols, res.left) if solved is None else solved[0]
     cols_all, coords_all = cols, coords_new  # (m, old + r), (old + r, b)
     if old:
         found_grads = torch.stack(res.grads, dim=1)

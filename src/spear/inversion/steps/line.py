@@ -30,6 +30,7 @@ from spear.inversion.settle import settle
 from spear.inversion.solve import complete_last, solve_complete
 from spear.inversion.state import SearchState
 from spear.inversion.steps.base import StepReport
+from spear.linalg import least_squares
 from spear.results import SolverStats
 from spear.solvers.polish import live_rows
 
@@ -162,7 +163,7 @@ def _line_points(problem: Problem, state: SearchState) -> torch.Tensor | None:
     span = unknown_subspace_from(residual_svd(res, problem.rank), state.pool)  # (b, 2)
     if span.shape[1] != 2:
         return None
-    s = torch.linalg.lstsq(res.left, res.bias[:, None]).solution[:, 0]  # (b,)
+    s = least_squares(res.left, res.bias[:, None])[:, 0]  # (b,)
     a = span.T @ s  # (2,)
     if float(a.norm()) == 0.0:
         return None
