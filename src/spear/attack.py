@@ -95,7 +95,9 @@ def attack(
     batch_size:
         The number of distinct examples, when known; otherwise read off the update.
     seed:
-        Seed of every random choice.
+        Seed of every random choice: on one machine the same update, seed, budget and
+        thread count give the same result, unless a step stops on its share of the
+        wall-clock ``time_budget`` at another point.
     input_shape:
         Shape of one model input, e.g. ``(1, 28, 28)``. By default guessed from the
         attacked layer's width when the model only flattens before it (``784`` ->
