@@ -18,7 +18,13 @@ from spear.input_cone import cone_vertex, directions_from_inputs, residual_row_s
 from spear.inversion.pool import DirectionPool
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
-from spear.inversion.steps.cone import _column_of, _exact_column, _refit, _truncated_svd
+from spear.inversion.steps.cone import (
+    _column_of,
+    _exact_column,
+    _last_column,
+    _refit,
+    _truncated_svd,
+)
 from spear.linalg import Tolerances
 from spear.model import find_target
 from spear.networks import build_cnn
@@ -238,8 +244,10 @@ def test_a_trained_cnn_batch_of_32_is_whole_in_float64() -> None:
     reason="on this hard batch the last bits of the search's products decide which "
     "vertices of the cone it reaches: with the least-squares solves of "
     "spear.linalg.least_squares it takes 18 of the 19 vertices the missing examples "
-    "need and returns 12 of 31; with PyTorch's default driver, whose bits vary with "
-    "memory alignment, all 31 came back in 16 of 18 fresh processes",
+    "need, the 19th column comes from the others (_last_column), and 30 of 31 come back; "
+    "the last, the merged pair's mean, does not pass the solve's checks alone. With "
+    "PyTorch's default driver, whose bits vary with memory alignment, all 31 came back in "
+    "16 of 18 fresh processes",
     strict=False,
 )
 def test_a_trained_cnn_batch_of_32_in_float32_completes_from_pooled_cone_directions() -> None:
@@ -385,3 +393,23 @@ def test_the_same_attack_twice_returns_the_same_bits() -> None:
         del moved
     assert found[0][0].shape[0] > 0
     assert torch.equal(found[0][0], found[1][0]) and found[0][1] == found[1][1]
+
+
+def test_the_last_missing_column_is_the_residual_off_the_vertices_taken() -> None:
+    # below float64, with the vertices of all but one missing example taken, the residual
+    # projected off their row-space directions has rank one, and its column is the last
+    # example's gradient direction, exact (the untrained VGG-style CNN, float32, b = 16)
+    problem, _, truth = _float32_problem("vgg", 16)
+    assert problem.layer is not None and problem.rank == 16
+    left, right = problem.fac.left, problem.layer.right  # (m, b), (b, n)
+    coords = torch.linalg.lstsq(right.T, truth.T).solution.T  # (b, b): truth = coords R
+    columns = torch.linalg.lstsq(coords.T, left.T).solution.T  # (m, b): left = G C^T
+    units = [c / c.norm() for c in coords]
+    for last in (0, 7, 15):
+        taken = [u for i, u in enumerate(units) if i != last]
+        found = _last_column(problem, left, taken, 16)
+        assert found is not None
+        cosine = float(found @ columns[:, last]) / float(columns[:, last].norm())
+        assert 1.0 - abs(cosine) <= 1e-9
+    # two vertices missing: no single column
+    assert _last_column(problem, left, units[2:], 16) is None

@@ -212,7 +212,11 @@ def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[
     tries = _take_vertices(problem, state.residual, stop, state.cone_taken)
     taken = [unit for unit, _, _, _ in state.cone_taken]
     if len(taken) < remaining:
-        return tries, len(taken), 0, _pool_exact_columns(problem, state)
+        pooled = _pool_exact_columns(problem, state)
+        last = _last_column(problem, state.residual.left, taken, remaining)
+        if last is not None and state.pool.add(last):
+            pooled += 1
+        return tries, len(taken), 0, pooled
     grads = directions_from_inputs(state.residual.left, taken)  # (m, r)
     peeled = peel_verified(problem, state, grads / grads.norm(dim=0, keepdim=True))
     if not peeled:
@@ -237,6 +241,35 @@ def _pool_exact_columns(problem: Problem, state: SearchState) -> int:
         if state.pool.add(column / column.norm()):
             added += 1
     return added
+
+
+def _last_column(
+    problem: Problem, left: torch.Tensor, taken: list[torch.Tensor], remaining: int
+) -> torch.Tensor | None:
+    """The unit gradient direction ``(m,)`` of the one example of the residual ``left``
+    ``(m, b)`` (of rank ``remaining``) whose vertex is missing when the vertices of all
+    the others are taken; ``None`` otherwise.
+
+    With ``left = sum_i g_i c_i^T`` and ``U`` ``(b, k)`` an orthonormal basis of the
+    vertices taken ``c_1 .. c_k`` (``taken``, unit row-space coordinates, exact: refitted
+    at their zeros), ``left (I - U U^T) = g (c - U U^T c)^T`` for the example left: a
+    matrix of rank one whose column is that example's gradient direction, exact, with no
+    search. Its second singular value must be roundoff next to the first
+    (:func:`spear.downstream.range_tolerance`), as where the residual's rank is right.
+    Where a vertex taken is no example the column mixes examples' directions: the
+    complete solve checks it like any pooled direction, and a mixture fails there."""
+    if len(taken) != remaining - 1:
+        return None
+    if taken:
+        basis = torch.linalg.qr(torch.stack(taken, dim=1))[0]  # (b, k)
+        left = left - (left @ basis) @ basis.T
+    vectors, values, _ = torch.linalg.svd(left, full_matrices=False)
+    top = float(values[0]) if values.numel() else 0.0
+    if top <= 0.0:
+        return None
+    if values.numel() > 1 and float(values[1]) > range_tolerance(problem.tol.zero_tol) * top:
+        return None
+    return vectors[:, 0]
 
 
 def _model_agrees(
