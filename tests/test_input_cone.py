@@ -311,6 +311,18 @@ def _float32_problem(
     return problem, downstream, truth
 
 
+def _true_factors(
+    left: torch.Tensor, right: torch.Tensor, truth: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true examples' row-space coordinates ``(b, b)`` (``truth = coords @ right``)
+    and gradient columns ``(m, b)`` (``left = columns @ coords.T``), from the layer
+    problem's factor ``left`` ``(m, b)``, row basis ``right`` ``(b, n)`` and the true
+    features ``truth`` ``(b, n)``."""
+    coords = torch.linalg.lstsq(right.T, truth.T).solution.T
+    columns = torch.linalg.lstsq(coords.T, left.T).solution.T
+    return coords, columns
+
+
 def test_range_tests_on_the_residual_are_not_spoiled_by_a_rough_peel() -> None:
     # below float64 the input side peels the vertices it takes from a copy of the
     # residual, at rough scales; it tests the next vertices' columns on the residual
@@ -320,8 +332,7 @@ def test_range_tests_on_the_residual_are_not_spoiled_by_a_rough_peel() -> None:
     problem, downstream, truth = _float32_problem("vgg", 16)
     assert problem.layer is not None and problem.rank == 16
     left, right = problem.fac.left, problem.layer.right  # (m, b), (b, n)
-    coords = torch.linalg.lstsq(right.T, truth.T).solution.T  # (b, b): truth = coords R
-    columns = torch.linalg.lstsq(coords.T, left.T).solution.T  # (m, b): left = G C^T
+    coords, columns = _true_factors(left, right, truth)
     limit = range_tolerance(problem.tol.zero_tol)
     residual = _truncated_svd(left, 16)[0]
     copy = _truncated_svd(left - torch.outer(columns[:, 0], 1.01 * coords[0]), 15)[0]
@@ -342,8 +353,7 @@ def test_an_example_inside_a_face_is_a_vertex_of_the_exactly_peeled_copy() -> No
     assert problem.layer is not None
     left, right, rank = problem.fac.left, problem.layer.right, problem.rank
     tol = problem.tol.zero_tol
-    coords = torch.linalg.lstsq(right.T, truth.T).solution.T  # (b, b): truth = coords R
-    columns = torch.linalg.lstsq(coords.T, left.T).solution.T  # (m, b): left = G C^T
+    coords, columns = _true_factors(left, right, truth)
     own = residual_row_space(left, rank)
     factors = _truncated_svd(left, rank)
     copy = Residual(left=left.clone(), bias=None, coords=[], grads=[], directions=DirectionPool())
@@ -402,8 +412,7 @@ def test_the_last_missing_column_is_the_residual_off_the_vertices_taken() -> Non
     problem, _, truth = _float32_problem("vgg", 16)
     assert problem.layer is not None and problem.rank == 16
     left, right = problem.fac.left, problem.layer.right  # (m, b), (b, n)
-    coords = torch.linalg.lstsq(right.T, truth.T).solution.T  # (b, b): truth = coords R
-    columns = torch.linalg.lstsq(coords.T, left.T).solution.T  # (m, b): left = G C^T
+    coords, columns = _true_factors(left, right, truth)
     units = [c / c.norm() for c in coords]
     for last in (0, 7, 15):
         taken = [u for i, u in enumerate(units) if i != last]
