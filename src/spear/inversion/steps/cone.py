@@ -84,7 +84,9 @@ class InputCone:
     from the bias gradient, and every example is checked as a solved one is
     (:func:`_solve_vertices`). Where fewer vertices than missing examples come out, the
     gradient direction of each, exact from the units it is off on at every nearby scale
-    (:func:`_exact_column`), is pooled for the other steps to complete.
+    (:func:`_exact_column`), is pooled for the other steps to complete; where all but one
+    come out, so is the last example's, the residual's column off the others
+    (:func:`_last_column`).
     """
 
     name = "input-cone"
@@ -204,7 +206,8 @@ def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[
     have found less exactly, stay out of it) and checked example by example as the
     complete solve does (:func:`spear.inversion.steps.complete.peel_verified`). When it
     finds fewer, the vertices' exact columns join the pool (:func:`_pool_exact_columns`)
-    for the other steps to complete.
+    for the other steps to complete, and where it finds all but one, the last example's
+    gradient direction too (:func:`_last_column`).
     """
     remaining = problem.rank - state.found
     if state.cone_taken_at != state.found:
