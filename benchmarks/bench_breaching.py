@@ -7,7 +7,8 @@ client's ``num_examples``):
 * ``mlp``: ``spear.networks.build_model(1000, seed)`` (``784 -> 1000 -> 128 -> 10``) on
   Fashion-MNIST (the local test split when installed, else the shipped images), at
   ``--mlp-batch-sizes``;
-* ``flower-cnn`` and ``vgg`` (``--cnns``): ``spear.networks.build_cnn(name, seed)`` on
+* ``flower-cnn``, ``vgg`` and ``vgg-bn`` (``--cnns``; ``vgg-bn`` has BatchNorm in training
+  mode after each convolution): ``spear.networks.build_cnn(name, seed)`` on
   32x32 RGB photo patches (the first half of ``spear.data.rgb_patches(1000)``; the same
   data as ``benchmarks/bench_cnn.py``), at ``--cnn-batch-sizes``, untrained and/or after
   200 SGD steps on the other half (``--trained no,yes``, ``spear.networks.pretrain``).
@@ -283,7 +284,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--mlp-batch-sizes", default="8,16")
     parser.add_argument("--cnn-batch-sizes", default="4,8")
-    parser.add_argument("--cnns", default="flower-cnn", help="flower-cnn, vgg or both")
+    parser.add_argument("--cnns", default="flower-cnn", help="flower-cnn, vgg, vgg-bn")
     parser.add_argument("--trained", default="no", help="CNNs untrained (no), trained (yes)")
     parser.add_argument("--dtypes", default="float32", help="float32, float64 or both")
     parser.add_argument("--iterations", type=int, default=2000)

@@ -1,7 +1,8 @@
-"""Benchmark the attack on the first linear layer (``fc1``) of two small CNNs.
+"""Benchmark the attack on the first linear layer (``fc1``) of small CNNs.
 
 ``spear.attack`` inverts ``fc1`` of Flower's tutorial CNN (400 -> 120) and of a small
-VGG-style CNN (1024 -> 256) and returns the features entering it. For each case: a batch
+VGG-style CNN (1024 -> 256; ``vgg-bn``: with BatchNorm in training mode after each
+convolution, as a client trains it) and returns the features entering it. For each case: a batch
 of ``b`` distinct 32x32 RGB patches (:func:`spear.data.rgb_patches`, the first half of
 the pool), one FedSGD step with mean cross-entropy, the network untrained or after 200
 SGD steps (lr 0.05, mini-batches of 32) on the other half (:func:`spear.networks.pretrain`).
@@ -122,7 +123,7 @@ def run_case(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="flower-cnn,vgg")
+    parser.add_argument("--models", default="flower-cnn,vgg", help="flower-cnn, vgg, vgg-bn")
     parser.add_argument("--batch-sizes", default="4,8,16,32")
     parser.add_argument("--dtypes", default="float64,float32")
     parser.add_argument("--trained", default="no,yes", help="no, yes or both (no,yes)")

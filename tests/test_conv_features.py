@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tests.conftest import problem_from
+from tests.conftest import assert_same_state, problem_from, state_snapshot
 
 import spear
 from spear.client import fedsgd_update
@@ -483,3 +483,34 @@ def test_a_merged_pair_too_rough_to_show_its_copies_still_unverifies_a_float32_b
     unverify_merged(batch.problem, result)
     assert not result.verified
     assert "a mean over 16 while the update shows 15" in result.notes[-1]
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float64, 1e-6), (torch.float32, 1e-3)])
+def test_vgg_cnn_with_batch_norm_in_training_mode_gives_features_exact(
+    dtype: torch.dtype, rel: float
+) -> None:
+    # a client trains with BatchNorm in training mode: the features entering fc1 are
+    # normalised with the batch's statistics, but each is still one example's, and the
+    # model after fc1 is per example
+    net, update, truth, labels = _batch("vgg-bn", 16, dtype)
+    assert net.training
+    rec = spear.attack(net, update, time_budget=30, progress=False, image_budget=0)
+    _assert_exact(rec, truth, labels, rel)
+    assert any(
+        "BatchNorm2d 'conv.1'" in n and "before the attacked layer 'fc1'" in n for n in rec.notes
+    )
+
+
+def test_images_behind_batch_norm_in_training_mode_are_fitted_together() -> None:
+    # every forward pass in training mode moves a BatchNorm's running statistics: the
+    # attack runs them on its own copy, and the model it was given stays as it was
+    net, update, _, _ = _batch("vgg-bn", 4, torch.float64)
+    state = state_snapshot(net)
+    rec = spear.attack(
+        net, update, time_budget=30, progress=False, image_budget=3, input_range=(0.0, 1.0)
+    )
+    assert_same_state(net, state)
+    assert rec.images is not None and rec.images.shape == (4, 3, 32, 32)
+    assert float(rec.images.min()) >= 0.0 and float(rec.images.max()) <= 1.0
+    assert not rec.images_determined
+    assert any("fitted to the batch at once" in n for n in rec.notes)

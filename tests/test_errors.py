@@ -8,12 +8,21 @@ still give the exact answer.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
 import pytest
 import torch
-from tests.conftest import assert_exact, fashion, fedsgd_update, layer_case, mlp
+from tests.conftest import (
+    assert_exact,
+    assert_same_state,
+    fashion,
+    fedsgd_update,
+    layer_case,
+    mlp,
+    state_snapshot,
+)
 from torch import nn
 
 import spear
@@ -187,17 +196,43 @@ def _bn_model(place: str, *, train: bool, seed: int = 0) -> nn.Sequential:
     return model.train(train)
 
 
-@pytest.mark.parametrize(("place", "name"), [("before", "'1'"), ("after", "'4'")])
-def test_batch_norm_in_training_mode_is_refused_with_why_and_what_to_try(
-    place: str, name: str
-) -> None:
-    model = _bn_model(place, train=True)
+def test_batch_norm_in_training_mode_after_the_layer_is_refused_with_why_and_what_to_try() -> None:
+    model = _bn_model("after", train=True)
     x, y = fashion(6, seed=2)
     with pytest.raises(NotAttackableError) as err:
         spear.attack(model, fedsgd_update(model, x, y))
     msg = str(err.value)
-    assert f"BatchNorm1d {name} normalises with the statistics of the batch" in msg
+    assert "BatchNorm1d '4' normalises with the statistics of the batch" in msg
+    assert "after the input of the attacked layer '1'" in msg
     assert "model.eval()" in msg and "spear.invert_layer" in msg
+
+
+def test_batch_norm_in_training_mode_before_the_layer_gives_its_features_exactly() -> None:
+    # the layer's inputs are the batch-normalised images, one vector per example: its
+    # gradient keeps its exact structure, and the model after it is per example
+    model = _bn_model("before", train=True)
+    x, y = fashion(6, seed=2)
+    update = fedsgd_update(model, x, y)
+    state = state_snapshot(model)
+    rec = spear.attack(model, update, time_budget=30.0)
+    assert_same_state(model, state)
+    assert rec.complete and rec.feature_space and rec.layer == "2"
+    with torch.no_grad():  # the client's features: normalised with the whole batch
+        features = copy.deepcopy(model)[:2](x)
+    matching = assert_exact(rec.inputs, features)
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
+    assert any(
+        "BatchNorm1d '1' normalises" in n and "before the attacked layer '2'" in n
+        for n in rec.notes
+    )
+
+
+def test_batch_norm_in_training_mode_between_the_layer_and_its_relu_is_refused() -> None:
+    model = _bn_model("between", train=True)
+    x, y = fashion(6, seed=2)
+    with pytest.raises(NotAttackableError, match="BatchNorm1d '2' normalises with the statistics"):
+        spear.attack(model, fedsgd_update(model, x, y))
 
 
 def test_batch_norm_after_the_relu_in_training_mode_the_layer_still_inverts() -> None:

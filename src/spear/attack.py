@@ -19,7 +19,7 @@ from torch import nn
 from spear import validate
 from spear.certificate import certify, verified_threshold
 from spear.decay import find_decay, without_decay
-from spear.errors import BatchTooLargeError, InputError
+from spear.errors import BatchTooLargeError, InputError, NotAttackableError
 from spear.fallback import Estimate, best_noisy_estimate
 from spear.images import (
     ImageReconstruction,
@@ -142,8 +142,9 @@ def attack(
         float16, bfloat16, float32 or float64, or with NaN or infinite values, is named.
     NotAttackableError
         No linear layer followed by a ReLU (or ``layer`` is not one), a BatchNorm
-        that normalises with the batch's own statistics, or a Dropout that drops units
-        (both: training mode; pass ``model.eval()``).
+        that normalises with the batch's own statistics after the attacked layer's input,
+        or a Dropout that drops units (both: training mode; pass ``model.eval()``). A
+        BatchNorm in training mode before the attacked layer is accepted, with a note.
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -159,12 +160,18 @@ def attack(
     validate.seed(seed)
     input_range = validate.input_range(input_range)
     input_shape = validate.input_shape(input_shape)
-    check_batch_norm(model)
     check_dropout(model)
     work = copy.deepcopy(model)
-    target = find_target(work, layer)
+    try:
+        target = find_target(work, layer)
+    except NotAttackableError:
+        check_batch_norm(work)  # a BatchNorm that mixes the batch is the first reason
+        raise
+    batch_statistics = check_batch_norm(work, target)
     _check_input_shape(input_shape, target)
     notes: list[str] = []
+    if batch_statistics:
+        notes.append(_batch_statistics_note(batch_statistics, target.name))
     if float32_in_float64(update):
         update = {name: tensor.to(torch.float32) for name, tensor in update.items()}
         notes.append(
@@ -451,6 +458,22 @@ def attack(
         image_feature_residual=rebuilt.feature_residual if rebuilt is not None else None,
         multiplicity=_multiplicity(label_result, inputs.shape[0], source),
         **_image_fields(rebuilt, labels, missing_images),
+    )
+
+
+def _batch_statistics_note(layers: list[str], name: str) -> str:
+    """What BatchNorm ``layers`` in training mode before the attacked layer ``name``
+    change: the features are per example still; the images are fitted jointly, and
+    poorly (docs/algorithm.md, "Images from features")."""
+    verb = "normalises" if len(layers) == 1 else "normalise"
+    return (
+        f"{', '.join(layers)} {verb} with the statistics of the batch itself (training "
+        f"mode) before the attacked layer {name!r}: the features it receives are still one "
+        "vector per example and come back as the layer saw them. Images behind it depend "
+        "on the whole batch and are fitted to the batch at once; they are poor estimates "
+        "(one right after the first layer hides the batch's contrast and colour balance "
+        "from the update, and behind such layers the search was measured to recover little "
+        "of the images' structure), and none is determined by its features alone."
     )
 
 

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from spear.errors import InputError
 from spear.linalg import least_squares
+from spear.model import batch_statistics_layers
 
 __all__ = [
     "CALIBRATION_STEPS",
@@ -249,7 +250,8 @@ def guess_image_shape(
     with torch.no_grad():
         for side in range(_MIN_SIDE, _MAX_SIDE + 1):
             try:
-                size = head(torch.zeros(1, channels, side, side, dtype=dtype)).numel()
+                # two images: a BatchNorm1d with the batch's statistics refuses one
+                size = head(torch.zeros(2, channels, side, side, dtype=dtype))[0].numel()
             except (RuntimeError, ValueError):
                 continue
             if size == features:
@@ -534,7 +536,8 @@ def images_from_features(
     dtype = features.dtype
     with torch.no_grad():
         try:
-            probe = head(torch.zeros(1, *input_shape, dtype=dtype, device=features.device))
+            # two images: a BatchNorm1d with the batch's statistics refuses one
+            probe = head(torch.zeros(2, *input_shape, dtype=dtype, device=features.device))[0]
         except (RuntimeError, ValueError) as exc:
             raise InputError(
                 f"the layers before the attacked one do not take images of shape "
@@ -573,6 +576,12 @@ def images_from_features(
             "they are estimates (features, "
             + ("the extractor's gradients, " if gradients is not None else "")
             + "a smoothness prior), not exact."
+        )
+    elif batch_statistics_layers(head):
+        notes.append(
+            "the layers before the attacked one normalise with the batch's statistics, so "
+            "each image's features depend on the whole batch: the images are fitted together "
+            "and none is polished or determined alone."
         )
     elif features.shape[1] * pixels <= JACOBIAN_MAX_ENTRIES:
         polished: list[torch.Tensor] = []

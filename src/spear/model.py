@@ -132,25 +132,36 @@ class AttackTarget:
         return f"{self.name}.bias" if self.name else "bias"
 
 
-def batch_statistics_layers(model: nn.Module) -> list[str]:
-    """The BatchNorm layers of ``model`` that normalise with the batch's own statistics.
+def batch_statistics_layers(model: nn.Module, within: nn.Module | None = None) -> list[str]:
+    """The BatchNorm layers of ``model`` that normalise with the batch's own statistics:
+    training mode, or no running statistics to use in eval mode.
 
-    A BatchNorm module does so in training mode, and in eval mode when it keeps no
-    running statistics (``track_running_stats=False``). In its ``torch.fx`` graph (a
-    ``torch.export`` program's module, or the model traced) a ``batch_norm`` call with
-    ``training=True`` counts.
+    In its ``torch.fx`` graph (a ``torch.export`` program's module, or the model traced)
+    a ``batch_norm`` call with ``training=True`` counts.
+
+    Parameters
+    ----------
+    model:
+        The model whose layers are named.
+    within:
+        Only the layers that ``within`` runs: a part of ``model`` that shares its
+        submodules (:attr:`AttackTarget.after`); its own graph's ``batch_norm`` calls
+        when it is a ``GraphModule``. ``None``: all of ``model``.
 
     Returns
     -------
     list of str
         One description per layer, e.g. ``"BatchNorm1d '4'"``; empty when there is none.
     """
+    inside = None if within is None else {id(mod) for mod in within.modules()}
     found = [
         f"{type(mod).__name__} {name!r}"
         for name, mod in model.named_modules()
-        if isinstance(mod, _BATCH_NORMS) and (mod.training or mod.running_mean is None)
+        if isinstance(mod, _BATCH_NORMS)
+        and (mod.training or mod.running_mean is None)
+        and (inside is None or id(mod) in inside)
     ]
-    graph = _graph_of(model)
+    graph = _graph_of(model if within is None else within)
     for node in graph.nodes if graph is not None else ():
         if node.op == "call_function" and node.target in _BATCH_NORM_FUNCTIONS:
             training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
@@ -159,38 +170,68 @@ def batch_statistics_layers(model: nn.Module) -> list[str]:
     return found
 
 
-def check_batch_norm(model: nn.Module) -> None:
-    """Refuse a model whose BatchNorm layers mix the examples of a batch.
+def check_batch_norm(model: nn.Module, target: AttackTarget | None = None) -> list[str]:
+    """Refuse a model whose BatchNorm layers mix the examples of a batch where the attack
+    needs them apart; return those it accepts.
 
     In training mode BatchNorm normalises every example with the mean and variance of the
-    whole batch, so the update is no longer a sum of one term per example and the labels
-    cannot be read off it one example at a time; a BatchNorm before the attacked layer
-    (or between it and its ReLU) also changes that layer's inputs (centred on the batch,
-    so the weight gradient's rank undercounts the examples) or removes its exact zeros.
-    In eval mode (running statistics) BatchNorm is a fixed affine map per feature and is
-    accepted.
+    whole batch. After the attacked layer's input (in :attr:`AttackTarget.after`, or
+    between the layer and its ReLU) that makes the model after the layer mix the
+    examples: the update is no longer a sum of one term per example there, and the
+    labels cannot be read off it one example at a time. Before the attacked layer it only
+    changes the features the layer receives, which are still one vector per example:
+    the layer's gradient keeps its exact structure, and those layers are accepted. In
+    eval mode (running statistics) BatchNorm is a fixed affine map per feature and is
+    accepted anywhere.
+
+    Parameters
+    ----------
+    model:
+        The model, as :func:`find_target` split it.
+    target:
+        The layer attacked; ``None`` (or a model that could not be split at the layer)
+        refuses every BatchNorm that uses the batch's statistics.
+
+    Returns
+    -------
+    list of str
+        The BatchNorm layers that use the batch's statistics before the attacked layer
+        (accepted), as :func:`batch_statistics_layers` names them.
 
     Raises
     ------
     NotAttackableError
-        When :func:`batch_statistics_layers` finds any, naming them and what to try.
+        When :func:`batch_statistics_layers` finds any after the attacked layer's input,
+        naming them and what to try.
     """
     layers = batch_statistics_layers(model)
     if not layers:
-        return
-    verb = "normalises" if len(layers) == 1 else "normalise"
+        return []
+    split = target is not None and target.before is not None
+    after = target.after if target is not None else None
+    refused = (
+        batch_statistics_layers(model, after) if split and isinstance(after, nn.Module) else layers
+    )
+    if not refused:
+        return layers
+    verb = "normalises" if len(refused) == 1 else "normalise"
+    where = (
+        f" after the input of the attacked layer {target.name!r}"
+        if split and target is not None
+        else ""
+    )
     raise NotAttackableError(
-        f"{', '.join(layers)} {verb} with the statistics of the batch itself (training "
-        "mode): each example's output then depends on the whole batch, so the update is no "
-        "longer a sum of per-example terms and the labels cannot be read off it; a "
-        "BatchNorm before the attacked layer, or between it and its ReLU, also changes that "
-        "layer's inputs (centred on the batch) or removes its exact zeros. If the client "
-        "computed its update with running statistics (BatchNorm frozen), pass the model in "
-        "eval mode: model.eval(). If the BatchNorm comes after the attacked layer's ReLU, "
-        "that layer's gradient keeps its exact structure: "
-        "spear.invert_layer(update['<layer>.weight'], update['<layer>.bias'], weight=..., "
-        "bias=...) recovers the layer's inputs, and spear.certify checks a whole candidate "
-        "batch."
+        f"{', '.join(refused)} {verb} with the statistics of the batch itself (training "
+        f"mode){where}: each example's output then depends on the whole batch, so the "
+        "update is no longer a sum of per-example terms and the labels cannot be read off "
+        "it; a BatchNorm between the attacked layer and its ReLU also removes its exact "
+        "zeros (a BatchNorm before the attacked layer is accepted in training mode: it "
+        "only changes the features the layer receives). If the client computed its update "
+        "with running statistics (BatchNorm frozen), pass the model in eval mode: "
+        "model.eval(). If the BatchNorm comes after the attacked layer's ReLU, that layer's "
+        "gradient keeps its exact structure: spear.invert_layer(update['<layer>.weight'], "
+        "update['<layer>.bias'], weight=..., bias=...) recovers the layer's inputs, and "
+        "spear.certify checks a whole candidate batch."
     )
 
 

@@ -1,5 +1,6 @@
 """The networks the demo, the benchmark and the tests attack: fully connected ReLU
-networks, and two convolutional image classifiers.
+networks, and convolutional image classifiers (Flower's tutorial CNN, a VGG-style CNN with
+and without BatchNorm).
 
 Examples
 --------
@@ -13,6 +14,7 @@ True
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -119,14 +121,20 @@ class VggCnn(nn.Module):
     Three blocks of 3x3 convolutions with ReLU, each ending in a 2x2 max-pool
     (``3 -> 16 -> 16``, pool, ``16 -> 32 -> 32``, pool, ``32 -> 64``, pool: 64 x 4 x 4),
     then ``flatten (1024) -> fc1 (width) -> ReLU -> fc2 (num_classes)``. The attack inverts
-    ``fc1``.
+    ``fc1``. With ``batch_norm`` a ``BatchNorm2d`` follows each convolution (VGG-BN): a
+    client trains in training mode, where it normalises with the batch's own statistics.
     """
 
-    def __init__(self, width: int = 256, num_classes: int = 10) -> None:
+    def __init__(
+        self, width: int = 256, num_classes: int = 10, *, batch_norm: bool = False
+    ) -> None:
         super().__init__()
 
         def conv(channels_in: int, channels_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.ReLU()]
+            layers: list[nn.Module] = [nn.Conv2d(channels_in, channels_out, 3, padding=1)]
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(channels_out))
+            return [*layers, nn.ReLU()]
 
         self.conv = nn.Sequential(
             *conv(3, 16),
@@ -150,13 +158,23 @@ class VggCnn(nn.Module):
         return self.fc2(torch.relu(self.fc1(self.features(x))))
 
 
+def vgg_bn_cnn() -> VggCnn:
+    """:class:`VggCnn` with a ``BatchNorm2d`` after each convolution, in training mode."""
+    return VggCnn(batch_norm=True)
+
+
 #: The convolutional networks by name (``spear demo --model``): name -> builder.
-CNNS = {"flower-cnn": FlowerCnn, "vgg": VggCnn}
+CNNS: dict[str, Callable[[], nn.Module]] = {
+    "flower-cnn": FlowerCnn,
+    "vgg": VggCnn,
+    "vgg-bn": vgg_bn_cnn,
+}
 
 
 def build_cnn(name: str, seed: int, *, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """The convolutional network called ``name`` (``"flower-cnn"`` or ``"vgg"``),
-    initialised from ``seed`` (torch's global random state is restored afterwards).
+    """The convolutional network called ``name`` (``"flower-cnn"``, ``"vgg"`` or
+    ``"vgg-bn"``), initialised from ``seed`` (torch's global random state is restored
+    afterwards).
 
     Returns
     -------

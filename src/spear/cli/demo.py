@@ -69,7 +69,7 @@ def add_parser(sub: Any) -> None:
         help=(
             "mlp (default: Fashion-MNIST, 784 -> width -> 128 -> 10); cnn (Flower's tutorial "
             "CNN on 32x32 RGB patches: features exact, images from them, beside breaching's "
-            "Inverting Gradients when installed) or vgg"
+            "Inverting Gradients when installed), vgg or vgg-bn (BatchNorm in training mode)"
         ),
     )
     p.add_argument(

@@ -72,7 +72,7 @@ def run_cnn_demo(
     Parameters
     ----------
     model_name:
-        ``"cnn"`` (Flower's tutorial network), ``"flower-cnn"`` or ``"vgg"``.
+        ``"cnn"`` (Flower's tutorial network), ``"flower-cnn"``, ``"vgg"`` or ``"vgg-bn"``.
     batch_size, seed, out, time_budget, progress:
         As for :func:`spear.cli.demo.run_demo`.
     image_budget:
