@@ -98,6 +98,38 @@ def test_image_shape_guessed_from_the_feature_count(name: str) -> None:
     assert guess_image_shape(target.before, target.in_features, 3, torch.float64) == (3, 32, 32)
 
 
+def test_image_shape_is_not_guessed_behind_adaptive_pooling() -> None:
+    # every image size gives 8 x 4 x 4 features: the count does not tell the size
+    head = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+    assert guess_image_shape(head, 128, 3, torch.float32) is None
+    torch.manual_seed(0)
+    net = nn.Sequential(*head, nn.Flatten(), nn.Linear(128, 200), nn.ReLU(), nn.Linear(200, 10))
+    images, labels = sample_batch(rgb_patches(1000, seed=0), 4, seed=1)
+    update = fedsgd_update(net, images.float(), labels)
+    rec = spear.attack(net, update, time_budget=20, image_budget=5)
+    assert rec.feature_space and rec.images is None
+    assert any("input shape could not be read off" in n for n in rec.notes)
+    given = spear.attack(net, update, time_budget=20, image_budget=2, input_shape=(3, 32, 32))
+    assert given.images is not None and given.images.shape == (4, 3, 32, 32)
+
+
+def test_no_images_from_features_known_only_up_to_a_scale() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 14 * 14, 100, bias=False),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    ).double()
+    images, labels = sample_batch(rgb_patches(1000, seed=0), 4, seed=1)
+    rec = spear.attack(net, fedsgd_update(net, images.double(), labels), image_budget=5)
+    assert rec.feature_space and rec.images is None
+    assert any("known only up to a scale" in n for n in rec.notes)
+
+
 @pytest.mark.parametrize("traced", [True, False])
 def test_leaky_copy_is_the_same_function_at_slope_zero(traced: bool) -> None:
     # a traced extractor (functional ReLUs) and a Sequential one (ReLU modules)

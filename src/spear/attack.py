@@ -618,6 +618,13 @@ def _images(
     are missing."""
     if target.first or target.before is None or image_budget <= 0:
         return None, None
+    if target.bias_key is None or target.bias_key not in update:
+        notes.append(
+            "no images from the features: without the layer's bias gradient each feature "
+            "vector is known only up to a scale, and images of rescaled features are not "
+            "the examples'."
+        )
+        return None, None
     start = time.perf_counter()
     labels = label_result.labels if label_result is not None else None
     known_examples = (

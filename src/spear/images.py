@@ -246,16 +246,25 @@ def guess_image_shape(
     head: Callable[[torch.Tensor], torch.Tensor], features: int, channels: int, dtype: torch.dtype
 ) -> tuple[int, ...] | None:
     """The square image shape ``(channels, s, s)`` for which ``head`` gives ``features``
-    values per image, or ``None`` when no side from 4 to 256 does."""
+    values per image (the smallest), or ``None`` when no side from 4 to 256 does, or when
+    twice that side does too (adaptive pooling: the features do not tell the size)."""
+
+    def size_at(side: int) -> int | None:
+        try:
+            # two images: a BatchNorm1d with the batch's statistics refuses one
+            return int(head(torch.zeros(2, channels, side, side, dtype=dtype))[0].numel())
+        except (RuntimeError, ValueError):
+            return None
+
     with torch.no_grad():
         for side in range(_MIN_SIDE, _MAX_SIDE + 1):
-            try:
-                # two images: a BatchNorm1d with the batch's statistics refuses one
-                size = head(torch.zeros(2, channels, side, side, dtype=dtype))[0].numel()
-            except (RuntimeError, ValueError):
+            size = size_at(side)
+            if size is None:
                 continue
             if size == features:
-                return (channels, side, side)
+                # pooling that rounds down gives a run of sides the same count; twice
+                # the side gives more, unless the pooling is adaptive
+                return None if size_at(2 * side) == features else (channels, side, side)
             if size > features:
                 return None
     return None
