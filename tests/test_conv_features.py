@@ -514,3 +514,20 @@ def test_images_behind_batch_norm_in_training_mode_are_fitted_together() -> None
     assert float(rec.images.min()) >= 0.0 and float(rec.images.max()) <= 1.0
     assert not rec.images_determined
     assert any("fitted to the batch at once" in n for n in rec.notes)
+
+
+def test_a_bfloat16_update_of_a_cnn_gives_approximate_features() -> None:
+    # a mixed-precision client: the rounding is the update's noise, and the approximate
+    # path estimates the features entering fc1 (a layer behind others, like a first one)
+    net, update, truth, labels = _batch("vgg-bn", 8, torch.float32)
+    half = {k: v.to(torch.bfloat16) for k, v in update.items()}
+    rec = spear.attack(net, half, time_budget=30, progress=False, image_budget=0)
+    assert rec.estimate == "approximate" and not rec.verified and rec.feature_space
+    assert rec.inputs.shape[0] == 8
+    found = rec.inputs.reshape(8, -1).to(torch.float64)
+    match = spear.metrics.match(found, truth)
+    worst = float(torch.as_tensor(match.max_abs_error).max()) / float(truth.abs().max())
+    assert worst < 1e-2
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[match.rec_index], labels[match.truth_index])
+    assert any("arrived as torch.bfloat16" in n for n in rec.notes)

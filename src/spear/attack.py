@@ -210,10 +210,7 @@ def attack(
         )
 
     half = (
-        weight_grad.dtype in HALF_PRECISIONS
-        and bias_grad is not None
-        and target.bias is not None
-        and target.first
+        weight_grad.dtype in HALF_PRECISIONS and bias_grad is not None and target.bias is not None
     )
     size_read = False  # the batch size read off a noisy update's spectrum
     try:
@@ -247,7 +244,9 @@ def attack(
     narrow = None if result.complete or result.interrupted else _narrow_head_note(target)
     if narrow is not None:
         notes.append(narrow)
-    features = _clipped(result.inputs.cpu(), input_range) if half else result.inputs.cpu()
+    # input_range bounds model inputs, not the features a layer behind others takes
+    clip = half and target.first
+    features = _clipped(result.inputs.cpu(), input_range) if clip else result.inputs.cpu()
     if half:
         batch_size = result.batch_size
     if target.first:
