@@ -531,3 +531,27 @@ def test_a_bfloat16_update_of_a_cnn_gives_approximate_features() -> None:
     assert rec.labels is not None
     assert torch.equal(rec.labels[match.rec_index], labels[match.truth_index])
     assert any("arrived as torch.bfloat16" in n for n in rec.notes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_noisy_update_of_a_cnn_gives_features_with_error_bars(dtype: torch.dtype) -> None:
+    # Gaussian noise of 1e-3 of the largest entry: no exact zeros are left, and the
+    # approximate path estimates the features entering fc1 with an error bar each
+    net, update, truth, labels = _batch("vgg-bn", 8, dtype)
+    generator = torch.Generator().manual_seed(0)
+    noisy = {
+        k: v + 1e-3 * float(v.abs().max()) * torch.randn(v.shape, generator=generator, dtype=dtype)
+        for k, v in update.items()
+    }
+    rec = spear.attack(net, noisy, time_budget=30, progress=False, image_budget=0)
+    assert rec.estimate == "approximate" and not rec.verified and rec.feature_space
+    assert rec.inputs.shape[0] == 8 and rec.error_rms is not None
+    found = rec.inputs.reshape(8, -1).to(torch.float64)
+    match = spear.metrics.match(found, truth)
+    rms = (found[match.rec_index] - truth[match.truth_index]).pow(2).mean(dim=1).sqrt()
+    predicted = rec.error_rms[match.rec_index].to(torch.float64)
+    assert bool(torch.isfinite(predicted).all())
+    # the error bars are the errors' size: within a factor of 2 either way
+    assert bool(((predicted / rms) > 0.5).all() and ((predicted / rms) < 2.0).all())
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[match.rec_index], labels[match.truth_index])

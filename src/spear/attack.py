@@ -274,7 +274,7 @@ def attack(
     certificate: float | None = None
     noisy = half or (batch_size is not None and result.rank_gap < MIN_RANK_GAP)
     source = "approximate" if half else "exact"
-    if noisy and not half and target.first and bias_grad is not None and target.bias is not None:
+    if noisy and not half and bias_grad is not None and target.bias is not None:
         approximate = approximate_layer(
             result,
             weight_grad,
@@ -289,7 +289,9 @@ def attack(
             # the exact search's count of what it recovered no longer describes the answer
             notes = [n for n in notes if not n.startswith(PARTIAL_RECOVERY)]
             result, source = approximate, "approximate"
-            features = _clipped(result.inputs.cpu(), input_range)
+            features = result.inputs.cpu()
+            if target.first:
+                features = _clipped(features, input_range)
             inputs = features.reshape(features.shape[0], *inputs.shape[1:])
             notes.append(result.notes[-1])
     label_result: LabelResult | None = None
@@ -316,6 +318,14 @@ def attack(
             )
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
+    error_rms = result.error_rms if source == "approximate" else None
+    if error_rms is not None and not target.first:
+        notes.append(
+            "the error bars of approximate features assume each example's ReLU pattern at "
+            "the layer is right; where the bias dominates the features (most units on, or "
+            "off, for the whole batch) a pattern can be wrong and an example far off under a "
+            "small bar."
+        )
     rebuilt, missing_images = _images(
         work,
         target,
@@ -451,7 +461,7 @@ def attack(
         seconds=time.perf_counter() - start,
         notes=notes,
         estimate=source,
-        error_rms=result.error_rms if source == "approximate" else None,
+        error_rms=error_rms,
         noise=result.noise,
         images_determined=determined,
         image_feature_residual=rebuilt.feature_residual if rebuilt is not None else None,
