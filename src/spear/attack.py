@@ -39,6 +39,7 @@ from spear.model import (
     AttackTarget,
     check_batch_norm,
     check_dropout,
+    dropout_layers_after,
     find_target,
     guess_input_shape,
     parameter_dtype,
@@ -244,6 +245,15 @@ def attack(
     narrow = None if result.complete or result.interrupted else _narrow_head_note(target)
     if narrow is not None:
         notes.append(narrow)
+    dropouts = [] if result.complete else dropout_layers_after(work, target)
+    if dropouts:
+        notes.append(
+            f"{', '.join(dropouts)} after the attacked layer: if the client trained with "
+            "dropout active, each example's gradient at the layer carries a random mask that "
+            "this model (in eval mode) does not reproduce, so true examples fail the ReLU "
+            "pattern and model checks. spear does not model dropout masks; an update "
+            "computed in eval mode (dropout off) is attacked exactly."
+        )
     # input_range bounds model inputs, not the features a layer behind others takes
     clip = half and target.first
     features = _clipped(result.inputs.cpu(), input_range) if clip else result.inputs.cpu()

@@ -26,6 +26,7 @@ __all__ = [
     "batch_statistics_layers",
     "check_batch_norm",
     "check_dropout",
+    "dropout_layers_after",
     "find_target",
     "guess_input_shape",
     "parameter_dtype",
@@ -290,6 +291,28 @@ def random_dropout_layers(model: nn.Module) -> list[str]:
         if train is True and p != 0:
             found.append(f"dropout call {node.name!r}")
     return found
+
+
+def dropout_layers_after(model: nn.Module, target: AttackTarget) -> list[str]:
+    """The Dropout modules with ``p > 0`` in the model after the attacked layer
+    (:attr:`AttackTarget.after`), in whichever mode: in eval mode they are the identity,
+    but a client that trained with them active masked each example's gradient at random.
+
+    Returns
+    -------
+    list of str
+        One description per module, e.g. ``"Dropout 'dropout2'"``; empty when there is
+        none or the model was not split at the layer.
+    """
+    after = target.after
+    if not isinstance(after, nn.Module):
+        return []
+    inside = {id(mod) for mod in after.modules()}
+    return [
+        f"{type(mod).__name__} {name!r}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, _DROPOUTS) and mod.p > 0 and id(mod) in inside
+    ]
 
 
 def check_dropout(model: nn.Module) -> None:
