@@ -220,6 +220,32 @@ def test_prefixed_names_and_buffers(tmp_path: Path) -> None:
     assert [(r["error"], r["recovered"]) for r in records] == [(None, 4), (None, 4)]
 
 
+def test_clients_training_a_cnn_with_batch_norm_in_training_mode(tmp_path: Path) -> None:
+    """Clients train as usual, BatchNorm normalising with each batch's statistics; the
+    state dict they return holds the running statistics too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 7, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    ).double()
+    assert net.training
+    strategy = audited(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2),
+        model=net,
+        out=tmp_path,
+    )
+    _play_round(strategy, net, _batches(2, 4))
+    records = read_report(tmp_path)["records"]
+    assert [(r["error"], r["recovered"], r["layer"]) for r in records] == [(None, 4, "5")] * 2
+    assert all(any("BatchNorm2d '1'" in n for n in r["notes"]) for r in records)
+
+
 def test_gradients_sent_by_clients(tmp_path: Path) -> None:
     net = _mlp()
 

@@ -131,7 +131,7 @@ def _closing_notes(problem: Problem, state: SearchState, residual: float) -> Non
         )
     if problem.in_dtype != torch.float64 and complete:
         notes.append(
-            f"the gradient arrived as {problem.in_dtype}: exact means to that precision "
+            f"the update arrived as {problem.in_dtype}: exact means to that precision "
             f"(relative residual of the factorisation {residual:.1e}, machine epsilon "
             f"{problem.eps:.1e})."
         )
