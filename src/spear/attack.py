@@ -329,7 +329,7 @@ def attack(
     elif target.after is None:
         notes.append("the model could not be split at the attacked layer: no labels.")
     error_rms = result.error_rms if source == "approximate" else None
-    if error_rms is not None and not target.first:
+    if error_rms is not None and not target.first and bool(torch.isfinite(error_rms).any()):
         notes.append(
             "the error bars of approximate features assume each example's ReLU pattern at "
             "the layer is right; where the bias dominates the features (most units on, or "
