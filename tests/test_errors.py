@@ -476,3 +476,17 @@ def test_certify_reads_nested_lists_in_the_models_dtype_and_refuses_bool_labels(
     assert spear.certify(model, update, x.tolist(), y.tolist()) < 1e-12
     with pytest.raises(InputError, match=r"integer class indices, found dtype torch\.bool"):
         spear.certify(model, update, x, y > 0)
+
+
+def test_a_state_dict_difference_is_read_without_its_buffers() -> None:
+    # a FedAvg delta taken between two state dicts holds the BatchNorm's running
+    # statistics and step count too: no parameters' update, left out with a note
+    model = _bn_model("after", train=False)
+    x, y = fashion(6, seed=2)
+    update = fedsgd_update(model, x, y)
+    with_buffers = {**update, **{k: torch.zeros_like(v) for k, v in model.named_buffers()}}
+    assert "4.num_batches_tracked" in with_buffers
+    rec = spear.attack(model, with_buffers, time_budget=30.0)
+    assert rec.complete and rec.verified
+    assert any("3 entries of the update are the model's buffers" in n for n in rec.notes)
+    assert spear.certify(model, with_buffers, x, y) < 1e-9

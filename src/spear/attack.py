@@ -46,7 +46,13 @@ from spear.model import (
 )
 from spear.noisy import approximate_layer, noisy_batch_size, rounding_batch_size
 from spear.results import LayerReconstruction, Reconstruction
-from spear.update import UpdateKind, check_update, check_update_kind, float32_in_float64
+from spear.update import (
+    UpdateKind,
+    check_update,
+    check_update_kind,
+    float32_in_float64,
+    without_buffers,
+)
 from spear.verify import exact_precision
 
 __all__ = ["attack"]
@@ -88,7 +94,9 @@ def attack(
         The ``nn.Module`` exactly as the server sent it; never modified.
     update:
         What the client returned: parameter name -> tensor, keyed like
-        ``model.named_parameters()``.
+        ``model.named_parameters()``. Entries named after the model's buffers (a
+        state-dict difference holds BatchNorm running statistics) are left out, with a
+        note.
     update_kind:
         ``"gradient"`` (FedSGD, any loss reduction, clipping allowed) or ``"delta"``
         (FedAvg: weights after local training minus weights sent; learning rate and step
@@ -150,6 +158,7 @@ def attack(
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
+    update, buffers = without_buffers(model, update)
     check_update(model, update)
     update = {name: tensor.detach() for name, tensor in update.items()}
     kind = check_update_kind(update_kind)
@@ -171,6 +180,8 @@ def attack(
     batch_statistics = check_batch_norm(work, target)
     _check_input_shape(input_shape, target)
     notes: list[str] = []
+    if buffers:
+        notes.append(_buffers_note(buffers))
     if batch_statistics:
         notes.append(_batch_statistics_note(batch_statistics, target.name))
     if float32_in_float64(update):
@@ -477,6 +488,16 @@ def attack(
         image_feature_residual=rebuilt.feature_residual if rebuilt is not None else None,
         multiplicity=_multiplicity(label_result, inputs.shape[0], source),
         **_image_fields(rebuilt, labels, missing_images),
+    )
+
+
+def _buffers_note(names: list[str]) -> str:
+    """Which update entries named after the model's buffers were left out."""
+    shown = ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+    return (
+        f"{len(names)} entries of the update are the model's buffers ({shown}: a state-dict "
+        "difference holds BatchNorm running statistics too); they are no parameters' "
+        "update and were left out."
     )
 
 

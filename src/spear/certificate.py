@@ -30,7 +30,7 @@ from torch import nn
 from spear.errors import InputError
 from spear.linalg import least_squares
 from spear.model import parameter_dtype
-from spear.update import check_update, check_update_kind
+from spear.update import check_update, check_update_kind, without_buffers
 
 __all__ = ["VERIFIED_BELOW", "certify", "relative_error", "verified_threshold"]
 
@@ -74,7 +74,8 @@ def certify(
     model:
         The model as the server sent it (not modified).
     update:
-        Parameter name -> tensor, as the client returned it.
+        Parameter name -> tensor, as the client returned it (entries named after the
+        model's buffers are left out).
     inputs:
         ``(k, *input_shape)`` candidate inputs in the model's input space: a tensor, or
         anything ``torch.as_tensor`` takes (a NumPy array; nested lists are read in the
@@ -111,8 +112,9 @@ def certify(
 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
-    check_update(model, update)
-    update = {name: tensor.detach() for name, tensor in update.items()}
+    given = without_buffers(model, update)[0]
+    check_update(model, given)
+    update = {name: tensor.detach() for name, tensor in given.items()}
     x = _as_tensor(inputs, "inputs", parameter_dtype(model))
     y = _as_tensor(labels, "labels")
     if x.dim() == 0 or y.dim() == 0 or y.dim() > 2:

@@ -46,6 +46,7 @@ __all__ = [
     "check_update_kind",
     "check_values",
     "float32_in_float64",
+    "without_buffers",
 ]
 
 #: What a client's update is: ``"gradient"`` (FedSGD, any loss reduction, clipping) or
@@ -145,6 +146,25 @@ def check_values(name: str, value: torch.Tensor) -> None:
             "diverged sends no usable update: check its loss and learning rate, or that the "
             "file was saved from the right tensors."
         )
+
+
+def without_buffers(
+    model: nn.Module, update: Mapping[str, torch.Tensor]
+) -> tuple[Mapping[str, torch.Tensor], list[str]]:
+    """``update`` without the entries named after ``model``'s buffers, and their names.
+
+    A FedAvg delta taken between two state dicts also holds the buffers (a BatchNorm's
+    running mean and variance, its step count): they are no parameters' update, and the
+    attack reads parameters only. ``update`` is returned as it is where it holds none (or
+    is no mapping: :func:`check_update` says so).
+    """
+    if not isinstance(update, Mapping):
+        return update, []
+    buffers = {name for name, _ in model.named_buffers()}
+    dropped = [name for name in update if name in buffers]
+    if not dropped:
+        return update, []
+    return {name: value for name, value in update.items() if name not in buffers}, dropped
 
 
 def check_update(model: nn.Module, update: Mapping[str, torch.Tensor]) -> None:
