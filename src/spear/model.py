@@ -133,6 +133,17 @@ class AttackTarget:
         return f"{self.name}.bias" if self.name else "bias"
 
 
+def _named_modules_within(
+    model: nn.Module, within: nn.Module | None
+) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` that ``within`` (a part of ``model`` sharing its
+    submodules, such as :attr:`AttackTarget.after`) runs; all of them for ``None``."""
+    if within is None:
+        return list(model.named_modules())
+    inside = {id(mod) for mod in within.modules()}
+    return [(name, mod) for name, mod in model.named_modules() if id(mod) in inside]
+
+
 def batch_statistics_layers(model: nn.Module, within: nn.Module | None = None) -> list[str]:
     """The BatchNorm layers of ``model`` that normalise with the batch's own statistics:
     training mode, or no running statistics to use in eval mode.
@@ -154,13 +165,10 @@ def batch_statistics_layers(model: nn.Module, within: nn.Module | None = None) -
     list of str
         One description per layer, e.g. ``"BatchNorm1d '4'"``; empty when there is none.
     """
-    inside = None if within is None else {id(mod) for mod in within.modules()}
     found = [
         f"{type(mod).__name__} {name!r}"
-        for name, mod in model.named_modules()
-        if isinstance(mod, _BATCH_NORMS)
-        and (mod.training or mod.running_mean is None)
-        and (inside is None or id(mod) in inside)
+        for name, mod in _named_modules_within(model, within)
+        if isinstance(mod, _BATCH_NORMS) and (mod.training or mod.running_mean is None)
     ]
     graph = _graph_of(model if within is None else within)
     for node in graph.nodes if graph is not None else ():
@@ -304,14 +312,12 @@ def dropout_layers_after(model: nn.Module, target: AttackTarget) -> list[str]:
         One description per module, e.g. ``"Dropout 'dropout2'"``; empty when there is
         none or the model was not split at the layer.
     """
-    after = target.after
-    if not isinstance(after, nn.Module):
+    if not isinstance(target.after, nn.Module):
         return []
-    inside = {id(mod) for mod in after.modules()}
     return [
         f"{type(mod).__name__} {name!r}"
-        for name, mod in model.named_modules()
-        if isinstance(mod, _DROPOUTS) and mod.p > 0 and id(mod) in inside
+        for name, mod in _named_modules_within(model, target.after)
+        if isinstance(mod, _DROPOUTS) and mod.p > 0
     ]
 
 
