@@ -31,6 +31,7 @@ from spear.inversion.steps import (
     LastDirection,
     LineScan,
     PrunePool,
+    Rebase,
     RoundSetup,
     RowPeeling,
     Step,
@@ -73,6 +74,7 @@ GUIDED = Pipeline(
     opening=(ExhaustiveSolve(),),
     rounds=(
         RowPeeling(),
+        Rebase(),
         RoundSetup(),
         LastDirection(),
         DirectionSearch(),

@@ -60,6 +60,9 @@ class SearchState:
     cone_taken:
         Below float64, the input side's vertices taken so far (:data:`Taken`), valid while
         ``cone_taken_at`` examples are found (:mod:`spear.inversion.steps.cone`).
+    rebased_at:
+        Examples found when the found examples were last solved again from the original
+        update (:mod:`spear.inversion.rebase`), or -1.
     scanned_whole:
         The update's divisor the evidence had established when rows were last scanned
         (:attr:`spear.inversion.problem.Evidence.whole`): rows a lone example's divisor
@@ -85,6 +88,7 @@ class SearchState:
     cone_taken: list[Taken] = field(default_factory=list)
     cone_taken_at: int = -1
     scanned_whole: float | None = None
+    rebased_at: int = -1
 
     @classmethod
     def begin(cls, problem: Problem) -> SearchState:

@@ -8,6 +8,7 @@ from spear.inversion.steps.focused import FocusedSampling
 from spear.inversion.steps.last import LastDirection
 from spear.inversion.steps.line import LineScan
 from spear.inversion.steps.peeling import RowPeeling
+from spear.inversion.steps.rebase import Rebase
 from spear.inversion.steps.search import DirectionSearch
 from spear.inversion.steps.setup import PrunePool, RoundSetup
 from spear.inversion.steps.subspace import SubspaceCompletion
@@ -22,6 +23,7 @@ __all__ = [
     "LastDirection",
     "LineScan",
     "PrunePool",
+    "Rebase",
     "RoundSetup",
     "RowPeeling",
     "Step",
