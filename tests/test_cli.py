@@ -453,3 +453,30 @@ def test_attack_input_shape_must_be_positive(
     files = _files(tmp_path, 4)
     assert main(["attack", *files, "--out", str(tmp_path / "o"), "--input-shape=-1,-20"]) == 2
     assert "--input-shape must be positive integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["auto", "binary_cross_entropy"])
+def test_attack_command_on_a_one_logit_model_under_bce(tmp_path: Path, loss: str) -> None:
+    x, labels = sample_batch(builtin_images(), 6, seed=3)
+    y = (labels >= 5).long()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 200), torch.nn.ReLU(), torch.nn.Linear(200, 1)
+    ).double()
+    params = dict(model.named_parameters())
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(model(x)[:, 0], y.double())
+    grads = torch.autograd.grad(bce, list(params.values()))
+    update = {k: g.contiguous() for k, g in zip(params, grads, strict=True)}
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "model.pt2"))
+    save_file(update, str(tmp_path / "update.safetensors"))
+    out = tmp_path / "out"
+    files = [
+        "--model",
+        str(tmp_path / "model.pt2"),
+        "--update",
+        str(tmp_path / "update.safetensors"),
+    ]
+    assert main(["attack", *files, "--out", str(out), "--loss", loss]) == 0
+    report = json.loads((out / "reconstruction.json").read_text())
+    assert report["found"] == 6 and report["verified"] is True
+    assert sorted(report["labels"]) == sorted(y.tolist())

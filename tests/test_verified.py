@@ -202,9 +202,11 @@ def test_label_smoothing_on_a_two_class_head_leaves_labels_uncertified() -> None
 
 
 def test_a_one_logit_head_says_why_its_examples_are_not_told_apart() -> None:
-    # binary cross-entropy on one logit: every example's gradient column is the one
-    # output weight vector masked by its ReLU pattern, so sparsity alone leaves the batch
-    # ambiguous and the softmax cross-entropy fit does not hold; the result says so
+    # binary cross-entropy on one logit, attacked as softmax cross-entropy over its one
+    # output: every example's gradient column is the one output weight vector masked by
+    # its ReLU pattern, so sparsity alone leaves the batch ambiguous and the softmax
+    # cross-entropy fit does not hold; the result says so. Read as binary cross-entropy
+    # (the default for one output), the same update gives its batch, verified.
     model, x = _two_classes(torch.float64, 8)
     head = torch.nn.Sequential(model[0], model[1], torch.nn.Linear(64, 1).to(torch.float64))
     with torch.no_grad():
@@ -212,9 +214,14 @@ def test_a_one_logit_head_says_why_its_examples_are_not_told_apart() -> None:
     loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x)[:, 0], y)
     grads = torch.autograd.grad(loss, list(head.parameters()))
     update = {n: g for (n, _), g in zip(head.named_parameters(), grads, strict=True)}
-    rec = spear.attack(head, update, time_budget=5, progress=False)
+    rec = spear.attack(head, update, time_budget=5, progress=False, loss="cross_entropy")
     assert not rec.complete and not rec.verified
     assert any("the model has one output" in n for n in rec.notes), rec.notes
+    rec = spear.attack(head, update, time_budget=5, progress=False)
+    assert rec.complete and rec.verified
+    assert rec.labels is not None
+    match = spear.metrics.match(rec.inputs, x)
+    assert torch.equal(rec.labels[match.rec_index], y.long()[match.truth_index])
     # plain cross-entropy on two classes fits, and its complete result has no such note
     model, x = _two_classes(torch.float64, 8)
     y2 = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(0))

@@ -8,6 +8,7 @@ recover the labels (:mod:`spear.labels`) and certify the result
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from spear import validate
+from spear.binary import Loss, as_two_logits, check_loss, one_logit, view_as_two_logits
 from spear.certificate import certify, verified_threshold
 from spear.decay import find_decay, without_decay
 from spear.errors import BatchTooLargeError, InputError, NotAttackableError
@@ -85,6 +87,7 @@ def attack(
     input_range: tuple[float, float] | None = None,
     layer: str | None = None,
     image_budget: float = 60.0,
+    loss: str = "auto",
 ) -> Reconstruction:
     """Rebuild a client's batch (inputs and labels) from its update.
 
@@ -132,6 +135,11 @@ def attack(
         Seconds for rebuilding model inputs from the features when ``.inputs`` are
         features (a layer behind convolutions, or a deeper layer): ``.images``; ``0``
         skips it. See :mod:`spear.images`.
+    loss:
+        The client's loss: ``"auto"`` (softmax cross-entropy, or on a model with one
+        output per example binary cross-entropy on that logit, ``BCEWithLogitsLoss``),
+        ``"cross_entropy"`` or ``"binary_cross_entropy"``. Binary labels come back as 0
+        and 1 (:mod:`spear.binary`).
 
     Returns
     -------
@@ -147,8 +155,10 @@ def attack(
         ``device`` is unknown or not available (``"cuda"`` on a CPU-only torch build);
         ``seed`` is not an integer from 0 to ``2**63 - 1``; ``input_range`` is not finite
         ``(low, high)`` with ``low < high``; ``input_shape`` is not positive integers or
-        does not hold the first layer's features. An update entry of another dtype than
-        float16, bfloat16, float32 or float64, or with NaN or infinite values, is named.
+        does not hold the first layer's features; ``loss`` is unknown, or
+        ``"binary_cross_entropy"`` for a model with more than one output. An update entry
+        of another dtype than float16, bfloat16, float32 or float64, or with NaN or
+        infinite values, is named.
     NotAttackableError
         No linear layer followed by a ReLU (or ``layer`` is not one), a BatchNorm
         that normalises with the batch's own statistics after the attacked layer's input,
@@ -170,6 +180,7 @@ def attack(
     validate.seed(seed)
     input_range = validate.input_range(input_range)
     input_shape = validate.input_shape(input_shape)
+    loss_kind = check_loss(loss)
     check_dropout(model)
     work = copy.deepcopy(model)
     try:
@@ -180,6 +191,18 @@ def attack(
     batch_statistics = check_batch_norm(work, target)
     _check_input_shape(input_shape, target)
     notes: list[str] = []
+    binary = _binary(loss_kind, target)
+    if binary:
+        # BCE on one logit is softmax cross-entropy on (-z/2, z/2): read the model so
+        target = dataclasses.replace(
+            target, after=as_two_logits(target.after) if target.after is not None else None
+        )
+        view_as_two_logits(work)
+        notes.append(
+            "the model has one output per example: read as the logit of binary "
+            "cross-entropy (BCEWithLogitsLoss), which is softmax cross-entropy on the two "
+            "logits (-z/2, z/2); labels are 0 and 1. Pass loss='cross_entropy' otherwise."
+        )
     if buffers:
         notes.append(_buffers_note(buffers))
     if batch_statistics:
@@ -253,7 +276,7 @@ def attack(
             notes.append(full)
         result = invert(batch_size)
     notes.extend(result.notes)
-    narrow = None if result.complete or result.interrupted else _narrow_head_note(target)
+    narrow = None if result.complete or result.interrupted else _narrow_head_note(target, binary)
     if narrow is not None:
         notes.append(narrow)
     dropouts = [] if result.complete else dropout_layers_after(work, target)
@@ -491,6 +514,27 @@ def attack(
     )
 
 
+def _binary(loss: Loss, target: AttackTarget) -> bool:
+    """Whether the model is read as one logit under binary cross-entropy: asked for, or
+    ``"auto"`` on a model whose part after the layer gives one output per example.
+
+    Raises
+    ------
+    InputError
+        ``"binary_cross_entropy"`` for a model with more than one output per example.
+    """
+    if loss == "cross_entropy":
+        return False
+    one = target.after is not None and one_logit(target.after, target.weight)
+    if loss == "binary_cross_entropy" and target.after is not None and not one:
+        raise InputError(
+            "loss='binary_cross_entropy' needs a model with one output (a logit) per "
+            f"example, but the model after layer {target.name!r} gives more: pass "
+            "loss='cross_entropy' (softmax cross-entropy over its outputs) or 'auto'."
+        )
+    return one or loss == "binary_cross_entropy"
+
+
 def _buffers_note(names: list[str]) -> str:
     """Which update entries named after the model's buffers were left out."""
     shown = ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
@@ -517,11 +561,12 @@ def _batch_statistics_note(layers: list[str], name: str) -> str:
     )
 
 
-def _narrow_head_note(target: AttackTarget) -> str | None:
+def _narrow_head_note(target: AttackTarget, binary: bool = False) -> str | None:
     """Why a model with at most :data:`NARROW_HEAD_OUTPUTS` outputs leaves examples
     unidentified, or ``None`` for other models (and where the model after the layer is
     unknown, does not run on a ``(1, m)`` pre-activation, or returns no ``(1, C)``
-    tensor, such as an exported program's tuple)."""
+    tensor, such as an exported program's tuple). ``binary``: the model has one logit,
+    read as two (:mod:`spear.binary`)."""
     if target.after is None:
         return None
     probe = torch.zeros(
@@ -536,15 +581,15 @@ def _narrow_head_note(target: AttackTarget) -> str | None:
         return None  # a model whose output is not one batch of logits
     if outputs.shape[1] > NARROW_HEAD_OUTPUTS:
         return None
-    count = int(outputs.shape[1])
+    count = 1 if binary else int(outputs.shape[1])
     head = "one output" if count == 1 else f"{count} outputs"
     return (
         f"the model has {head}: each example's gradient at the layer's output is one "
         "vector masked by its ReLU pattern, up to a scale, so the update's sparsity alone "
         "does not single examples out. The search tells them apart by fitting softmax "
         "cross-entropy with a plain mean or sum, which two classes under plain "
-        "cross-entropy satisfy, and binary cross-entropy on one logit, label smoothing "
-        "or other losses do not."
+        "cross-entropy and one logit under binary cross-entropy satisfy, and label "
+        "smoothing, class weights or other losses do not."
     )
 
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 import spear
 from spear import report, validate
+from spear.binary import LOSSES
 from spear.errors import InputError
 from spear.files import check_output_folder, load_model, load_update
 from spear.results import SolverStats
@@ -70,6 +71,14 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="name of the linear layer to attack, e.g. fc2 (default: the first linear "
         "layer followed by a ReLU); a deeper layer gives the features entering it",
+    )
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="auto",
+        help="the client's loss: softmax cross-entropy, or binary cross-entropy on a model "
+        "with one logit (BCEWithLogitsLoss, labels 0 and 1); auto picks by the number of "
+        "outputs (auto)",
     )
     p.add_argument(
         "--input-range",
@@ -191,6 +200,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
             input_range=input_range,
             layer=args.layer,
             image_budget=args.image_budget,
+            loss=args.loss,
         )
     except KeyboardInterrupt:
         # a second Ctrl-C after the search (labels, certificate): nothing to keep

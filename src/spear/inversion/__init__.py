@@ -10,19 +10,23 @@ The steps, in order:
 0. ``exhaustive`` (once, small layers): every row subset, then a verified combination.
 1. ``peeling``: rows of the residual as candidates; agreeing pairs peeled (fact 8), and
    single rows certified by the model after the layer (fact 12).
-2. ``setup``: stop when done; prune the pool; the residual's basis for the round.
-3. ``last``: the one missing direction from its example's own ReLU pattern (or Jacobian).
-4. ``search``: a registered solver finds the sparse directions the pool lacks.
-5. ``tentative``: directions known up to pooled ones, settled by the Jacobians (fact 12).
-6. ``subspace``: row candidates on the unknown subspace give missing directions.
-7. ``line``: two directions missing: their examples' line, scanned (fact 12).
-8. ``focused``: row subsets steered by predicted ReLU patterns (large residuals).
-9. ``prune``: drop pooled directions that are combinations of other pooled ones.
-10. ``last`` again, then ``solve``: all directions known: solve, verify, peel (facts 5-7).
+2. ``rebase``: the found examples solved again from the original update once peels have
+   raised the residual's noise (:mod:`~spear.inversion.rebase`).
+3. ``setup``: stop when done; prune the pool; the residual's basis for the round.
+4. ``last``: the one missing direction from its example's own ReLU pattern (or Jacobian).
+5. ``search``: a registered solver finds the sparse directions the pool lacks.
+6. ``tentative``: directions known up to pooled ones, settled by the Jacobians (fact 12).
+7. ``subspace``: row candidates on the unknown subspace give missing directions.
+8. ``line``: two directions missing: their examples' line, scanned (fact 12).
+9. ``focused``: row subsets steered by predicted ReLU patterns (large residuals).
+10. ``prune``: drop pooled directions that are combinations of other pooled ones.
+11. ``last`` again, then ``solve``: all directions known: solve, verify, peel (facts 5-7).
+12. ``input-cone``: vertices of the cone of nonnegative inputs (fact 13), in rounds
+    where nothing else progressed.
 
-Steps 1, 3 and 5 to 8 need the layer's weights to guide the search (5 and 7, and parts of
-1 and 3, the model after the layer too); without them (or with
-``search_with_weights=False``) the weight-free pipeline runs 0, 2, 4, 9 and the solve, and a
+Steps 1, 2, 4, 6 to 9 and 12 need the layer's weights to guide the search (6, 8 and 12,
+and parts of 1 and 4, the model after the layer too); without them (or with
+``search_with_weights=False``) the weight-free pipeline runs 0, 3, 5, 10 and the solve, and a
 guided search that stalls on a small batch is followed by it. Only verified examples are
 returned (:mod:`~spear.inversion.checks`, :mod:`~spear.inversion.result`).
 """

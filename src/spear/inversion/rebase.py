@@ -31,8 +31,10 @@ from spear.inversion.solve import refine_columns
 from spear.linalg import TINY_NORM
 
 __all__ = [
+    "MAX_REBASE_MOVE",
     "REBASE_NOISE_GROWTH",
     "SETTLED_ROW_FACTOR",
+    "needs_rebase",
     "rebase",
     "residual_noise",
 ]
