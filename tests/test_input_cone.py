@@ -19,6 +19,7 @@ from spear.inversion.pool import DirectionPool
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
 from spear.inversion.steps.cone import (
+    _bias_scaled,
     _column_of,
     _exact_column,
     _last_column,
@@ -422,3 +423,29 @@ def test_the_last_missing_column_is_the_residual_off_the_vertices_taken() -> Non
         assert 1.0 - abs(cosine) <= 1e-9
     # two vertices missing: no single column
     assert _last_column(problem, left, units[2:], 16) is None
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_the_bias_gradient_scales_a_vertex_to_the_updates_precision(trained: bool) -> None:
+    """Below float64 the model after the layer fixes a vertex's scale to a few 1e-4; the
+    bias gradient fixes it to the update's rounding, and the column its ReLU pattern (or
+    the Jacobian's range) then gives peels the example exactly. A mixture of two examples
+    gets a scale too, and no column that fits."""
+    problem, _, truth = _float32_problem("flower-cnn", 8, trained=trained)
+    assert problem.layer is not None and problem.bias_grad is not None
+    left, right = problem.fac.left, problem.layer.right
+    coords, columns = _true_factors(left, right, truth)
+    residual = Residual(
+        left=left.clone(), bias=problem.bias_grad, coords=[], grads=[], directions=DirectionPool()
+    )
+    for i in range(truth.shape[0]):
+        scaled = _bias_scaled(problem, residual, 3.0 * coords[i] / coords[i].norm())
+        assert scaled is not None
+        coord, grad = scaled
+        assert float((coord - coords[i]).norm()) <= 1e-5 * float(coords[i].norm())
+        assert float((grad - columns[:, i]).norm()) <= 1e-4 * float(columns[:, i].norm())
+    mixed = _bias_scaled(problem, residual, coords[0] + coords[1])
+    if mixed is not None:
+        coord, grad = mixed
+        assert float((grad - columns[:, 0]).norm()) > 1e-2 * float(columns[:, 0].norm())
+        assert float((grad - columns[:, 1]).norm()) > 1e-2 * float(columns[:, 1].norm())

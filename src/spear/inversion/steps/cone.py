@@ -28,7 +28,7 @@ from spear.inversion.residual import Residual
 from spear.inversion.state import SearchState, Taken
 from spear.inversion.steps.base import StepReport
 from spear.inversion.steps.complete import peel_verified
-from spear.linalg import KERNEL_GAP, kernel, orthonormal_basis, zero_mask
+from spear.linalg import KERNEL_GAP, kernel, least_squares, orthonormal_basis, zero_mask
 from spear.results import SolverStats
 from spear.solvers.polish import live_rows
 from spear.verify import exact_precision, pattern_check
@@ -52,6 +52,10 @@ SAME_VERTEX = 1e-9
 CONE_SHARE = 0.5
 #: Secant steps towards an example's plain cross-entropy divisor (:func:`_plain_scale`).
 DIVISOR_ROUNDS = 20
+#: The margin of the sure zero set (:func:`_exact_column`) at a scale the bias gradient
+#: gives (:func:`_bias_scaled`): that scale is exact to the update's precision, so only
+#: units within rounding of zero are left out.
+BIAS_SCALE_MARGIN = 1e-3
 #: Below float64 a vertex's scale is known roughly; the units it is off on at every
 #: scale within this relative margin of the rough one are its sure zero set
 #: (:func:`_exact_column`). Measured: the rough scale of an example on the trained
@@ -106,6 +110,15 @@ class InputCone:
             progressed = found > 0
         elif state.residual.bias is not None:
             tries, candidates, found, pooled = _solve_vertices(problem, state, stop)
+            if found == 0 and pooled == 0:
+                # exact scales from the bias gradient peel examples one by one, as in
+                # float64, where the vertices taken neither solve nor pool anything
+                before = state.found
+                tries += _peel_vertices(
+                    problem, state.residual, stop, state.bar.update, by_bias=True
+                )
+                peeled = state.found - before
+                candidates, found = candidates + peeled, found + peeled
             progressed = found > 0 or pooled > 0
         else:
             return StepReport()
@@ -132,13 +145,17 @@ def _vertex(
 
 
 def _peel_vertices(
-    problem: Problem, res: Residual, stop: float, on_peel: Callable[[int], object]
+    problem: Problem,
+    res: Residual,
+    stop: float,
+    on_peel: Callable[[int], object],
+    by_bias: bool = False,
 ) -> int:
     """Find vertices of the input cone of ``res``, scale them by the model after the
-    layer and peel those that pass the checks, until :data:`CONE_MISSES` times the
-    missing examples fail in a row, every example is peeled, or the clock passes
-    ``stop``; returns the vertices tried. ``on_peel(1)`` is called after each peel (the
-    progress bar).
+    layer (``by_bias``: by the bias gradient, :func:`_bias_scaled`) and peel those that
+    pass the checks, until :data:`CONE_MISSES` times the missing examples fail in a row,
+    every example is peeled, or the clock passes ``stop``; returns the vertices tried.
+    ``on_peel(1)`` is called after each peel (the progress bar).
     """
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
@@ -171,10 +188,13 @@ def _peel_vertices(
             continue
         basis = orthonormal_basis(res.left, remaining)
         scaled = None
-        for t in scale_candidates(downstream, basis, coord_dir @ layer.right, reference):
-            scaled = _plain_scale(problem, res, basis, coord_dir, t)
-            if scaled is not None:
-                break
+        if by_bias:
+            scaled = _bias_scaled(problem, res, coord_dir)
+        else:
+            for t in scale_candidates(downstream, basis, coord_dir @ layer.right, reference):
+                scaled = _plain_scale(problem, res, basis, coord_dir, t)
+                if scaled is not None:
+                    break
         if scaled is None:
             misses += 1
             continue
@@ -182,8 +202,9 @@ def _peel_vertices(
         live = live_rows(basis, problem.tol.zero_tol)
         zeros = zero_mask(grad[:, None], problem.tol.zero_tol)[:, 0]
         ok, _ = pattern_check(layer, coord, zeros, live, problem.eps, problem.delta)
-        # the scale was chosen to make the divisor plain: no evidence of the update's
-        if not (ok and certify(coord, grad, True, False)):
+        # a scale chosen to make the divisor plain is no evidence of the update's; the
+        # bias gradient's is
+        if not (ok and certify(coord, grad, True, by_bias)):
             misses += 1
             continue
         res.directions.remove(grad / grad.norm())
@@ -193,6 +214,54 @@ def _peel_vertices(
         tried.clear()
         misses = 0
     return tries
+
+
+def _bias_scaled(
+    problem: Problem, res: Residual, coord_dir: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The example at the vertex ``coord_dir`` ``(b,)`` at the scale the bias gradient
+    gives, with its exact gradient column: ``(coord (b,), grad (m,))``, or ``None``.
+
+    Every missing example's coordinates ``c_i`` satisfy ``c_i . phi = 1`` with
+    ``phi = left^+ db`` of the residual (``left phi = sum_i g_i (c_i . phi) = db``), so a
+    vertex that is an example's direction has the scale ``1 / (coord_dir . phi)``, to the
+    update's precision (measured on Flower's trained CNN, float32, b = 32: the 28
+    missing examples' scales within 5e-6, where the model after the layer fixes them to a
+    few 1e-4). The column comes from the vertex's ReLU pattern at that scale
+    (:func:`_exact_column`). ``None`` without a bias gradient, for a scale that is not
+    positive, or where the pattern gives no one column.
+    """
+    if res.bias is None:
+        return None
+    remaining = problem.rank - res.found
+    phi = least_squares(res.left, res.bias[:, None])[:, 0]
+    denominator = float(coord_dir @ phi)
+    if not math.isfinite(denominator) or denominator <= 0.0:
+        return None
+    coord = coord_dir / denominator
+    factors = _truncated_svd(res.left, remaining)
+    grad = _exact_column(problem, factors, coord, BIAS_SCALE_MARGIN)
+    if grad is None:
+        grad = _model_column(problem, factors, coord)
+    return None if grad is None else (coord, grad)
+
+
+def _model_column(problem: Problem, factors: Factors, coord: torch.Tensor) -> torch.Tensor | None:
+    """The gradient column ``(m,)`` of the example at ``coord`` ``(b,)`` (its scale
+    exact) from the model after the layer: the one direction of the residual's column
+    space (truncated SVD ``factors``) in the range of the Jacobian at the example that
+    fits cross-entropy (:meth:`spear.downstream.Downstream.directions`), sized by the
+    rank-one downdate of the residual as in :func:`_exact_column`; ``None`` where there
+    is no such direction. Where the bias dominates the features, an example's zero set
+    can leave a kernel of several dimensions while the Jacobian's range singles its
+    column out."""
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    limit = range_tolerance(problem.tol.zero_tol)
+    (direction,) = downstream.directions(factors[0], (coord @ layer.right)[None], limit)
+    if direction is None:
+        return None
+    return _downdated(factors, coord, direction)
 
 
 def _solve_vertices(problem: Problem, state: SearchState, stop: float) -> tuple[int, int, int, int]:
@@ -404,14 +473,16 @@ def _truncated_svd(left: torch.Tensor, rank: int) -> Factors:
     return u[:, :rank].contiguous(), s[:rank], vh[:rank]
 
 
-def _exact_column(problem: Problem, factors: Factors, coord: torch.Tensor) -> torch.Tensor | None:
+def _exact_column(
+    problem: Problem, factors: Factors, coord: torch.Tensor, margin: float = SCALE_MARGIN
+) -> torch.Tensor | None:
     """The gradient column ``(m,)`` that peels the example at ``coord`` ``(b,)`` (its
     scale known roughly) exactly from the residual ``left`` ``(m, b)`` whose truncated
     SVD is ``factors`` (:func:`_truncated_svd`).
 
     Its direction is the kernel of ``left``'s column basis on the units the example is
-    off on at every scale within :data:`SCALE_MARGIN` of ``coord``'s (its ReLU pattern
-    needs the scale only through the bias), where that kernel is one line
+    off on at every scale within ``margin`` (:data:`SCALE_MARGIN`) of ``coord``'s (its
+    ReLU pattern needs the scale only through the bias), where that kernel is one line
     (:func:`spear.linalg.kernel`); its size is the one that lowers the rank of
     ``left - column coord^T`` by one, whatever the error of ``coord``'s scale (the
     product, not the split, is what the peel removes). ``None`` where that kernel is not
@@ -421,8 +492,8 @@ def _exact_column(problem: Problem, factors: Factors, coord: torch.Tensor) -> to
     assert layer is not None
     slope = layer.weight_coords @ coord  # (m,) pre-activation without the bias
     bias = layer.bias if layer.bias is not None else torch.zeros_like(slope)
-    off = ((1.0 - SCALE_MARGIN) * slope + bias < 0) & ((1.0 + SCALE_MARGIN) * slope + bias < 0)
-    basis, values, rows = factors  # (m, r), (r,), (r, b)
+    off = ((1.0 - margin) * slope + bias < 0) & ((1.0 + margin) * slope + bias < 0)
+    basis, values, _ = factors  # (m, r), (r,), (r, b)
     rank = int(values.numel())
     if rank < 1 or float(values[-1]) <= 0.0:
         return None
@@ -430,9 +501,17 @@ def _exact_column(problem: Problem, factors: Factors, coord: torch.Tensor) -> to
     null, _ = kernel(basis[zeros], problem.tol.degeneracy_tol)  # (r, d)
     if null.shape[1] != 1 or int(zeros.sum()) < rank:
         return None
-    direction = basis @ null[:, 0]  # (m,)
-    # rank-one downdate: left - sigma direction coord^T drops the rank iff
-    # sigma coord^T left^+ direction = 1
+    return _downdated(factors, coord, basis @ null[:, 0])
+
+
+def _downdated(
+    factors: Factors, coord: torch.Tensor, direction: torch.Tensor
+) -> torch.Tensor | None:
+    """``direction`` ``(m,)`` sized so that the residual with truncated SVD ``factors``
+    less ``column coord^T`` (``coord`` ``(b,)``) drops its rank by one: a rank-one
+    downdate does iff ``sigma coord^T left^+ direction = 1``; ``None`` where that has no
+    finite solution."""
+    basis, values, rows = factors
     inverse_image = rows.T @ ((basis.T @ direction) / values)  # (b,) left^+ direction
     denominator = float(coord @ inverse_image)
     if not math.isfinite(denominator) or denominator == 0.0:
