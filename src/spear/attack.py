@@ -589,7 +589,7 @@ def _narrow_head_note(target: AttackTarget, binary: bool = False) -> str | None:
         "does not single examples out. The search tells them apart by fitting softmax "
         "cross-entropy with a plain mean or sum, which two classes under plain "
         "cross-entropy and one logit under binary cross-entropy satisfy, and label "
-        "smoothing, class weights or other losses do not."
+        "smoothing or other losses do not."
     )
 
 
