@@ -52,23 +52,20 @@ SETTLED_ROW_FACTOR = 2.0
 MAX_REBASE_MOVE = 1e-2
 
 
-def residual_noise(left: torch.Tensor, rank: int) -> tuple[float, float]:
-    """``(sigma_{r+1}, sigma_{r+1} / sigma_r)`` of the residual ``left`` ``(m, b)`` at its
-    rank ``r`` (the noise past the rank, absolute and relative to the smallest example);
+def _past_rank(singular_values: torch.Tensor, rank: int) -> tuple[float, float]:
+    """``(s_{r+1}, s_{r+1} / s_r)`` of descending ``singular_values`` at ``rank``;
     ``(0, 0)`` when nothing lies past the rank."""
-    s = torch.linalg.svdvals(left)
+    s = singular_values
     if rank <= 0 or rank >= s.numel():
         return 0.0, 0.0
     return float(s[rank]), float(s[rank] / s[rank - 1].clamp_min(TINY_NORM))
 
 
-def _original_noise(problem: Problem) -> float:
-    """``sigma_{b+1} / sigma_b`` of the original update (0 when nothing lies past ``b``)."""
-    s = problem.fac.singular_values
-    b = problem.rank
-    if b >= s.numel():
-        return 0.0
-    return float(s[b] / s[b - 1].clamp_min(TINY_NORM))
+def residual_noise(left: torch.Tensor, rank: int) -> tuple[float, float]:
+    """``(sigma_{r+1}, sigma_{r+1} / sigma_r)`` of the residual ``left`` ``(m, b)`` at its
+    rank ``r`` (the noise past the rank, absolute and relative to the smallest example);
+    ``(0, 0)`` when nothing lies past the rank."""
+    return _past_rank(torch.linalg.svdvals(left), rank)
 
 
 def needs_rebase(problem: Problem, residual: Residual) -> bool:
@@ -85,7 +82,8 @@ def needs_rebase(problem: Problem, residual: Residual) -> bool:
     ):
         return False
     _, grown = residual_noise(residual.left, problem.rank - residual.found)
-    return grown > REBASE_NOISE_GROWTH * max(_original_noise(problem), problem.eps)
+    _, original = _past_rank(problem.fac.singular_values, problem.rank)
+    return grown > REBASE_NOISE_GROWTH * max(original, problem.eps)
 
 
 def rebase(problem: Problem, residual: Residual) -> Residual | None:
