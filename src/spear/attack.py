@@ -28,6 +28,7 @@ from spear.images import (
     MissingImages,
     feature_image_share,
     image_shape_for,
+    images_behind_batch_statistics,
     images_of_missing,
     reconstruct_images,
 )
@@ -39,6 +40,7 @@ from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.linalg import estimate_rank
 from spear.model import (
     AttackTarget,
+    batch_statistics_layers,
     check_batch_norm,
     check_dropout,
     dropout_layers_after,
@@ -547,17 +549,16 @@ def _buffers_note(names: list[str]) -> str:
 
 def _batch_statistics_note(layers: list[str], name: str) -> str:
     """What BatchNorm ``layers`` in training mode before the attacked layer ``name``
-    change: the features are per example still; the images are fitted jointly, and
-    poorly (docs/algorithm.md, "Images from features")."""
+    change: the features are per example still; the images are fitted jointly, by
+    gradient matching, and are estimates (docs/algorithm.md, "Images from features")."""
     verb = "normalises" if len(layers) == 1 else "normalise"
     return (
         f"{', '.join(layers)} {verb} with the statistics of the batch itself (training "
         f"mode) before the attacked layer {name!r}: the features it receives are still one "
         "vector per example and come back as the layer saw them. Images behind it depend "
-        "on the whole batch and are fitted to the batch at once; they are poor estimates "
-        "(one right after the first layer hides the batch's contrast and colour balance "
-        "from the update, and behind such layers the search was measured to recover little "
-        "of the images' structure), and none is determined by its features alone."
+        "on the whole batch: they are fitted to the update together, by gradient matching, "
+        "and are estimates (one right after the first layer hides the batch's contrast and "
+        "each input channel's offset from the update); none is determined by its features."
     )
 
 
@@ -700,7 +701,9 @@ def _images(
     are appended to ``notes``. The batch holds ``batch_size`` examples (the caller's batch
     size where it exceeds the distinct examples the update shows: columns that agree to
     rounding); the recovered ones count with their multiplicity (duplicates), the rest
-    are missing."""
+    are missing. Behind BatchNorm in training mode, with every label known, the whole
+    batch is fitted at once instead
+    (:func:`spear.images.images_behind_batch_statistics`)."""
     if target.first or target.before is None or image_budget <= 0:
         return None, None
     if target.bias_key is None or target.bias_key not in update:
@@ -718,6 +721,32 @@ def _images(
     missing = max(0, batch_size - known_examples)
     fill = missing > 0 and (labels is not None or not result.found)
     rebuilt: ImageReconstruction | None = None
+    read = _missing_labels(model, update, target, kind, features, label_result, missing)
+    if (
+        result.found
+        and label_result is not None
+        and (not missing or (read is not None and read.shape[0] == missing))
+        and batch_statistics_layers(target.before)
+    ):
+        # behind BatchNorm with the batch's statistics: gradient matching of the batch
+        shape = input_shape or image_shape_for(target.before, features.shape[1], features.dtype)
+        if shape is not None:
+            rebuilt, filled = images_behind_batch_statistics(
+                model,
+                target.before,
+                update,
+                features,
+                label_result.labels,
+                label_result.multiplicity,
+                shape,
+                missing_labels=read,
+                update_kind=kind,
+                input_range=input_range,
+                time_budget=image_budget,
+                seed=seed,
+            )
+            notes.extend(rebuilt.notes + (filled.notes if filled is not None else []))
+            return rebuilt, filled
     if result.found:
         rebuilt = reconstruct_images(
             model,
@@ -753,18 +782,6 @@ def _images(
     known = None
     if rebuilt is not None and labels is not None:
         known = (rebuilt.images, labels)
-    read = None
-    if kind == "gradient" and label_result is not None and target.after is not None:
-        read = missing_labels(
-            model,
-            update,
-            target.after,
-            target.weight.detach(),
-            target.bias.detach() if target.bias is not None else None,
-            features,
-            label_result,
-            missing,
-        )
     filled = images_of_missing(
         model,
         update,
@@ -780,6 +797,32 @@ def _images(
     if filled is not None:
         notes.extend(filled.notes)
     return rebuilt, filled
+
+
+def _missing_labels(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    target: AttackTarget,
+    kind: UpdateKind,
+    features: torch.Tensor,
+    label_result: LabelResult | None,
+    missing: int,
+) -> torch.Tensor | None:
+    """``(missing,)`` the labels of the examples whose features were not recovered, read
+    off a gradient's classifier head (:func:`spear.labels.missing_labels`), or ``None``
+    (none missing, a FedAvg delta, no labels, or no model after the layer)."""
+    if not missing or kind != "gradient" or label_result is None or target.after is None:
+        return None
+    return missing_labels(
+        model,
+        update,
+        target.after,
+        target.weight.detach(),
+        target.bias.detach() if target.bias is not None else None,
+        features,
+        label_result,
+        missing,
+    )
 
 
 def _image_fields(

@@ -30,6 +30,10 @@ determine the image: the Jacobian of ``h`` at the estimate then has full column 
 Gauss-Newton steps on the features alone converge to it; such images are marked
 ``determined`` (see :class:`ImageReconstruction`).
 
+Behind layers that normalise with the batch's statistics (BatchNorm in training mode)
+the features say little about the images, and :func:`images_behind_batch_statistics`
+fits the whole batch to the update by gradient matching instead.
+
 Examples
 --------
 >>> import torch
@@ -761,5 +765,113 @@ def images_of_missing(
             + (f" with the {held} recovered examples held" if held else "")
             + f" ({steps.split(';')[0]}); labels from the classifier head's gradient. "
             "Estimates, not exact."
+        ],
+    )
+
+
+def images_behind_batch_statistics(
+    model: nn.Module,
+    head: nn.Module,
+    update: dict[str, torch.Tensor],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    input_shape: tuple[int, ...],
+    *,
+    missing_labels: torch.Tensor | None = None,
+    update_kind: str,
+    input_range: tuple[float, float] | None,
+    time_budget: float,
+    seed: int,
+) -> tuple[ImageReconstruction, MissingImages | None]:
+    """Images of a batch behind layers that normalise with the batch's statistics
+    (BatchNorm in training mode before the attacked layer), by gradient matching of the
+    whole batch.
+
+    Behind such layers each image's features depend on the whole batch, and a search on
+    the features finds little of the images' structure (docs/algorithm.md, "Images from
+    features"); the gradients of the first layers, which gradient matching fits, carry
+    more of it. The batch holds the ``k`` recovered examples, ``counts`` ``(k,)`` times
+    each, with ``labels`` ``(k,)``, and the examples whose features were not recovered,
+    with ``missing_labels`` ``(r,)``. Gradient matching (the recipe of
+    :func:`images_of_missing`) fits the whole batch with those labels held; each
+    recovered feature vector ``features`` ``(k, n)`` is then given the image of its label
+    whose features under ``head`` (with the fitted batch's statistics) are nearest
+    (:func:`scipy.optimize.linear_sum_assignment`), the images of a duplicate's other
+    copies are dropped, and the rest are the missing examples' estimates.
+
+    Returns
+    -------
+    tuple
+        The recovered features' images, in their order, and the missing examples'
+        (``None`` when none are missing).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    from spear.baselines.gradient_matching import gradient_matching_attack
+
+    start = time.perf_counter()
+    extra = missing_labels.cpu() if missing_labels is not None else labels.new_zeros(0).cpu()
+    batch_labels = torch.cat([torch.repeat_interleave(labels.cpu(), counts.cpu()), extra])
+    estimate = gradient_matching_attack(
+        model,
+        update,
+        batch_size=int(batch_labels.shape[0]),
+        input_shape=input_shape,
+        update_kind=update_kind,
+        seed=seed,
+        time_budget=time_budget,
+        iterations=MISSING_IMAGE_STEPS,
+        tv_weight=MISSING_IMAGE_TV,
+        box=input_range,
+        labels=batch_labels,
+    )
+    images = estimate.inputs.detach().to(features.dtype).to(features.device)
+    with torch.no_grad():  # on a copy: training mode moves the running statistics
+        found = deepcopy(head)(images).reshape(images.shape[0], -1)
+    norms = features.norm(dim=1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny)
+    residual = (torch.cdist(features, found) / norms).to(torch.float64).cpu()
+    # a label mismatch costs more than every distance together: images keep their labels
+    penalty = float(residual.max()) * residual.shape[0] + 1.0
+    cost = residual + penalty * (labels.cpu()[:, None] != batch_labels[None, :]).to(torch.float64)
+    rows, cols = linear_sum_assignment(cost.numpy())
+    order = torch.as_tensor(cols)[torch.argsort(torch.as_tensor(rows))]
+    paired = residual[torch.arange(features.shape[0]), order]
+    steps = next((n for n in estimate.notes if "Adam steps" in n), "")
+    taken = int(steps.split()[0]) if steps else 0
+    rebuilt = ImageReconstruction(
+        images=images[order],
+        feature_residual=paired,
+        determined=torch.zeros(features.shape[0], dtype=torch.bool),
+        steps=taken,
+        seconds=time.perf_counter() - start,
+        notes=[
+            f"the layers before the attacked one normalise with the batch's statistics: the "
+            f"batch's {batch_labels.shape[0]} images were fitted to the whole update by "
+            f"gradient matching ({taken} Adam steps, the labels held) and each recovered "
+            "feature vector paired with the image of its label whose features are nearest "
+            f"(feature residual median {float(paired.median()):.1e}). "
+            "Estimates, not exact: a BatchNorm right after the first layer leaves the "
+            "batch's contrast and each input channel's offset out of the update."
+        ],
+        used_gradients=True,
+    )
+    if not extra.shape[0]:
+        return rebuilt, None
+    spare = torch.ones(batch_labels.shape[0], dtype=torch.bool)
+    spare[order] = False
+    chosen = [
+        int(i)
+        for label in extra.unique()
+        for i in torch.nonzero(spare & (batch_labels == label)).flatten()[
+            : int((extra == label).sum())
+        ]
+    ]
+    return rebuilt, MissingImages(
+        images=images[chosen],
+        labels=batch_labels[chosen],
+        notes=[
+            f"{extra.shape[0]} images of the examples whose features were not recovered "
+            "come from the same fit of the whole batch. Estimates, not exact."
         ],
     )
