@@ -16,6 +16,7 @@ import torch
 from tests.conftest import assert_same_state, problem_from, state_snapshot
 
 import spear
+import spear.baselines.gradient_matching
 import spear.images
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
@@ -577,6 +578,20 @@ def test_images_behind_batch_norm_give_the_missing_examples_their_labels(
     assert filled is not None and torch.equal(filled.labels, labels[3:])
     assert filled.images.shape == (1, 3, 32, 32)
     assert float(filled.images.min()) >= 0.0 and float(filled.images.max()) <= 1.0
+
+
+def test_ctrl_c_in_the_images_behind_batch_norm_keeps_the_features(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spear.baselines.gradient_matching, "gradient_matching_attack", interrupted)
+    net, update, truth, labels = _batch("vgg-bn", 4, torch.float32)
+    rec = spear.attack(net, update, time_budget=30, progress=False, image_budget=60)
+    _assert_exact(rec, truth, labels, 1e-3)
+    assert rec.images is None
+    assert any("interrupted (Ctrl-C) while gradient matching" in n for n in rec.notes)
 
 
 def test_a_bfloat16_update_of_a_cnn_gives_approximate_features() -> None:

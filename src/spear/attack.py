@@ -679,6 +679,13 @@ def _multiplicity(label_result: LabelResult | None, found: int, source: str) -> 
     return counts.clone() if counts.shape[0] == found else None
 
 
+#: The note of an image search that Ctrl-C stopped in gradient matching.
+_IMAGES_INTERRUPTED = (
+    "interrupted (Ctrl-C) while gradient matching estimated images: the features and "
+    "labels are returned without those images."
+)
+
+
 def _images(
     model: nn.Module,
     target: AttackTarget,
@@ -731,20 +738,24 @@ def _images(
         # behind BatchNorm with the batch's statistics: gradient matching of the batch
         shape = input_shape or image_shape_for(target.before, features.shape[1], features.dtype)
         if shape is not None:
-            rebuilt, filled = images_behind_batch_statistics(
-                model,
-                target.before,
-                update,
-                features,
-                label_result.labels,
-                label_result.multiplicity,
-                shape,
-                missing_labels=read,
-                update_kind=kind,
-                input_range=input_range,
-                time_budget=image_budget,
-                seed=seed,
-            )
+            try:
+                rebuilt, filled = images_behind_batch_statistics(
+                    model,
+                    target.before,
+                    update,
+                    features,
+                    label_result.labels,
+                    label_result.multiplicity,
+                    shape,
+                    missing_labels=read,
+                    update_kind=kind,
+                    input_range=input_range,
+                    time_budget=image_budget,
+                    seed=seed,
+                )
+            except KeyboardInterrupt:
+                notes.append(_IMAGES_INTERRUPTED)
+                return None, None
             notes.extend(rebuilt.notes + (filled.notes if filled is not None else []))
             return rebuilt, filled
     if result.found:
@@ -782,18 +793,22 @@ def _images(
     known = None
     if rebuilt is not None and labels is not None:
         known = (rebuilt.images, labels)
-    filled = images_of_missing(
-        model,
-        update,
-        known,
-        missing,
-        shape,
-        update_kind=kind,
-        input_range=input_range,
-        time_budget=max(1.0, _seconds_left(start, image_budget)),
-        seed=seed,
-        labels=read,
-    )
+    try:
+        filled = images_of_missing(
+            model,
+            update,
+            known,
+            missing,
+            shape,
+            update_kind=kind,
+            input_range=input_range,
+            time_budget=max(1.0, _seconds_left(start, image_budget)),
+            seed=seed,
+            labels=read,
+        )
+    except KeyboardInterrupt:
+        notes.append(_IMAGES_INTERRUPTED)
+        return rebuilt, None
     if filled is not None:
         notes.extend(filled.notes)
     return rebuilt, filled
