@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
@@ -63,6 +64,9 @@ from tqdm.auto import tqdm
 from spear.errors import InputError
 from spear.linalg import least_squares
 from spear.model import batch_statistics_layers
+
+if TYPE_CHECKING:
+    from spear.results import Reconstruction
 
 __all__ = [
     "CALIBRATION_STEPS",
@@ -693,6 +697,41 @@ def reconstruct_images(
     return found
 
 
+def _matched(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    batch_size: int,
+    input_shape: tuple[int, ...],
+    update_kind: str,
+    input_range: tuple[float, float] | None,
+    time_budget: float,
+    seed: int,
+    *,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: torch.Tensor | None = None,
+) -> Reconstruction:
+    """``batch_size`` images ``(batch_size, *input_shape)`` fitted to the whole update by
+    gradient matching: :func:`spear.baselines.gradient_matching.gradient_matching_attack`
+    with :data:`MISSING_IMAGE_STEPS` steps at most, a total-variation weight of
+    :data:`MISSING_IMAGE_TV` and the pixels boxed into ``input_range``."""
+    from spear.baselines.gradient_matching import gradient_matching_attack
+
+    return gradient_matching_attack(
+        model,
+        update,
+        batch_size=batch_size,
+        input_shape=input_shape,
+        update_kind=update_kind,
+        seed=seed,
+        time_budget=time_budget,
+        iterations=MISSING_IMAGE_STEPS,
+        tv_weight=MISSING_IMAGE_TV,
+        box=input_range,
+        known=known,
+        labels=labels,
+    )
+
+
 @dataclass
 class MissingImages:
     """Estimates of the examples whose features were not recovered.
@@ -736,22 +775,10 @@ def images_of_missing(
     classifier head's gradient). Estimates only: nothing in the update pins these images
     down the way exact features do. ``None`` when no label can be inferred for them.
     """
-    from spear.baselines.gradient_matching import gradient_matching_attack
-
-    estimate = gradient_matching_attack(
-        model,
-        update,
-        batch_size=missing,
-        input_shape=input_shape,
-        update_kind=update_kind,
-        seed=seed,
-        time_budget=time_budget,
-        iterations=MISSING_IMAGE_STEPS,
-        tv_weight=MISSING_IMAGE_TV,
-        box=input_range,
-        known=known,
-        labels=labels,
-    )
+    estimate = _matched(
+        model, update, missing, input_shape, update_kind, input_range, time_budget, seed,
+        known=known, labels=labels,
+    )  # fmt: skip
     if estimate.labels is None or estimate.labels.shape[0] != missing:
         return None
     steps = next((n for n in estimate.notes if "Adam steps" in n), "")
@@ -808,24 +835,13 @@ def images_behind_batch_statistics(
     """
     from scipy.optimize import linear_sum_assignment
 
-    from spear.baselines.gradient_matching import gradient_matching_attack
-
     start = time.perf_counter()
     extra = missing_labels.cpu() if missing_labels is not None else labels.new_zeros(0).cpu()
     batch_labels = torch.cat([torch.repeat_interleave(labels.cpu(), counts.cpu()), extra])
-    estimate = gradient_matching_attack(
-        model,
-        update,
-        batch_size=int(batch_labels.shape[0]),
-        input_shape=input_shape,
-        update_kind=update_kind,
-        seed=seed,
-        time_budget=time_budget,
-        iterations=MISSING_IMAGE_STEPS,
-        tv_weight=MISSING_IMAGE_TV,
-        box=input_range,
-        labels=batch_labels,
-    )
+    estimate = _matched(
+        model, update, int(batch_labels.shape[0]), input_shape, update_kind, input_range,
+        time_budget, seed, labels=batch_labels,
+    )  # fmt: skip
     images = estimate.inputs.detach().to(features.dtype).to(features.device)
     with torch.no_grad():  # on a copy: training mode moves the running statistics
         found = deepcopy(head)(images).reshape(images.shape[0], -1)
