@@ -91,6 +91,7 @@ __all__ = [
     "gradient_term",
     "guess_image_shape",
     "image_shape_for",
+    "images_behind_batch_statistics",
     "images_from_features",
     "images_of_missing",
     "leaky_copy",
