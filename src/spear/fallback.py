@@ -37,6 +37,7 @@ __all__ = [
     "Estimate",
     "aligned_mean",
     "best_noisy_estimate",
+    "label_assignment",
 ]
 
 #: Iterations of each gradient-matching run (the benchmark's baseline runs as many).
@@ -90,16 +91,36 @@ def aligned_mean(
     total = first.clone()
     for i, run in enumerate(runs[1:], start=1):
         other = run.detach().to(torch.float64).reshape(run.shape[0], -1)
-        cost = torch.cdist(first, other) ** 2
         other_labels = labels[i] if labels else None
-        if first_labels is not None and other_labels is not None:
-            # a mismatch costs more than every distance together: pairs keep their labels
-            penalty = float(cost.max()) * cost.shape[0] + 1.0
-            mismatch = first_labels.cpu()[:, None] != other_labels.cpu()[None, :]
-            cost = cost + penalty * mismatch.to(cost.dtype)
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        total[torch.as_tensor(rows)] += other[torch.as_tensor(cols)]
+        total += other[label_assignment(torch.cdist(first, other) ** 2, first_labels, other_labels)]
     return (total / len(runs)).reshape(runs[0].shape).to(runs[0].dtype)
+
+
+def label_assignment(
+    cost: torch.Tensor,
+    row_labels: torch.Tensor | None = None,
+    column_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(k,)`` the column an optimal assignment
+    (:func:`scipy.optimize.linear_sum_assignment`) on ``cost`` ``(k, j)``, ``k <= j``,
+    gives each row; where both label tensors (``(k,)``, ``(j,)``) are given, rows are
+    paired with columns of the same label wherever the label counts allow.
+
+    Examples
+    --------
+    >>> cost = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    >>> label_assignment(cost).tolist(), label_assignment(cost, torch.tensor([1, 0]),
+    ...                                                   torch.tensor([0, 1])).tolist()
+    ([0, 1], [1, 0])
+    """
+    cost = cost.detach().to(torch.float64).cpu()
+    if row_labels is not None and column_labels is not None:
+        # a mismatch costs more than every distance together: pairs keep their labels
+        penalty = float(cost.max()) * cost.shape[0] + 1.0
+        mismatch = row_labels.cpu()[:, None] != column_labels.cpu()[None, :]
+        cost = cost + penalty * mismatch.to(cost.dtype)
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(cols)[torch.argsort(torch.as_tensor(rows))]
 
 
 def best_noisy_estimate(

@@ -834,7 +834,7 @@ def images_behind_batch_statistics(
         The recovered features' images, in their order, and the missing examples'
         (``None`` when none are missing).
     """
-    from scipy.optimize import linear_sum_assignment
+    from spear.fallback import label_assignment
 
     start = time.perf_counter()
     extra = missing_labels.cpu() if missing_labels is not None else labels.new_zeros(0).cpu()
@@ -848,11 +848,7 @@ def images_behind_batch_statistics(
         found = deepcopy(head)(images).reshape(images.shape[0], -1)
     norms = features.norm(dim=1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny)
     residual = (torch.cdist(features, found) / norms).to(torch.float64).cpu()
-    # a label mismatch costs more than every distance together: images keep their labels
-    penalty = float(residual.max()) * residual.shape[0] + 1.0
-    cost = residual + penalty * (labels.cpu()[:, None] != batch_labels[None, :]).to(torch.float64)
-    rows, cols = linear_sum_assignment(cost.numpy())
-    order = torch.as_tensor(cols)[torch.argsort(torch.as_tensor(rows))]
+    order = label_assignment(residual, labels, batch_labels)  # images keep their labels
     paired = residual[torch.arange(features.shape[0]), order]
     steps = next((n for n in estimate.notes if "Adam steps" in n), "")
     taken = int(steps.split()[0]) if steps else 0
