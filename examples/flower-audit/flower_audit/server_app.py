@@ -103,12 +103,29 @@ def _secure_aggregation(grid: Grid, context: Context, run: dict[str, Any], nodes
     workflow(grid, legacy_context)
 
 
+#: Seconds the number of connected nodes must hold still before the rounds start: nodes
+#: register one by one, and a count taken at the first one misses the others.
+SETTLE_SECONDS = 2.0
+
+
+def _connected_nodes(grid: Grid, poll: float = 0.5) -> int:
+    """The number of nodes connected to ``grid`` once at least one is and the count has not
+    changed for :data:`SETTLE_SECONDS`."""
+    count, since = 0, time.perf_counter()
+    while True:
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, since = now, time.perf_counter()
+        elif count and time.perf_counter() - since >= SETTLE_SECONDS:
+            return count
+        time.sleep(poll)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the rounds; log and save the wall time (with or without the audit)."""
     run = settings(context)
-    while not (nodes := len(list(grid.get_node_ids()))):
-        time.sleep(0.5)
+    nodes = _connected_nodes(grid)
     start = time.perf_counter()
     if bool(run["secure-aggregation"]):
         _secure_aggregation(grid, context, run, nodes)
