@@ -191,6 +191,8 @@ class _Denoised:
         Score below which a candidate's direction is accepted (:func:`_scores`).
     sigma:
         The noise standard deviation of the update's entries.
+    products:
+        ``(m, b (b + 1) / 2)`` :func:`_row_products` of ``basis``.
     """
 
     update: torch.Tensor
@@ -201,6 +203,7 @@ class _Denoised:
     c: torch.Tensor
     accept: float
     sigma: float
+    products: torch.Tensor
 
 
 def approximate_inversion(
@@ -250,7 +253,7 @@ def approximate_inversion(
     c = bias.detach().to(torch.float64)
     accept = max(ACCEPT_FLOOR, ACCEPT_FACTOR * m * (noise.sigma / float(s[b - 1])) ** 2)
     extra = initial.to(torch.float64) if initial is not None and initial.numel() else None
-    d = _Denoised(denoised, basis, s[:b], vh[:b], w, c, accept, noise.sigma)
+    d = _Denoised(denoised, basis, s[:b], vh[:b], w, c, accept, noise.sigma, _row_products(basis))
     found = _search(d, extra, deadline)
     if found is None:
         return None
@@ -300,7 +303,7 @@ def _search(
             residual = denoised
         else:
             known_x = x[settled]
-            known_dirs = _scores(known_x, basis, w, c)[0].T
+            known_dirs = _scores(known_x, d)[0].T
             xa = torch.cat([known_x, known_x.new_ones(known_x.shape[0], 1)], dim=1)
             residual = denoised - g[:, settled] @ xa
         directions, examples, left = _peel_directions(d, residual, extra, known_dirs)
@@ -325,7 +328,7 @@ def _search(
         x, g, used = refine(denoised, x0, w, c, sigma, deadline=deadline)
         rounds += used
         best = _better(best, denoised, x, g, w, c)
-        now = _scores(x, basis, w, c)[1] <= d.accept
+        now = _scores(x, d)[1] <= d.accept
         if bool(now.all()) or int(now.sum()) <= int(settled.sum()):
             break
         settled = now
@@ -355,7 +358,7 @@ def _complete_in_missing_span(
     basis, w, c = d.basis, d.w, d.c
     b = basis.shape[1]
     unit = d.sigma / max(float(d.singular[-1]), TINY_NORM)
-    starts, scores = _scores(x, basis, w, c)
+    starts, scores = _scores(x, d)
     if bool((scores <= d.accept).all()) or time.perf_counter() >= deadline:
         return None
     polished = list(_polished(d, x, starts, unit).T)
@@ -380,7 +383,7 @@ def _complete_in_missing_span(
         if abs(float(point[-1])) <= TINY_NORM * float(point.norm()):
             continue
         candidate = point[:-1] / point[-1]
-        start, score = _scores(candidate[None], basis, w, c)
+        start, score = _scores(candidate[None], d)
         if not math.isfinite(float(score[0])):
             continue
         q = polish_direction(basis, start[0], (candidate @ w.T + c) <= 0, unit)
@@ -415,7 +418,7 @@ def _solve_repolished(d: _Denoised, directions: torch.Tensor, unit: float) -> to
     if x is None or x.shape[0] < b:
         return None
     for _ in range(REPOLISH_ROUNDS):
-        again = _polished(d, x, _scores(x, basis, d.w, d.c)[0], unit)
+        again = _polished(d, x, _scores(x, d)[0], unit)
         if any(
             span_distance(torch.cat([again[:, :i], again[:, i + 1 :]], 1), again[:, i])
             <= NEW_DIRECTION_DISTANCE
@@ -486,29 +489,46 @@ def _row_candidates(residual: torch.Tensor, sigma: float) -> tuple[torch.Tensor,
 
 
 def _scores(
-    candidates: torch.Tensor, basis: torch.Tensor, w: torch.Tensor, c: torch.Tensor
+    candidates: torch.Tensor, d: _Denoised, directions_below: float = math.inf
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel directions ``(K, b)`` and scores ``(K,)`` of candidate examples ``(K, n)``.
 
-    Each candidate's predicted-off units select rows of ``basis`` (``(m, b)``,
-    orthonormal); the eigenvector of the smallest eigenvalue of their Gram matrix is the
-    direction, that eigenvalue over ``|off| / m`` its score (``inf`` with fewer than
-    ``MIN_OFF_ROWS_PER_RANK * b`` off-units).
+    Each candidate's predicted-off units (under ``d.w``, ``d.c``) select rows of
+    ``d.basis`` (``(m, b)``, orthonormal); the eigenvector of the smallest eigenvalue of
+    their Gram matrix is the direction, that eigenvalue over ``|off| / m`` its score
+    (``inf`` with fewer than ``MIN_OFF_ROWS_PER_RANK * b`` off-units). Directions are
+    computed only for candidates scoring at most ``directions_below`` (the others' rows
+    are zero): the eigenvalues alone cost half as much.
     """
-    m, b = basis.shape
+    m, b = d.basis.shape
+    lower = torch.tril_indices(b, b)
     directions, scores = [], []
     for chunk in candidates.split(SCORE_CHUNK):
-        off = (chunk @ w.T + c) <= 0  # (K, m)
-        counts = off.sum(dim=1).to(basis.dtype)
-        grams = torch.einsum("mi,km,mj->kij", basis, off.to(basis.dtype), basis)
-        values, vectors = torch.linalg.eigh(grams)
-        score = values[:, 0] * m / counts.clamp_min(1.0)
+        off = ((chunk @ d.w.T + d.c) <= 0).to(d.basis.dtype)  # (K, m)
+        counts = off.sum(dim=1)
+        # the Gram matrices' lower triangles, all the eigensolvers read (UPLO="L")
+        grams = d.basis.new_zeros(chunk.shape[0], b, b)
+        grams[:, lower[0], lower[1]] = off @ d.products
+        score = torch.linalg.eigvalsh(grams)[:, 0] * m / counts.clamp_min(1.0)
         score[counts < MIN_OFF_ROWS_PER_RANK * b] = math.inf
-        directions.append(vectors[:, :, 0])
+        vectors = d.basis.new_zeros(chunk.shape[0], b)
+        wanted = score <= directions_below
+        if bool(wanted.any()):
+            vectors[wanted] = torch.linalg.eigh(grams[wanted])[1][:, :, 0]
+        directions.append(vectors)
         scores.append(score)
     if not directions:
-        return basis.new_zeros(0, b), basis.new_zeros(0)
+        return d.basis.new_zeros(0, b), d.basis.new_zeros(0)
     return torch.cat(directions), torch.cat(scores)
+
+
+def _row_products(basis: torch.Tensor) -> torch.Tensor:
+    """``(m, b (b + 1) / 2)`` the lower triangle (:func:`torch.tril_indices` order) of
+    each row's outer product ``basis[r] basis[r]^T`` (``basis`` ``(m, b)``), so that a
+    set of rows' Gram matrix is one matrix product with its indicator."""
+    b = basis.shape[1]
+    lower = torch.tril_indices(b, b)
+    return basis[:, lower[0]] * basis[:, lower[1]]
 
 
 def _peel_directions(
@@ -535,7 +555,7 @@ def _peel_directions(
     residual:
         ``(m, n + 1)`` the update left (rank ``b - k`` up to noise).
     """
-    basis, singular, right, w, c = d.basis, d.singular, d.right, d.w, d.c
+    basis, singular, right = d.basis, d.singular, d.right
     accept, sigma = d.accept, d.sigma
     b = basis.shape[1]
     chosen: list[torch.Tensor] = list(known.T)
@@ -549,7 +569,7 @@ def _peel_directions(
             candidates = torch.cat([extra, candidates])
             weights = torch.cat([top.expand(extra.shape[0]), weights])
             extra = None
-        vectors, scores = _scores(candidates, basis, w, c)
+        vectors, scores = _scores(candidates, d, max(accept, MIXTURE_SCORE))
         passed = scores <= accept
         added: list[tuple[torch.Tensor, torch.Tensor]] = []
         for idx in torch.argsort(scores).tolist():
