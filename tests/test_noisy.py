@@ -15,7 +15,7 @@ from tests.conftest import fashion, fedsgd_update, mlp
 import spear
 from spear import client, metrics
 from spear.baselines import gradient_matching_attack
-from spear.certificate import certify
+from spear.certificate import certify, nonnegative_fit
 from spear.fallback import aligned_mean
 from spear.inversion.approximate import approximate_inversion
 from spear.noise import estimate_noise
@@ -159,6 +159,55 @@ def test_batch_size_read_off_a_noisy_spectrum_when_not_given() -> None:
     assert any("read off the spectrum" in note for note in rec.notes)
 
 
+def test_nonnegative_fit_ranks_estimates_of_a_clipped_noisy_update() -> None:
+    """The fit with non-negative per-example weights is never above the certificate,
+    tells the truth from a blurred estimate under DP-SGD clipping and noise, and is as
+    small as the certificate on an exact noiseless float64 update."""
+    model, update, x, y = _dp_case(8, 1e-3, width=128)
+    gen = torch.Generator().manual_seed(1)
+    blurred = (x + 0.3 * torch.randn(x.shape, generator=gen, dtype=x.dtype)).clamp(0, 1)
+    truth = nonnegative_fit(model, update, x.float(), y)
+    estimate = nonnegative_fit(model, update, blurred.float(), y)
+    assert truth <= certify(model, update, x.float(), y)
+    assert estimate <= certify(model, update, blurred.float(), y)
+    assert truth < 0.5 * estimate
+    exact_model = mlp((784, 64, 10), seed=0)
+    exact = fedsgd_update(exact_model, x, y)
+    assert nonnegative_fit(exact_model, exact, x, y) < 1e-10
+    assert nonnegative_fit(exact_model, exact, blurred, y) > 1e-3
+
+
+def test_candidate_scores_match_the_gram_matrices_of_their_off_rows() -> None:
+    """The packed Gram matrices of the candidates' predicted-off rows give the same
+    smallest eigenpairs as the matrices built row by row; directions are computed only
+    below the bound asked for."""
+    from spear.inversion.approximate import _Denoised, _row_products, _scores
+
+    gen = torch.Generator().manual_seed(0)
+    m, n, b, k = 60, 12, 5, 200
+    basis = torch.linalg.qr(torch.randn(m, b, generator=gen, dtype=torch.float64))[0]
+    w = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    c = torch.randn(m, generator=gen, dtype=torch.float64)
+    candidates = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    empty = torch.zeros(0)
+    d = _Denoised(empty, basis, empty, empty, w, c, 0.0, 0.0, _row_products(basis))
+    directions, scores = _scores(candidates, d)
+    for i in range(k):
+        off = (candidates[i] @ w.T + c) <= 0
+        gram = basis[off].T @ basis[off]
+        values, vectors = torch.linalg.eigh(gram)
+        if int(off.sum()) < 2 * b:
+            assert scores[i] == float("inf")
+            continue
+        assert torch.isclose(scores[i], values[0] * m / off.sum(), rtol=1e-9, atol=1e-12)
+        assert abs(float(directions[i] @ vectors[:, 0])) > 1 - 1e-9
+    bound = float(scores[torch.isfinite(scores)].median())
+    some, same = _scores(candidates, d, bound)
+    assert torch.equal(same, scores)
+    assert bool((some[scores > bound] == 0).all())
+    assert torch.allclose(some[scores <= bound].abs(), directions[scores <= bound].abs())
+
+
 def test_heavy_noise_returns_the_estimate_that_fits_the_update_best() -> None:
     b = 4
     model, update, _, _ = _dp_case(b, 0.1, width=128)
@@ -179,7 +228,8 @@ def test_where_noise_hides_the_batch_the_mean_of_matching_runs_beats_the_baselin
     """At a noise ratio near 1 the approximate estimate does not explain the update;
     gradient matching runs from random inputs with the labels counted and with the
     estimate's, and from the estimate; the estimate's labels fit more than 5% better, so
-    the mean of the runs with them is returned: no worse a fit than the baseline's, and
+    the mean of the runs with them is returned: no worse a fit
+    (:func:`spear.certificate.nonnegative_fit`) than the baseline's, and
     (measured here) more labels and a higher PSNR."""
     b = 16
     model, update, x, y = _dp_case(b, 1e-3)
@@ -201,9 +251,9 @@ def test_where_noise_hides_the_batch_the_mean_of_matching_runs_beats_the_baselin
     base = gradient_matching_attack(
         model, update, batch_size=b, input_shape=SHAPE, iterations=200, box=box
     )
-    assert base.labels is not None and rec.labels is not None and rec.certificate is not None
-    base_fit = certify(model, update, base.inputs, base.labels)
-    assert rec.certificate <= base_fit
+    assert base.labels is not None and rec.labels is not None
+    base_fit = nonnegative_fit(model, update, base.inputs, base.labels)
+    assert nonnegative_fit(model, update, rec.inputs, rec.labels) <= base_fit
     assert rec.estimate == "gradient-matching"
     assert any(
         "the mean of" in n and "labels from the approximate estimate" in n for n in rec.notes
@@ -298,33 +348,28 @@ def test_aligned_mean_pairs_examples_by_distance_and_label() -> None:
 def _scripted_matching(
     monkeypatch: pytest.MonkeyPatch, fits: dict[str, float], mean_fit: float
 ) -> list[str]:
-    """Replace gradient matching and the mean's certificate in :mod:`spear.fallback` by
-    runs with the given fits: ``"counted"`` (random start, the labels counted),
-    ``"relabelled"`` (random start, the estimate's labels), ``"from-estimate"``; returns
-    the list the runs are logged to."""
+    """Replace gradient matching and the mean's fit in :mod:`spear.fallback` by runs with
+    the given fits (certificates alike): ``"counted"`` (random start, the labels
+    counted), ``"relabelled"`` (random start, the estimate's labels),
+    ``"from-estimate"``; returns the list the runs are logged to."""
     import spear.fallback as fallback
-    from spear.results import Reconstruction
 
     log: list[str] = []
 
     def run(
         *args: object, initial: object = None, labels: torch.Tensor | None = None
-    ) -> Reconstruction:
+    ) -> fallback.Estimate:
         counted = labels is None or torch.equal(labels, torch.tensor([0, 1, 2, 3]))
         name = "from-estimate" if initial is not None else "counted" if counted else "relabelled"
         log.append(name)
-        return Reconstruction(
-            inputs=torch.rand(4, 2),
-            labels=torch.tensor([0, 1, 2, 3]),
-            certificate=fits[name],
-            verified=False,
-            batch_size=4,
-            complete=False,
-            layer="",
+        what = str(args[-1])
+        labelled = torch.tensor([0, 1, 2, 3])
+        return fallback.Estimate(
+            torch.rand(4, 2), labelled, fits[name], "gradient-matching", what, fits[name]
         )
 
     monkeypatch.setattr(fallback, "_gradient_matching", run)
-    monkeypatch.setattr(fallback, "_certificate", lambda *args: mean_fit)
+    monkeypatch.setattr(fallback, "_measured", lambda *args: (mean_fit, mean_fit))
     return log
 
 
@@ -353,7 +398,9 @@ def test_the_noisy_fallback_picks_labels_and_estimate_by_fit(
     from spear.fallback import ENSEMBLE_RUNS, Estimate, best_noisy_estimate
 
     log = _scripted_matching(monkeypatch, fits, mean_fit)
-    current = Estimate(torch.rand(4, 2), torch.tensor([3, 2, 1, 0]), current_fit, "approximate", "")
+    current = Estimate(
+        torch.rand(4, 2), torch.tensor([3, 2, 1, 0]), current_fit, "approximate", "", current_fit
+    )
     notes: list[str] = []
     best = best_noisy_estimate(
         torch.nn.Linear(2, 4), {}, current, 4, "gradient", 0, None, lambda: 100.0, notes
@@ -379,7 +426,7 @@ def test_no_more_runs_where_the_approximate_estimate_fits_clearly_better(
     log = _scripted_matching(
         monkeypatch, {"counted": 0.7, "relabelled": 0.6, "from-estimate": 0.6}, 0.6
     )
-    current = Estimate(torch.rand(4, 2), torch.tensor([3, 2, 1, 0]), 0.5, "approximate", "")
+    current = Estimate(torch.rand(4, 2), torch.tensor([3, 2, 1, 0]), 0.5, "approximate", "", 0.5)
     notes: list[str] = []
     best = best_noisy_estimate(
         torch.nn.Linear(2, 4), {}, current, 4, "gradient", 0, None, lambda: 100.0, notes

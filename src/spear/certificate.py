@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+from scipy.optimize import nnls
 from torch import nn
 
 from spear.errors import InputError
@@ -32,7 +33,13 @@ from spear.linalg import least_squares
 from spear.model import parameter_dtype
 from spear.update import check_update, check_update_kind, without_buffers
 
-__all__ = ["VERIFIED_BELOW", "certify", "relative_error", "verified_threshold"]
+__all__ = [
+    "VERIFIED_BELOW",
+    "certify",
+    "nonnegative_fit",
+    "relative_error",
+    "verified_threshold",
+]
 
 #: ``.verified`` needs the certificate below this, by the model's dtype. float64 reproduces
 #: the update to about 1e-12 on real data. float32 reconstructions that are exact to its
@@ -48,6 +55,9 @@ FIT_PARAMETER_BUDGET = 200_000
 #: in float64): above it the per-example weights are not fitted and only the mean and sum
 #: weights are tried.
 FIT_DESIGN_BUDGET = 50_000_000
+#: Iterations of :func:`scipy.optimize.nnls` per weight (its own default is 3 per weight,
+#: which a poorly conditioned design of noisy estimates can exhaust).
+NNLS_ITERATIONS_PER_WEIGHT = 30
 
 
 def verified_threshold(dtype: torch.dtype) -> float:
@@ -108,8 +118,51 @@ def certify(
     reductions); per-example weights (duplicates, DP-SGD clipping) are not fitted, since
     one example alone cannot be normalised with the batch's statistics.
     """
-    from spear.model import batch_statistics_layers
+    model, update, x, y, kind = _checked(model, update, inputs, labels, update_kind)
+    if x.shape[0] == 0:
+        return math.inf
+    if kind == "delta":
+        return _certify_delta(model, update, x)
+    return _gradient_error(model, update, x, y, nonnegative=False)
 
+
+def nonnegative_fit(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    inputs: torch.Tensor | ArrayLike,
+    labels: torch.Tensor | ArrayLike,
+    *,
+    update_kind: str = "gradient",
+) -> float:
+    """How well a candidate explains a noisy update: :func:`certify` with the fitted
+    per-example weights held non-negative (:func:`scipy.optimize.nnls`).
+
+    :func:`certify` drops its fitted weights when one comes out negative, which an
+    estimate's example easily does under noise; its error then jumps to that of the
+    mean or sum weights, several times the update's norm under DP-SGD clipping. Holding
+    the weights at zero or above gives an error that moves smoothly with the estimate
+    (at most 1: all weights zero), so that estimates of a noisy update can be ranked by
+    it. An example weighted zero is not in the fit: this is a measure of fit, never a
+    certificate of exactness. Same parameters, errors and delta rule as :func:`certify`.
+    """
+    model, update, x, y, kind = _checked(model, update, inputs, labels, update_kind)
+    if x.shape[0] == 0:
+        return math.inf
+    if kind == "delta":
+        return _certify_delta(model, update, x)
+    return _gradient_error(model, update, x, y, nonnegative=True)
+
+
+def _checked(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    inputs: torch.Tensor | ArrayLike,
+    labels: torch.Tensor | ArrayLike,
+    update_kind: str,
+) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, str]:
+    """The arguments of :func:`certify` checked: a copy of the model, the update's
+    parameter entries (detached), inputs ``(k, *input_shape)`` in the model's dtype,
+    labels ``(k,)`` or ``(k, classes)`` as given, and the update kind."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, found {type(model).__name__}.")
     given = without_buffers(model, update)[0]
@@ -129,7 +182,7 @@ def certify(
             "label per example."
         )
     if x.shape[0] == 0:
-        return math.inf
+        return model, update, x, y, update_kind
     if not (x.is_floating_point() or x.dtype in _INTEGER_DTYPES):
         raise InputError(f"inputs must be real numbers, found dtype {x.dtype}.")
     if not bool(torch.isfinite(x).all()):
@@ -137,10 +190,25 @@ def certify(
         raise InputError(f"inputs contain {bad} NaN or infinite entries; pass a finite candidate.")
     kind = check_update_kind(update_kind)
     model = copy.deepcopy(model)  # a forward pass may touch buffers (BatchNorm statistics)
-    params = list(model.named_parameters())
     if kind == "delta":
         _class_indices(y, None)
-        return _certify_delta(model, update, x)
+    return model, update, x, y, kind
+
+
+def _gradient_error(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    nonnegative: bool,
+) -> float:
+    """The smallest relative error of the gradient recomputed from ``x`` ``(k, ...)`` and
+    ``y`` under mean, sum and fitted per-example weights (fitted weights are used only
+    where all are positive, or held non-negative when ``nonnegative``)."""
+    from spear.model import batch_statistics_layers
+
+    params = list(model.named_parameters())
     dtype = params[0][1].dtype
     x = x.detach().to(dtype)
     classes = _classes(model, x)
@@ -153,10 +221,10 @@ def certify(
         grad = _weighted_grad(model, tensors, x, y, weights)
         best = min(best, relative_error(grad, observed))
     if best > verified_threshold(dtype) and not batch_statistics_layers(model):
-        fitted = _fit_weights(model, params, x, y, update)
+        fitted = _fit_weights(model, params, x, y, update, nonnegative=nonnegative)
         # a loss weighs its examples by positive amounts; a negative weight fits a wrong
         # label where gradients of two labels are parallel (two classes)
-        if fitted is not None and bool((fitted > 0).all()):
+        if fitted is not None and (nonnegative or bool((fitted > 0).all())):
             grad = _weighted_grad(model, tensors, x, y, fitted.to(dtype))
             best = min(best, relative_error(grad, observed))
     return best
@@ -314,8 +382,11 @@ def _fit_weights(
     x: torch.Tensor,
     y: torch.Tensor,
     update: dict[str, torch.Tensor],
+    *,
+    nonnegative: bool = False,
 ) -> torch.Tensor | None:
-    """Per-example weights ``c`` (k,) fitted on the parameters nearest the output."""
+    """Per-example weights ``c`` (k,) fitted on the parameters nearest the output (held
+    at zero or above when ``nonnegative``); ``None`` when the design is too large."""
     chosen: list[tuple[str, nn.Parameter]] = []
     size = 0
     for name, p in reversed(params):
@@ -334,6 +405,14 @@ def _fit_weights(
         rows.append(_flat(_fill(grads, tensors)))
     design = torch.stack(rows, dim=1)  # (size, k)
     target = _flat([update[n] for n, _ in chosen])
+    if nonnegative:
+        scale = float(design.abs().max()) or 1.0  # nnls works in float64 NumPy
+        weights, _ = nnls(
+            (design / scale).to(torch.float64).numpy(),
+            (target / scale).to(torch.float64).numpy(),
+            maxiter=NNLS_ITERATIONS_PER_WEIGHT * k,
+        )
+        return torch.as_tensor(weights)
     return least_squares(design, target[:, None])[:, 0]
 
 
