@@ -451,6 +451,8 @@ def attack(
         )
         inputs, labels, certificate = best.inputs, best.labels, best.certificate
         source = best.source
+        if source != "approximate":
+            error_rms = None  # the error bars are the approximate estimate's
     certified = (
         certificate is not None
         and math.isfinite(certificate)
