@@ -140,10 +140,12 @@ def nonnegative_fit(
     :func:`certify` drops its fitted weights when one comes out negative, which an
     estimate's example easily does under noise; its error then jumps to that of the
     mean or sum weights, several times the update's norm under DP-SGD clipping. Holding
-    the weights at zero or above gives an error that moves smoothly with the estimate
-    (at most 1: all weights zero), so that estimates of a noisy update can be ranked by
-    it. An example weighted zero is not in the fit: this is a measure of fit, never a
-    certificate of exactness. Same parameters, errors and delta rule as :func:`certify`.
+    the weights at zero or above gives an error that moves smoothly with the estimate,
+    so that estimates of a noisy update can be ranked by it. An example weighted zero is
+    not in the fit: this is a measure of fit, never a certificate of exactness. Same
+    parameters, errors and delta rule as :func:`certify`; where :func:`certify` fits no
+    weights (BatchNorm with batch statistics, a design above
+    :data:`FIT_DESIGN_BUDGET`) the two agree.
     """
     model, update, x, y, kind = _checked(model, update, inputs, labels, update_kind)
     if x.shape[0] == 0:
