@@ -408,11 +408,11 @@ def _fit_weights(
     design = torch.stack(rows, dim=1)  # (size, k)
     target = _flat([update[n] for n, _ in chosen])
     if nonnegative:
-        scale = float(design.abs().max()) or 1.0  # nnls works in float64 NumPy
+        # ||D c - t|| = ||R c - Q^T t|| up to a constant (D = Q R): the same problem in
+        # k x k, which nnls solves in microseconds instead of seconds at 10^5 rows
+        q, r = torch.linalg.qr(design)
         weights, _ = nnls(
-            (design / scale).to(torch.float64).numpy(),
-            (target / scale).to(torch.float64).numpy(),
-            maxiter=NNLS_ITERATIONS_PER_WEIGHT * k,
+            r.numpy(), (q.T @ target).numpy(), maxiter=NNLS_ITERATIONS_PER_WEIGHT * k
         )
         return torch.as_tensor(weights)
     return least_squares(design, target[:, None])[:, 0]
