@@ -411,9 +411,7 @@ def _fit_weights(
         # ||D c - t|| = ||R c - Q^T t|| up to a constant (D = Q R): the same problem in
         # k x k, which nnls solves in microseconds instead of seconds at 10^5 rows
         q, r = torch.linalg.qr(design)
-        weights, _ = nnls(
-            r.numpy(), (q.T @ target).numpy(), maxiter=NNLS_ITERATIONS_PER_WEIGHT * k
-        )
+        weights, _ = nnls(r.numpy(), (q.T @ target).numpy(), maxiter=NNLS_ITERATIONS_PER_WEIGHT * k)
         return torch.as_tensor(weights)
     return least_squares(design, target[:, None])[:, 0]
 
