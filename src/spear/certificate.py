@@ -118,12 +118,7 @@ def certify(
     reductions); per-example weights (duplicates, DP-SGD clipping) are not fitted, since
     one example alone cannot be normalised with the batch's statistics.
     """
-    model, update, x, y, kind = _checked(model, update, inputs, labels, update_kind)
-    if x.shape[0] == 0:
-        return math.inf
-    if kind == "delta":
-        return _certify_delta(model, update, x)
-    return _gradient_error(model, update, x, y, nonnegative=False)
+    return _recomputed_error(model, update, inputs, labels, update_kind, nonnegative=False)
 
 
 def nonnegative_fit(
@@ -147,12 +142,25 @@ def nonnegative_fit(
     weights (BatchNorm with batch statistics, a design above
     :data:`FIT_DESIGN_BUDGET`) the two agree.
     """
+    return _recomputed_error(model, update, inputs, labels, update_kind, nonnegative=True)
+
+
+def _recomputed_error(
+    model: nn.Module,
+    update: dict[str, torch.Tensor],
+    inputs: torch.Tensor | ArrayLike,
+    labels: torch.Tensor | ArrayLike,
+    update_kind: str,
+    *,
+    nonnegative: bool,
+) -> float:
+    """:func:`certify` (``nonnegative=False``) or :func:`nonnegative_fit`."""
     model, update, x, y, kind = _checked(model, update, inputs, labels, update_kind)
     if x.shape[0] == 0:
         return math.inf
     if kind == "delta":
         return _certify_delta(model, update, x)
-    return _gradient_error(model, update, x, y, nonnegative=True)
+    return _gradient_error(model, update, x, y, nonnegative=nonnegative)
 
 
 def _checked(
