@@ -15,7 +15,7 @@ from tests.conftest import fashion, fedsgd_update, mlp
 import spear
 from spear import client, metrics
 from spear.baselines import gradient_matching_attack
-from spear.certificate import certify, nonnegative_fit
+from spear.certificate import certificate_and_fit, certify, nonnegative_fit
 from spear.fallback import aligned_mean
 from spear.inversion.approximate import approximate_inversion
 from spear.noise import estimate_noise
@@ -171,6 +171,8 @@ def test_nonnegative_fit_ranks_estimates_of_a_clipped_noisy_update() -> None:
     assert truth <= certify(model, update, x.float(), y)
     assert estimate <= certify(model, update, blurred.float(), y)
     assert truth < 0.5 * estimate
+    both = certificate_and_fit(model, update, blurred.float(), y)
+    assert both == (certify(model, update, blurred.float(), y), estimate)
     exact_model = mlp((784, 64, 10), seed=0)
     exact = fedsgd_update(exact_model, x, y)
     assert nonnegative_fit(exact_model, exact, x, y) < 1e-10

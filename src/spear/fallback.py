@@ -34,7 +34,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from spear.certificate import certify, nonnegative_fit
+from spear.certificate import certificate_and_fit
 from spear.model import parameter_dtype
 from spear.update import UpdateKind
 
@@ -303,10 +303,8 @@ def _measured(
     ``labels`` ``(k,)``; both ``inf`` without labels."""
     if labels is None:
         return math.inf, math.inf
-    x = inputs.to(parameter_dtype(model))
-    return (
-        certify(model, update, x, labels, update_kind=kind),
-        nonnegative_fit(model, update, x, labels, update_kind=kind),
+    return certificate_and_fit(
+        model, update, inputs.to(parameter_dtype(model)), labels, update_kind=kind
     )
 
 
