@@ -7,6 +7,7 @@ recover the labels (:mod:`spear.labels`) and certify the result
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -21,6 +22,13 @@ from spear import validate
 from spear.binary import Loss, as_two_logits, check_loss, one_logit, view_as_two_logits
 from spear.certificate import certify, verified_threshold
 from spear.decay import find_decay, without_decay
+from spear.dropout import (
+    DirectDropout,
+    direct_dropout,
+    dropout_scales,
+    masks_applied,
+    refined_scales,
+)
 from spear.errors import BatchTooLargeError, InputError, NotAttackableError
 from spear.fallback import Estimate, best_noisy_estimate
 from spear.images import (
@@ -34,8 +42,8 @@ from spear.images import (
 )
 from spear.inversion.identifiability import near_full_rank_note
 from spear.inversion.problem import HALF_PRECISIONS
-from spear.inversion.result import PARTIAL_RECOVERY
-from spear.labels import LabelResult, missing_labels, recover_labels
+from spear.inversion.result import DROPOUT_UNVERIFIED, PARTIAL_RECOVERY
+from spear.labels import LabelResult, label_fit_tol, missing_labels, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
 from spear.linalg import estimate_rank
 from spear.model import (
@@ -68,6 +76,10 @@ NOISY_EXACT_SECONDS = 2.0
 #: approximate path of a noisy update stops its search; the rest is for the
 #: gradient-matching estimates that run where its answer is not reliable.
 APPROXIMATE_SHARE = 0.75
+#: Share of ``time_budget`` the first search gets when a Dropout follows the attacked
+#: layer: one reading of the update (computed with the Dropout active, :mod:`spear.dropout`,
+#: or not) first, and where it leaves examples out, the other with the rest.
+DROPOUT_FIRST_SHARE = 0.5
 #: Models with at most this many outputs give each example's output gradient one
 #: dimension (one logit; two classes under softmax, where ``p - e_0`` and ``p - e_1`` are
 #: parallel), and an incomplete result on them says why (:func:`_narrow_head_note`).
@@ -217,6 +229,8 @@ def attack(
         )
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
+    gradient_with_bias = kind == "gradient" and target.bias is not None
+    direct = direct_dropout(work, target) if gradient_with_bias else None
     bias_key = target.bias_key
     update = _decay_removed(update, work, target, target.weight_key, bias_key, seed, notes)
     weight_grad = update[target.weight_key]
@@ -227,10 +241,27 @@ def attack(
             "and labels and the certificate are not available."
         )
 
-    def invert(size: int | None) -> LayerReconstruction:
-        budget = time_budget
+    # with a Dropout right after the layer's ReLU, the update may have been computed with
+    # it active or not: a model input's examples are searched for first as if it was (the
+    # certificate then tells), a deeper layer's as if not (the model after the layer helps
+    # there); the other reading gets the rest of the budget where examples are left out.
+    # A Dropout further on leaves the layer's zero patterns exact but not the model after
+    # it: the second search goes without that model.
+    dropout_first = direct is not None and target.first
+    deeper = direct is None and kind == "gradient" and bool(dropout_layers_after(work, target))
+
+    def invert(
+        size: int | None,
+        dropout: bool = dropout_first,
+        budget: float | None = None,
+        use_after: bool = True,
+    ) -> LayerReconstruction:
+        if budget is None:
+            split = direct is not None or deeper
+            budget = time_budget * (DROPOUT_FIRST_SHARE if split else 1.0)
         if size is not None and _rank_gap(weight_grad, size) < MIN_RANK_GAP:
             budget = min(time_budget, NOISY_EXACT_SECONDS)
+            dropout = False
         return invert_layer(
             weight_grad,
             bias_grad,
@@ -243,7 +274,8 @@ def attack(
             time_budget=budget,
             progress=progress,
             device=device,
-            after=target.after if kind == "gradient" else None,
+            after=target.after if kind == "gradient" and use_after else None,
+            dropout=dropout,
         )
 
     half = (
@@ -277,7 +309,26 @@ def attack(
         if full is not None:
             notes.append(full)
         result = invert(batch_size)
-    notes.extend(result.notes)
+    exact_gap = batch_size is None or result.rank_gap >= MIN_RANK_GAP
+    if (direct is not None or deeper) and not half and exact_gap and _incomplete(result):
+        second = invert(
+            batch_size,
+            dropout=direct is not None and not result.dropout,
+            budget=max(_seconds_left(start, time_budget), 1.0),
+            use_after=not deeper,
+        )
+        if second.found > result.found or (second.complete and not result.complete):
+            result = second
+            if deeper:
+                notes.append(
+                    "examples found without the model after the layer: a Dropout further on "
+                    "may have masked the client's pass through it at random, which this "
+                    "model (in eval mode) does not reproduce, so the labels read with it are "
+                    "best estimates and the update recomputed with it does not fit."
+                )
+    # the layer's note on a result solved for an active Dropout is replaced by what the
+    # masks read off it say (below)
+    notes.extend(n for n in result.notes if n != DROPOUT_UNVERIFIED)
     narrow = None if result.complete or result.interrupted else _narrow_head_note(target, binary)
     if narrow is not None:
         notes.append(narrow)
@@ -285,9 +336,10 @@ def attack(
     if dropouts:
         notes.append(
             f"{', '.join(dropouts)} after the attacked layer: if the client trained with "
-            "dropout active, each example's gradient at the layer carries a random mask that "
-            "this model (in eval mode) does not reproduce, so true examples fail the ReLU "
-            "pattern and model checks. spear does not model dropout masks; an update "
+            "dropout active, each example's gradient at the layer carries a random mask. "
+            "spear reads the masks of an nn.Dropout right after the layer's ReLU off the "
+            "update; the masks of a Dropout further on are not in it, and this model (in "
+            "eval mode) does not reproduce them, so true examples fail its checks. An update "
             "computed in eval mode (dropout off) is attacked exactly."
         )
     # input_range bounds model inputs, not the features a layer behind others takes
@@ -342,8 +394,19 @@ def attack(
             notes.append(result.notes[-1])
     label_result: LabelResult | None = None
     kind_mismatch = False
+    dropped: DirectDropout | None = None
+    scales: torch.Tensor | None = None
+    if direct is not None and result.dropout and result.found:
+        scales = _dropout_scales(direct, target, features.to(dtype), result, weight_grad.dtype)
+        if bool((scales == 0).any()):
+            dropped = direct
+            notes.append(_dropout_note(direct, scales, target.first))
+        else:
+            scales = None  # no unit dropped: read as an update computed in eval mode
     if target.bias is not None and result.found and target.after is not None:
-        label_result, kind_mismatch = _labels(target, features.to(dtype), result, kind)
+        label_result, kind_mismatch = _labels(
+            target, features.to(dtype), result, kind, unit_scales=scales
+        )
         labels = label_result.labels
         if kind_mismatch:
             other: UpdateKind = "gradient" if kind == "delta" else "delta"
@@ -390,7 +453,8 @@ def attack(
     )
     determined = rebuilt is not None and rebuilt.all_determined and result.complete
     if target.first and labels is not None:
-        certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
+        with _client_masks(work, dropped, inputs.to(dtype), scales):
+            certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
         if kind == "delta":
             notes.append(
                 "certificate for a FedAvg delta: without the client's learning rate, step "
@@ -416,7 +480,7 @@ def attack(
                 "layer does not show (every unit off for them; under a sum reduction nothing "
                 "else counts them), or the loss is not softmax cross-entropy."
             )
-    elif determined and rebuilt is not None and labels is not None:
+    elif determined and rebuilt is not None and labels is not None and dropped is None:
         certificate = certify(work, observed, rebuilt.images, labels, update_kind=kind)
         notes.append(
             "certificate computed from .images, which their features determine: the update "
@@ -486,7 +550,10 @@ def attack(
             "that turns every unit of the layer off, or one whose gradient is a combination "
             "of the others'), so the batch is incomplete and not verified."
         )
-    examples_verified = certified and result.verified and complete and not repeated
+    # with an active Dropout the layer checks only the units each example turns off; the
+    # certificate, recomputed with the masks, checks the rest
+    checked = result.verified or (result.dropout and result.complete)
+    examples_verified = certified and checked and complete and not repeated
     labels_certified = kind == "gradient" and label_result is not None and label_result.exact
     verified = examples_verified and labels_certified
     if examples_verified and not verified and kind == "gradient":
@@ -954,11 +1021,78 @@ def _seconds_left(start: float, budget: float) -> float:
     return max(0.0, budget - (time.perf_counter() - start))
 
 
+def _dropout_note(dropout: DirectDropout, scales: torch.Tensor, first: bool) -> str:
+    """What the masks read off the gradient columns ``scales`` ``(k, m)`` say (``first``:
+    the attacked layer takes the model's inputs, so the update is recomputed with them)."""
+    dropped = int((scales == 0).sum())
+    uses = "its label and the certificate" if first else "its label"
+    return (
+        f"the update was computed with {type(dropout.module).__name__} {dropout.name!r} "
+        f"(p = {dropout.p:g}) active: each example's mask is read off its gradient column "
+        f"(a unit it turns on that carries no gradient was dropped; {dropped} in all) and "
+        f"applied to the model in eval mode for {uses}."
+    )
+
+
+def _incomplete(result: LayerReconstruction) -> bool:
+    """Whether a search left examples out, and was not stopped by Ctrl-C."""
+    return not result.complete and not result.interrupted
+
+
+def _dropout_scales(
+    dropout: DirectDropout,
+    target: AttackTarget,
+    features: torch.Tensor,
+    result: LayerReconstruction,
+    update_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The recovered examples' Dropout scales ``(k, m)`` (:func:`spear.dropout.dropout_scales`),
+    mended where an example's label does not fit (:func:`spear.dropout.refined_scales`)."""
+    bias = target.bias.detach() if target.bias is not None else None
+    with torch.no_grad():
+        pre = nn.functional.linear(features, target.weight.detach(), bias)
+    eps = float(torch.finfo(update_dtype).eps)
+    columns = result.output_grads.cpu()
+    scales = dropout_scales(pre, columns, dropout.p, eps)
+    after = target.after
+    if after is None:
+        return scales
+
+    def misfit(i: int, row: torch.Tensor) -> float:
+        assert after is not None
+        fitted = recover_labels(
+            after,
+            target.weight.detach(),
+            bias,
+            features[i : i + 1],
+            columns[:, i : i + 1],
+            unit_scales=row[None],
+        )
+        return float(fitted.fit_error[0])
+
+    tol = label_fit_tol(features.dtype)
+    return refined_scales(scales, pre, columns, eps, misfit, tol)
+
+
+def _client_masks(
+    model: nn.Module,
+    dropout: DirectDropout | None,
+    inputs: torch.Tensor,
+    scales: torch.Tensor | None,
+) -> contextlib.AbstractContextManager[None]:
+    """The model run with the examples' Dropout masks (:func:`spear.dropout.masks_applied`),
+    or as it is."""
+    if dropout is None or scales is None:
+        return contextlib.nullcontext()
+    return masks_applied(model, dropout, inputs, scales)
+
+
 def _labels(
     target: AttackTarget,
     features: torch.Tensor,
     result: LayerReconstruction,
     update_kind: UpdateKind,
+    unit_scales: torch.Tensor | None = None,
 ) -> tuple[LabelResult, bool]:
     """Labels of the recovered examples, and whether the update's sign contradicts its kind.
 
@@ -980,6 +1114,7 @@ def _labels(
             features,
             grads * s,
             missing=max(0, result.batch_size - result.found),
+            unit_scales=unit_scales,
         )
 
     found = recover(sign)

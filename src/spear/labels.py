@@ -119,6 +119,7 @@ def recover_labels(
     features: torch.Tensor,
     output_grads: torch.Tensor,
     missing: int = 0,
+    unit_scales: torch.Tensor | None = None,
 ) -> LabelResult:
     """Labels of the recovered examples from their gradient columns.
 
@@ -135,6 +136,10 @@ def recover_labels(
     missing:
         Distinct examples the update shows that were not recovered (a partial result):
         a mean's divisor then counts them too.
+    unit_scales:
+        ``(k, m)``: each example's pre-activations are multiplied by these before
+        ``after`` (an active Dropout right after the layer's ReLU,
+        :func:`spear.dropout.dropout_scales`); ``None``: none.
 
     Returns
     -------
@@ -158,7 +163,14 @@ def recover_labels(
     classes = 0
     for i in range(k):
         z = pre[i : i + 1].detach()
-        jac = torch.autograd.functional.jacobian(lambda t: logits(t)[0], z)  # (C, 1, m)
+        if unit_scales is not None:
+            scales = unit_scales[i : i + 1].to(z.device, z.dtype)
+            jac = torch.autograd.functional.jacobian(
+                lambda t, s=scales: logits(t * s)[0], z
+            )  # (C, 1, m)
+            z = z * scales
+        else:
+            jac = torch.autograd.functional.jacobian(lambda t: logits(t)[0], z)  # (C, 1, m)
         j = jac[:, 0, :].to(torch.float64)  # (C, m)
         ranks[i], classes = _jacobian_rank(j, dtype), int(j.shape[0])
         # r at unit scale (an update of entries about 1e-300 would underflow r @ r); the

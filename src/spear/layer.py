@@ -112,6 +112,7 @@ def invert_layer(
     progress: bool | None = None,
     search_with_weights: bool = True,
     after: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dropout: bool = False,
 ) -> LayerReconstruction:
     """Rebuild the ``b`` inputs of a linear layer followed by ReLU from its gradient.
 
@@ -158,6 +159,13 @@ def invert_layer(
         weights and an exact one-step gradient, it finds the examples whose zero sets
         leave the layer's own update ambiguous and checks every example whose direction
         it found (:mod:`spear.downstream`); :func:`spear.attack` passes it.
+    dropout:
+        A Dropout right after the layer's ReLU was active when the client computed the
+        update: a unit an example turns on may carry no gradient (dropped), so each
+        example is checked only on the units its ReLU pattern turns off, ``after`` is not
+        used (the model after the layer does not know the masks), and the result is not
+        :attr:`~spear.results.LayerReconstruction.verified` (:func:`spear.attack` checks
+        the whole update with the masks read off the columns, :mod:`spear.dropout`).
 
     Returns
     -------
@@ -202,10 +210,11 @@ def invert_layer(
         search_with_weights=search_with_weights,
         downstream=(
             Downstream(after, weight, bias, weight_grad.dtype)
-            if after is not None and weight is not None
+            if after is not None and weight is not None and not dropout
             else None
         ),
         scale=scale,
+        dropout=dropout,
     )
     result = invert(Problem.build(request, start))
     if scale != 1.0:

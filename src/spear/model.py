@@ -27,6 +27,7 @@ __all__ = [
     "check_batch_norm",
     "check_dropout",
     "dropout_layers_after",
+    "dropout_modules_after",
     "find_target",
     "guess_input_shape",
     "parameter_dtype",
@@ -312,10 +313,16 @@ def dropout_layers_after(model: nn.Module, target: AttackTarget) -> list[str]:
         One description per module, e.g. ``"Dropout 'dropout2'"``; empty when there is
         none or the model was not split at the layer.
     """
+    return [f"{type(mod).__name__} {name!r}" for name, mod in dropout_modules_after(model, target)]
+
+
+def dropout_modules_after(model: nn.Module, target: AttackTarget) -> list[tuple[str, nn.Module]]:
+    """The Dropout modules with ``p > 0`` that the model after the attacked layer runs,
+    with their names in ``model``, in whichever mode (see :func:`dropout_layers_after`)."""
     if not isinstance(target.after, nn.Module):
         return []
     return [
-        f"{type(mod).__name__} {name!r}"
+        (name, mod)
         for name, mod in _named_modules_within(model, target.after)
         if isinstance(mod, _DROPOUTS) and mod.p > 0
     ]
@@ -341,9 +348,9 @@ def check_dropout(model: nn.Module) -> None:
         f"{', '.join(layers)} {verb} random units (training mode): every forward pass "
         "then runs another network, so the update cannot be recomputed and nothing can be "
         "reconstructed or certified. Pass the model in eval mode: model.eval() (for a "
-        "torch.export program, export model.eval()); Dropout is then the identity. An "
-        "update the client computed with dropout active holds its random masks, which no "
-        "model the server runs reproduces."
+        "torch.export program, export model.eval()); Dropout is then the identity. The "
+        "masks of an update the client computed with dropout active are read off the update "
+        "where an nn.Dropout directly follows the attacked layer's ReLU."
     )
 
 

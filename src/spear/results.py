@@ -118,6 +118,10 @@ class LayerReconstruction:
     zero_row_sigma:
         For an approximate result: the noise std read from the units every example
         leaves off (their update is noise alone); ``None`` when there are none.
+    dropout:
+        Solved for an active Dropout right after the layer's ReLU (``invert_layer(...,
+        dropout=True)``): each example was checked only on the units it turns off, and
+        the result is not :attr:`verified` on its own.
     """
 
     inputs: torch.Tensor
@@ -141,6 +145,7 @@ class LayerReconstruction:
     noise_consistent: bool | None = None
     residual_ratio: float | None = None
     zero_row_sigma: float | None = None
+    dropout: bool = False
 
     @property
     def found(self) -> int:

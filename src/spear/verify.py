@@ -77,6 +77,10 @@ class LayerView:
     #: (``None`` for gradients): how far local training moved each pre-activation.
     moved_coords: torch.Tensor | None = None
     moved_bias: torch.Tensor | None = None
+    #: A Dropout right after the layer's ReLU was active (:mod:`spear.dropout`): a unit an
+    #: example turns on may carry no gradient (it was dropped), so only the units it turns
+    #: off are checked.
+    dropout: bool = False
 
 
 def movement(layer: LayerView, coord: torch.Tensor) -> torch.Tensor | None:
@@ -138,6 +142,7 @@ def pattern_check(
     delta:
         FedAvg deltas allow predicted-off units to carry updates (fact 11); units the
         delta itself moves by more than their margin (:data:`MOVED_MARGIN`) are left out.
+        With :attr:`LayerView.dropout` predicted-on units may carry none (dropped units).
 
     Returns
     -------
@@ -155,7 +160,8 @@ def pattern_check(
     on = (z > 0) & clear
     n_clear = max(1, int(clear.sum()))
     off_but_nonzero = int((off & ~grad_zero).sum())
-    on_but_zero = int((on & grad_zero & live).sum())
+    # a unit dropped by an active Dropout carries no gradient although its example turns it on
+    on_but_zero = 0 if layer.dropout else int((on & grad_zero & live).sum())
     mismatch = MISMATCH_EXACT if exact_precision(eps) else MISMATCH_LOW_PRECISION
     off_limit = MAX_OFF_BUT_NONZERO_DELTA if delta else mismatch
     on_limit = MAX_ON_BUT_ZERO_DELTA if delta else mismatch

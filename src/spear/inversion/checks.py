@@ -84,8 +84,9 @@ def verified_indices(
 
 
 def exact_patterns(problem: Problem) -> bool:
-    """The gradient's zero pattern is exactly the ReLU pattern (one step, fine dtype)."""
-    return not problem.delta and exact_precision(problem.eps)
+    """The gradient's zero pattern is exactly the ReLU pattern (one step, fine dtype, no
+    active Dropout after the ReLU)."""
+    return not problem.delta and not problem.request.dropout and exact_precision(problem.eps)
 
 
 def not_refuted(problem: Problem, live: torch.Tensor) -> Callable[[torch.Tensor], bool]:

@@ -85,6 +85,8 @@ class Request:
     downstream: Downstream | None = None
     #: The power of two the update was divided by (:func:`spear.invert_layer`).
     scale: float = 1.0
+    #: A Dropout right after the layer's ReLU was active (:func:`spear.invert_layer`).
+    dropout: bool = False
 
 
 #: Two inputs are one example when they differ by at most this fraction of the larger's
@@ -481,4 +483,5 @@ def _layer_view(
         right=fac.right,
         moved_coords=(dw @ fac.right.T) * request.scale if delta else None,
         moved_bias=db * request.scale if delta and db is not None and bias is not None else None,
+        dropout=request.dropout,
     )

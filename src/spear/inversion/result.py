@@ -18,6 +18,13 @@ __all__ = ["PARTIAL_RECOVERY", "finish"]
 
 #: How the note on a partial result begins (callers that replace the result drop it).
 PARTIAL_RECOVERY = "partial recovery:"
+#: The note on a result solved with ``dropout=True``.
+DROPOUT_UNVERIFIED = (
+    "solved for an active Dropout after the layer's ReLU: each example's gradient column was "
+    "checked only on the units its ReLU pattern turns off (a unit it turns on may have been "
+    "dropped), so the layer alone verifies nothing; spear.attack checks the whole update "
+    "with the dropout masks read off the columns."
+)
 
 
 def finish(problem: Problem, state: SearchState) -> LayerReconstruction:
@@ -48,6 +55,11 @@ def finish(problem: Problem, state: SearchState) -> LayerReconstruction:
             state.notes.append(_loose_note(k - sum(strict), k, problem.in_dtype))
     _closing_notes(problem, state, residual)
     verified = verified and k == rank  # a partial result is never verified
+    if problem.request.dropout and k:
+        # the check saw only the units each example turns off: a unit it turns on may
+        # have been dropped
+        verified = False
+        state.notes.append(DROPOUT_UNVERIFIED)
     return LayerReconstruction(
         inputs=inputs,
         batch_size=rank,
@@ -64,6 +76,7 @@ def finish(problem: Problem, state: SearchState) -> LayerReconstruction:
         seconds=time.perf_counter() - problem.start,
         notes=state.notes,
         found_by=state.found_by[:k],
+        dropout=problem.request.dropout,
     )
 
 

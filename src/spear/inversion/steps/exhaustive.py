@@ -44,7 +44,7 @@ class ExhaustiveSolve:
             full_live,
             tol.zero_tol,
             tol.degeneracy_tol,
-            None if problem.delta else not_refuted(problem, full_live),
+            None if problem.delta or problem.request.dropout else not_refuted(problem, full_live),
             problem.deadline,
         )
 

@@ -1,0 +1,195 @@
+"""Clients that train with Dropout active: masks read off the update, checked end to end.
+
+A Dropout right after the attacked layer's ReLU zeroes random units of each example's
+gradient column; the masks that matter are those zeros on units the example turns on, so
+``spear.attack`` reads them off the recovered columns and recomputes the whole update with
+them. Every case is checked against the truth (the masks included).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import assert_exact, fashion, match_rows
+from torch import nn
+
+import spear
+from spear.certificate import certify, verified_threshold
+from spear.data import rgb_patches, sample_batch
+from spear.dropout import direct_dropout, dropout_scales, masks_applied
+from spear.model import find_target
+
+#: Largest error of a float32 reconstruction that counts as exact ([0, 1] pixels).
+EXACT32 = 1e-4
+
+
+def dropout_mlp(p: float, dtype: torch.dtype, *, seed: int = 0, deep: bool = False) -> nn.Module:
+    """``784 -> 256 -> 128 -> 10`` with ``Dropout(p)`` after the first ReLU (``deep``:
+    after the second)."""
+    torch.manual_seed(seed)
+    first: list[nn.Module] = [nn.Linear(784, 256), nn.ReLU()]
+    second: list[nn.Module] = [nn.Linear(256, 128), nn.ReLU()]
+    (second if deep else first).append(nn.Dropout(p))
+    return nn.Sequential(nn.Flatten(), *first, *second, nn.Linear(128, 10)).to(dtype)
+
+
+def client_update(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The FedSGD update (mean cross-entropy) with the model in training mode, and the
+    Dropout right after the first ReLU's keep mask ``(b, m)`` (``None`` if there is none)."""
+    model.train(train)
+    seen: list[torch.Tensor] = []
+    direct = isinstance(model[3], nn.Dropout)
+    handle = model[3].register_forward_hook(
+        lambda _m, args, out: seen.append((out != 0) | (args[0] == 0)) if direct else None
+    )
+    params = dict(model.named_parameters())
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    handle.remove()
+    model.eval()
+    keep = seen[0] if direct else None
+    return {n: g.detach().clone() for n, g in zip(params, grads, strict=True)}, keep
+
+
+@pytest.mark.parametrize(
+    ("dtype", "p", "b"),
+    [(torch.float64, 0.5, 8), (torch.float64, 0.2, 16), (torch.float32, 0.5, 16)],
+)
+def test_attack_reads_the_masks_and_verifies(dtype: torch.dtype, p: float, b: int) -> None:
+    model = dropout_mlp(p, dtype)
+    x, y = fashion(b, seed=1)
+    update, _ = client_update(model, x.to(dtype), y)
+    rec = spear.attack(model, update, time_budget=60)
+    assert rec.complete and rec.verified
+    assert rec.certificate is not None and rec.certificate <= verified_threshold(dtype)
+    matching = assert_exact(rec.inputs, x, rel=1e-8 if dtype == torch.float64 else EXACT32)
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
+    assert rec.layer_result is not None and rec.layer_result.dropout
+    assert any("active: each example's mask is read off" in n for n in rec.notes)
+
+
+def test_masks_read_off_the_columns_are_the_clients() -> None:
+    model = dropout_mlp(0.5, torch.float64)
+    x, y = fashion(16, seed=2)
+    update, keep = client_update(model, x, y)
+    assert keep is not None
+    layer = model[1]
+    res = spear.invert_layer(
+        update["1.weight"],
+        update["1.bias"],
+        weight=layer.weight.detach(),
+        bias=layer.bias.detach(),
+        dropout=True,
+    )
+    assert res.complete and res.dropout and not res.verified
+    matching = match_rows(res.inputs, x)
+    pre = layer(res.inputs.to(torch.float64)).detach()
+    scales = dropout_scales(pre, res.output_grads, 0.5, float(torch.finfo(torch.float64).eps))
+    on = pre > 0
+    truth = keep[matching.truth_index].to(torch.float64) / 0.5
+    rows = torch.as_tensor(matching.rec_index)
+    assert torch.equal(scales[rows][on[rows]], truth[on[rows]])
+    assert bool((scales == 0).any())
+
+
+def test_a_wrong_mask_fails_the_certificate() -> None:
+    model = dropout_mlp(0.5, torch.float64)
+    x, y = fashion(8, seed=3)
+    update, keep = client_update(model, x, y)
+    assert keep is not None
+    target = find_target(model, None)
+    found = direct_dropout(model, target)
+    assert found is not None and found.name == "3" and found.p == 0.5
+    scales = keep.to(torch.float64) / 0.5
+    with masks_applied(model, found, x, scales):
+        right = certify(model, update, x, y)
+    on = model[1](x.flatten(1)).detach() > 0
+    flipped = scales.clone()
+    unit = int(torch.nonzero(on[0] & (scales[0] > 0))[0])
+    flipped[0, unit] = 0.0  # one kept unit of one example read as dropped
+    with masks_applied(model, found, x, flipped):
+        wrong = certify(model, update, x, y)
+    plain = certify(model, update, x, y)
+    assert right <= verified_threshold(torch.float64)
+    assert wrong > 1e3 * verified_threshold(torch.float64)
+    assert plain > 1e3 * verified_threshold(torch.float64)
+
+
+def test_a_client_with_dropout_off_is_read_as_such() -> None:
+    model = dropout_mlp(0.5, torch.float64)
+    x, y = fashion(16, seed=4)
+    update, _ = client_update(model, x, y, train=False)
+    rec = spear.attack(model, update, time_budget=60)
+    assert rec.verified
+    assert_exact(rec.inputs, x)
+    assert not any("active: each example's mask" in n for n in rec.notes)
+
+
+def test_a_deeper_dropout_is_never_verified() -> None:
+    model = dropout_mlp(0.5, torch.float64, deep=True)
+    x, y = fashion(8, seed=5)
+    update, _ = client_update(model, x, y)
+    target = find_target(model, None)
+    assert direct_dropout(model, target) is None
+    rec = spear.attack(model, update, time_budget=20)
+    assert not rec.verified
+    assert rec.certificate is not None and rec.certificate > 1e-3
+    assert_exact(rec.inputs, x)
+    assert rec.inputs.shape[0] == 8
+    assert any("without the model after the layer" in n for n in rec.notes)
+
+
+def test_direct_dropout_needs_the_relu_output() -> None:
+    torch.manual_seed(0)
+    alpha = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.AlphaDropout(0.5), nn.Linear(30, 4))
+    assert direct_dropout(alpha.eval(), find_target(alpha, None)) is None
+    plain = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Dropout(0.3), nn.Linear(30, 4))
+    found = direct_dropout(plain.eval(), find_target(plain, None))
+    assert found is not None and found.p == 0.3
+
+
+class DropoutCnn(nn.Module):
+    """Flower's tutorial CNN with ``Dropout(0.5)`` after ``fc1``'s ReLU (float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(400, 120)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+        self.double()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, 400)``: what enters ``fc1``."""
+        x = self.pool(torch.relu(self.conv1(x)))
+        return torch.flatten(self.pool(torch.relu(self.conv2(x))), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.fc1(self.features(x))))
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def test_conv_net_features_come_back_with_their_labels() -> None:
+    net = DropoutCnn()
+    x, y = sample_batch(rgb_patches(200), 4, 0)
+    x = x.to(torch.float64)
+    net.train()
+    params = dict(net.named_parameters())
+    loss = nn.functional.cross_entropy(net(x), y)
+    update = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    net.eval()
+    rec = spear.attack(net, update, time_budget=60, image_budget=0)
+    assert rec.feature_space and rec.complete
+    assert not rec.verified  # features: no end-to-end certificate
+    matching = assert_exact(rec.inputs, net.features(x).detach())
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
+    assert rec.layer_result is not None and rec.layer_result.dropout
+    assert any("'drop' (p = 0.5) active" in n for n in rec.notes)
