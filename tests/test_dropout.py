@@ -16,7 +16,8 @@ from torch import nn
 import spear
 from spear.certificate import certify, verified_threshold
 from spear.data import rgb_patches, sample_batch
-from spear.dropout import direct_dropout, dropout_scales, masks_applied
+from spear.dropout import direct_dropout, dropout_scales, masks_applied, refined_scales
+from spear.labels import label_fit_tol, recover_labels
 from spear.model import find_target
 
 #: Largest error of a float32 reconstruction that counts as exact ([0, 1] pixels).
@@ -93,6 +94,49 @@ def test_masks_read_off_the_columns_are_the_clients() -> None:
     rows = torch.as_tensor(matching.rec_index)
     assert torch.equal(scales[rows][on[rows]], truth[on[rows]])
     assert bool((scales == 0).any())
+
+
+def test_an_ambiguous_entry_is_read_by_the_label_fit() -> None:
+    model = dropout_mlp(0.5, torch.float64)
+    x, y = fashion(8, seed=6)
+    update, keep = client_update(model, x, y)
+    assert keep is not None
+    layer = model[1]
+    res = spear.invert_layer(
+        update["1.weight"],
+        update["1.bias"],
+        weight=layer.weight.detach(),
+        bias=layer.bias.detach(),
+        dropout=True,
+    )
+    matching = match_rows(res.inputs, x)
+    i = int(matching.rec_index[0])
+    pre = layer(res.inputs).detach()
+    truth = keep[int(matching.truth_index[0])]
+    unit = int(torch.nonzero((pre[i] > 0) & ~truth)[0])
+    columns = res.output_grads.clone()
+    # a dropped unit's entry raised to 100 times the column's noise floor: read as kept
+    floor = float(columns[:, i].abs()[pre[i] < 0].max())
+    columns[unit, i] = 100 * floor
+    eps = float(torch.finfo(torch.float64).eps)
+    first = dropout_scales(pre, columns, 0.5, eps)
+    assert float(first[i, unit]) == 2.0
+
+    def misfit(k: int, row: torch.Tensor) -> float:
+        fitted = recover_labels(
+            model[2:],
+            layer.weight.detach(),
+            layer.bias.detach(),
+            res.inputs[k : k + 1],
+            res.output_grads[:, k : k + 1],
+            unit_scales=row[None],
+        )
+        return float(fitted.fit_error[0])
+
+    assert misfit(i, first[i]) > label_fit_tol(torch.float64)
+    mended = refined_scales(first, pre, columns, eps, misfit, label_fit_tol(torch.float64))
+    assert float(mended[i, unit]) == 0.0
+    assert misfit(i, mended[i]) <= label_fit_tol(torch.float64)
 
 
 def test_a_wrong_mask_fails_the_certificate() -> None:

@@ -220,9 +220,13 @@ def masks_applied(
         if batch.shape[1] != flat.shape[1]:
             rows.append(torch.full((x.shape[0],), -1, dtype=torch.int64))
             return
-        same = (batch[:, None, :] == flat[None, :, :].to(batch.dtype)).all(dim=2)
-        index = same.to(torch.int64).argmax(dim=1)
-        rows.append(torch.where(same.any(dim=1), index, -1))
+        known = flat.to(batch.dtype)
+        index = torch.full((batch.shape[0],), -1, dtype=torch.int64)
+        for r in range(batch.shape[0]):  # one row at a time: (k, n) in memory, not (r, k, n)
+            same = torch.nonzero((known == batch[r]).all(dim=1)).flatten()
+            if same.numel():
+                index[r] = int(same[0])
+        rows.append(index)
 
     def scale(_mod: nn.Module, _args: tuple[object, ...], out: torch.Tensor) -> torch.Tensor:
         if not rows or rows[-1].shape[0] != out.shape[0] or out.shape[1:] != scales.shape[1:]:
