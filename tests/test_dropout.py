@@ -8,12 +8,15 @@ them. Every case is checked against the truth (the masks included).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tests.conftest import assert_exact, fashion, match_rows
 from torch import nn
 
 import spear
+from spear.auditor import AuditOptions, UpdateAuditor
 from spear.certificate import certify, verified_threshold
 from spear.data import rgb_patches, sample_batch
 from spear.dropout import direct_dropout, dropout_scales, masks_applied, refined_scales
@@ -237,3 +240,17 @@ def test_conv_net_features_come_back_with_their_labels() -> None:
     assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
     assert rec.layer_result is not None and rec.layer_result.dropout
     assert any("'drop' (p = 0.5) active" in n for n in rec.notes)
+
+
+def test_an_audit_of_a_model_in_training_mode_reads_the_masks(tmp_path: Path) -> None:
+    model = dropout_mlp(0.5, torch.float64)
+    x, y = fashion(8, seed=7)
+    update, _ = client_update(model, x, y)
+    model.train()  # as a training loop leaves it; the auditor runs Dropout as the identity
+    sent = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+    returned = {name: g.numpy() for name, g in update.items()}
+    auditor = UpdateAuditor(model, tmp_path, AuditOptions(update_kind="gradient"))
+    record = auditor.attack_update(1, "client-0", sent, returned)
+    assert record["error"] is None
+    assert record["recovered"] == 8 and record["verified"]
+    assert model.training  # the user's model is left as it was

@@ -58,6 +58,7 @@ from torch import nn
 import spear
 from spear import validate
 from spear.errors import InputError
+from spear.model import dropout_off
 from spear.pages import html_page, html_table, image_tiles, write_text_atomic
 from spear.report import markdown_table, to_jsonable
 from spear.update import UpdateKind, check_update_kind
@@ -300,7 +301,8 @@ def _float_dtype(arrays: Arrays) -> torch.dtype:
 
 
 def _round_model(model: nn.Module, sent: Arrays) -> _RoundModel:
-    """A copy of ``model`` holding the weights ``sent``, in their floating dtype."""
+    """A copy of ``model`` holding the weights ``sent``, in their floating dtype, with its
+    Dropout layers in eval mode."""
     names = match_arrays(model, {key: tuple(value.shape) for key, value in sent.items()})
     dtype = _float_dtype(sent)
     work = copy.deepcopy(model).to(dtype)
@@ -308,6 +310,9 @@ def _round_model(model: nn.Module, sent: Arrays) -> _RoundModel:
     for key, name in names.items():
         state[name] = torch.from_numpy(np.array(sent[key], copy=True)).to(state[name].dtype)
     work.load_state_dict(state)
+    # Dropout is the identity on the server; the masks of clients that trained with it
+    # active are read off their updates (spear.dropout)
+    dropout_off(work)
     present = set(names.values())
     missing = [name for name, _ in work.named_parameters() if name not in present]
     return _RoundModel(work, names, dtype, missing)

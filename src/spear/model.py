@@ -28,6 +28,7 @@ __all__ = [
     "check_dropout",
     "dropout_layers_after",
     "dropout_modules_after",
+    "dropout_off",
     "find_target",
     "guess_input_shape",
     "parameter_dtype",
@@ -326,6 +327,14 @@ def dropout_modules_after(model: nn.Module, target: AttackTarget) -> list[tuple[
         for name, mod in _named_modules_within(model, target.after)
         if isinstance(mod, _DROPOUTS) and mod.p > 0
     ]
+
+
+def dropout_off(model: nn.Module) -> None:
+    """Put every Dropout module of ``model`` in eval mode (the identity), in place; the
+    other modules keep their mode."""
+    for module in model.modules():
+        if isinstance(module, _DROPOUTS):
+            module.eval()
 
 
 def check_dropout(model: nn.Module) -> None:
