@@ -18,6 +18,7 @@ from torch import nn
 import spear
 from spear.auditor import AuditOptions, UpdateAuditor
 from spear.certificate import certify, verified_threshold
+from spear.client import fedavg_update
 from spear.data import rgb_patches, sample_batch
 from spear.dropout import direct_dropout, dropout_scales, masks_applied, refined_scales
 from spear.labels import label_fit_tol, recover_labels
@@ -254,3 +255,18 @@ def test_an_audit_of_a_model_in_training_mode_reads_the_masks(tmp_path: Path) ->
     assert record["error"] is None
     assert record["recovered"] == 8 and record["verified"]
     assert model.training  # the user's model is left as it was
+
+
+def test_fedavg_deltas_come_back_exact_and_unverified() -> None:
+    # one epoch in mini-batches: each example is used once, with its own mask
+    model = dropout_mlp(0.5, torch.float64)
+    x, y = fashion(16, seed=8)
+    model.train()
+    delta = fedavg_update(model, x, y, epochs=1, batch_size=8, lr=0.1, seed=0)
+    model.eval()
+    rec = spear.attack(model, delta, update_kind="delta", time_budget=60)
+    assert rec.complete
+    assert_exact(rec.inputs, x, rel=1e-8)
+    # a delta's certificate checks a span, which mixtures of the examples share: the
+    # one-sided pattern check does not verify them
+    assert not rec.examples_verified and not rec.verified

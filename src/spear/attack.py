@@ -229,8 +229,7 @@ def attack(
         )
     if len(target.examined) > 1:
         notes.append("layers examined: " + "; ".join(target.examined))
-    gradient_with_bias = kind == "gradient" and target.bias is not None
-    direct = direct_dropout(work, target) if gradient_with_bias else None
+    direct = direct_dropout(work, target) if target.bias is not None else None
     bias_key = target.bias_key
     update = _decay_removed(update, work, target, target.weight_key, bias_key, seed, notes)
     weight_grad = update[target.weight_key]
@@ -248,7 +247,7 @@ def attack(
     # A Dropout further on leaves the layer's zero patterns exact but not the model after
     # it: the second search goes without that model.
     dropout_first = direct is not None and target.first
-    deeper = direct is None and kind == "gradient" and bool(dropout_layers_after(work, target))
+    deeper = direct is None and bool(dropout_layers_after(work, target))
 
     def invert(
         size: int | None,
@@ -400,7 +399,7 @@ def attack(
         scales = _dropout_scales(direct, target, features.to(dtype), result, weight_grad.dtype)
         if bool((scales == 0).any()):
             dropped = direct
-            notes.append(_dropout_note(direct, scales, target.first))
+            notes.append(_dropout_note(direct, scales, target.first and kind == "gradient"))
         else:
             scales = None  # no unit dropped: read as an update computed in eval mode
     if target.bias is not None and result.found and target.after is not None:
@@ -550,9 +549,10 @@ def attack(
             "that turns every unit of the layer off, or one whose gradient is a combination "
             "of the others'), so the batch is incomplete and not verified."
         )
-    # with an active Dropout the layer checks only the units each example turns off; the
-    # certificate, recomputed with the masks, checks the rest
-    checked = result.verified or (result.dropout and result.complete)
+    # with an active Dropout the layer checks only the units each example turns off; a
+    # gradient's certificate, recomputed with the masks, checks the rest (a delta's span
+    # check cannot: mixtures of the examples span the same space)
+    checked = result.verified or (result.dropout and result.complete and kind == "gradient")
     examples_verified = certified and checked and complete and not repeated
     labels_certified = kind == "gradient" and label_result is not None and label_result.exact
     verified = examples_verified and labels_certified
@@ -1023,7 +1023,8 @@ def _seconds_left(start: float, budget: float) -> float:
 
 def _dropout_note(dropout: DirectDropout, scales: torch.Tensor, first: bool) -> str:
     """What the masks read off the gradient columns ``scales`` ``(k, m)`` say (``first``:
-    the attacked layer takes the model's inputs, so the update is recomputed with them)."""
+    the attacked layer takes the model's inputs and the update is a gradient, so it is
+    recomputed with them)."""
     dropped = int((scales == 0).sum())
     uses = "its label and the certificate" if first else "its label"
     return (
