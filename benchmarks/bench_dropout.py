@@ -122,7 +122,7 @@ def run_case(
     rec = spear.attack(model, update, time_budget=budget, image_budget=0)
     seconds = time.perf_counter() - start
     truth = seen[0].reshape(b, -1).to(torch.float64)
-    got = rec.inputs.reshape(rec.inputs.shape[0], -1).to(torch.float64)
+    got = rec.inputs.reshape(rec.inputs.shape[0], truth.shape[1]).to(torch.float64)
     exact = labels = 0
     if got.shape[0]:
         dist = torch.cdist(got, truth, compute_mode="donot_use_mm_for_euclid_dist")

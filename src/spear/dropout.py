@@ -18,6 +18,7 @@ dropout (docs/algorithm.md, "Dropout").
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
     "AMBIGUOUS_FLOOR_FACTOR",
     "CLEARLY_OFF_ULPS",
     "DROPPED_FLOOR_FACTOR",
+    "MASK_FIX_GAIN",
     "MAX_MASK_TRIALS",
     "DirectDropout",
     "direct_dropout",
@@ -57,6 +59,11 @@ CLEARLY_OFF_ULPS = 1000.0
 AMBIGUOUS_FLOOR_FACTOR = 1e4
 #: At most this many units are read the other way per example.
 MAX_MASK_TRIALS = 32
+#: A unit read the other way is kept only where it divides the example's misfit by at
+#: least this much: a mask read wrong leaves a misfit many orders of magnitude above the
+#: right one's, while a column that fits no label (a bottleneck after the layer, where the
+#: Jacobian cannot determine it) changes little with any one unit.
+MASK_FIX_GAIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -169,9 +176,11 @@ def refined_scales(
     fit their label mended where a unit's entry is ambiguous.
 
     ``misfit(i, scales_i)``: how far example ``i``'s column is from softmax cross-entropy
-    with the scales ``scales_i`` ``(m,)`` (:attr:`spear.labels.LabelResult.fit_error`);
-    an example above ``tol`` gets its ambiguous units (:data:`AMBIGUOUS_FLOOR_FACTOR`) read
-    the other way one at a time, each kept where it lowers the misfit, until it fits or
+    with the scales ``scales_i`` ``(m,)`` (:attr:`spear.labels.LabelResult.fit_error`,
+    infinite where a bottleneck after the layer leaves the label undetermined: such an
+    example is left as it is); an example above ``tol`` gets its ambiguous units
+    (:data:`AMBIGUOUS_FLOOR_FACTOR`) read the other way one at a time, each kept where it
+    divides the misfit by :data:`MASK_FIX_GAIN`, until it fits or
     :data:`MAX_MASK_TRIALS` have been tried. A mask read wrong still shows in the
     certificate: this only finds the masks, it checks nothing.
     """
@@ -181,8 +190,8 @@ def refined_scales(
     kept = float(scales.max()) if scales.numel() else 1.0
     for i in range(out.shape[0]):
         error = misfit(i, out[i])
-        if error <= tol:
-            continue
+        if error <= tol or not math.isfinite(error):
+            continue  # fits, or no label can fit (a bottleneck after the layer): no guide
         band = (z[i] > 0) & (size[i] > floor[i]) & (size[i] <= AMBIGUOUS_FLOOR_FACTOR * floor[i])
         units = torch.nonzero(band).flatten()
         distance = (size[i, units] / (DROPPED_FLOOR_FACTOR * floor[i])).log().abs()
@@ -190,7 +199,7 @@ def refined_scales(
             trial = out[i].clone()
             trial[unit] = kept if float(trial[unit]) == 0.0 else 0.0
             trial_error = misfit(i, trial)
-            if trial_error < error:
+            if trial_error * MASK_FIX_GAIN < error:
                 out[i], error = trial, trial_error
             if error <= tol:
                 break
