@@ -23,12 +23,15 @@ from spear.data import rgb_patches, sample_batch
 from spear.dropout import direct_dropout, dropout_scales, masks_applied, refined_scales
 from spear.labels import label_fit_tol, recover_labels
 from spear.model import find_target
+from spear.results import LayerReconstruction
 
 #: Largest error of a float32 reconstruction that counts as exact ([0, 1] pixels).
 EXACT32 = 1e-4
 
 
-def dropout_mlp(p: float, dtype: torch.dtype, *, seed: int = 0, deep: bool = False) -> nn.Module:
+def dropout_mlp(
+    p: float, dtype: torch.dtype, *, seed: int = 0, deep: bool = False
+) -> nn.Sequential:
     """``784 -> 256 -> 128 -> 10`` with ``Dropout(p)`` after the first ReLU (``deep``:
     after the second)."""
     torch.manual_seed(seed)
@@ -39,7 +42,7 @@ def dropout_mlp(p: float, dtype: torch.dtype, *, seed: int = 0, deep: bool = Fal
 
 
 def client_update(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool = True
+    model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, *, train: bool = True
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """The FedSGD update (mean cross-entropy) with the model in training mode, and the
     Dropout right after the first ReLU's keep mask ``(b, m)`` (``None`` if there is none)."""
@@ -76,9 +79,13 @@ def test_attack_reads_the_masks_and_verifies(dtype: torch.dtype, p: float, b: in
     assert any("active: each example's mask is read off" in n for n in rec.notes)
 
 
-def test_masks_read_off_the_columns_are_the_clients() -> None:
+def layer_solved_for_dropout(
+    b: int, seed: int
+) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, LayerReconstruction]:
+    """A float64 client with ``Dropout(0.5)`` active, its inputs ``(b, 1, 28, 28)``, its
+    keep mask ``(b, 256)`` and the first layer solved with ``dropout=True``."""
     model = dropout_mlp(0.5, torch.float64)
-    x, y = fashion(16, seed=2)
+    x, y = fashion(b, seed=seed)
     update, keep = client_update(model, x, y)
     assert keep is not None
     layer = model[1]
@@ -89,6 +96,12 @@ def test_masks_read_off_the_columns_are_the_clients() -> None:
         bias=layer.bias.detach(),
         dropout=True,
     )
+    return model, x, keep, res
+
+
+def test_masks_read_off_the_columns_are_the_clients() -> None:
+    model, x, keep, res = layer_solved_for_dropout(16, 2)
+    layer = model[1]
     assert res.complete and res.dropout and not res.verified
     matching = match_rows(res.inputs, x)
     pre = layer(res.inputs.to(torch.float64)).detach()
@@ -101,18 +114,8 @@ def test_masks_read_off_the_columns_are_the_clients() -> None:
 
 
 def test_an_ambiguous_entry_is_read_by_the_label_fit() -> None:
-    model = dropout_mlp(0.5, torch.float64)
-    x, y = fashion(8, seed=6)
-    update, keep = client_update(model, x, y)
-    assert keep is not None
+    model, x, keep, res = layer_solved_for_dropout(8, 6)
     layer = model[1]
-    res = spear.invert_layer(
-        update["1.weight"],
-        update["1.bias"],
-        weight=layer.weight.detach(),
-        bias=layer.bias.detach(),
-        dropout=True,
-    )
     matching = match_rows(res.inputs, x)
     i = int(matching.rec_index[0])
     pre = layer(res.inputs).detach()
