@@ -247,7 +247,8 @@ def attack(
     # A Dropout further on leaves the layer's zero patterns exact but not the model after
     # it: the second search goes without that model.
     dropout_first = direct is not None and target.first
-    deeper = direct is None and bool(dropout_layers_after(work, target))
+    # (a delta's search never uses the model after the layer: nothing to search again)
+    deeper = direct is None and kind == "gradient" and bool(dropout_layers_after(work, target))
 
     def invert(
         size: int | None,
@@ -396,7 +397,9 @@ def attack(
     dropped: DirectDropout | None = None
     scales: torch.Tensor | None = None
     if direct is not None and result.dropout and result.found:
-        scales = _dropout_scales(direct, target, features.to(dtype), result, weight_grad.dtype)
+        scales = _dropout_scales(
+            direct, target, features.to(dtype), result, weight_grad.dtype, kind == "gradient"
+        )
         if bool((scales == 0).any()):
             dropped = direct
             notes.append(_dropout_note(direct, scales, target.first and kind == "gradient"))
@@ -1046,9 +1049,11 @@ def _dropout_scales(
     features: torch.Tensor,
     result: LayerReconstruction,
     update_dtype: torch.dtype,
+    mend: bool,
 ) -> torch.Tensor:
     """The recovered examples' Dropout scales ``(k, m)`` (:func:`spear.dropout.dropout_scales`),
-    mended where an example's label does not fit (:func:`spear.dropout.refined_scales`)."""
+    mended where an example's label does not fit (:func:`spear.dropout.refined_scales`;
+    ``mend``: a gradient, whose columns fit cross-entropy as they are)."""
     bias = target.bias.detach() if target.bias is not None else None
     with torch.no_grad():
         pre = nn.functional.linear(features, target.weight.detach(), bias)
@@ -1056,7 +1061,7 @@ def _dropout_scales(
     columns = result.output_grads.cpu()
     scales = dropout_scales(pre, columns, dropout.p, eps)
     after = target.after
-    if after is None:
+    if after is None or not mend:
         return scales
 
     def misfit(i: int, row: torch.Tensor) -> float:
