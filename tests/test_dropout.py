@@ -22,7 +22,7 @@ from spear.client import fedavg_update
 from spear.data import rgb_patches, sample_batch
 from spear.dropout import direct_dropout, dropout_scales, masks_applied, refined_scales
 from spear.labels import label_fit_tol, recover_labels
-from spear.model import find_target
+from spear.model import dropout_layers_after, find_target
 from spear.results import LayerReconstruction
 
 #: Largest error of a float32 reconstruction that counts as exact ([0, 1] pixels).
@@ -273,3 +273,123 @@ def test_fedavg_deltas_come_back_exact_and_unverified() -> None:
     # a delta's certificate checks a span, which mixtures of the examples share: the
     # one-sided pattern check does not verify them
     assert not rec.examples_verified and not rec.verified
+
+
+class FunctionalDropoutMlp(nn.Module):
+    """``784 -> 256 -> 128 -> 10`` with ``F.dropout(h, p, training=self.training)`` after
+    the first ReLU (``deep``: after the second), as many models write it."""
+
+    def __init__(self, p: float, dtype: torch.dtype, *, deep: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.p, self.deep = p, deep
+        self.fc1 = nn.Linear(784, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, 10)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x.flatten(1)))
+        if not self.deep:
+            h = nn.functional.dropout(h, self.p, training=self.training)
+        h = torch.relu(self.fc2(h))
+        if self.deep:
+            h = nn.functional.dropout(h, self.p, training=self.training)
+        return self.fc3(h)
+
+
+def functional_update(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The FedSGD update (mean cross-entropy) computed in training mode; the model is left
+    in eval mode."""
+    model.train()
+    params = dict(model.named_parameters())
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    model.eval()
+    return {n: g.detach().clone() for n, g in zip(params, grads, strict=True)}
+
+
+@pytest.mark.parametrize(("dtype", "b"), [(torch.float64, 16), (torch.float32, 8)])
+def test_a_functional_dropout_call_is_read_and_verified(dtype: torch.dtype, b: int) -> None:
+    model = FunctionalDropoutMlp(0.5, dtype)
+    x, y = fashion(b, seed=9)
+    x = x.to(dtype)
+    update = functional_update(model, x, y)
+    found = direct_dropout(model, find_target(model, None))
+    assert found is not None and found.module is None and found.p == 0.5
+    rec = spear.attack(model, update, time_budget=60)
+    assert rec.complete and rec.verified
+    matching = assert_exact(rec.inputs, x, rel=1e-8 if dtype == torch.float64 else EXACT32)
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
+    assert any("the dropout call 'dropout' (p = 0.5) active" in n for n in rec.notes)
+
+
+def test_an_exported_program_with_dropout_is_read_and_verified() -> None:
+    # torch.export in eval mode keeps the call as aten.dropout(h, p, train=False)
+    model = FunctionalDropoutMlp(0.2, torch.float64)
+    x, y = fashion(12, seed=10)
+    update = functional_update(model, x, y)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (x[:4],), dynamic_shapes={"x": {0: batch}})
+    exported = program.module()
+    rec = spear.attack(exported, update, time_budget=60)
+    assert rec.complete and rec.verified
+    assert_exact(rec.inputs, x, rel=1e-8)
+
+
+def test_a_wrong_functional_mask_fails_the_certificate() -> None:
+    model = FunctionalDropoutMlp(0.5, torch.float64)
+    x, y = fashion(6, seed=11)
+    model.train()
+    torch.manual_seed(3)
+    h = torch.relu(model.fc1(x.flatten(1)))
+    keep = (nn.functional.dropout(torch.ones_like(h), 0.5) > 0).to(torch.float64)
+    params = dict(model.named_parameters())
+    logits = model.fc3(torch.relu(model.fc2(h * keep / 0.5)))
+    grads = torch.autograd.grad(nn.functional.cross_entropy(logits, y), list(params.values()))
+    update = {n: g.detach() for n, g in zip(params, grads, strict=True)}
+    model.eval()
+    found = direct_dropout(model, find_target(model, None))
+    assert found is not None
+    activations = h.detach()
+    scales = keep / 0.5
+    with masks_applied(model, found, x, scales, activations=activations):
+        right = certify(model, update, x, y)
+    flipped = scales.clone()
+    unit = int(torch.nonzero((activations[0] > 0) & (scales[0] > 0))[0])
+    flipped[0, unit] = 0.0
+    with masks_applied(model, found, x, flipped, activations=activations):
+        wrong = certify(model, update, x, y)
+    assert right <= verified_threshold(torch.float64)
+    assert wrong > 1e3 * verified_threshold(torch.float64)
+
+
+def test_a_deeper_functional_dropout_is_searched_again_and_never_verified() -> None:
+    model = FunctionalDropoutMlp(0.5, torch.float64, deep=True)
+    x, y = fashion(8, seed=12)
+    update = functional_update(model, x, y)
+    target = find_target(model, None)
+    assert direct_dropout(model, target) is None
+    assert dropout_layers_after(model, target) == ["dropout call 'dropout'"]
+    rec = spear.attack(model, update, time_budget=20)
+    assert not rec.verified
+    assert_exact(rec.inputs, x)
+    assert rec.inputs.shape[0] == 8
+    assert any("without the model after the layer" in n for n in rec.notes)
+
+
+def test_an_audit_turns_functional_dropout_off(tmp_path: Path) -> None:
+    model = FunctionalDropoutMlp(0.5, torch.float64)
+    x, y = fashion(8, seed=13)
+    update = functional_update(model, x, y)
+    model.train()
+    sent = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+    returned = {name: g.numpy() for name, g in update.items()}
+    auditor = UpdateAuditor(model, tmp_path, AuditOptions(update_kind="gradient"))
+    record = auditor.attack_update(1, "client-0", sent, returned)
+    assert record["error"] is None
+    assert record["recovered"] == 8 and record["verified"]
+    assert model.training

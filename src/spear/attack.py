@@ -455,7 +455,7 @@ def attack(
     )
     determined = rebuilt is not None and rebuilt.all_determined and result.complete
     if target.first and labels is not None:
-        with _client_masks(work, dropped, inputs.to(dtype), scales):
+        with _client_masks(work, target, dropped, inputs.to(dtype), scales):
             certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
         if kind == "delta":
             notes.append(
@@ -1031,7 +1031,7 @@ def _dropout_note(dropout: DirectDropout, scales: torch.Tensor, first: bool) -> 
     dropped = int((scales == 0).sum())
     uses = "its label and the certificate" if first else "its label"
     return (
-        f"the update was computed with {type(dropout.module).__name__} {dropout.name!r} "
+        f"the update was computed with {dropout.describe()} "
         f"(p = {dropout.p:g}) active: each example's mask is read off its gradient column "
         f"(a unit it turns on that carries no gradient was dropped; {dropped} in all) and "
         f"applied to the model in eval mode for {uses}."
@@ -1082,15 +1082,23 @@ def _dropout_scales(
 
 def _client_masks(
     model: nn.Module,
+    target: AttackTarget,
     dropout: DirectDropout | None,
     inputs: torch.Tensor,
     scales: torch.Tensor | None,
 ) -> contextlib.AbstractContextManager[None]:
     """The model run with the examples' Dropout masks (:func:`spear.dropout.masks_applied`),
-    or as it is."""
+    or as it is; ``inputs`` ``(k, ...)`` are the model's inputs, the attacked layer's own."""
     if dropout is None or scales is None:
         return contextlib.nullcontext()
-    return masks_applied(model, dropout, inputs, scales)
+    bias = target.bias.detach() if target.bias is not None else None
+    with torch.no_grad():
+        pre = nn.functional.linear(
+            inputs.reshape(inputs.shape[0], -1),
+            target.weight.detach().to(inputs.dtype),
+            None if bias is None else bias.to(inputs.dtype),
+        )
+    return masks_applied(model, dropout, inputs, scales, activations=torch.relu(pre))
 
 
 def _labels(

@@ -13,6 +13,10 @@ column entry is zero was dropped (its other units' masks do not change the updat
 them the model in eval mode reproduces the client's forward and backward pass exactly
 (:func:`masks_applied`), so labels and the recomputed update can be checked as without
 dropout (docs/algorithm.md, "Dropout").
+
+The Dropout is an ``nn.Dropout`` module, or a functional call in ``forward``
+(``F.dropout(h, p, training=self.training)``, or ``aten.dropout`` in a ``torch.export``
+program), found and masked through a ``TorchFunctionMode``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from spear.model import AttackTarget, dropout_modules_after
+from spear.model import DROPOUT_CALLS, AttackTarget, dropout_modules_after
 
 __all__ = [
+    "ACTIVATION_MATCH_RTOL",
     "AMBIGUOUS_FLOOR_FACTOR",
     "CLEARLY_OFF_ULPS",
     "DROPPED_FLOOR_FACTOR",
@@ -64,43 +70,56 @@ MAX_MASK_TRIALS = 32
 #: right one's, while a column that fits no label (a bottleneck after the layer, where the
 #: Jacobian cannot determine it) changes little with any one unit.
 MASK_FIX_GAIN = 10.0
+#: A functional dropout call is the one right after the attacked layer's ReLU, in a pass
+#: of the whole model, when its input's rows are within this fraction of their largest
+#: entry of the examples' ReLU outputs: an identification, not a check (a call taken
+#: wrongly, or missed, leaves the recomputed update wrong, and the certificate shows it).
+ACTIVATION_MATCH_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
 class DirectDropout:
-    """A Dropout module that takes the attacked layer's ReLU output as it is.
+    """A Dropout that takes the attacked layer's ReLU output as it is.
 
     Attributes
     ----------
     name:
-        Its name in the model, e.g. ``"3"`` or ``"dropout1"``.
+        The module's name in the model, e.g. ``"3"`` or ``"dropout1"``; for a functional
+        call, the function's name (``"dropout"``).
     module:
-        The module (in eval mode in the model spear runs: the identity).
+        The module (in eval mode in the model spear runs: the identity), or ``None`` for a
+        functional call (``F.dropout(..., training=self.training)`` in ``forward``).
     p:
         Its drop probability, ``0 < p < 1``.
     """
 
     name: str
-    module: nn.Module
+    module: nn.Module | None
     p: float
+
+    def describe(self) -> str:
+        """E.g. ``"Dropout 'drop'"`` or ``"the dropout call 'dropout'"``."""
+        if self.module is None:
+            return f"the dropout call {self.name!r}"
+        return f"{type(self.module).__name__} {self.name!r}"
 
 
 def direct_dropout(model: nn.Module, target: AttackTarget) -> DirectDropout | None:
-    """The Dropout module that the attacked layer's ReLU feeds directly, or ``None``.
+    """The Dropout that the attacked layer's ReLU feeds directly, or ``None``.
 
     The model after the layer (:attr:`AttackTarget.after`) is run once on random
     pre-activations ``z`` ``(2, m)``; the ``nn.Dropout`` module with ``0 < p < 1`` whose
-    input is exactly ``relu(z)`` is the one. Functional ``F.dropout`` calls are not found.
+    input is exactly ``relu(z)`` is the one, or, where no module is, such a functional
+    dropout call.
     """
     after = target.after
     if after is None:
         return None
-    candidates = dropout_modules_after(model, target)
-    if not candidates:
-        return None
     m = int(target.weight.shape[0])
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(2, m, generator=generator, dtype=torch.float64).to(target.weight.dtype)
+    relu = torch.relu(z)
+    candidates = dropout_modules_after(model, target)
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in candidates:
@@ -110,15 +129,15 @@ def direct_dropout(model: nn.Module, target: AttackTarget) -> DirectDropout | No
                 seen.setdefault(key, args[0].detach().clone())
 
         handles.append(module.register_forward_pre_hook(record))
+    calls = _DropoutCalls()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), calls:
             after(z.clone())
     except Exception:  # a model after the layer that cannot run alone: none found
         return None
     finally:
         for handle in handles:
             handle.remove()
-    relu = torch.relu(z)
     for name, module in candidates:
         got = seen.get(name)
         p = float(getattr(module, "p", 0.0))
@@ -127,7 +146,51 @@ def direct_dropout(model: nn.Module, target: AttackTarget) -> DirectDropout | No
         plain = isinstance(module, nn.Dropout)  # AlphaDropout and the like do not scale
         if plain and got is not None and got.shape == relu.shape and torch.equal(got, relu):
             return DirectDropout(name, module, p)
+    if candidates:
+        return None  # a module's own dropout call is no functional one
+    for name, got, p in calls.seen:
+        if 0 < p < 1 and got.shape == relu.shape and torch.equal(got, relu):
+            return DirectDropout(name, None, p)
     return None
+
+
+def _call_name(func: object) -> str:
+    """``F.dropout`` -> ``"dropout"``; ``aten.dropout.default`` -> ``"dropout"``."""
+    name = str(getattr(func, "__name__", func))
+    return name.split(".")[0]
+
+
+def _call_input_and_p(
+    args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[torch.Tensor | None, float]:
+    """A dropout call's input and drop probability (``F.dropout``'s default 0.5)."""
+    x = args[0] if args else kwargs.get("input")
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    tensor = x if isinstance(x, torch.Tensor) else None
+    return tensor, float(p) if isinstance(p, (int, float)) else 0.0
+
+
+class _DropoutCalls(TorchFunctionMode):
+    """Records the input and ``p`` of every functional dropout call
+    (:data:`spear.model.DROPOUT_CALLS`) made while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.Tensor, float]] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., object],
+        types: object,
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
+        kwargs = kwargs or {}
+        if func in DROPOUT_CALLS:
+            x, p = _call_input_and_p(args, kwargs)
+            if x is not None:
+                self.seen.append((_call_name(func), x.detach().clone(), p))
+        return func(*args, **kwargs)
 
 
 def dropout_scales(pre: torch.Tensor, columns: torch.Tensor, p: float, eps: float) -> torch.Tensor:
@@ -208,50 +271,107 @@ def refined_scales(
 
 @contextlib.contextmanager
 def masks_applied(
-    model: nn.Module, dropout: DirectDropout, inputs: torch.Tensor, scales: torch.Tensor
+    model: nn.Module,
+    dropout: DirectDropout,
+    inputs: torch.Tensor,
+    scales: torch.Tensor,
+    activations: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Run ``model`` (in eval mode) as the client did: the Dropout's output multiplied by
     each example's scales.
 
     Each row of a batch passed to ``model`` is matched to the row of ``inputs`` ``(k, ...)``
     it equals, and takes that row's ``scales`` ``(k, m)``; a row that equals none runs
-    without dropout. Hooks on ``model`` and the Dropout module, removed on exit.
+    without dropout. A Dropout module is hooked. A functional call
+    (:attr:`DirectDropout.module` ``None``) is read inside the call instead: each row of
+    its input that is one of ``activations`` ``(k, m)``, the examples' ReLU outputs at the
+    attacked layer (:data:`ACTIVATION_MATCH_RTOL`), takes that example's scales (without
+    ``activations`` nothing is masked). Hooks and the mode are removed on exit.
     """
     flat = inputs.detach().reshape(inputs.shape[0], -1)
     rows: list[torch.Tensor] = []
+    table = torch.cat([scales, torch.ones(1, scales.shape[1], dtype=scales.dtype)])  # -1: none
 
     def match(_mod: nn.Module, args: tuple[object, ...]) -> None:
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
-            rows.append(torch.zeros(0, dtype=torch.int64))
-            return
-        batch = x.detach().reshape(x.shape[0], -1)
-        if batch.shape[1] != flat.shape[1]:
-            rows.append(torch.full((x.shape[0],), -1, dtype=torch.int64))
-            return
-        known = flat.to(batch.dtype)
-        index = torch.full((batch.shape[0],), -1, dtype=torch.int64)
-        for r in range(batch.shape[0]):  # one row at a time: (k, n) in memory, not (r, k, n)
-            same = torch.nonzero((known == batch[r]).all(dim=1)).flatten()
-            if same.numel():
-                index[r] = int(same[0])
-        rows.append(index)
+        rows.append(_matched_rows(x, flat))
 
     def scale(_mod: nn.Module, _args: tuple[object, ...], out: torch.Tensor) -> torch.Tensor:
         if not rows or rows[-1].shape[0] != out.shape[0] or out.shape[1:] != scales.shape[1:]:
             return out
-        index = rows[-1]
-        ones = torch.full((1, scales.shape[1]), 1.0, dtype=scales.dtype)
-        table = torch.cat([scales, ones])  # row -1: no dropout
-        factor = table[index].to(out.device, out.dtype)
-        return out * factor
+        return out * table[rows[-1]].to(out.device, out.dtype)
 
-    handles = [
-        model.register_forward_pre_hook(match),
-        dropout.module.register_forward_hook(scale),
-    ]
+    handles = [model.register_forward_pre_hook(match)]
+    mode: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if dropout.module is not None:
+        handles.append(dropout.module.register_forward_hook(scale))
+    elif activations is not None:
+        mode = _MaskedCalls(activations, table)
     try:
-        yield
+        with mode:
+            yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _matched_rows(x: object, flat: torch.Tensor) -> torch.Tensor:
+    """For each row of the model's input ``x``, the row of ``flat`` ``(k, n)`` it equals,
+    ``-1`` where none does ``(r,)``."""
+    if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    batch = x.detach().reshape(x.shape[0], -1)
+    if batch.shape[1] != flat.shape[1]:
+        return torch.full((x.shape[0],), -1, dtype=torch.int64)
+    known = flat.to(batch.dtype)
+    index = torch.full((batch.shape[0],), -1, dtype=torch.int64)
+    for r in range(batch.shape[0]):  # one row at a time: (k, n) in memory, not (r, k, n)
+        same = torch.nonzero((known == batch[r]).all(dim=1)).flatten()
+        if same.numel():
+            index[r] = int(same[0])
+    return index
+
+
+class _MaskedCalls(TorchFunctionMode):
+    """Multiplies each row of a functional dropout call's input that is one of the
+    examples' ReLU outputs by that example's scales (the model in eval mode, where the
+    call is the identity).
+
+    ``activations`` ``(k, m)``; ``table`` ``(k + 1, m)``: the examples' scales, then a row
+    of ones for rows that are no example's.
+    """
+
+    def __init__(self, activations: torch.Tensor, table: torch.Tensor) -> None:
+        super().__init__()
+        self.activations = activations.detach().to(torch.float64)
+        self.size = self.activations.abs().amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        self.table = table
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The example each row of ``x`` ``(r, m)`` is, ``-1`` for none ``(r,)``; ``None``
+        when no row is an example's."""
+        if x.dim() != 2 or x.shape[1] != self.activations.shape[1]:
+            return None
+        got = x.detach().to(torch.float64)
+        index = torch.full((x.shape[0],), -1, dtype=torch.int64)
+        for r in range(got.shape[0]):
+            gap = (self.activations - got[r]).abs().amax(dim=1) / self.size  # (k,)
+            best = int(gap.argmin())
+            if float(gap[best]) <= ACTIVATION_MATCH_RTOL:
+                index[r] = best
+        return index if bool((index >= 0).any()) else None
+
+    def __torch_function__(
+        self,
+        func: Callable[..., object],
+        types: object,
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
+        kwargs = kwargs or {}
+        if func in DROPOUT_CALLS and func is not torch.ops.aten.native_dropout.default:
+            x, _ = _call_input_and_p(args, kwargs)
+            index = self.rows(x) if x is not None else None
+            if x is not None and index is not None:
+                return x * self.table[index].to(x.device, x.dtype)
+        return func(*args, **kwargs)

@@ -22,6 +22,7 @@ from torch import fx, nn
 from spear.errors import NotAttackableError
 
 __all__ = [
+    "DROPOUT_CALLS",
     "AttackTarget",
     "batch_statistics_layers",
     "check_batch_norm",
@@ -261,6 +262,9 @@ _DROPOUT_FUNCTIONS = {
     torch.ops.aten.dropout.default: (2, "train"),
     torch.ops.aten.native_dropout.default: (2, "train"),
 }
+#: The functional dropout calls: ``F.dropout`` in a module's ``forward``, ``aten.dropout``
+#: in a ``torch.export`` program.
+DROPOUT_CALLS = frozenset(_DROPOUT_FUNCTIONS)
 
 
 def _graph_of(model: nn.Module) -> fx.Graph | None:
@@ -305,16 +309,27 @@ def random_dropout_layers(model: nn.Module) -> list[str]:
 
 def dropout_layers_after(model: nn.Module, target: AttackTarget) -> list[str]:
     """The Dropout modules with ``p > 0`` in the model after the attacked layer
-    (:attr:`AttackTarget.after`), in whichever mode: in eval mode they are the identity,
-    but a client that trained with them active masked each example's gradient at random.
+    (:attr:`AttackTarget.after`), in whichever mode (in eval mode they are the identity,
+    but a client that trained with them active masked each example's gradient at random),
+    and the functional dropout calls with ``p > 0`` in its graph.
 
     Returns
     -------
     list of str
-        One description per module, e.g. ``"Dropout 'dropout2'"``; empty when there is
-        none or the model was not split at the layer.
+        One description per module or call, e.g. ``"Dropout 'dropout2'"`` or ``"dropout
+        call 'dropout'"``; empty when there is none or the model was not split at the
+        layer.
     """
-    return [f"{type(mod).__name__} {name!r}" for name, mod in dropout_modules_after(model, target)]
+    found = [f"{type(mod).__name__} {name!r}" for name, mod in dropout_modules_after(model, target)]
+    after = target.after
+    graph = after.graph if isinstance(after, fx.GraphModule) else None
+    for node in graph.nodes if graph is not None else ():
+        if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
+            continue
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        if p != 0:
+            found.append(f"dropout call {node.name!r}")
+    return found
 
 
 def dropout_modules_after(model: nn.Module, target: AttackTarget) -> list[tuple[str, nn.Module]]:
@@ -330,11 +345,21 @@ def dropout_modules_after(model: nn.Module, target: AttackTarget) -> list[tuple[
 
 
 def dropout_off(model: nn.Module) -> None:
-    """Put every Dropout module of ``model`` in eval mode (the identity), in place; the
-    other modules keep their mode."""
+    """Put every Dropout module of ``model`` in eval mode (the identity), in place.
+
+    Where its ``torch.fx`` graph still drops units in a functional call
+    (``F.dropout(h, p, training=self.training)``), every module but the BatchNorms is put
+    in eval mode too: which module's ``training`` such a call reads is not recorded. The
+    BatchNorms keep their mode.
+    """
     for module in model.modules():
         if isinstance(module, _DROPOUTS):
             module.eval()
+    if not random_dropout_layers(model):
+        return
+    for module in model.modules():
+        if not isinstance(module, _BATCH_NORMS):
+            module.training = False
 
 
 def check_dropout(model: nn.Module) -> None:
@@ -359,7 +384,8 @@ def check_dropout(model: nn.Module) -> None:
         "reconstructed or certified. Pass the model in eval mode: model.eval() (for a "
         "torch.export program, export model.eval()); Dropout is then the identity. The "
         "masks of an update the client computed with dropout active are read off the update "
-        "where an nn.Dropout directly follows the attacked layer's ReLU."
+        "where a Dropout (an nn.Dropout, or F.dropout(h, p, training=self.training)) "
+        "directly follows the attacked layer's ReLU."
     )
 
 
