@@ -23,7 +23,7 @@ from spear.data import rgb_patches, sample_batch
 from spear.dropout import direct_dropout, dropout_scales, masks_applied, refined_scales
 from spear.files import load_model
 from spear.labels import label_fit_tol, recover_labels
-from spear.model import dropout_layers_after, find_target
+from spear.model import dropout_layers_after, dropout_layers_before, find_target
 from spear.results import LayerReconstruction
 
 #: Largest error of a float32 reconstruction that counts as exact ([0, 1] pixels).
@@ -394,3 +394,28 @@ def test_an_audit_turns_functional_dropout_off(tmp_path: Path) -> None:
     assert record["error"] is None
     assert record["recovered"] == 8 and record["verified"]
     assert model.training
+
+
+def test_a_dropout_before_the_layer_returns_what_the_layer_saw() -> None:
+    # input dropout: the layer sees each image with a random share of its pixels zeroed
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)
+    ).double()
+    x, y = fashion(8, seed=14)
+    seen: list[torch.Tensor] = []
+    handle = model[1].register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+    model.train()
+    params = dict(model.named_parameters())
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    handle.remove()
+    model.eval()
+    update = {n: g.detach() for n, g in zip(params, grads, strict=True)}
+    target = find_target(model, None)
+    assert dropout_layers_before(model, target) == ["Dropout '1'"]
+    rec = spear.attack(model, update, time_budget=30, image_budget=0)
+    assert rec.feature_space and rec.complete and not rec.verified
+    assert_exact(rec.inputs, seen[0])
+    assert bool((seen[0] == 0).sum() > (x == 0).sum())  # the masks are in what it saw
+    assert any("Dropout '1' comes before the attacked layer" in n for n in rec.notes)

@@ -52,6 +52,7 @@ from spear.model import (
     check_batch_norm,
     check_dropout,
     dropout_layers_after,
+    dropout_layers_before,
     find_target,
     guess_input_shape,
     parameter_dtype,
@@ -362,6 +363,9 @@ def attack(
             + (" as asked" if layer is not None else " (the first layer could not be)")
             + ", so .inputs are the features entering it, not model inputs."
         )
+        masked_before = dropout_layers_before(work, target)
+        if masked_before:
+            notes.append(_dropout_before_note(masked_before))
     dtype = target.weight.dtype
     if not half and torch.finfo(weight_grad.dtype).eps > torch.finfo(dtype).eps:
         # a float64 model whose client sent float32: the update's rounding bounds the fit
@@ -1035,6 +1039,19 @@ def _dropout_note(dropout: DirectDropout, scales: torch.Tensor, first: bool) -> 
         f"(p = {dropout.p:g}) active: each example's mask is read off its gradient column "
         f"(a unit it turns on that carries no gradient was dropped; {dropped} in all) and "
         f"applied to the model in eval mode for {uses}."
+    )
+
+
+def _dropout_before_note(dropouts: list[str]) -> str:
+    """What Dropout ``dropouts`` before the attacked layer make of its features."""
+    verb = "comes" if len(dropouts) == 1 else "come"
+    return (
+        f"{', '.join(dropouts)} {verb} before the attacked layer: where the client trained "
+        "with dropout active, each feature vector returned is the one the layer saw, the "
+        "example's own with a random share p of its entries zeroed and the others "
+        "multiplied by 1 / (1 - p), and images rebuilt from it fit those masked features "
+        "(estimates). An update computed in eval mode (dropout off) holds the example's own "
+        "features."
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "check_batch_norm",
     "check_dropout",
     "dropout_layers_after",
+    "dropout_layers_before",
     "dropout_modules_after",
     "dropout_off",
     "find_target",
@@ -320,9 +321,28 @@ def dropout_layers_after(model: nn.Module, target: AttackTarget) -> list[str]:
         call 'dropout'"``; empty when there is none or the model was not split at the
         layer.
     """
-    found = [f"{type(mod).__name__} {name!r}" for name, mod in dropout_modules_after(model, target)]
-    after = target.after
-    graph = after.graph if isinstance(after, fx.GraphModule) else None
+    return _dropouts_within(model, target.after)
+
+
+def dropout_layers_before(model: nn.Module, target: AttackTarget) -> list[str]:
+    """The Dropout modules and functional dropout calls with ``p > 0`` in the part of the
+    model before the attacked layer (:attr:`AttackTarget.before`), in whichever mode: a
+    client that trained with them active fed the layer its features with random entries
+    zeroed and the others scaled by ``1 / (1 - p)``.
+
+    Returns
+    -------
+    list of str
+        As :func:`dropout_layers_after`; empty when there is none or no part before.
+    """
+    return _dropouts_within(model, target.before)
+
+
+def _dropouts_within(model: nn.Module, part: object) -> list[str]:
+    """The Dropout modules (``p > 0``) that ``part`` (a piece of ``model``) runs and the
+    dropout calls (``p > 0``) of its graph, described."""
+    found = [f"{type(mod).__name__} {name!r}" for name, mod in _dropout_modules_within(model, part)]
+    graph = part.graph if isinstance(part, fx.GraphModule) else None
     for node in graph.nodes if graph is not None else ():
         if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
             continue
@@ -335,11 +355,17 @@ def dropout_layers_after(model: nn.Module, target: AttackTarget) -> list[str]:
 def dropout_modules_after(model: nn.Module, target: AttackTarget) -> list[tuple[str, nn.Module]]:
     """The Dropout modules with ``p > 0`` that the model after the attacked layer runs,
     with their names in ``model``, in whichever mode (see :func:`dropout_layers_after`)."""
-    if not isinstance(target.after, nn.Module):
+    return _dropout_modules_within(model, target.after)
+
+
+def _dropout_modules_within(model: nn.Module, part: object) -> list[tuple[str, nn.Module]]:
+    """The Dropout modules with ``p > 0`` that ``part`` (a piece of ``model``) runs, with
+    their names in ``model``; none where ``part`` is no module."""
+    if not isinstance(part, nn.Module):
         return []
     return [
         (name, mod)
-        for name, mod in _named_modules_within(model, target.after)
+        for name, mod in _named_modules_within(model, part)
         if isinstance(mod, _DROPOUTS) and mod.p > 0
     ]
 
