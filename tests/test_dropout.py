@@ -156,13 +156,13 @@ def test_a_wrong_mask_fails_the_certificate() -> None:
     found = direct_dropout(model, target)
     assert found is not None and found.name == "3" and found.p == 0.5
     scales = keep.to(torch.float64) / 0.5
-    with masks_applied(model, found, x, scales):
+    activations = torch.relu(model[1](x.flatten(1))).detach()
+    with masks_applied(found, activations, scales):
         right = certify(model, update, x, y)
-    on = model[1](x.flatten(1)).detach() > 0
     flipped = scales.clone()
-    unit = int(torch.nonzero(on[0] & (scales[0] > 0))[0])
+    unit = int(torch.nonzero((activations[0] > 0) & (scales[0] > 0))[0])
     flipped[0, unit] = 0.0  # one kept unit of one example read as dropped
-    with masks_applied(model, found, x, flipped):
+    with masks_applied(found, activations, flipped):
         wrong = certify(model, update, x, y)
     plain = certify(model, update, x, y)
     assert right <= verified_threshold(torch.float64)
@@ -357,12 +357,12 @@ def test_a_wrong_functional_mask_fails_the_certificate() -> None:
     assert found is not None
     activations = h.detach()
     scales = keep / 0.5
-    with masks_applied(model, found, x, scales, activations=activations):
+    with masks_applied(found, activations, scales):
         right = certify(model, update, x, y)
     flipped = scales.clone()
     unit = int(torch.nonzero((activations[0] > 0) & (scales[0] > 0))[0])
     flipped[0, unit] = 0.0
-    with masks_applied(model, found, x, flipped, activations=activations):
+    with masks_applied(found, activations, flipped):
         wrong = certify(model, update, x, y)
     assert right <= verified_threshold(torch.float64)
     assert wrong > 1e3 * verified_threshold(torch.float64)

@@ -338,7 +338,7 @@ def attack(
         notes.append(
             f"{', '.join(dropouts)} after the attacked layer: if the client trained with "
             "dropout active, each example's gradient at the layer carries a random mask. "
-            "spear reads the masks of an nn.Dropout right after the layer's ReLU off the "
+            "spear reads the masks of a Dropout right after the layer's ReLU off the "
             "update; the masks of a Dropout further on are not in it, and this model (in "
             "eval mode) does not reproduce them, so true examples fail its checks. An update "
             "computed in eval mode (dropout off) is attacked exactly."
@@ -459,7 +459,7 @@ def attack(
     )
     determined = rebuilt is not None and rebuilt.all_determined and result.complete
     if target.first and labels is not None:
-        with _client_masks(work, target, dropped, inputs.to(dtype), scales):
+        with _client_masks(target, dropped, inputs.to(dtype), scales):
             certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
         if kind == "delta":
             notes.append(
@@ -1098,7 +1098,6 @@ def _dropout_scales(
 
 
 def _client_masks(
-    model: nn.Module,
     target: AttackTarget,
     dropout: DirectDropout | None,
     inputs: torch.Tensor,
@@ -1115,7 +1114,7 @@ def _client_masks(
             target.weight.detach().to(inputs.dtype),
             None if bias is None else bias.to(inputs.dtype),
         )
-    return masks_applied(model, dropout, inputs, scales, activations=torch.relu(pre))
+    return masks_applied(dropout, torch.relu(pre), scales)
 
 
 def _labels(

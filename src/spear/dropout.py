@@ -70,10 +70,10 @@ MAX_MASK_TRIALS = 32
 #: right one's, while a column that fits no label (a bottleneck after the layer, where the
 #: Jacobian cannot determine it) changes little with any one unit.
 MASK_FIX_GAIN = 10.0
-#: A functional dropout call is the one right after the attacked layer's ReLU, in a pass
-#: of the whole model, when its input's rows are within this fraction of their largest
-#: entry of the examples' ReLU outputs: an identification, not a check (a call taken
-#: wrongly, or missed, leaves the recomputed update wrong, and the certificate shows it).
+#: A row of the Dropout's input is an example's when it lies within this fraction of its
+#: largest entry of that example's ReLU output at the attacked layer (the examples' own
+#: pass, computed again): an identification, not a check (a row taken wrongly, or
+#: missed, leaves the recomputed update wrong, and the certificate shows it).
 ACTIVATION_MATCH_RTOL = 1e-3
 
 
@@ -271,95 +271,80 @@ def refined_scales(
 
 @contextlib.contextmanager
 def masks_applied(
-    model: nn.Module,
-    dropout: DirectDropout,
-    inputs: torch.Tensor,
-    scales: torch.Tensor,
-    activations: torch.Tensor | None = None,
+    dropout: DirectDropout, activations: torch.Tensor, scales: torch.Tensor
 ) -> Iterator[None]:
-    """Run ``model`` (in eval mode) as the client did: the Dropout's output multiplied by
+    """Run the model (in eval mode) as the client did: the Dropout's output multiplied by
     each example's scales.
 
-    Each row of a batch passed to ``model`` is matched to the row of ``inputs`` ``(k, ...)``
-    it equals, and takes that row's ``scales`` ``(k, m)``; a row that equals none runs
-    without dropout. A Dropout module is hooked. A functional call
-    (:attr:`DirectDropout.module` ``None``) is read inside the call instead: each row of
-    its input that is one of ``activations`` ``(k, m)``, the examples' ReLU outputs at the
-    attacked layer (:data:`ACTIVATION_MATCH_RTOL`), takes that example's scales (without
-    ``activations`` nothing is masked). Hooks and the mode are removed on exit.
+    Each row of the Dropout's input that is one of the examples' ReLU outputs at the
+    attacked layer, ``activations`` ``(k, m)`` (to :data:`ACTIVATION_MATCH_RTOL`), is
+    multiplied by that example's ``scales`` ``(k, m)``; other rows pass as they are. A
+    Dropout module is hooked (the hook goes with copies of the model); a functional call
+    (:attr:`DirectDropout.module` ``None``) is replaced through a ``TorchFunctionMode``
+    while the context is open. Removed on exit.
     """
-    flat = inputs.detach().reshape(inputs.shape[0], -1)
-    rows: list[torch.Tensor] = []
-    table = torch.cat([scales, torch.ones(1, scales.shape[1], dtype=scales.dtype)])  # -1: none
-
-    def match(_mod: nn.Module, args: tuple[object, ...]) -> None:
-        x = args[0] if args else None
-        rows.append(_matched_rows(x, flat))
-
-    def scale(_mod: nn.Module, _args: tuple[object, ...], out: torch.Tensor) -> torch.Tensor:
-        if not rows or rows[-1].shape[0] != out.shape[0] or out.shape[1:] != scales.shape[1:]:
-            return out
-        return out * table[rows[-1]].to(out.device, out.dtype)
-
-    handles = [model.register_forward_pre_hook(match)]
-    mode: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
-    if dropout.module is not None:
-        handles.append(dropout.module.register_forward_hook(scale))
-    elif activations is not None:
-        mode = _MaskedCalls(activations, table)
-    try:
-        with mode:
+    rows = _ExampleRows(activations, scales)
+    if dropout.module is None:
+        with _MaskedCalls(rows):
             yield
+        return
+
+    def scale(_mod: nn.Module, args: tuple[object, ...], out: torch.Tensor) -> torch.Tensor:
+        x = args[0] if args else None
+        return rows.scaled(x, out) if isinstance(x, torch.Tensor) else out
+
+    handle = dropout.module.register_forward_hook(scale)
+    try:
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
-def _matched_rows(x: object, flat: torch.Tensor) -> torch.Tensor:
-    """For each row of the model's input ``x``, the row of ``flat`` ``(k, n)`` it equals,
-    ``-1`` where none does ``(r,)``."""
-    if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    batch = x.detach().reshape(x.shape[0], -1)
-    if batch.shape[1] != flat.shape[1]:
-        return torch.full((x.shape[0],), -1, dtype=torch.int64)
-    known = flat.to(batch.dtype)
-    index = torch.full((batch.shape[0],), -1, dtype=torch.int64)
-    for r in range(batch.shape[0]):  # one row at a time: (k, n) in memory, not (r, k, n)
-        same = torch.nonzero((known == batch[r]).all(dim=1)).flatten()
-        if same.numel():
-            index[r] = int(same[0])
-    return index
+class _ExampleRows:
+    """The examples' ReLU outputs ``(k, m)`` at the attacked layer and their Dropout
+    scales ``(k, m)``: which rows of a Dropout's input are which example's."""
 
-
-class _MaskedCalls(TorchFunctionMode):
-    """Multiplies each row of a functional dropout call's input that is one of the
-    examples' ReLU outputs by that example's scales (the model in eval mode, where the
-    call is the identity).
-
-    ``activations`` ``(k, m)``; ``table`` ``(k + 1, m)``: the examples' scales, then a row
-    of ones for rows that are no example's.
-    """
-
-    def __init__(self, activations: torch.Tensor, table: torch.Tensor) -> None:
-        super().__init__()
+    def __init__(self, activations: torch.Tensor, scales: torch.Tensor) -> None:
         self.activations = activations.detach().to(torch.float64)
         self.size = self.activations.abs().amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-        self.table = table
+        ones = torch.ones(1, scales.shape[1], dtype=scales.dtype)
+        self.table = torch.cat([scales, ones])  # row -1: no example's, no dropout
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor | None:
+    def index(self, x: torch.Tensor) -> torch.Tensor | None:
         """The example each row of ``x`` ``(r, m)`` is, ``-1`` for none ``(r,)``; ``None``
         when no row is an example's."""
         if x.dim() != 2 or x.shape[1] != self.activations.shape[1]:
             return None
         got = x.detach().to(torch.float64)
         index = torch.full((x.shape[0],), -1, dtype=torch.int64)
-        for r in range(got.shape[0]):
+        for r in range(got.shape[0]):  # one row at a time: (k, m) in memory, not (r, k, m)
             gap = (self.activations - got[r]).abs().amax(dim=1) / self.size  # (k,)
             best = int(gap.argmin())
             if float(gap[best]) <= ACTIVATION_MATCH_RTOL:
                 index[r] = best
         return index if bool((index >= 0).any()) else None
+
+    def scaled(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ``(r, m)`` (the Dropout's output for its input ``x``) with the rows that
+        are examples' multiplied by their scales."""
+        index = self.index(x)
+        if index is None or out.shape != x.shape:
+            return out
+        return self.applied(index, out)
+
+    def applied(self, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ``(r, m)`` with row ``j`` multiplied by example ``index[j]``'s scales
+        (none for ``-1``)."""
+        return out * self.table[index].to(out.device, out.dtype)
+
+
+class _MaskedCalls(TorchFunctionMode):
+    """Replaces a functional dropout call (the model in eval mode, where it is the
+    identity) by its input with the examples' rows scaled (:class:`_ExampleRows`)."""
+
+    def __init__(self, rows: _ExampleRows) -> None:
+        super().__init__()
+        self.rows = rows
 
     def __torch_function__(
         self,
@@ -371,7 +356,7 @@ class _MaskedCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in DROPOUT_CALLS and func is not torch.ops.aten.native_dropout.default:
             x, _ = _call_input_and_p(args, kwargs)
-            index = self.rows(x) if x is not None else None
+            index = self.rows.index(x) if x is not None else None
             if x is not None and index is not None:
-                return x * self.table[index].to(x.device, x.dtype)
+                return self.rows.applied(index, x)
         return func(*args, **kwargs)
