@@ -45,7 +45,7 @@ from spear.inversion.problem import HALF_PRECISIONS
 from spear.inversion.result import DROPOUT_UNVERIFIED, PARTIAL_RECOVERY
 from spear.labels import LabelResult, label_fit_tol, missing_labels, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
-from spear.linalg import estimate_rank
+from spear.linalg import estimate_rank, gap_at
 from spear.model import (
     AttackTarget,
     batch_statistics_layers,
@@ -298,14 +298,17 @@ def attack(
         )
     except BatchTooLargeError:
         spectrum = noisy_batch_size(weight_grad, bias_grad)
-        if batch_size is not None or not spectrum.confident or spectrum.batch_size < 1:
+        live = int((weight_grad != 0).any(dim=1).sum())
+        # a rank of at least the live units is no batch: the update's rows bound it
+        # (exactly zero rows, units off for every example, hold no noise either)
+        readable = spectrum.confident and 1 <= spectrum.batch_size < live
+        if batch_size is not None or not readable:
             raise
         batch_size, size_read = spectrum.batch_size, True
         notes.append(
             f"no exact rank gap: the update looks noisy; batch size {batch_size} read off "
             "the spectrum above the noise edge."
         )
-        live = int((weight_grad != 0).any(dim=1).sum())
         full = near_full_rank_note(batch_size, live)
         if full is not None:
             notes.append(full)
@@ -1001,18 +1004,17 @@ def _mixed_precision(
 
 
 def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
-    """``s_b / s_{b+1}`` of ``weight_grad`` ``(m, n)`` (``inf`` past its last value), or the
-    gap at the numerical rank where that is clear and at most ``b`` (:func:`estimate_rank`:
-    ``inf`` where roundoff follows; a rank below ``b`` is repeated examples, fewer
-    distinct columns than the batch, not noise)."""
+    """``s_b / s_{b+1}`` of ``weight_grad`` ``(m, n)`` (:func:`spear.linalg.gap_at`: ``inf``
+    past its last value or where ``s_{b+1}`` is the dtype's roundoff), or the gap at the
+    numerical rank where that is clear and at most ``b`` (:func:`estimate_rank`: a rank
+    below ``b`` is repeated examples, fewer distinct columns than the batch, not noise)."""
     s = torch.linalg.svdvals(weight_grad.detach().to(torch.float64))
     rank, gap = estimate_rank(s, float(torch.finfo(weight_grad.dtype).eps))
     if rank <= batch_size and gap >= MIN_RANK_GAP:
         return gap
     if batch_size >= s.numel() or batch_size < 1:
         return math.inf
-    following = float(s[batch_size])
-    return math.inf if following == 0.0 else float(s[batch_size - 1]) / following
+    return gap_at(s, batch_size, float(torch.finfo(weight_grad.dtype).eps))
 
 
 def _clipped(features: torch.Tensor, input_range: tuple[float, float] | None) -> torch.Tensor:

@@ -414,12 +414,25 @@ def _factorisation(
             raise BatchTooLargeError(
                 f"no clear rank gap in the weight gradient (largest ratio of consecutive "
                 f"singular values {fac.gap:.3g} < {MIN_RANK_GAP:g}): the update looks noisy "
-                "(DP-SGD), the batch fills the layer, or it is a FedAvg delta of an "
-                "optimiser that scales each coordinate on its own (Adam). Pass batch_size= "
-                "to truncate at a known size."
+                "(DP-SGD), the batch fills the layer, it is a FedAvg delta of an "
+                "optimiser that scales each coordinate on its own (Adam), or the gradients "
+                "of confidently classified examples (a trained model) sink toward the "
+                "update's rounding. Pass batch_size= to truncate at a known size."
             )
         return fac
-    if rank < batch_size:
+    if rank < batch_size and fac.gap < MIN_RANK_GAP and batch_size < min(m, n):
+        # no clear rank below the batch size: the weakest examples' directions (tiny
+        # gradients of confidently classified examples) sink toward the update's noise
+        # floor, which is no sign of duplicates
+        gap = float(fac.singular_values[batch_size - 1] / fac.singular_values[batch_size])
+        notes.append(
+            f"no clear rank gap below batch_size={batch_size} (largest ratio of consecutive "
+            f"singular values {fac.gap:.3g}, {gap:.3g} at the batch size): the weakest "
+            "examples' directions come close to the update's noise floor; truncating at "
+            f"{batch_size}."
+        )
+        rank = batch_size
+    elif rank < batch_size:
         notes.append(
             f"the weight gradient has rank {rank} < batch_size={batch_size}: some "
             f"examples are duplicates (or linearly dependent); recovering the {rank} "
