@@ -13,6 +13,10 @@ update with the model in eval mode. Models (PyTorch default init, seed = the bat
 
 * ``mlp``: Fashion-MNIST, ``784 -> 1000 -> 128 -> 10`` with ``Dropout(p)`` after the first
   ReLU (the attacked layer's): its masks are read off the update.
+* ``mlp-functional``: the same with ``F.dropout(h, p, training=self.training)`` in
+  ``forward`` instead of a module.
+* ``mlp-input``: the same with ``Dropout(p)`` on the inputs instead (before the first
+  layer): the truth is what that layer took, the images with their masks.
 * ``mlp-deep``: the same with the Dropout after the second ReLU: its masks are not in the
   first layer's update.
 * ``cnn``: 32x32 RGB patches through Flower's tutorial CNN with ``Dropout(p)`` after
@@ -81,6 +85,22 @@ class MnistNet(nn.Module):
         return nn.functional.log_softmax(self.fc2(x), dim=1)
 
 
+class FunctionalMlp(nn.Module):
+    """``784 -> 1000 -> 128 -> 10`` with ``F.dropout(h, p, training=self.training)`` after
+    the first ReLU."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.fc1 = nn.Linear(784, 1000)
+        self.fc2 = nn.Linear(1000, 128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.dropout(torch.relu(self.fc1(x.flatten(1))), self.p, self.training)
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
 def build(model: str, p: float, seed: int, dtype: torch.dtype) -> nn.Module:
     """The model called ``model`` (see the module docstring) in ``dtype``."""
     torch.manual_seed(seed)
@@ -88,6 +108,18 @@ def build(model: str, p: float, seed: int, dtype: torch.dtype) -> nn.Module:
         return DropoutCnn(p).to(dtype)
     if model == "mnist-net":
         return MnistNet(p).to(dtype)
+    if model == "mlp-functional":
+        return FunctionalMlp(p).to(dtype)
+    if model == "mlp-input":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(p),
+            nn.Linear(784, 1000),
+            nn.ReLU(),
+            nn.Linear(1000, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        ).to(dtype)
     first: list[nn.Module] = [nn.Linear(784, 1000), nn.ReLU()]
     second: list[nn.Module] = [nn.Linear(1000, 128), nn.ReLU()]
     (second if model == "mlp-deep" else first).append(nn.Dropout(p))

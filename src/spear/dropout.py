@@ -146,8 +146,7 @@ def direct_dropout(model: nn.Module, target: AttackTarget) -> DirectDropout | No
         plain = isinstance(module, nn.Dropout)  # AlphaDropout and the like do not scale
         if plain and got is not None and got.shape == relu.shape and torch.equal(got, relu):
             return DirectDropout(name, module, p)
-    if candidates:
-        return None  # a module's own dropout call is no functional one
+    # an nn.Dropout's own call was seen too, but its input is no relu(z) (or it was taken)
     for name, got, p in calls.seen:
         if 0 < p < 1 and got.shape == relu.shape and torch.equal(got, relu):
             return DirectDropout(name, None, p)
