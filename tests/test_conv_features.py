@@ -165,24 +165,19 @@ def test_a_duplicate_is_found_with_the_batch_size_given() -> None:
 
 
 def test_tiny_gradients_of_a_trained_float32_cnn_are_no_duplicates() -> None:
-    # trained, b = 64, float32: the examples' directions fall from 1 to 1e-6 of the
-    # largest and the last ones reach the update's rounding, so no clear rank gap shows
-    # anywhere. Without the batch size the attack says so (it reads no batch size above
-    # the live units off the spectrum); told it, it truncates there instead of reading
-    # the weak ratios as duplicates, and what it returns is exact.
-    net, update, truth, labels = _batch("flower-cnn", 64, torch.float32, trained=True)
+    # trained, b = 64, float32: the examples' directions fall from 1 to 1e-7 of the
+    # largest, and the last ones sink within RANK_FLOOR units of the rounding, so no
+    # clear rank gap shows anywhere. Without the batch size the attack says so (it reads
+    # no batch size above the live units off the spectrum); told it, it reads the update
+    # as noisy, not as holding duplicates, and verifies nothing.
+    net, update, _, _ = _batch("flower-cnn", 64, torch.float32, trained=True)
     with pytest.raises(spear.BatchTooLargeError, match="confidently classified"):
         spear.attack(net, update, time_budget=10, progress=False, image_budget=0)
     rec = spear.attack(net, update, batch_size=64, time_budget=10, progress=False, image_budget=0)
     assert any("no clear rank gap below batch_size=64" in n for n in rec.notes)
     assert not any("duplicates" in n for n in rec.notes)
-    k = rec.inputs.shape[0]
-    assert k >= 1
-    found = rec.inputs.reshape(k, -1).to(torch.float64)
-    match = spear.metrics.match(found, truth)
-    assert spear.metrics.exact_rate(found, truth, rel_tol=1e-3, matching=match) * 64 == k
-    assert rec.labels is not None
-    assert torch.equal(rec.labels[match.rec_index], labels[match.truth_index])
+    assert not rec.verified
+    assert rec.layer_result is not None and not rec.layer_result.verified
 
 
 def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:

@@ -374,18 +374,25 @@ def dropout_off(model: nn.Module) -> None:
     """Put every Dropout module of ``model`` in eval mode (the identity), in place.
 
     Where its ``torch.fx`` graph still drops units in a functional call
-    (``F.dropout(h, p, training=self.training)``), every module but the BatchNorms is put
-    in eval mode too: which module's ``training`` such a call reads is not recorded. The
-    BatchNorms keep their mode.
+    (``F.dropout(h, p, training=self.training)``), every module but the normalisation
+    layers is put in eval mode too (which module's ``training`` such a call reads is not
+    recorded), unless that changes which layers normalise with the batch's own
+    statistics (a functional ``F.batch_norm(..., training=self.training)``): then the
+    modes are left as they were, and the attack refuses the model with what to do.
     """
     for module in model.modules():
         if isinstance(module, _DROPOUTS):
             module.eval()
     if not random_dropout_layers(model):
         return
+    statistics = batch_statistics_layers(model)
+    modes = {module: module.training for module in model.modules()}
     for module in model.modules():
-        if not isinstance(module, _BATCH_NORMS):
+        if not isinstance(module, nn.modules.batchnorm._NormBase):
             module.training = False
+    if batch_statistics_layers(model) != statistics:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def check_dropout(model: nn.Module) -> None:

@@ -20,7 +20,14 @@ import torch
 from spear.downstream import Downstream, implied_whole, other_divisor
 from spear.errors import BatchTooLargeError, InputError
 from spear.labels import label_fit_tol
-from spear.linalg import Factorisation, Tolerances, factorise, noise_floor, orthonormal_basis
+from spear.linalg import (
+    RANK_FLOOR,
+    Factorisation,
+    Tolerances,
+    factorise,
+    noise_floor,
+    orthonormal_basis,
+)
 from spear.solvers.base import Budget
 from spear.solvers.polish import live_rows
 from spear.update import UpdateKind
@@ -420,11 +427,13 @@ def _factorisation(
                 "update's rounding. Pass batch_size= to truncate at a known size."
             )
         return fac
-    if rank < batch_size and fac.gap < MIN_RANK_GAP and batch_size < min(m, n):
-        # no clear rank below the batch size: the weakest examples' directions (tiny
-        # gradients of confidently classified examples) sink toward the update's noise
-        # floor, which is no sign of duplicates
-        gap = float(fac.singular_values[batch_size - 1] / fac.singular_values[batch_size])
+    s = fac.singular_values
+    weak = rank < batch_size and fac.gap < MIN_RANK_GAP and batch_size < min(m, n)
+    if weak and float(s[batch_size - 1]) > RANK_FLOOR * eps * float(s[0]):
+        # no clear rank below the batch size, and every direction up to it stands above
+        # the rounding: the weakest examples (tiny gradients of confidently classified
+        # ones) come close to the noise floor, which is no sign of duplicates
+        gap = float(s[batch_size - 1] / s[batch_size])
         notes.append(
             f"no clear rank gap below batch_size={batch_size} (largest ratio of consecutive "
             f"singular values {fac.gap:.3g}, {gap:.3g} at the batch size): the weakest "
@@ -432,6 +441,15 @@ def _factorisation(
             f"{batch_size}."
         )
         rank = batch_size
+    elif weak:
+        # directions up to the batch size sink into the rounding: no exact answer there
+        notes.append(
+            f"no clear rank gap below batch_size={batch_size} (largest ratio of consecutive "
+            f"singular values {fac.gap:.3g}, at rank {rank}), and the weakest of the "
+            f"{batch_size} directions lie within {RANK_FLOOR:g} units of the update's "
+            "rounding (tiny gradients of confidently classified examples, or a batch size "
+            f"larger than the batch): searching at rank {rank}, read as a noisy update."
+        )
     elif rank < batch_size:
         notes.append(
             f"the weight gradient has rank {rank} < batch_size={batch_size}: some "
