@@ -247,15 +247,23 @@ def test_conv_net_features_come_back_with_their_labels() -> None:
     assert any("'drop' (p = 0.5) active" in n for n in rec.notes)
 
 
+def audit_in_training_mode(
+    model: nn.Module, update: dict[str, torch.Tensor], folder: Path
+) -> dict[str, object]:
+    """The audit record of ``update`` for ``model`` left in training mode, as a training
+    loop leaves it (the auditor runs Dropout as the identity on its copy)."""
+    model.train()
+    sent = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+    returned = {name: g.numpy() for name, g in update.items()}
+    auditor = UpdateAuditor(model, folder, AuditOptions(update_kind="gradient"))
+    return auditor.attack_update(1, "client-0", sent, returned)
+
+
 def test_an_audit_of_a_model_in_training_mode_reads_the_masks(tmp_path: Path) -> None:
     model = dropout_mlp(0.5, torch.float64)
     x, y = fashion(8, seed=7)
     update, _ = client_update(model, x, y)
-    model.train()  # as a training loop leaves it; the auditor runs Dropout as the identity
-    sent = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
-    returned = {name: g.numpy() for name, g in update.items()}
-    auditor = UpdateAuditor(model, tmp_path, AuditOptions(update_kind="gradient"))
-    record = auditor.attack_update(1, "client-0", sent, returned)
+    record = audit_in_training_mode(model, update, tmp_path)
     assert record["error"] is None
     assert record["recovered"] == 8 and record["verified"]
     assert model.training  # the user's model is left as it was
@@ -386,11 +394,7 @@ def test_an_audit_turns_functional_dropout_off(tmp_path: Path) -> None:
     model = FunctionalDropoutMlp(0.5, torch.float64)
     x, y = fashion(8, seed=13)
     update = functional_update(model, x, y)
-    model.train()
-    sent = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
-    returned = {name: g.numpy() for name, g in update.items()}
-    auditor = UpdateAuditor(model, tmp_path, AuditOptions(update_kind="gradient"))
-    record = auditor.attack_update(1, "client-0", sent, returned)
+    record = audit_in_training_mode(model, update, tmp_path)
     assert record["error"] is None
     assert record["recovered"] == 8 and record["verified"]
     assert model.training

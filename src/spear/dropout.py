@@ -169,13 +169,14 @@ def _call_input_and_p(
     return tensor, float(p) if isinstance(p, (int, float)) else 0.0
 
 
-class _DropoutCalls(TorchFunctionMode):
-    """Records the input and ``p`` of every functional dropout call
-    (:data:`spear.model.DROPOUT_CALLS`) made while it is active."""
+class _DropoutCallMode(TorchFunctionMode):
+    """Hands every functional dropout call (:data:`spear.model.DROPOUT_CALLS`) made while
+    it is active, with its input and ``p``, to :meth:`on_call`; other calls run as they
+    are."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, torch.Tensor, float]] = []
+    def on_call(self, func: Callable[..., object], x: torch.Tensor, p: float) -> object | None:
+        """What the call returns instead, or ``None`` to run it as it is."""
+        raise NotImplementedError
 
     def __torch_function__(
         self,
@@ -188,8 +189,22 @@ class _DropoutCalls(TorchFunctionMode):
         if func in DROPOUT_CALLS:
             x, p = _call_input_and_p(args, kwargs)
             if x is not None:
-                self.seen.append((_call_name(func), x.detach().clone(), p))
+                out = self.on_call(func, x, p)
+                if out is not None:
+                    return out
         return func(*args, **kwargs)
+
+
+class _DropoutCalls(_DropoutCallMode):
+    """Records the name, input and ``p`` of every functional dropout call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.Tensor, float]] = []
+
+    def on_call(self, func: Callable[..., object], x: torch.Tensor, p: float) -> object | None:
+        self.seen.append((_call_name(func), x.detach().clone(), p))
+        return None
 
 
 def dropout_scales(pre: torch.Tensor, columns: torch.Tensor, p: float, eps: float) -> torch.Tensor:
@@ -337,7 +352,7 @@ class _ExampleRows:
         return out * self.table[index].to(out.device, out.dtype)
 
 
-class _MaskedCalls(TorchFunctionMode):
+class _MaskedCalls(_DropoutCallMode):
     """Replaces a functional dropout call (the model in eval mode, where it is the
     identity) by its input with the examples' rows scaled (:class:`_ExampleRows`)."""
 
@@ -345,17 +360,8 @@ class _MaskedCalls(TorchFunctionMode):
         super().__init__()
         self.rows = rows
 
-    def __torch_function__(
-        self,
-        func: Callable[..., object],
-        types: object,
-        args: tuple[object, ...] = (),
-        kwargs: dict[str, object] | None = None,
-    ) -> object:
-        kwargs = kwargs or {}
-        if func in DROPOUT_CALLS and func is not torch.ops.aten.native_dropout.default:
-            x, _ = _call_input_and_p(args, kwargs)
-            index = self.rows.index(x) if x is not None else None
-            if x is not None and index is not None:
-                return self.rows.applied(index, x)
-        return func(*args, **kwargs)
+    def on_call(self, func: Callable[..., object], x: torch.Tensor, p: float) -> object | None:
+        if func is torch.ops.aten.native_dropout.default:
+            return None  # returns (output, mask): left as it is
+        index = self.rows.index(x)
+        return None if index is None else self.rows.applied(index, x)
