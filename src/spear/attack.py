@@ -403,9 +403,11 @@ def attack(
     kind_mismatch = False
     dropped: DirectDropout | None = None
     scales: torch.Tensor | None = None
+    pre: torch.Tensor | None = None  # the examples' pre-activations at the layer (k, m)
     if direct is not None and result.dropout and result.found:
+        pre = _pre_activations(target, features.to(dtype))
         scales = _dropout_scales(
-            direct, target, features.to(dtype), result, weight_grad.dtype, kind == "gradient"
+            direct, target, features.to(dtype), pre, result, weight_grad.dtype, kind == "gradient"
         )
         if bool((scales == 0).any()):
             dropped = direct
@@ -462,7 +464,7 @@ def attack(
     )
     determined = rebuilt is not None and rebuilt.all_determined and result.complete
     if target.first and labels is not None:
-        with _client_masks(target, dropped, inputs.to(dtype), scales):
+        with _client_masks(dropped, pre, scales):
             certificate = certify(work, observed, inputs.to(dtype), labels, update_kind=kind)
         if kind == "delta":
             notes.append(
@@ -1068,20 +1070,28 @@ def _incomplete(result: LayerReconstruction) -> bool:
     return not result.complete and not result.interrupted
 
 
+def _pre_activations(target: AttackTarget, features: torch.Tensor) -> torch.Tensor:
+    """``W x + c`` ``(k, m)`` of the attacked layer for ``features`` ``(k, n)``, in their
+    dtype."""
+    bias = target.bias.detach().to(features.dtype) if target.bias is not None else None
+    with torch.no_grad():
+        return nn.functional.linear(features, target.weight.detach().to(features.dtype), bias)
+
+
 def _dropout_scales(
     dropout: DirectDropout,
     target: AttackTarget,
     features: torch.Tensor,
+    pre: torch.Tensor,
     result: LayerReconstruction,
     update_dtype: torch.dtype,
     mend: bool,
 ) -> torch.Tensor:
     """The recovered examples' Dropout scales ``(k, m)`` (:func:`spear.dropout.dropout_scales`),
-    mended where an example's label does not fit (:func:`spear.dropout.refined_scales`;
-    ``mend``: a gradient, whose columns fit cross-entropy as they are)."""
+    from their ``features`` ``(k, n)`` and pre-activations ``pre`` ``(k, m)``, mended where
+    an example's label does not fit (:func:`spear.dropout.refined_scales`; ``mend``: a
+    gradient, whose columns fit cross-entropy as they are)."""
     bias = target.bias.detach() if target.bias is not None else None
-    with torch.no_grad():
-        pre = nn.functional.linear(features, target.weight.detach(), bias)
     eps = float(torch.finfo(update_dtype).eps)
     columns = result.output_grads.cpu()
     scales = dropout_scales(pre, columns, dropout.p, eps)
@@ -1106,22 +1116,12 @@ def _dropout_scales(
 
 
 def _client_masks(
-    target: AttackTarget,
-    dropout: DirectDropout | None,
-    inputs: torch.Tensor,
-    scales: torch.Tensor | None,
+    dropout: DirectDropout | None, pre: torch.Tensor | None, scales: torch.Tensor | None
 ) -> contextlib.AbstractContextManager[None]:
-    """The model run with the examples' Dropout masks (:func:`spear.dropout.masks_applied`),
-    or as it is; ``inputs`` ``(k, ...)`` are the model's inputs, the attacked layer's own."""
-    if dropout is None or scales is None:
+    """The model run with the examples' Dropout masks (:func:`spear.dropout.masks_applied`;
+    ``pre`` ``(k, m)``: their pre-activations at the attacked layer), or as it is."""
+    if dropout is None or pre is None or scales is None:
         return contextlib.nullcontext()
-    bias = target.bias.detach() if target.bias is not None else None
-    with torch.no_grad():
-        pre = nn.functional.linear(
-            inputs.reshape(inputs.shape[0], -1),
-            target.weight.detach().to(inputs.dtype),
-            None if bias is None else bias.to(inputs.dtype),
-        )
     return masks_applied(dropout, torch.relu(pre), scales)
 
 
