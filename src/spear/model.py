@@ -296,16 +296,26 @@ def random_dropout_layers(model: nn.Module) -> list[str]:
         if isinstance(mod, _DROPOUTS) and mod.training and mod.p > 0
     ]
     graph = _graph_of(model)
+    found.extend(
+        f"dropout call {node.name!r}"
+        for node, p, train in _dropout_calls(graph)
+        if train is True and p != 0
+    )
+    return found
+
+
+def _dropout_calls(graph: fx.Graph | None) -> list[tuple[fx.Node, object, object]]:
+    """The dropout calls of ``graph`` (none for ``None``), each with its ``p`` and its
+    ``train`` argument (``F.dropout``'s defaults: 0.5 and ``True``)."""
+    calls: list[tuple[fx.Node, object, object]] = []
     for node in graph.nodes if graph is not None else ():
         if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
             continue
         position, keyword = _DROPOUT_FUNCTIONS[node.target]
-        # F.dropout's ``training`` defaults to True
         train = node.args[position] if len(node.args) > position else node.kwargs.get(keyword, True)
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        if train is True and p != 0:
-            found.append(f"dropout call {node.name!r}")
-    return found
+        calls.append((node, p, train))
+    return calls
 
 
 def dropout_layers_after(model: nn.Module, target: AttackTarget) -> list[str]:
@@ -343,12 +353,7 @@ def _dropouts_within(model: nn.Module, part: object) -> list[str]:
     dropout calls (``p > 0``) of its graph, described."""
     found = [f"{type(mod).__name__} {name!r}" for name, mod in _dropout_modules_within(model, part)]
     graph = part.graph if isinstance(part, fx.GraphModule) else None
-    for node in graph.nodes if graph is not None else ():
-        if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
-            continue
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        if p != 0:
-            found.append(f"dropout call {node.name!r}")
+    found.extend(f"dropout call {node.name!r}" for node, p, _ in _dropout_calls(graph) if p != 0)
     return found
 
 
