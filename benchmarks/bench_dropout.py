@@ -176,7 +176,7 @@ def _spread(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="mlp,mlp-deep,cnn,mnist-net")
+    parser.add_argument("--models", default="mlp,mlp-functional,mlp-input,mlp-deep,cnn,mnist-net")
     parser.add_argument("--batch-sizes", default="8,16,32,64")
     parser.add_argument("--ps", default="0.2,0.5", help="Dropout probabilities")
     parser.add_argument("--dtypes", default="float64,float32")

@@ -288,22 +288,35 @@ class FunctionalDropoutMlp(nn.Module):
     """``784 -> 256 -> 128 -> 10`` with ``F.dropout(h, p, training=self.training)`` after
     the first ReLU (``deep``: after the second), as many models write it."""
 
-    def __init__(self, p: float, dtype: torch.dtype, *, deep: bool = False) -> None:
+    def __init__(
+        self, p: float, dtype: torch.dtype, *, deep: bool = False, form: str = "F.dropout"
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.p, self.deep = p, deep
+        self.p, self.deep, self.form = p, deep, form
+        self.register_buffer("p_tensor", torch.tensor(p))
         self.fc1 = nn.Linear(784, 256)
         self.fc2 = nn.Linear(256, 128)
         self.fc3 = nn.Linear(128, 10)
         self.to(dtype)
 
+    def drop(self, h: torch.Tensor) -> torch.Tensor:
+        """The dropout call in the form ``form`` names."""
+        if self.form == "torch.dropout":
+            return torch.dropout(h, self.p, self.training)
+        if self.form == "tensor p":
+            return nn.functional.dropout(h, self.p_tensor, training=self.training)
+        if self.form == "aten.native_dropout":
+            return torch.ops.aten.native_dropout.default(h, self.p, self.training)[0]
+        return nn.functional.dropout(h, self.p, training=self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc1(x.flatten(1)))
         if not self.deep:
-            h = nn.functional.dropout(h, self.p, training=self.training)
+            h = self.drop(h)
         h = torch.relu(self.fc2(h))
         if self.deep:
-            h = nn.functional.dropout(h, self.p, training=self.training)
+            h = self.drop(h)
         return self.fc3(h)
 
 
@@ -334,6 +347,24 @@ def test_a_functional_dropout_call_is_read_and_verified(dtype: torch.dtype, b: i
     assert rec.labels is not None
     assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
     assert any("the dropout call 'dropout' (p = 0.5) active" in n for n in rec.notes)
+
+
+@pytest.mark.parametrize("form", ["torch.dropout", "tensor p", "aten.native_dropout"])
+def test_other_forms_of_the_dropout_call_are_read_and_verified(form: str) -> None:
+    model = FunctionalDropoutMlp(0.5, torch.float32, form=form)
+    x, y = fashion(8, seed=9)
+    x = x.float()
+    update = functional_update(model, x, y)
+    model.train()
+    assert spear.model.random_dropout_layers(model)  # the graph shows the call
+    model.eval()
+    found = direct_dropout(model, find_target(model, None))
+    assert found is not None and found.module is None and found.p == 0.5
+    rec = spear.attack(model, update, time_budget=60)
+    assert rec.complete and rec.verified
+    matching = assert_exact(rec.inputs, x, rel=EXACT32)
+    assert rec.labels is not None
+    assert torch.equal(rec.labels[matching.rec_index], y[matching.truth_index])
 
 
 def test_an_exported_program_with_dropout_is_read_and_verified(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ them the model in eval mode reproduces the client's forward and backward pass ex
 dropout (docs/algorithm.md, "Dropout").
 
 The Dropout is an ``nn.Dropout`` module, or a functional call in ``forward``
-(``F.dropout(h, p, training=self.training)``, or ``aten.dropout`` in a ``torch.export``
-program), found and masked through a ``TorchFunctionMode``.
+(``F.dropout(h, p, training=self.training)`` or ``torch.dropout(h, p, self.training)``,
+``p`` a number or a one-element tensor; ``aten.dropout`` or ``aten.native_dropout`` in a
+``torch.export`` program), found and masked through a ``TorchFunctionMode``.
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ def _call_input_and_p(
     x = args[0] if args else kwargs.get("input")
     p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
     tensor = x if isinstance(x, torch.Tensor) else None
+    if isinstance(p, torch.Tensor) and p.numel() == 1:  # p held in a tensor (a buffer)
+        return tensor, float(p)
     return tensor, float(p) if isinstance(p, (int, float)) else 0.0
 
 
@@ -319,23 +322,22 @@ class _ExampleRows:
     scales ``(k, m)``: which rows of a Dropout's input are which example's."""
 
     def __init__(self, activations: torch.Tensor, scales: torch.Tensor) -> None:
-        self.activations = activations.detach().to(torch.float64)
+        self.activations = activations.detach().to("cpu", torch.float64)
         self.size = self.activations.abs().amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        scales = scales.detach().cpu()
         ones = torch.ones(1, scales.shape[1], dtype=scales.dtype)
         self.table = torch.cat([scales, ones])  # row -1: no example's, no dropout
 
     def index(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The example each row of ``x`` ``(r, m)`` is, ``-1`` for none ``(r,)``; ``None``
-        when no row is an example's."""
+        """The example each row of ``x`` ``(r, m)`` is, ``-1`` for none ``(r,)`` (on the
+        CPU, wherever ``x`` is); ``None`` when no row is an example's."""
         if x.dim() != 2 or x.shape[1] != self.activations.shape[1]:
             return None
-        got = x.detach().to(torch.float64)
-        index = torch.full((x.shape[0],), -1, dtype=torch.int64)
-        for r in range(got.shape[0]):  # one row at a time: (k, m) in memory, not (r, k, m)
-            gap = (self.activations - got[r]).abs().amax(dim=1) / self.size  # (k,)
-            best = int(gap.argmin())
-            if float(gap[best]) <= ACTIVATION_MATCH_RTOL:
-                index[r] = best
+        got = x.detach().to("cpu", torch.float64)
+        # largest entry gap of every row to every example (r, k), relative to the example
+        gap = torch.cdist(got, self.activations, p=math.inf) / self.size
+        best, nearest = gap.min(dim=1)
+        index = torch.where(best <= ACTIVATION_MATCH_RTOL, nearest, torch.full_like(nearest, -1))
         return index if bool((index >= 0).any()) else None
 
     def scaled(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -361,7 +363,10 @@ class _MaskedCalls(_DropoutCallMode):
         self.rows = rows
 
     def on_call(self, func: Callable[..., object], x: torch.Tensor, p: float) -> object | None:
-        if func is torch.ops.aten.native_dropout.default:
-            return None  # returns (output, mask): left as it is
         index = self.rows.index(x)
-        return None if index is None else self.rows.applied(index, x)
+        if index is None:
+            return None
+        out = self.rows.applied(index, x)
+        if func is torch.ops.aten.native_dropout.default:  # returns (output, kept units)
+            return out, self.rows.applied(index, torch.ones_like(x)) != 0
+        return out

@@ -260,11 +260,13 @@ _DROPOUTS = (
 #: Dropout calls in a ``torch.fx`` graph, with the position of their ``train`` argument.
 _DROPOUT_FUNCTIONS = {
     torch.nn.functional.dropout: (2, "training"),
+    torch.dropout: (2, "train"),
     torch.ops.aten.dropout.default: (2, "train"),
     torch.ops.aten.native_dropout.default: (2, "train"),
 }
-#: The functional dropout calls: ``F.dropout`` in a module's ``forward``, ``aten.dropout``
-#: in a ``torch.export`` program.
+#: The functional dropout calls: ``F.dropout`` or ``torch.dropout`` in a module's
+#: ``forward``, ``aten.dropout`` (``aten.native_dropout`` once decomposed) in a
+#: ``torch.export`` program.
 DROPOUT_CALLS = frozenset(_DROPOUT_FUNCTIONS)
 
 
