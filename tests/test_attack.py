@@ -23,7 +23,7 @@ from torch import nn
 import spear
 from spear.certificate import VERIFIED_BELOW
 from spear.data import builtin_images
-from spear.errors import InputError, NotAttackableError
+from spear.errors import BatchTooLargeError, InputError, NotAttackableError
 
 SIZES = (784, 256, 128, 10)
 
@@ -119,6 +119,61 @@ def test_attack_duplicates_reports_multiplicity() -> None:
     assert_exact(batch, x)
 
 
+@pytest.mark.parametrize("factor", [1e6, 1e18, 1e30])
+def test_a_scaled_update_reports_no_copies(factor: float) -> None:
+    # a gradient scaled by a large factor reads, under a sum, as every example counted
+    # `factor / 8` times: as much a scaled sum as copies, and past 1e10 no whole count at
+    # all (at 1e30 the int64 cast once overflowed to negative counts)
+    model = mlp(SIZES, seed=5)
+    x, y = fashion(8, seed=5)
+    update = {k: v * factor for k, v in fedsgd_update(model, x, y).items()}
+    rec = spear.attack(model, update, time_budget=60.0)
+    assert rec.multiplicity is not None
+    assert torch.equal(rec.multiplicity, torch.ones_like(rec.multiplicity)), rec.multiplicity
+    assert not any("duplicates in the batch" in note for note in rec.notes), rec.notes
+    assert any("scaled by a learning rate" in note for note in rec.notes), rec.notes
+    assert rec.batch_size == 8
+    assert_exact(rec.inputs, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_batch_larger_than_the_layer_is_refused_not_read_as_noise(
+    dtype: torch.dtype,
+) -> None:
+    # 16 examples through 8 units, all live: every one of the update's 8 singular values
+    # is clear of rounding; the spectrum's "noise band" would be its last value alone
+    x, y = builtin_images(16).images, builtin_images(16).labels
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Linear(8, 10))
+    model = model.to(dtype)
+    update = fedsgd_update(model, x.to(dtype), y)
+    with pytest.raises(BatchTooLargeError, match="full rank 8"):
+        spear.attack(model, update, time_budget=10)
+
+
+class _Normalised(nn.Module):
+    """``fc2(relu(fc1((x - 0.5) / 0.25)))``: the first linear layer sees no model input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 200)
+        self.fc2 = nn.Linear(200, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(((x - 0.5) / 0.25).flatten(1))))
+
+
+def test_a_first_layer_behind_a_normalisation_is_named_as_such() -> None:
+    torch.manual_seed(0)
+    model = _Normalised().double()
+    x, y = fashion(8, seed=2)
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=10, image_budget=0)
+    assert rec.feature_space
+    assert any("the first linear layer, but the model's inputs reach it" in n for n in rec.notes)
+    assert not any("could not be" in n for n in rec.notes), rec.notes
+    assert_exact(rec.inputs, ((x - 0.5) / 0.25).flatten(1))
+
+
 def test_one_input_with_two_labels_leaves_the_others_recovered() -> None:
     # an input sent twice with two labels is one row of the update with the sum of two
     # cross-entropy columns (no example's): the other six are examples of a mean over 8,
@@ -159,6 +214,31 @@ def test_examples_a_hair_apart_are_not_verified_as_one_counted_twice(
     matching = spear.metrics.match(rec.inputs, x)
     exact = matching.max_abs_error <= EXACT * scale
     assert int(exact.sum()) >= 6  # the six examples apart from the pair come back exact
+
+
+@pytest.mark.parametrize("distance", [1e-5, 3e-6])
+@pytest.mark.parametrize("copied", [4, 2])
+def test_near_copies_of_images_are_not_verified_as_their_means(
+    distance: float, copied: int
+) -> None:
+    # float64 Fashion-MNIST batch of 8 in which `copied` images appear twice, the copy
+    # shifted by `distance` on every pixel: the pairs' means reproduce the update to about
+    # distance^2, but each is distance / 2 off both images (above the 1e-6 exactness).
+    # The pairs leave singular values of 3e-13 to 3e-12 of the first, in a roundoff band
+    # (3e-15 to 5e-15) that itself reaches above the 10-eps floor
+    images = builtin_images(8).images.double()
+    labels = builtin_images(8).labels
+    x = torch.cat([images[: 8 - copied], images[:copied] + distance])
+    y = torch.cat([labels[: 8 - copied], labels[:copied]])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 10))
+    model = model.double()
+    rec = spear.attack(model, fedsgd_update(model, x, y), time_budget=30)
+    matching = spear.metrics.match(rec.inputs.flatten(1), x.flatten(1))
+    all_exact = rec.inputs.shape[0] == 8 and bool(
+        (matching.max_abs_error <= 1e-6 * matching.scale).all()
+    )
+    assert all_exact or not rec.verified, (rec.batch_size, rec.notes)
 
 
 def test_unequal_loss_weights_are_not_reported_as_copies() -> None:

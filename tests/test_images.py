@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import spear
 from spear.client import fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.errors import InputError
-from spear.images import guess_image_shape, images_from_features, leaky_copy
+from spear.images import _newton, guess_image_shape, images_from_features, leaky_copy
 from spear.model import find_target
 from spear.networks import build_cnn
 
@@ -55,6 +57,22 @@ def test_images_determined_by_their_features_are_exact_and_certified(
     assert rec.certificate is not None
     assert rec.certificate <= spear.certificate.verified_threshold(dtype)
     assert rec.verified
+
+
+def test_a_newton_polish_starts_no_step_after_its_deadline() -> None:
+    # images determined by their features, polished past the deadline: the start comes
+    # back untouched and undetermined (no Jacobian rank was tested), in no time
+    net = _conv_mlp(torch.float64)
+    images, _ = _small_images(1, torch.float64)
+    head = find_target(net).before
+    assert head is not None
+    with torch.no_grad():
+        features = head(images)[0]
+    start = images[0] + 1e-3
+    x, determined = _newton(head, start, features, None, time.perf_counter() - 1.0)
+    assert torch.equal(x, start) and not determined
+    x, determined = _newton(head, start, features, None)
+    assert determined and float((x - images[0]).abs().max()) < 1e-8
 
 
 def test_wrong_images_are_not_certified() -> None:

@@ -90,11 +90,27 @@ def test_clean_rank_counts_a_small_value_far_above_the_roundoff() -> None:
     s = torch.tensor([1.0, 0.8, 0.5, 0.36, 0.32, 0.26, 0.23, 9e-13, 1.5e-16, 1e-16])
     assert estimate_rank(s.double(), EPS64)[0] == 7
     assert clean_rank(s.double(), EPS64) == 8
-    # noise down to the roundoff, with no clean drop into it: none
-    noisy = torch.tensor([1.0, 0.8, 0.5, 1e-9, 8e-10, 6e-10, 5e-10, 4e-10, 3e-15, 2e-15])
-    assert clean_rank(noisy.double(), EPS64) is None
+    # noise fills every direction after the examples (a full-rank band): the last clean
+    # drop is the one into it, and a band with no drop at all gives none
+    noisy = torch.tensor([1.0, 0.8, 0.5, 1e-9, 8e-10, 6e-10, 5e-10, 4e-10, 3e-10, 2e-10])
+    assert clean_rank(noisy.double(), EPS64) == 3
+    assert clean_rank(noisy[3:].double(), EPS64) is None
+    # small directions that do end in a clean drop into the roundoff are part of the
+    # update, and an answer at rank 3 would leave them unexplained
+    ending = torch.tensor([1.0, 0.8, 0.5, 1e-9, 8e-10, 6e-10, 5e-10, 4e-10, 3e-15, 2e-15])
+    assert clean_rank(ending.double(), EPS64) == 8
     # in float32 the same small value is roundoff
     assert clean_rank(s.double(), EPS32) == 7
+
+
+def test_clean_rank_finds_the_drop_where_the_roundoff_band_crosses_the_floor() -> None:
+    # float64 roundoff after the last example is a band of 15 to 25 eps (measured on a
+    # 200 x 784 gradient), partly above the floor of 10 eps: the drop into it still counts
+    s = torch.tensor([1.0, 0.6, 0.3, 0.07, 3e-12, 5e-15, 4e-15, 3e-15, 3e-15, 1e-15])
+    assert clean_rank(s.double(), EPS64) == 5
+    # roundoff above the floor that falls into exact zeros is no example
+    band = torch.tensor([1.0, 0.5, 0.2, 4e-15, 3e-15, 0.0, 0.0])
+    assert clean_rank(band.double(), EPS64) == 3
 
 
 def test_estimate_rank_float32_floor_is_coarser() -> None:

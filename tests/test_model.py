@@ -7,7 +7,7 @@ import torch
 from tests.conftest import assert_same_state, mlp, state_snapshot
 from torch import nn
 
-from spear.errors import NotAttackableError
+from spear.errors import InputError, NotAttackableError
 from spear.model import find_target, guess_input_shape
 
 
@@ -159,3 +159,67 @@ def test_guess_input_shape() -> None:
     assert guess_input_shape(784) == (1, 28, 28)
     assert guess_input_shape(3072) == (3, 32, 32)
     assert guess_input_shape(50) == (50,)
+
+
+class ActivationNet(nn.Module):
+    """``fc2(act(fc1(x)))`` with the activation given as a function of ``h``."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 12)
+        self.act = act
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Clamp(nn.Module):
+    """``h.clamp(*args, **kwargs)`` (a method call), or ``torch.clamp`` / ``torch.clamp_min``."""
+
+    def __init__(self, how: str, *args: float | None, **kwargs: float | None) -> None:
+        super().__init__()
+        self.how, self.args, self.kwargs = how, args, kwargs
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.how == "method":
+            return h.clamp(*self.args, **self.kwargs)
+        if self.how == "clamp_min":
+            return torch.clamp_min(h, *self.args)
+        return torch.clamp(h, *self.args, **self.kwargs)
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        nn.LeakyReLU(0.0),
+        Clamp("method", min=0),
+        Clamp("method", 0.0),
+        Clamp("function", 0),
+        Clamp("function", min=0.0, max=None),
+        Clamp("clamp_min", 0.0),
+    ],
+    ids=["leaky0", "method-kw", "method-pos", "function-pos", "function-kw", "clamp_min"],
+)
+def test_activations_that_are_max_of_h_and_zero_are_relus(act: nn.Module) -> None:
+    net = ActivationNet(act)
+    target = find_target(net)
+    assert target.name == "fc1"
+    assert target.after is not None
+    h = torch.randn(5, 12)
+    assert torch.allclose(target.after(h), net.fc2(h.relu()))
+
+
+@pytest.mark.parametrize(
+    "act",
+    [nn.LeakyReLU(0.01), Clamp("method", 0, 6), Clamp("method", min=0.1), nn.ReLU6()],
+    ids=["leaky", "clamp-0-6", "clamp-0.1", "relu6"],
+)
+def test_activations_other_than_max_of_h_and_zero_are_refused(act: nn.Module) -> None:
+    with pytest.raises(NotAttackableError, match="fc1: Linear followed by"):
+        find_target(ActivationNet(act))
+
+
+def test_a_layer_given_as_a_number_is_a_clear_error() -> None:
+    with pytest.raises(InputError, match="layer='1'"):
+        find_target(mlp((16, 12, 3), flatten=False), 1)  # type: ignore[arg-type]

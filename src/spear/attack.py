@@ -85,6 +85,11 @@ DROPOUT_FIRST_SHARE = 0.5
 #: dimension (one logit; two classes under softmax, where ``p - e_0`` and ``p - e_1`` are
 #: parallel), and an incomplete result on them says why (:func:`_narrow_head_note`).
 NARROW_HEAD_OUTPUTS = 2
+#: Fewest singular values past a batch size read off the spectrum of an update with no
+#: exact rank gap: a "noise band" of one value (the batch read as one less than the
+#: layer's live units) is what a batch as large as the layer is wide leaves as well
+#: (``b = 16`` through ``784 -> 8``: all 8 values clear of rounding), and is no noise.
+MIN_NOISE_BAND = 2
 
 
 def attack(
@@ -300,8 +305,10 @@ def attack(
         spectrum = noisy_batch_size(weight_grad, bias_grad)
         live = int((weight_grad != 0).any(dim=1).sum())
         # a rank of at least the live units is no batch: the update's rows bound it
-        # (exactly zero rows, units off for every example, hold no noise either)
-        readable = spectrum.confident and 1 <= spectrum.batch_size < live
+        # (exactly zero rows, units off for every example, hold no noise either), and
+        # the noise needs a band of values past the batch to show as noise
+        values = min(live, weight_grad.shape[1] + (bias_grad is not None))
+        readable = spectrum.confident and 1 <= spectrum.batch_size <= values - MIN_NOISE_BAND
         if batch_size is not None or not readable:
             raise
         batch_size, size_read = spectrum.batch_size, True
@@ -361,10 +368,18 @@ def attack(
         inputs = features.reshape(features.shape[0], *shape)
     else:
         inputs = features
+        if layer is not None:
+            why = " as asked"
+        elif len(target.examined) > 1:
+            why = " (the first layer could not be)"
+        else:
+            why = (
+                " (the first linear layer, but the model's inputs reach it through other "
+                "operations)"
+            )
         notes.append(
-            f"layer {target.name!r} was attacked"
-            + (" as asked" if layer is not None else " (the first layer could not be)")
-            + ", so .inputs are the features entering it, not model inputs."
+            f"layer {target.name!r} was attacked{why}, so .inputs are the features entering "
+            "it, not model inputs."
         )
         masked_before = dropout_layers_before(work, target)
         if masked_before:

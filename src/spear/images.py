@@ -460,16 +460,23 @@ def _newton(
     x: torch.Tensor,
     target: torch.Tensor,
     input_range: tuple[float, float] | None,
+    deadline: float = math.inf,
 ) -> tuple[torch.Tensor, bool]:
     """Gauss-Newton on ``||h(x) - target||`` for one image; ``(image, determined)``.
 
     Determined: the Jacobian's active rows have full column rank at every step and the
-    residual ends at rounding level (``sqrt(P) * eps`` relative to the features).
+    residual ends at rounding level (``sqrt(P) * eps`` relative to the features). No step
+    starts after ``deadline`` (``time.perf_counter()``); the image reached then is
+    returned, determined only where a step has tested the Jacobian's rank and the
+    residual is at rounding level.
     """
     eps = torch.finfo(x.dtype).eps
     size = x.numel()
     norm = float(target.norm().clamp_min(torch.finfo(x.dtype).tiny))
+    full_rank = False
     for _ in range(NEWTON_STEPS):
+        if time.perf_counter() > deadline:
+            break
         jac = _jacobian(head, x)
         rows = jac.abs().sum(dim=1) > 0
         active = jac[rows]
@@ -478,6 +485,7 @@ def _newton(
         s = torch.linalg.svdvals(active)
         if float(s[-1]) <= _rank_tolerance(x.dtype, size) * float(s[0]):
             return x, False
+        full_rank = True
         with torch.no_grad():
             residual = head(x.reshape(1, *x.shape)).reshape(-1) - target
         if float(residual.norm()) <= math.sqrt(size) * eps * norm:
@@ -489,7 +497,7 @@ def _newton(
     inside = input_range is None or bool(
         ((x >= input_range[0] - eps) & (x <= input_range[1] + eps)).all()
     )
-    return x, inside and float(residual.norm()) <= 10 * math.sqrt(size) * eps * norm
+    return x, full_rank and inside and float(residual.norm()) <= 10 * math.sqrt(size) * eps * norm
 
 
 def feature_image_share(found: int, batch_size: int) -> float:
@@ -608,7 +616,7 @@ def images_from_features(
                 polished.extend(images[i:])
                 notes.append("the time budget ran out before every image was polished.")
                 break
-            x, ok = _newton(head, images[i], features[i], input_range)
+            x, ok = _newton(head, images[i], features[i], input_range, start + time_budget)
             polished.append(x)
             determined[i] = ok
         images = torch.stack(polished)

@@ -26,6 +26,11 @@ __all__ = ["LabelResult", "missing_labels", "recover_labels"]
 LABEL_FIT_TOL = 1e-6
 #: Divisors above this are no batch size (a scaled update): the reduction is not read.
 MAX_DIVISOR = 1e9
+#: A count read from a divisor of relative error ``tol`` is whole only where
+#: ``count * tol`` stays below this: beyond it neighbouring whole numbers lie within the
+#: tolerance of each other (an update scaled by ``1e18`` reads as counts of about
+#: ``1e17``, none of them whole).
+MAX_COUNT_ULPS = 0.1
 #: Entries of ``r_i`` below this fraction of its largest magnitude carry no sign.
 SIGN_ZERO = 1e-9
 #: Models of a coarser dtype (float32) compute the Jacobian and softmax with its roundoff:
@@ -310,6 +315,21 @@ def _weights_note(multiplicity: torch.Tensor, reduction: str) -> str:
     )
 
 
+def _whole_counts(ratio: torch.Tensor, mult: torch.Tensor, tol: float, *, summed: bool) -> bool:
+    """Whether ``ratio`` ``(k,)`` (each example's count under a plain mean or sum) is the
+    whole counts ``mult`` ``(k,)``: each at least 1, within ``tol`` of a whole number, and
+    small enough for that tolerance to tell neighbouring whole numbers apart (at most
+    :data:`MAX_COUNT_ULPS` of ``tol``'s resolution), and, under a sum, not every count a
+    multiple of one factor above 1: that is the sum scaled (by a learning rate or a server
+    weight) as much as every example repeated, and the update cannot tell the two apart.
+    """
+    if not bool((mult >= 1).all()) or float(ratio.max()) * tol > MAX_COUNT_ULPS:
+        return False
+    if not bool(((ratio - mult).abs() <= tol * ratio).all()):
+        return False
+    return not summed or math.gcd(*(int(c) for c in mult.tolist())) == 1
+
+
 def _interpret(
     labels: torch.Tensor,
     divisor: torch.Tensor,
@@ -333,7 +353,7 @@ def _interpret(
         total = round(top) if top >= 1.0 - tol else 1
         ratio = total / divisor
         mult = torch.round(ratio)
-        if bool(((ratio - mult).abs() <= tol * ratio).all()) and bool((mult >= 1).all()):
+        if _whole_counts(ratio, mult, tol, summed=total == 1):
             multiplicity = mult.to(torch.int64)
             if total == 1:
                 reduction = "sum" if k > 1 or int(multiplicity.sum()) > 1 else "mean or sum"
@@ -355,7 +375,8 @@ def _interpret(
     if reduction == "unknown" and k and bool(ok.all()):
         notes.append(
             "the per-example loss scales do not fit a plain mean or sum (per-example "
-            "clipping, DP noise, FedAvg or clients summed): labels come from the sign pattern only."
+            "clipping, DP noise, FedAvg, clients summed, or the update scaled by a learning "
+            "rate or server weight): labels come from the sign pattern only."
         )
     if bool((multiplicity > 1).any()):
         notes.append(_weights_note(multiplicity, reduction))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from spear.errors import NotAttackableError
+from spear.errors import InputError, NotAttackableError
 
 __all__ = [
     "DROPOUT_CALLS",
@@ -45,6 +45,13 @@ _RELU_FUNCTIONS = {
     torch.ops.aten.relu.default,
     torch.ops.aten.relu_.default,
 }
+_CLAMP_FUNCTIONS = {
+    torch.clamp,
+    torch.clamp_min,
+    torch.ops.aten.clamp.default,
+    torch.ops.aten.clamp_min.default,
+}
+_CLAMP_METHODS = {"clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "clip_"}
 _LINEAR_FUNCTIONS = {torch.nn.functional.linear, torch.ops.aten.linear.default}
 _RESHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
 _RESHAPE_FUNCTIONS = {
@@ -430,13 +437,39 @@ def check_dropout(model: nn.Module) -> None:
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` computes ``max(h, 0)`` of its first argument ``h``: a ReLU, a
+    LeakyReLU of slope 0, or a clamp at 0 from below with no upper bound."""
     if node.op == "call_module":
-        return isinstance(modules[str(node.target)], _RELU_MODULES)
+        return _is_relu_module(modules[str(node.target)])
     if node.op == "call_function":
+        if node.target in _CLAMP_FUNCTIONS:
+            return _clamps_at_zero(node)
         return node.target in _RELU_FUNCTIONS
     if node.op == "call_method":
+        if node.target in _CLAMP_METHODS:
+            return _clamps_at_zero(node)
         return node.target in ("relu", "relu_")
     return False
+
+
+def _is_relu_module(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a ReLU or a LeakyReLU of slope 0."""
+    return isinstance(module, _RELU_MODULES) or (
+        isinstance(module, nn.LeakyReLU) and module.negative_slope == 0.0
+    )
+
+
+def _clamps_at_zero(node: fx.Node) -> bool:
+    """Whether a ``clamp(h, min, max)`` or ``clamp_min(h, min)`` call ``node`` has
+    ``min == 0`` and no ``max``."""
+    names = (
+        ("min",)
+        if str(getattr(node.target, "__name__", node.target)).startswith("clamp_min")
+        else ("min", "max")
+    )
+    given = dict(zip(names, node.args[1:], strict=False)) | dict(node.kwargs)
+    low = given.get("min")
+    return isinstance(low, (int, float)) and low == 0 and given.get("max") is None
 
 
 def _is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -556,6 +589,13 @@ def find_target(model: nn.Module, layer: str | None = None) -> AttackTarget:
         When no layer qualifies, or ``layer`` is not a linear layer followed by a ReLU;
         the message names every layer examined and why.
     """
+    if layer is not None and not isinstance(layer, str):
+        raise InputError(
+            f"layer must be a layer's name, a str such as 'fc2' or, in an nn.Sequential, "
+            f"'1'; found {type(layer).__name__} {layer!r}. Pass layer={str(layer)!r} for "
+            "the child of that name, or no layer to attack the first linear layer "
+            "followed by a ReLU."
+        )
     modules = dict(model.named_modules())
     if isinstance(model, fx.GraphModule):
         traced = model
@@ -692,7 +732,7 @@ def _find_in_sequential(model: nn.Sequential, layer: str | None = None) -> Attac
         if not isinstance(child, nn.Linear):
             continue
         nxt = children[i + 1][1] if i + 1 < len(children) else None
-        if isinstance(nxt, _RELU_MODULES):
+        if _is_relu_module(nxt):
             if layer is not None and name != layer:
                 examined.append(f"{name}: Linear followed by ReLU, not the layer asked for")
                 continue
