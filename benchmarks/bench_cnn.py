@@ -17,12 +17,20 @@ an attack that reads zero sets could recover. Examples::
     python benchmarks/bench_cnn.py
     python benchmarks/bench_cnn.py --models vgg --batch-sizes 8,16 --dtypes float32
     python benchmarks/bench_cnn.py --batch-sizes 32 --dtypes float64 --seed 1 --singled-out
+    python benchmarks/bench_cnn.py --models flower-cnn --batch-sizes 32 --attack-seeds 0-9
+
+``--attack-seeds`` attacks each update once per attack seed and prints the spread: the
+features exact (median and worst), how many attacks gave every example exactly and were
+verified, and the seconds (median, 90th percentile, worst). Which vertices and samples
+the search draws decides how far it gets within the budget.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
+import statistics
 import time
 from typing import Any
 
@@ -46,21 +54,14 @@ def singled_out_counts(
     )
 
 
-def run_case(
-    model_name: str,
-    trained: bool,
-    dtype_name: str,
-    b: int,
-    seed: int,
-    budget: float,
-    singled: bool = False,
-) -> dict[str, Any]:
-    """One attack; its measurements."""
-    import spear
-    from spear import metrics
+def build_case(
+    model_name: str, trained: bool, dtype_name: str, b: int, seed: int
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The network of ``seed`` (``trained``: after 200 SGD steps), a FedSGD update on ``b``
+    RGB patches, the images ``(b, 3, 32, 32)``, labels ``(b,)`` and the true features
+    entering ``fc1`` ``(b, n)`` (float64)."""
     from spear.client import fedsgd_update
     from spear.data import rgb_patches, sample_batch
-    from spear.errors import BatchTooLargeError
     from spear.networks import build_cnn, pretrain
 
     dtype = torch.float64 if dtype_name == "float64" else torch.float32
@@ -74,13 +75,30 @@ def run_case(
     images = images.to(dtype)
     update = fedsgd_update(net, images, labels)
     with torch.no_grad():
-        truth = net.features(images).to(torch.float64)
-    tol = 1e-6 if dtype == torch.float64 else 1e-3
-    singled_counts = singled_out_counts(net, images, labels) if singled else None
+        truth = net.features(images).to(torch.float64)  # type: ignore[operator]
+    return net, update, images, labels, truth
+
+
+def attack_case(
+    net: torch.nn.Module,
+    update: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    truth: torch.Tensor,
+    attack_seed: int,
+    budget: float,
+) -> dict[str, Any]:
+    """One attack of ``update`` with ``attack_seed``; its measurements against the true
+    features ``truth`` ``(b, n)`` and ``labels`` ``(b,)``."""
+    import spear
+    from spear import metrics
+    from spear.errors import BatchTooLargeError
+
+    b = truth.shape[0]
+    tol = 1e-6 if next(net.parameters()).dtype == torch.float64 else 1e-3
     start = time.perf_counter()
     try:
         rec = spear.attack(
-            net, update, seed=seed, time_budget=budget, progress=False, image_budget=0
+            net, update, seed=attack_seed, time_budget=budget, progress=False, image_budget=0
         )
     except BatchTooLargeError as err:
         return {
@@ -91,7 +109,6 @@ def run_case(
             "false": False,
             "found": 0,
             "note": str(err)[:80],
-            "singled": singled_counts,
         }
     seconds = time.perf_counter() - start
     found = rec.inputs.reshape(rec.inputs.shape[0], truth.shape[1]).to(torch.float64)
@@ -117,8 +134,62 @@ def run_case(
         "false": verified and not all_exact,
         "found": k,
         "note": note,
-        "singled": singled_counts,
     }
+
+
+def run_case(
+    model_name: str,
+    trained: bool,
+    dtype_name: str,
+    b: int,
+    seed: int,
+    budget: float,
+    singled: bool = False,
+) -> dict[str, Any]:
+    """One attack (attack seed ``seed``); its measurements, and with ``singled`` the
+    examples the true zero sets single out."""
+    net, update, images, labels, truth = build_case(model_name, trained, dtype_name, b, seed)
+    singled_counts = singled_out_counts(net, images, labels) if singled else None
+    return {**attack_case(net, update, labels, truth, seed, budget), "singled": singled_counts}
+
+
+def seed_spread(
+    model_name: str,
+    trained: bool,
+    dtype_name: str,
+    b: int,
+    seed: int,
+    attack_seeds: list[int],
+    budget: float,
+) -> dict[str, Any]:
+    """The update of ``seed`` attacked once per attack seed: the spread of what comes back
+    (which vertices and samples the search draws decides how far it gets in the budget)."""
+    net, update, _, labels, truth = build_case(model_name, trained, dtype_name, b, seed)
+    runs = [attack_case(net, update, labels, truth, s, budget) for s in attack_seeds]
+    exact = sorted(r["exact"] for r in runs)
+    seconds = sorted(r["seconds"] for r in runs)
+    return {
+        "runs": len(runs),
+        "exact_median": statistics.median(exact),
+        "exact_worst": exact[0],
+        "whole": sum(r["exact"] == 1.0 for r in runs),
+        "verified": sum(r["verified"] for r in runs),
+        "false": sum(r["false"] for r in runs),
+        "seconds": (statistics.median(seconds), _quantile(seconds, 0.9), seconds[-1]),
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of the sorted ``values`` (nearest rank)."""
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def _seeds(text: str) -> list[int]:
+    """``"0-9"`` or ``"0,3,5"``: the attack seeds."""
+    if "-" in text:
+        first, last = (int(v) for v in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(v) for v in text.split(",")]
 
 
 def main() -> None:
@@ -136,8 +207,16 @@ def main() -> None:
         action="store_true",
         help="add the examples the true zero sets single out (gradient columns / inputs / both)",
     )
+    parser.add_argument(
+        "--attack-seeds",
+        default="",
+        help="attack each update once per seed ('0-9' or '0,3,5') and print the spread",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.attack_seeds:
+        print_seed_spread(args)
+        return
     extra = " singled out (columns / inputs / both) |" if args.singled_out else ""
     print(
         "| b | model | trained | dtype | features exact | labels | seconds | verified | false |"
@@ -168,6 +247,32 @@ def main() -> None:
                     )
                     if args.notes and r["note"]:
                         print(f"  note: {r['note']}", flush=True)
+
+
+def print_seed_spread(args: argparse.Namespace) -> None:
+    """The table of :func:`seed_spread`, a row per case."""
+    seeds = _seeds(args.attack_seeds)
+    print(
+        "| b | model | trained | dtype | attacks | features exact (median / worst) | "
+        "all exact | verified | false | seconds (median / p90 / worst) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for model_name in args.models.split(","):
+        for trained in args.trained.split(","):
+            for dtype_name in args.dtypes.split(","):
+                for b in (int(v) for v in args.batch_sizes.split(",")):
+                    r = seed_spread(
+                        model_name, trained == "yes", dtype_name, b, args.seed, seeds, args.budget
+                    )
+                    n = r["runs"]
+                    median, p90, worst = r["seconds"]
+                    print(
+                        f"| {b} | {model_name} | {trained} | {dtype_name} | {n} | "
+                        f"{r['exact_median']:.3f} / {r['exact_worst']:.3f} | {r['whole']}/{n} | "
+                        f"{r['verified']}/{n} | {r['false']} | "
+                        f"{median:.1f} / {p90:.1f} / {worst:.1f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

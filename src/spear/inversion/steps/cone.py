@@ -61,6 +61,10 @@ BIAS_SCALE_MARGIN = 1e-3
 #: (:func:`_exact_column`). Measured: the rough scale of an example on the trained
 #: VGG-style CNN (float32, b = 32) is a few 1e-4 off.
 SCALE_MARGIN = 0.1
+#: A refused vertex's gradient direction is pooled only where the kernel of its sure zero
+#: set has at most this many dimensions (:func:`_pool_refused`): an example's own line,
+#: or the face it shares with one other example.
+SHARED_FACE = 2
 
 
 def has_input_side(problem: Problem) -> bool:
@@ -105,7 +109,7 @@ class InputCone:
         stop = t0 + CONE_SHARE * max(0.0, problem.deadline - t0)
         if exact_precision(problem.eps):
             before = state.found
-            tries = _peel_vertices(problem, state.residual, stop, state.bar.update)
+            tries, _ = _peel_vertices(problem, state.residual, stop, state.bar.update)
             found = candidates = state.found - before
             progressed = found > 0
         elif state.residual.bias is not None:
@@ -114,9 +118,10 @@ class InputCone:
                 # exact scales from the bias gradient peel examples one by one, as in
                 # float64, where the vertices taken neither solve nor pool anything
                 before = state.found
-                tries += _peel_vertices(
+                more, pooled = _peel_vertices(
                     problem, state.residual, stop, state.bar.update, by_bias=True
                 )
+                tries += more
                 peeled = state.found - before
                 candidates, found = candidates + peeled, found + peeled
             progressed = found > 0 or pooled > 0
@@ -150,19 +155,21 @@ def _peel_vertices(
     stop: float,
     on_peel: Callable[[int], object],
     by_bias: bool = False,
-) -> int:
+) -> tuple[int, int]:
     """Find vertices of the input cone of ``res``, scale them by the model after the
     layer (``by_bias``: by the bias gradient, :func:`_bias_scaled`) and peel those that
     pass the checks, until :data:`CONE_MISSES` times the missing examples fail in a row,
-    every example is peeled, or the clock passes ``stop``; returns the vertices tried.
-    ``on_peel(1)`` is called after each peel (the progress bar).
+    every example is peeled, or the clock passes ``stop``; returns the vertices tried and
+    the directions pooled. ``on_peel(1)`` is called after each peel (the progress bar).
+    With ``by_bias``, the gradient direction of a vertex the checks refuse is pooled
+    where two derivations agree (:func:`_pool_refused`): the complete solve checks it.
     """
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
     certify = certified_alone(problem)
     assert certify is not None
     reference = _reference_norm(problem, res)
-    misses = tries = 0
+    misses = tries = pooled = 0
     tried: list[torch.Tensor] = []  # unit vertices that gave no example since a peel
     while misses < CONE_MISSES * (problem.rank - res.found) and time.perf_counter() < stop:
         remaining = problem.rank - res.found
@@ -205,6 +212,8 @@ def _peel_vertices(
         # a scale chosen to make the divisor plain is no evidence of the update's; the
         # bias gradient's is
         if not (ok and certify(coord, grad, True, by_bias)):
+            if by_bias and _pool_refused(problem, res, coord):
+                pooled += 1
             misses += 1
             continue
         res.directions.remove(grad / grad.norm())
@@ -213,7 +222,39 @@ def _peel_vertices(
         reference = _reference_norm(problem, res)
         tried.clear()
         misses = 0
-    return tries
+    return tries, pooled
+
+
+def _pool_refused(problem: Problem, res: Residual, coord: torch.Tensor) -> bool:
+    """Pool the gradient direction of the bias-scaled vertex at ``coord`` ``(b,)`` that
+    the checks refused, where two derivations agree; returns whether it was added.
+
+    The one direction of the residual's column space in the range of the model's
+    Jacobian at the vertex that fits cross-entropy
+    (:meth:`spear.downstream.Downstream.directions`) must lie in the kernel of the
+    column basis on the units the vertex is off on at every scale within
+    :data:`BIAS_SCALE_MARGIN` of its own (:func:`_sure_zeros`), and that kernel must be
+    at most :data:`SHARED_FACE` dimensional: the vertex's zero set and the model agree
+    on the column. A vertex near an example whose zero set it shares with another (its
+    kernel two lines) fails the divisor by the mixture's weight while the model's
+    direction there is the example's. Directions, not examples: the complete solve
+    checks them like any pooled one."""
+    downstream, layer = problem.downstream, problem.layer
+    assert downstream is not None and layer is not None
+    basis = _truncated_svd(res.left, problem.rank - res.found)[0]  # (m, r)
+    limit = range_tolerance(problem.tol.zero_tol)
+    (direction,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
+    if direction is None:
+        return False
+    zeros = _sure_zeros(problem, basis, coord, BIAS_SCALE_MARGIN)
+    null, _ = kernel(basis[zeros], problem.tol.degeneracy_tol)  # (r, d)
+    if not 1 <= null.shape[1] <= SHARED_FACE:
+        return False
+    inside = basis.T @ direction  # (r,)
+    cosine = float((null.T @ inside).norm() / inside.norm())
+    if cosine < 1.0 - same_direction_tolerance(problem.tol.zero_tol):
+        return False
+    return res.directions.add(direction)
 
 
 def _bias_scaled(
@@ -488,20 +529,29 @@ def _exact_column(
     product, not the split, is what the peel removes). ``None`` where that kernel is not
     one stable line (a vertex that is no example, or too few sure zeros).
     """
+    basis, values, _ = factors  # (m, r), (r,), (r, b)
+    rank = int(values.numel())
+    if rank < 1 or float(values[-1]) <= 0.0:
+        return None
+    zeros = _sure_zeros(problem, basis, coord, margin)
+    null, _ = kernel(basis[zeros], problem.tol.degeneracy_tol)  # (r, d)
+    if null.shape[1] != 1 or int(zeros.sum()) < rank:
+        return None
+    return _downdated(factors, coord, basis @ null[:, 0])
+
+
+def _sure_zeros(
+    problem: Problem, basis: torch.Tensor, coord: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """``(m,)`` bool: the live units of the column basis ``basis`` ``(m, r)``
+    (:func:`spear.solvers.polish.live_rows`) that the example at ``coord`` ``(b,)`` is off
+    on at every scale within ``margin`` of its own."""
     layer = problem.layer
     assert layer is not None
     slope = layer.weight_coords @ coord  # (m,) pre-activation without the bias
     bias = layer.bias if layer.bias is not None else torch.zeros_like(slope)
     off = ((1.0 - margin) * slope + bias < 0) & ((1.0 + margin) * slope + bias < 0)
-    basis, values, _ = factors  # (m, r), (r,), (r, b)
-    rank = int(values.numel())
-    if rank < 1 or float(values[-1]) <= 0.0:
-        return None
-    zeros = off & live_rows(basis, problem.tol.zero_tol)
-    null, _ = kernel(basis[zeros], problem.tol.degeneracy_tol)  # (r, d)
-    if null.shape[1] != 1 or int(zeros.sum()) < rank:
-        return None
-    return _downdated(factors, coord, basis @ null[:, 0])
+    return off & live_rows(basis, problem.tol.zero_tol)
 
 
 def _downdated(
