@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
+import warnings
 from collections.abc import Sequence
 
 from spear.cli import attack_cmd, audit_cmd, bench, demo
@@ -49,12 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: torch's own deprecation notices that say nothing about the user's files or settings:
+#: ``copy.deepcopy`` of a loaded ``.pt2`` program's graph module raises this one inside
+#: torch. The command hides them; the library leaves warnings to its caller.
+TORCH_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spear`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        status: int = args.run(args)
+        with warnings.catch_warnings():
+            for message in TORCH_INTERNAL_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            status: int = args.run(args)
     except (InputError, BatchTooLargeError, NoReluSparsityError, NotAttackableError) as exc:
         print(f"spear: error: {exc}", file=sys.stderr)
         return 2
