@@ -286,8 +286,8 @@ def test_directions_pooled_from_refused_vertices_are_true_columns(
     pooled: list[torch.Tensor] = []
     pool_refused = cone._pool_refused
 
-    def spy(problem: Problem, res: Residual, coord: torch.Tensor) -> bool:
-        added = pool_refused(problem, res, coord)
+    def spy(problem: Problem, res: Residual, coord: torch.Tensor, basis: torch.Tensor) -> bool:
+        added = pool_refused(problem, res, coord, basis)
         if added:
             pooled.append(res.directions.stack(dim=1)[:, -1].clone())
         return added

@@ -212,7 +212,7 @@ def _peel_vertices(
         # a scale chosen to make the divisor plain is no evidence of the update's; the
         # bias gradient's is
         if not (ok and certify(coord, grad, True, by_bias)):
-            if by_bias and _pool_refused(problem, res, coord):
+            if by_bias and _pool_refused(problem, res, coord, basis):
                 pooled += 1
             misses += 1
             continue
@@ -225,9 +225,12 @@ def _peel_vertices(
     return tries, pooled
 
 
-def _pool_refused(problem: Problem, res: Residual, coord: torch.Tensor) -> bool:
+def _pool_refused(
+    problem: Problem, res: Residual, coord: torch.Tensor, basis: torch.Tensor
+) -> bool:
     """Pool the gradient direction of the bias-scaled vertex at ``coord`` ``(b,)`` that
     the checks refused, where two derivations agree; returns whether it was added.
+    ``basis`` ``(m, r)``: the orthonormal basis of the residual's column space.
 
     The one direction of the residual's column space in the range of the model's
     Jacobian at the vertex that fits cross-entropy
@@ -241,7 +244,6 @@ def _pool_refused(problem: Problem, res: Residual, coord: torch.Tensor) -> bool:
     checks them like any pooled one."""
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
-    basis = _truncated_svd(res.left, problem.rank - res.found)[0]  # (m, r)
     limit = range_tolerance(problem.tol.zero_tol)
     (direction,) = downstream.directions(basis, (coord @ layer.right)[None], limit)
     if direction is None:
