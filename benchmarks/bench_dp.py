@@ -2,7 +2,11 @@
 
 For each data set, batch size and noise multiplier: one DP-SGD client (Opacus, clip norm
 1, one step, sampling rate b / 60000, delta 1e-5) in float32 on a ``in -> m -> 128 -> 10``
-MLP (``m = 1000`` by default), on shipped Fashion-MNIST images or 32x32 RGB photo patches.
+MLP (``m = 1000`` by default), on shipped Fashion-MNIST images or 32x32 RGB photo patches;
+or, with ``--model flower-cnn`` or ``--model vgg`` (untrained, RGB patches only), on one of
+the convolutional networks of :func:`spear.networks.build_cnn`. There spear attacks the
+first linear layer behind the convolutions and the images it returns are rebuilt from
+the features it finds (``.images``), so those are scored.
 ``spear.attack`` is told the batch size when there is noise and that pixels lie in
 [0, 1]; gradient matching runs as the benchmark's baseline (200 Adam steps, boxed to
 [0, 1]). Prints one Markdown row per case: epsilon, the ratio of the (b+1)-th to the b-th
@@ -12,6 +16,7 @@ estimate returned and its predicted median PSNR (from its error bars)::
 
     python benchmarks/bench_dp.py [--data fmnist,rgb] [--batch-sizes 8,16,64]
         [--noise 0,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,0.1,1] [--plot dp.png] [--batches 10]
+        [--model mlp|flower-cnn|vgg]
 
 With ``--batches N`` each row summarises N batches (seeds ``--seed`` to ``--seed + N - 1``):
 every score is the median over the batches of that batch's score, the estimate returned
@@ -43,7 +48,7 @@ import spear
 from spear import client, metrics
 from spear.baselines.gradient_matching import gradient_matching_attack
 from spear.data import builtin_images, rgb_patches, sample_batch
-from spear.networks import build_model
+from spear.networks import CNNS, build_cnn, build_model
 from spear.noisy import predicted_psnr
 from spear.report import plot_lines
 
@@ -136,17 +141,22 @@ def run_case(
     time_budget: float,
     gm: bool,
     baseline_runs: int = 1,
+    model_name: str = "mlp",
 ) -> Case:
     """Both attacks on one DP-SGD client batch, scored against the truth; with
-    ``baseline_runs > 1`` also the median PSNR of each of that many gradient-matching runs."""
+    ``baseline_runs > 1`` also the median PSNR of each of that many gradient-matching runs.
+    ``model_name`` is ``"mlp"`` (width ``width``) or a key of :data:`spear.networks.CNNS`."""
     pool = builtin_images() if data == "fmnist" else rgb_patches(RGB_POOL, seed=seed)
     images, labels = sample_batch(pool, b, seed=seed)
     shape = tuple(images.shape[1:])
-    model = build_model(width, seed, input_shape=shape).float()
+    if model_name == "mlp":
+        model, attacked = build_model(width, seed, input_shape=shape).float(), "1"
+    else:
+        model, attacked = build_cnn(model_name, seed, dtype=torch.float32), "fc1"
     dp = client.dp_sgd_update(
         model, images.float(), labels, max_grad_norm=1.0, noise_multiplier=noise, seed=seed
     )
-    ratio = _noise_ratio(dp.update["1.weight"], b)
+    ratio = _noise_ratio(dp.update[f"{attacked}.weight"], b)
     start = time.perf_counter()
     rec = spear.attack(
         model,
@@ -158,7 +168,14 @@ def run_case(
         progress=False,
         input_range=PIXEL_BOX,
     )
-    ours = _score(rec.inputs, rec.labels, images, labels, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if rec.feature_space:
+        # features of a layer behind convolutions: score the images rebuilt from them
+        if rec.images is None:
+            raise RuntimeError(f"spear returned features of {rec.layer!r} and no images")
+        ours = _score(rec.images, rec.image_labels, images, labels, seconds)
+    else:
+        ours = _score(rec.inputs, rec.labels, images, labels, seconds)
     predicted = float(predicted_psnr(rec.error_rms).median()) if rec.error_rms is not None else None
     theirs: Scores | None = None
     runs: list[float] = []
@@ -243,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="fmnist,rgb", help="fmnist and/or rgb")
     parser.add_argument("--batch-sizes", default="8,16,64")
     parser.add_argument("--noise", default="0,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,0.1,1")
-    parser.add_argument("--width", type=int, default=1000)
+    parser.add_argument("--width", type=int, default=1000, help="the MLP's first width")
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", *sorted(name for name in CNNS if name != "vgg-bn")],
+        help="the MLP, or a CNN (untrained; RGB patches only; Opacus refuses BatchNorm)",
+    )
     parser.add_argument("--time-budget", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -263,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_runs < 1:
         parser.error(f"--baseline-runs must be at least 1, got {args.baseline_runs}")
     noises = [float(v) for v in args.noise.split(",")]
+    if args.model != "mlp" and args.data != "rgb":
+        parser.error(f"--model {args.model} takes 32x32 RGB inputs: pass --data rgb")
     header = (
         "| data | b | noise | epsilon | s_b+1/s_b | spear returns | predicted PSNR "
         "| spear PSNR med / p10 | spear SSIM med / p10 | spear labels | spear s "
@@ -296,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.time_budget,
                         not args.no_baseline,
                         args.baseline_runs,
+                        args.model,
                     )
                     for seed in range(args.seed, args.seed + args.batches)
                 ]
@@ -315,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             args.plot,
             xlabel=f"log10 noise multiplier (0 at {math.log10(zero_at):.0f})",
             ylabel="median PSNR (dB, capped at 100)",
-            title="DP-SGD (Opacus, clip 1, float32): PSNR against noise",
+            title=f"DP-SGD (Opacus, clip 1, float32, {args.model}): PSNR against noise",
         )
         print(f"plot: {path}")
     return 0

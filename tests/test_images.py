@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import math
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,10 +13,17 @@ import torch
 from torch import nn
 
 import spear
-from spear.client import fedsgd_update
+from spear.client import dp_sgd_update, fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.errors import InputError
-from spear.images import _newton, guess_image_shape, images_from_features, leaky_copy
+from spear.images import (
+    _newton,
+    example_weights,
+    gradient_term,
+    guess_image_shape,
+    images_from_features,
+    leaky_copy,
+)
 from spear.model import find_target
 from spear.networks import build_cnn
 
@@ -75,6 +85,92 @@ def test_a_newton_polish_starts_no_step_after_its_deadline() -> None:
     assert determined and float((x - images[0]).abs().max()) < 1e-8
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_the_gradient_term_weighs_each_example_as_a_clipped_update_does(
+    dtype: torch.dtype, tol: float
+) -> None:
+    # DP-SGD clipping (no noise) scales each example's whole gradient by its own factor;
+    # the divisors B_i = b / c_i the labels are read with give the weights that make the
+    # true images explain the conv layer's gradient exactly, where a plain mean does not
+    model = _conv_mlp(dtype)
+    images, labels = _small_images(4, dtype)
+    clip_norm = 0.05
+    update = dp_sgd_update(
+        model, images, labels, max_grad_norm=clip_norm, noise_multiplier=0.0
+    ).update
+    norms = torch.stack(
+        [
+            torch.cat([g.flatten() for g in fedsgd_update(model, x[None], y[None]).values()]).norm()
+            for x, y in zip(images, labels, strict=True)
+        ]
+    )
+    clip = (clip_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's factor
+    assert float(clip.max() / clip.min()) > 1.1, clip  # the examples are clipped unequally
+    head = find_target(model).before
+    assert head is not None
+    weights = example_weights(4 / clip)
+    assert weights is not None
+    weighted = gradient_term(model, head, update, labels, sign=1.0, weights=weights)
+    plain = gradient_term(model, head, update, labels, sign=1.0)
+    assert weighted is not None and plain is not None
+    assert float(weighted.loss(images).detach()) < tol
+    assert float(plain.loss(images).detach()) > 1e-4
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_copy_weighs_twice_in_the_gradient_term(dtype: torch.dtype, tol: float) -> None:
+    model = _conv_mlp(dtype)
+    images, labels = _small_images(3, dtype)
+    batch = torch.cat([images, images[:1]])  # the first image twice
+    update = fedsgd_update(model, batch, torch.cat([labels, labels[:1]]))
+    head = find_target(model).before
+    assert head is not None
+    weights = example_weights(torch.tensor([2.0, 4.0, 4.0]))  # a mean over 4: B / 2 for the copy
+    assert weights is not None
+    weighted = gradient_term(model, head, update, labels, sign=1.0, weights=weights)
+    plain = gradient_term(model, head, update, labels, sign=1.0)
+    assert weighted is not None and plain is not None
+    assert float(weighted.loss(images).detach()) < tol
+    assert float(plain.loss(images).detach()) > 1e-4
+
+
+def test_the_attack_weighs_the_image_search_by_the_clip_factors_it_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Flower's CNN, a float32 DP-SGD update clipped without noise, b = 4: the weights
+    # spear.attack hands the image search are the examples' clip factors (to float32's
+    # precision), read off their gradient columns without the truth
+    attack_module = importlib.import_module("spear.attack")
+    seen: list[torch.Tensor | None] = []
+    rebuild = attack_module.reconstruct_images
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("weights"))
+        return rebuild(*args, **kwargs)
+
+    monkeypatch.setattr(attack_module, "reconstruct_images", spy)
+    net = build_cnn("flower-cnn", 0, dtype=torch.float32)
+    images, labels = sample_batch(rgb_patches(1000, seed=0), 4, seed=1)
+    images = images.float()
+    update = dp_sgd_update(net, images, labels, max_grad_norm=1.0, noise_multiplier=0.0).update
+    norms = torch.stack(
+        [
+            torch.cat([g.flatten() for g in fedsgd_update(net, x[None], y[None]).values()]).norm()
+            for x, y in zip(images, labels, strict=True)
+        ]
+    )
+    clip = (1.0 / (norms + 1e-6)).clamp(max=1.0).double()
+    assert float(clip.max() / clip.min()) > 1.02, clip  # clipped unequally (rtol 1e-4 below)
+    rec = spear.attack(net, update, time_budget=30, image_budget=1, progress=False)
+    assert rec.complete and len(seen) == 1 and seen[0] is not None
+    head = find_target(net).before
+    assert head is not None
+    truth = head(images).detach().double()
+    order = spear.metrics.match(rec.inputs.reshape(4, -1).double(), truth)
+    expected = clip[order.truth_index] / clip[order.truth_index].mean()
+    assert torch.allclose(seen[0][order.rec_index], expected, rtol=1e-4)
+
+
 def test_wrong_images_are_not_certified() -> None:
     # the certificate that certifies determined images does see a wrong one
     net = _conv_mlp(torch.float64)
@@ -106,6 +202,18 @@ def test_pooled_features_give_estimates_not_exact_images() -> None:
     ours = spear.metrics.psnr(found.images, images, reduction="none")
     chance = spear.metrics.psnr(random, images, reduction="none")
     assert float(np.median(ours)) > float(np.median(chance)) + 3.0
+
+
+def test_an_unlimited_image_budget_takes_the_steps_asked_for() -> None:
+    net = build_cnn("flower-cnn", 0)
+    images, _ = sample_batch(rgb_patches(1000, seed=0), 2, seed=1)
+    head = find_target(net).before
+    assert head is not None
+    features = head(images.to(torch.float64)).detach()
+    found = images_from_features(
+        head, features, (3, 32, 32), input_range=(0, 1), time_budget=math.inf, steps=40
+    )
+    assert found.steps == 40
 
 
 @pytest.mark.parametrize("name", ["flower-cnn", "vgg"])

@@ -34,6 +34,7 @@ from spear.fallback import Estimate, best_noisy_estimate
 from spear.images import (
     ImageReconstruction,
     MissingImages,
+    example_weights,
     feature_image_share,
     image_shape_for,
     images_behind_batch_statistics,
@@ -442,7 +443,7 @@ def attack(
                 f"update_kind={other!r}; nothing is verified under the wrong kind."
             )
         elif kind == "gradient":
-            notes.extend(label_result.notes)
+            notes.extend(_label_notes(label_result.notes, noisy))
             if label_result.reduction in ("mean", "sum"):
                 notes.append(f"loss reduction detected: {label_result.reduction}.")
         else:
@@ -766,6 +767,19 @@ def _runs_on(model: nn.Module, shape: tuple[int, ...]) -> bool:
     return True
 
 
+def _label_notes(notes: list[str], noisy: bool) -> list[str]:
+    """The label reader's notes; under noise a misfit is the noise's, not the loss's."""
+    if not noisy:
+        return notes
+    return [
+        n.replace(
+            "); is the loss cross-entropy?",
+            "), as noise in the update would make them: the labels are estimates.",
+        )
+        for n in notes
+    ]
+
+
 def _multiplicity(label_result: LabelResult | None, found: int, source: str) -> torch.Tensor | None:
     """``(found,)`` how many times the batch holds each returned example, when the labels
     describe the returned examples (not a gradient-matching replacement)."""
@@ -863,6 +877,7 @@ def _images(
             labels,
             update_kind=kind,
             complete=result.complete,
+            weights=example_weights(label_result.divisor) if label_result is not None else None,
             input_shape=input_shape,
             input_range=input_range,
             time_budget=image_budget

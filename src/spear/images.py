@@ -7,9 +7,12 @@ module searches for images with those features, using everything else the update
 * the features, exactly: ``sum_i ||h(x_i) - f_i||^2 / sum_i ||f_i||^2``;
 * the extractor's own gradients in the update (the conv layers'): one minus the cosine
   between them and the gradients recomputed from the candidate images and the recovered
-  labels (a cosine, so that the loss reduction, clipping and a delta's learning rate do not
+  labels (a cosine, so that the loss reduction and a delta's learning rate do not
   matter), weighted by :data:`GRADIENT_WEIGHT`; used only when the batch is complete, since
-  missing examples contribute to those gradients too;
+  missing examples contribute to those gradients too. Each example's loss counts with the
+  weight the attacked layer's gradient column gives it (:func:`example_weights`): a copy
+  counts as often as it occurs, and an example that DP-SGD clipping scaled down counts as
+  little in the recomputed gradients as it does in the update;
 * a total-variation prior (natural images are smooth), weighted by :func:`tv_weight`:
   the fewer the equations the nonzero features give per pixel, the more the prior has
   to decide.
@@ -87,6 +90,7 @@ __all__ = [
     "ZERO_FEATURE_EPS",
     "ImageReconstruction",
     "MissingImages",
+    "example_weights",
     "feature_image_share",
     "gradient_term",
     "guess_image_shape",
@@ -211,20 +215,54 @@ class GradientTerm:
         Their entries of the update, flattened and concatenated, signed as a gradient.
     labels:
         ``(k,)`` the recovered labels.
+    weights:
+        ``(k,)`` each example's weight in the loss (:func:`example_weights`), or ``None``
+        for a plain mean.
     """
 
     model: nn.Module
     parameters: list[torch.Tensor]
     observed: torch.Tensor
     labels: torch.Tensor
+    weights: torch.Tensor | None = None
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         """``1 - cos`` between the observed gradients and those of ``images`` ``(k, ...)``."""
         out = self.model(images)
-        ce = nn.functional.cross_entropy(out, self.labels)
+        if self.weights is None:
+            ce = nn.functional.cross_entropy(out, self.labels)
+        else:
+            each = nn.functional.cross_entropy(out, self.labels, reduction="none")
+            ce = (self.weights.to(each.dtype) * each).sum()
         grads = torch.autograd.grad(ce, self.parameters, create_graph=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
         return 1.0 - nn.functional.cosine_similarity(flat, self.observed, dim=0)
+
+
+def example_weights(divisors: torch.Tensor) -> torch.Tensor | None:
+    """``(k,)`` each example's weight in the update, ``1 / |B_i|`` scaled to mean 1, from
+    the per-example divisors ``B_i`` the labels were read with
+    (:attr:`spear.labels.LabelResult.divisor`); ``None`` (a plain mean) where a divisor is
+    zero, not finite or of the other sign than the rest, since such a divisor was not read
+    off a gradient column.
+
+    Under a plain mean every ``B_i = B`` and the weights are all 1; a copy's divisor is
+    ``B / 2``, and DP-SGD clipping by a factor ``c_i`` makes it ``B / c_i``. Clipping
+    scales an example's whole gradient, the extractor's part included, so these weights
+    hold for every layer.
+
+    >>> example_weights(torch.tensor([8.0, 4.0, 8.0, 8.0])).tolist()
+    [0.8, 1.6, 0.8, 0.8]
+    >>> example_weights(torch.tensor([8.0, -4.0])) is None
+    True
+    """
+    d = divisors.to(torch.float64)
+    if d.numel() == 0 or not bool(torch.isfinite(d).all()):
+        return None
+    if not (bool((d > 0).all()) or bool((d < 0).all())):
+        return None
+    w = 1.0 / d.abs()
+    return w / w.mean()
 
 
 def gradient_term(
@@ -234,11 +272,13 @@ def gradient_term(
     labels: torch.Tensor,
     *,
     sign: float,
+    weights: torch.Tensor | None = None,
 ) -> GradientTerm | None:
     """The gradient term for ``head``'s parameters that the update holds, or ``None``.
 
     ``head``'s parameter names are the model's (``fx`` keeps qualified names); ``sign`` is
-    ``+1`` for a gradient, ``-1`` for a FedAvg delta.
+    ``+1`` for a gradient, ``-1`` for a FedAvg delta; ``weights`` ``(k,)`` weigh the
+    examples' losses (:func:`example_weights`; ``None``: a plain mean).
     """
     own = dict(model.named_parameters())
     names = [n for n, _ in head.named_parameters() if n in update and n in own]
@@ -248,7 +288,7 @@ def gradient_term(
     if not bool(torch.isfinite(observed).all()) or float(observed.norm()) == 0.0:
         return None
     dtype = own[names[0]].dtype
-    return GradientTerm(model, [own[n] for n in names], observed.to(dtype), labels)
+    return GradientTerm(model, [own[n] for n in names], observed.to(dtype), labels, weights)
 
 
 def guess_image_shape(
@@ -409,7 +449,8 @@ def _search(
         while taken < planned:
             if taken == CALIBRATION_STEPS:  # as many steps as the time left allows
                 each = (time.perf_counter() - began) / taken
-                planned = min(steps, taken + int((deadline - time.perf_counter()) / each))
+                left = (deadline - time.perf_counter()) / each  # inf: no deadline
+                planned = steps if left >= steps else taken + int(left)
                 bar.total = planned
             taken += 1
             done = taken / planned
@@ -540,8 +581,9 @@ def images_from_features(
     input_range:
         ``(low, high)`` of the pixels when known; the images stay inside it.
     time_budget:
-        Seconds in all. Where the features may determine the images, the Adam search takes
-        :data:`SEARCH_SHARE` of them and the Gauss-Newton polish the rest.
+        Seconds in all (``math.inf``: ``steps`` alone bound the search). Where the features
+        may determine the images, the Adam search takes :data:`SEARCH_SHARE` of them and
+        the Gauss-Newton polish the rest.
     steps:
         Most Adam steps.
     seed:
@@ -663,6 +705,7 @@ def reconstruct_images(
     *,
     update_kind: str,
     complete: bool,
+    weights: torch.Tensor | None = None,
     input_shape: tuple[int, ...] | None,
     input_range: tuple[float, float] | None,
     time_budget: float,
@@ -672,9 +715,10 @@ def reconstruct_images(
     """:func:`images_from_features` as :func:`spear.attack` runs it: the image shape given
     or guessed, the extractor's gradients used when the batch is complete and labelled.
 
-    ``features`` ``(k, n)`` are the recovered inputs of the attacked layer; ``None`` is
-    returned when no input shape fits ``head`` (the reason is not an error: the features
-    stand on their own).
+    ``features`` ``(k, n)`` are the recovered inputs of the attacked layer and
+    ``weights`` ``(k,)`` their weights in the update (:func:`example_weights`; ``None``: a
+    plain mean); ``None`` is returned when no input shape fits ``head`` (the reason is not
+    an error: the features stand on their own).
     """
     shape = input_shape or image_shape_for(head, features.shape[1], features.dtype)
     if shape is None:
@@ -682,7 +726,7 @@ def reconstruct_images(
     term = None
     if complete and labels is not None:
         sign = -1.0 if update_kind == "delta" else 1.0
-        term = gradient_term(model, head, update, labels, sign=sign)
+        term = gradient_term(model, head, update, labels, sign=sign, weights=weights)
     found = images_from_features(
         head,
         features,
