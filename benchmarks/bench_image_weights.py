@@ -16,7 +16,8 @@ photo patches (half of a pool of 1000, the other half trains the network with
 (``image_budget=0``); labels and divisors from
 :func:`spear.labels.recover_labels`; then :func:`spear.images.images_from_features` twice.
 Batches whose features do not all come back are skipped (the gradient term is used only
-for a complete batch). Prints one Markdown row per batch and a summary row per case::
+for a complete batch), as are those whose divisors give no weights. Prints one Markdown
+row per batch and a summary row per case::
 
     python benchmarks/bench_image_weights.py [--models flower-cnn] [--trained no,yes]
         [--batch-sizes 4,8] [--seeds 6] [--steps 3000] [--clip 1.0]
@@ -50,7 +51,8 @@ def run_case(
     model_name: str, trained: bool, b: int, seed: int, steps: int, clip: float
 ) -> tuple[float, float, float] | None:
     """``(clip spread, plain PSNR, weighted PSNR)`` (median over the batch, dB) of one
-    batch, or ``None`` when its features do not all come back."""
+    batch, or ``None`` when its features do not all come back or its divisors give no
+    weights (:func:`spear.images.example_weights`)."""
     pool = rgb_patches(POOL, seed=0)
     half = len(pool) // 2
     images, labels = sample_batch(pool.subset(half), b, seed=seed)
@@ -83,7 +85,7 @@ def run_case(
         features,
         rec.layer_result.output_grads.cpu(),
     )
-    weights = example_weights(read.divisor)
+    weights = example_weights(read.divisor, read.fit_error)
     if weights is None:
         return None
     psnr: list[float] = []
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in range(args.seeds):
                     out = run_case(model_name, trained == "yes", b, seed, args.steps, args.clip)
                     if out is None:
-                        skipped = f"| {model_name} | {trained} | {b} | {seed} | incomplete |"
+                        skipped = f"| {model_name} | {trained} | {b} | {seed} | skipped |"
                         print(skipped + " - | - | - |")
                         continue
                     spread, plain, weighted = out

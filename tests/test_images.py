@@ -17,6 +17,7 @@ from spear.client import dp_sgd_update, fedsgd_update
 from spear.data import rgb_patches, sample_batch
 from spear.errors import InputError
 from spear.images import (
+    WEIGHT_MAX_FIT,
     _newton,
     example_weights,
     gradient_term,
@@ -132,6 +133,15 @@ def test_a_copy_weighs_twice_in_the_gradient_term(dtype: torch.dtype, tol: float
     assert weighted is not None and plain is not None
     assert float(weighted.loss(images).detach()) < tol
     assert float(plain.loss(images).detach()) > 1e-4
+
+
+def test_divisors_of_columns_that_do_not_fit_cross_entropy_give_no_weights() -> None:
+    # noisy columns (DP noise) fit cross-entropy to about 0.9 and their divisors spread
+    # by factors of 3 to 70 where the clip factors differ by 10%: a plain mean then
+    divisors = torch.tensor([9.8, 9.4, 0.96, 4.9])
+    assert example_weights(divisors, torch.full((4,), 1e-6)) is not None
+    assert example_weights(divisors, torch.tensor([1e-6, 1e-6, WEIGHT_MAX_FIT, 1e-6])) is not None
+    assert example_weights(divisors, torch.tensor([1e-6, 0.9, 1e-6, 1e-6])) is None
 
 
 def test_the_attack_weighs_the_image_search_by_the_clip_factors_it_reads(

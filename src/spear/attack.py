@@ -877,7 +877,11 @@ def _images(
             labels,
             update_kind=kind,
             complete=result.complete,
-            weights=example_weights(label_result.divisor) if label_result is not None else None,
+            weights=(
+                example_weights(label_result.divisor, label_result.fit_error)
+                if label_result is not None
+                else None
+            ),
             input_shape=input_shape,
             input_range=input_range,
             time_budget=image_budget

@@ -87,6 +87,7 @@ __all__ = [
     "START_STEPS",
     "TV_REFERENCE_SHARE",
     "TV_WEIGHT",
+    "WEIGHT_MAX_FIT",
     "ZERO_FEATURE_EPS",
     "ImageReconstruction",
     "MissingImages",
@@ -105,6 +106,12 @@ __all__ = [
 
 #: Weight of ``1 - cos`` between the extractor's observed and recomputed gradients.
 GRADIENT_WEIGHT = 0.1
+#: Largest relative fit error of a label (``r_i`` against ``(p_i - e_y) / B_i``) at
+#: which the divisors ``B_i`` weigh the examples in the gradient term
+#: (:func:`example_weights`); beyond it the gradient term takes a plain mean. Exact
+#: columns fit to rounding (1e-6 and below); a column 10% off cross-entropy's shape gives
+#: its scale to no better than that.
+WEIGHT_MAX_FIT = 0.1
 #: Weight of the total-variation prior (mean absolute difference of neighbouring pixels)
 #: where the nonzero features number :data:`TV_REFERENCE_SHARE` of the pixels; see
 #: :func:`tv_weight`.
@@ -239,12 +246,17 @@ class GradientTerm:
         return 1.0 - nn.functional.cosine_similarity(flat, self.observed, dim=0)
 
 
-def example_weights(divisors: torch.Tensor) -> torch.Tensor | None:
+def example_weights(
+    divisors: torch.Tensor, fit_error: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """``(k,)`` each example's weight in the update, ``1 / |B_i|`` scaled to mean 1, from
     the per-example divisors ``B_i`` the labels were read with
     (:attr:`spear.labels.LabelResult.divisor`); ``None`` (a plain mean) where a divisor is
     zero, not finite or of the other sign than the rest, since such a divisor was not read
-    off a gradient column.
+    off a gradient column, or where a label's relative fit error (``fit_error`` ``(k,)``,
+    :attr:`spear.labels.LabelResult.fit_error`) exceeds :data:`WEIGHT_MAX_FIT`: such a
+    column is not cross-entropy's (another loss, or noise that swamps it), and its scale
+    is no weight.
 
     Under a plain mean every ``B_i = B`` and the weights are all 1; a copy's divisor is
     ``B / 2``, and DP-SGD clipping by a factor ``c_i`` makes it ``B / c_i``. Clipping
@@ -255,9 +267,13 @@ def example_weights(divisors: torch.Tensor) -> torch.Tensor | None:
     [0.8, 1.6, 0.8, 0.8]
     >>> example_weights(torch.tensor([8.0, -4.0])) is None
     True
+    >>> example_weights(torch.tensor([8.0, 4.0]), torch.tensor([1e-7, 0.5])) is None
+    True
     """
     d = divisors.to(torch.float64)
     if d.numel() == 0 or not bool(torch.isfinite(d).all()):
+        return None
+    if fit_error is not None and not bool((fit_error <= WEIGHT_MAX_FIT).all()):
         return None
     if not (bool((d > 0).all()) or bool((d < 0).all())):
         return None
