@@ -240,7 +240,7 @@ class GradientTerm:
             ce = nn.functional.cross_entropy(out, self.labels)
         else:
             each = nn.functional.cross_entropy(out, self.labels, reduction="none")
-            ce = (self.weights.to(each.dtype) * each).sum()
+            ce = (self.weights.to(device=each.device, dtype=each.dtype) * each).sum()
         grads = torch.autograd.grad(ce, self.parameters, create_graph=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
         return 1.0 - nn.functional.cosine_similarity(flat, self.observed, dim=0)
