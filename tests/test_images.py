@@ -86,6 +86,20 @@ def test_a_newton_polish_starts_no_step_after_its_deadline() -> None:
     assert determined and float((x - images[0]).abs().max()) < 1e-8
 
 
+def _clip_factors(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clip_norm: float
+) -> torch.Tensor:
+    """``(b,)`` Opacus's clip factor ``min(1, C / (||g_i|| + 1e-6))`` of each example's
+    whole gradient ``g_i``."""
+    norms = torch.stack(
+        [
+            torch.cat([g.flatten() for g in fedsgd_update(model, x[None], y[None]).values()]).norm()
+            for x, y in zip(images, labels, strict=True)
+        ]
+    )
+    return (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_the_gradient_term_weighs_each_example_as_a_clipped_update_does(
     dtype: torch.dtype, tol: float
@@ -99,13 +113,7 @@ def test_the_gradient_term_weighs_each_example_as_a_clipped_update_does(
     update = dp_sgd_update(
         model, images, labels, max_grad_norm=clip_norm, noise_multiplier=0.0
     ).update
-    norms = torch.stack(
-        [
-            torch.cat([g.flatten() for g in fedsgd_update(model, x[None], y[None]).values()]).norm()
-            for x, y in zip(images, labels, strict=True)
-        ]
-    )
-    clip = (clip_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's factor
+    clip = _clip_factors(model, images, labels, clip_norm)
     assert float(clip.max() / clip.min()) > 1.1, clip  # the examples are clipped unequally
     head = find_target(model).before
     assert head is not None
@@ -163,13 +171,7 @@ def test_the_attack_weighs_the_image_search_by_the_clip_factors_it_reads(
     images, labels = sample_batch(rgb_patches(1000, seed=0), 4, seed=1)
     images = images.float()
     update = dp_sgd_update(net, images, labels, max_grad_norm=1.0, noise_multiplier=0.0).update
-    norms = torch.stack(
-        [
-            torch.cat([g.flatten() for g in fedsgd_update(net, x[None], y[None]).values()]).norm()
-            for x, y in zip(images, labels, strict=True)
-        ]
-    )
-    clip = (1.0 / (norms + 1e-6)).clamp(max=1.0).double()
+    clip = _clip_factors(net, images, labels, 1.0).double()
     assert float(clip.max() / clip.min()) > 1.02, clip  # clipped unequally (rtol 1e-4 below)
     rec = spear.attack(net, update, time_budget=30, image_budget=1, progress=False)
     assert rec.complete and len(seen) == 1 and seen[0] is not None
