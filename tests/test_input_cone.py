@@ -15,7 +15,14 @@ import spear
 from spear.client import fedsgd_update, layer_truth
 from spear.data import rgb_patches, sample_batch
 from spear.downstream import Downstream, label_columns, own_columns, range_tolerance
-from spear.input_cone import cone_vertex, directions_from_inputs, residual_row_space, trimmed_vertex
+from spear.input_cone import (
+    cone_vertex,
+    directions_from_inputs,
+    face_vertex,
+    residual_row_space,
+    row_starts,
+    trimmed_vertex,
+)
 from spear.inversion.pool import DirectionPool
 from spear.inversion.problem import Problem
 from spear.inversion.residual import Residual
@@ -129,6 +136,74 @@ def test_trimmed_least_squares_lands_on_examples_of_a_hard_cnn_batch() -> None:
             found.add(best)
             examples += 1
     assert len(found) >= 2 and examples >= 0.8 * returned, (found, examples, returned)
+
+
+def test_a_face_two_examples_share_gives_one_of_them() -> None:
+    # two examples zero on the same coordinates: every mixture of the two vanishes there
+    # too, so that zero set holds a face of two dimensions, not a ray; its vertices are
+    # the two examples (each owns a coordinate the other is zero on)
+    b, n = 6, 80
+    x = _sparse_nonnegative(b, n, seed=0)
+    shared = torch.rand(n, generator=torch.Generator().manual_seed(2)) < 0.5
+    shared[:b] = False
+    x[0, shared] = 0.0
+    x[1, shared] = 0.0
+    x[0, 1] = x[1, 0] = 0.0
+    x[0, b:][~shared[b:]] = x[0, b:][~shared[b:]].clamp(min=0.1)
+    x[1, b:][~shared[b:]] = x[1, b:][~shared[b:]].clamp(min=0.1)
+    mixing = torch.randn(b, b, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows = torch.linalg.qr(x.T @ mixing).Q  # (n, b)
+    coords = torch.linalg.lstsq(rows, (x[0] + 2.0 * x[1])[:, None]).solution[:, 0]
+    tol = 1e-11
+    unit = x / x.norm(dim=1, keepdim=True)
+    for seed in range(6):
+        w = face_vertex(rows, rows @ coords, torch.Generator().manual_seed(seed), tol)
+        assert w is not None
+        found = rows @ w
+        cos = unit @ (found / found.norm())
+        best = int(cos.argmax())
+        assert best in (0, 1) and 1.0 - float(cos[best]) <= 1e-12
+    # a single example's zeros hold a line, not a face: nothing to search
+    one = torch.linalg.lstsq(rows, x[2][:, None]).solution[:, 0]
+    assert face_vertex(rows, rows @ one, torch.Generator(), tol) is None
+
+
+def test_rows_of_the_update_start_the_trimmed_search_near_examples() -> None:
+    # Flower's untrained CNN (seed 0, float64), b = 64: the examples' inputs are zero on
+    # 79 or more of 350 live coordinates (median 126), a generic vertex on 63; neither random
+    # starts of the trimmed search nor the linear programs land on examples (measured: 1
+    # and 0 of 150). A row of the update mixes the examples on at its unit; started from
+    # the rows with the most zeros, the search settles on examples, and every vertex it
+    # returns from there that is near an example is that example exactly
+    _, update, truth, _ = _batch("flower-cnn", 64, torch.float64)
+    weight_grad = update["fc1.weight"]
+    live = weight_grad.abs().amax(dim=0) > 0
+    u, s, vh = torch.linalg.svd(weight_grad, full_matrices=False)
+    rank = int((s > 1e-10 * s[0]).sum())
+    assert rank == 64
+    left, right = u[:, :rank] * s[:rank], vh[:rank]  # weight_grad = left @ right
+    rows = right.T[live]  # (n_live, 64)
+    unit = truth[:, live] / truth[:, live].norm(dim=1, keepdim=True)
+    tol = Tolerances.derive(torch.float64, float(s[0] / s[rank - 1])).zero_tol
+    order = row_starts(left, right, tol)
+    residual = (left @ right).abs()
+    zeros = (residual <= tol * residual.amax(dim=1, keepdim=True)).sum(dim=1)
+    assert [int(z) for z in zeros[order]] == sorted((int(z) for z in zeros[order]), reverse=True)
+    assert set(order) == set(torch.nonzero(weight_grad.norm(dim=1) > 0)[:, 0].tolist())
+    gen = torch.Generator().manual_seed(0)
+    found = set()
+    for j in order[:60]:
+        start = left[j] / left[j].norm()
+        w = trimmed_vertex(rows, gen, tol, start=start)
+        if w is None:
+            continue
+        x = rows @ w
+        cos = unit @ (x / x.norm())
+        best = int(cos.argmax())
+        if 1.0 - float(cos[best]) <= 1e-3:
+            assert 1.0 - float(cos[best]) <= 1e-12
+            found.add(best)
+    assert len(found) >= 6, found  # measured: 9 distinct examples
 
 
 @pytest.mark.parametrize(

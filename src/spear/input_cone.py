@@ -49,8 +49,10 @@ __all__ = [
     "SCALE_STEP",
     "cone_vertex",
     "directions_from_inputs",
+    "face_vertex",
     "ray_at_zeros",
     "residual_row_space",
+    "row_starts",
     "scale_candidates",
     "trimmed_vertex",
 ]
@@ -65,6 +67,9 @@ CONE_SPREAD = 2.0
 #: :func:`trimmed_vertex`: the sizes of the coordinate subsets it fits, as offsets past
 #: the row space's dimension ``r``, tried in turn from the smallest.
 TRIM_OFFSETS = (4, 8, 12, 16, 20, 25, 30, 36, 42, 50, 60)
+#: :func:`face_vertex`: the largest face (dimensions of the kernel of its zero set) whose
+#: vertices are searched.
+FACE_DIMENSIONS = 4
 #: Refits at one subset size before the subset must have settled.
 TRIM_REFITS = 50
 #: The scale of an example is searched over this many decades either side of the
@@ -166,19 +171,25 @@ def cone_vertex(
 
 
 def trimmed_vertex(
-    rows: torch.Tensor, generator: torch.Generator, zero_tol: float
+    rows: torch.Tensor,
+    generator: torch.Generator,
+    zero_tol: float,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """A sparse extreme ray of ``{w : rows @ w >= 0}`` by trimmed least squares, refitted
     exactly.
 
     Each coordinate's row of ``rows`` is a point in ``R^r``; an example is a direction
     ``w`` orthogonal to far more of them than the ``r - 1`` a generic vertex is. From a
-    random ``w``, the ``k`` coordinates where ``rows @ w`` is smallest (most negative
+    random ``w`` (or ``start``: a row of the update, :func:`row_starts`), the ``k``
+    coordinates where ``rows @ w`` is smallest (most negative
     first) are taken and ``w`` moved to the direction they come closest to vanishing on
     (their smallest right singular vector), until the subset settles; ``k`` grows from
     ``r + 4`` (:data:`TRIM_OFFSETS`). A direction that vanishes on ``r`` or more
     coordinates and is nonnegative on the rest is refitted at its zeros
-    (:func:`ray_at_zeros`). No linear program: cheaper than :func:`cone_vertex` per try,
+    (:func:`ray_at_zeros`); from a ``start``, where those zeros hold a face of a few
+    examples rather than a ray, a vertex of that face (:func:`face_vertex`). No linear
+    program: cheaper than :func:`cone_vertex` per try,
     and measured on Flower's CNN at ``b = 32`` (float64, batches where the programs' vertices
     almost never are examples) one try in 5 gave an example where none of 200 programs
     did.
@@ -188,9 +199,11 @@ def trimmed_vertex(
     rows:
         ``(n, r)`` float64: the row space's basis at each live input coordinate.
     generator:
-        The run's random source (the first direction).
+        The run's random source (the first direction, where ``start`` is ``None``).
     zero_tol:
         Relative zero tolerance of the update.
+    start:
+        ``(r,)`` the first direction, or ``None`` for a random one.
 
     Returns
     -------
@@ -201,9 +214,14 @@ def trimmed_vertex(
     n, r = rows.shape
     if r == 0 or n <= r:
         return None
-    w = torch.randn(r, generator=generator, dtype=torch.float64, device=generator.device)
+    if start is None:
+        w = torch.randn(r, generator=generator, dtype=torch.float64, device=generator.device)
+    else:
+        w = start.to(torch.float64)
     w = w.to(rows.device)
     x = rows @ w
+    if start is not None and float(x.sum()) < 0:
+        w, x = -w, -x  # a row's sign is its gradient entry's: the example's is positive
     for offset in TRIM_OFFSETS:
         k = min(n - 1, r + offset)
         subset: torch.Tensor | None = None
@@ -219,8 +237,79 @@ def trimmed_vertex(
         top = float(x.abs().max())
         zeros = int((x.abs() <= zero_tol * top).sum())
         if zeros >= r and float(x.min()) >= -zero_tol * top:
-            return ray_at_zeros(rows, x, zero_tol)
+            ray = ray_at_zeros(rows, x, zero_tol)
+            if ray is None and start is not None:
+                return face_vertex(rows, x, generator, zero_tol)
+            return ray
     return None
+
+
+def face_vertex(
+    rows: torch.Tensor, values: torch.Tensor, generator: torch.Generator, zero_tol: float
+) -> torch.Tensor | None:
+    """An extreme ray of the face of ``{w : rows @ w >= 0}`` where ``values`` ``(n,)``
+    vanish, where that face is a cone of a few dimensions: the few examples its zero set
+    is shared by (a row of the update that mixes two examples zero on the same
+    coordinates vanishes there, and so does every mixture of the two, so the trimmed
+    search settles on the face, not on a ray).
+
+    The face is the kernel of ``rows`` ``(n, r)`` at the zeros of ``values``; where it has
+    2 to :data:`FACE_DIMENSIONS` dimensions, a linear program in its coordinates
+    (:func:`cone_vertex`) finds a vertex of the face, which is an extreme ray of the
+    whole cone, refitted at its own zeros (:func:`ray_at_zeros`).
+
+    Returns
+    -------
+    torch.Tensor | None
+        ``(r,)`` unit vector, or ``None`` (the face is a line or larger than
+        :data:`FACE_DIMENSIONS`, or its vertex is no ray).
+    """
+    mask = zero_mask(values[:, None], zero_tol)[:, 0]
+    null, _ = kernel(rows[mask], zero_tol)  # (r, d)
+    if not 2 <= null.shape[1] <= FACE_DIMENSIONS:
+        return None
+    inside = cone_vertex(rows @ null, generator, zero_tol)
+    if inside is None:
+        return None
+    w = null @ inside
+    return ray_at_zeros(rows, rows @ w, zero_tol)
+
+
+def row_starts(left: torch.Tensor, right: torch.Tensor, zero_tol: float) -> list[int]:
+    """The units whose rows of the residual start :func:`trimmed_vertex`, those with the
+    most zeros first.
+
+    Row ``j`` of the residual ``left @ right`` is ``sum_i g_ij x_i`` over the examples on
+    at unit ``j``: a vector of the row space that mixes only those examples and vanishes
+    wherever all of them do, so the trimmed search from it settles on one of the
+    examples it mixes far more often than from a random direction (measured on Flower's
+    untrained CNN at ``b = 64``, float64, seed 0: the 120 rows gave 13 distinct
+    examples, 150 random starts 1, 150 linear programs none).
+
+    Parameters
+    ----------
+    left:
+        ``(m, b)`` the residual's left factor.
+    right:
+        ``(b, n)`` the update's right factor.
+    zero_tol:
+        Relative zero tolerance of the update.
+
+    Returns
+    -------
+    list[int]
+        The units whose rows are not zero, by the number of zero inputs of their row,
+        most first.
+    """
+    rows = left @ right  # (m, n)
+    norms = rows.norm(dim=1)
+    top = float(norms.max()) if norms.numel() else 0.0
+    if top <= 0.0:
+        return []
+    live = norms > zero_tol * top
+    zeros = zero_mask(rows.T, zero_tol).sum(dim=0)  # (m,) zeros of each unit's row
+    order = torch.argsort(-zeros, stable=True)
+    return [int(j) for j in order if bool(live[j])]
 
 
 def _least_vanishing(rows: torch.Tensor) -> torch.Tensor:

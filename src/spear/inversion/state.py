@@ -60,6 +60,11 @@ class SearchState:
     cone_taken:
         Below float64, the input side's vertices taken so far (:data:`Taken`), valid while
         ``cone_taken_at`` examples are found (:mod:`spear.inversion.steps.cone`).
+    cone_rows:
+        In float64, the units whose rows of the residual are still to start the input
+        side's trimmed search (:func:`spear.input_cone.row_starts`), valid while
+        ``cone_rows_at`` examples are found: a later run of the step goes on where the
+        last one stopped.
     rebased_at:
         Examples found when the found examples were last solved again from the original
         update (:mod:`spear.inversion.rebase`), or -1.
@@ -87,6 +92,8 @@ class SearchState:
     round_start: tuple[int, int] = (0, 0)
     cone_taken: list[Taken] = field(default_factory=list)
     cone_taken_at: int = -1
+    cone_rows: list[int] = field(default_factory=list)
+    cone_rows_at: int = -1
     scanned_whole: float | None = None
     rebased_at: int = -1
 

@@ -19,6 +19,7 @@ from spear.input_cone import (
     directions_from_inputs,
     ray_at_zeros,
     residual_row_space,
+    row_starts,
     scale_candidates,
     trimmed_vertex,
 )
@@ -109,7 +110,15 @@ class InputCone:
         stop = t0 + CONE_SHARE * max(0.0, problem.deadline - t0)
         if exact_precision(problem.eps):
             before = state.found
-            tries, _ = _peel_vertices(problem, state.residual, stop, state.bar.update)
+            if state.cone_rows_at != state.found:
+                assert problem.layer is not None  # has_input_side
+                state.cone_rows = row_starts(
+                    state.residual.left, problem.layer.right, problem.tol.zero_tol
+                )
+            tries, _ = _peel_vertices(
+                problem, state.residual, stop, state.bar.update, row_queue=state.cone_rows
+            )
+            state.cone_rows_at = state.found
             found = candidates = state.found - before
             progressed = found > 0
         elif state.residual.bias is not None:
@@ -141,12 +150,28 @@ class InputCone:
 
 def _vertex(
     tries: int,
-) -> Callable[[torch.Tensor, torch.Generator, float], torch.Tensor | None]:
-    """The vertex search of try ``tries`` (from 1): trimmed least squares and linear
-    programs in turn (:func:`spear.input_cone.trimmed_vertex` lands on examples far more
-    often where most of the cone's vertices are no example; the programs keep every batch
-    the vertices they gave before)."""
-    return trimmed_vertex if tries % 2 else cone_vertex
+    rows: torch.Tensor,
+    space: torch.Tensor,
+    left: torch.Tensor,
+    starts: list[int],
+    problem: Problem,
+) -> torch.Tensor | None:
+    """The vertex search of try ``tries`` (from 1) on the live input coordinates' rows
+    ``rows`` ``(n, d)`` of the row space ``span(space)`` ``(b, d)``: trimmed least squares
+    and linear programs in turn (:func:`spear.input_cone.trimmed_vertex` lands on examples
+    far more often where most of the cone's vertices are no example; the programs keep
+    every batch the vertices they gave before). The trimmed search starts from the next
+    unit of ``starts`` (:func:`spear.input_cone.row_starts`, consumed here) while there is
+    one, its row of the residual ``left`` ``(m, b)``, else from a random direction."""
+    tol = problem.tol.zero_tol
+    if tries % 2 == 0:
+        return cone_vertex(rows, problem.generator, tol)
+    while starts:
+        start = space.T @ left[starts.pop(0)]  # (d,)
+        norm = float(start.norm())
+        if norm > 0.0:
+            return trimmed_vertex(rows, problem.generator, tol, start=start / norm)
+    return trimmed_vertex(rows, problem.generator, tol)
 
 
 def _peel_vertices(
@@ -155,6 +180,7 @@ def _peel_vertices(
     stop: float,
     on_peel: Callable[[int], object],
     by_bias: bool = False,
+    row_queue: list[int] | None = None,
 ) -> tuple[int, int]:
     """Find vertices of the input cone of ``res``, scale them by the model after the
     layer (``by_bias``: by the bias gradient, :func:`_bias_scaled`) and peel those that
@@ -163,6 +189,11 @@ def _peel_vertices(
     the directions pooled. ``on_peel(1)`` is called after each peel (the progress bar).
     With ``by_bias``, the gradient direction of a vertex the checks refuse is pooled
     where two derivations agree (:func:`_pool_refused`): the complete solve checks it.
+    ``row_queue``: the units whose rows of ``res`` start the trimmed search
+    (:func:`spear.input_cone.row_starts`), consumed, and renewed in place after each
+    peel; ``None``: random starts only. Row starts are given in float64 only: below it
+    they were measured to cost examples (Flower's trained CNN, float32, ``b = 32``: 2 of
+    10 attack seeds whole within 60 s, against 7 of 10 from random starts).
     """
     downstream, layer = problem.downstream, problem.layer
     assert downstream is not None and layer is not None
@@ -171,6 +202,7 @@ def _peel_vertices(
     reference = _reference_norm(problem, res)
     misses = tries = pooled = 0
     tried: list[torch.Tensor] = []  # unit vertices that gave no example since a peel
+    queue = row_queue if row_queue is not None else []
     while misses < CONE_MISSES * (problem.rank - res.found) and time.perf_counter() < stop:
         remaining = problem.rank - res.found
         if remaining <= 0:
@@ -185,7 +217,7 @@ def _peel_vertices(
         )  # (b, d)
         rows = layer.right.T @ space  # (n, r)
         live_in = live_rows(rows, problem.tol.zero_tol)
-        w = _vertex(tries)(rows[live_in], problem.generator, problem.tol.zero_tol)
+        w = _vertex(tries, rows[live_in], space, res.left, queue, problem)
         if w is None:
             misses += 1
             continue
@@ -221,6 +253,8 @@ def _peel_vertices(
         on_peel(1)
         reference = _reference_norm(problem, res)
         tried.clear()
+        if row_queue is not None:
+            queue[:] = row_starts(res.left, layer.right, problem.tol.zero_tol)
         misses = 0
     return tries, pooled
 
@@ -441,6 +475,7 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
     reference = _reference_norm(problem, res)
     same = same_direction_tolerance(tol)
     tried: list[torch.Tensor] = []
+    row_queue: list[int] = []  # random starts below float64 (_peel_vertices)
     misses = tries = 0
     while len(taken) < wanted and misses < CONE_MISSES * (wanted - len(taken)):
         if time.perf_counter() >= stop:
@@ -453,7 +488,7 @@ def _take_vertices(problem: Problem, res: Residual, stop: float, taken: list[Tak
             # one left: the peels leave its direction as the residual
             w = torch.sign(rows.sum(dim=0)) if float(rows.sum()) != 0 else None
         else:
-            w = _vertex(tries)(rows[live_rows(rows, tol)], problem.generator, tol)
+            w = _vertex(tries, rows[live_rows(rows, tol)], space, copy.left, row_queue, problem)
         if w is None or _seen(tried, space @ w):
             misses += 1
             continue
