@@ -111,7 +111,9 @@ def input_kernels(first: FirstRound, truth: torch.Tensor, near: list[int]) -> No
         following.append(float(values[1]))
         limits.append(tol * math.sqrt(int(zeros.sum())))
         faces += int(null.shape[1] >= 2)
-        gapped += int(float(values[1]) >= KERNEL_GAP * float(values[0]))
+        # fewer zero inputs than the rank leave padded zeros: no line then
+        second, first_value = float(values[1]), float(values[0])
+        gapped += int(second > 0.0 and second >= KERNEL_GAP * first_value)
     print(
         f"input kernels: smallest singular value {span(smallest)}, next {span(following)}, "
         f"threshold {span(limits)} (zero_tol {tol:.1e}); {faces} of {len(near)} read as "
@@ -148,7 +150,8 @@ def range_test(first: FirstRound, truth: torch.Tensor, near: list[int]) -> None:
         following.append(float(dist[1]) if dist.numel() > 1 else math.inf)
     limit = range_tolerance(problem.tol.zero_tol)
     clear = sum(d > KERNEL_GAP * limit for d in following)
-    gapped = sum(f >= KERNEL_GAP * d for d, f in zip(nearest, following, strict=True))
+    pairs = zip(nearest, following, strict=True)
+    gapped = sum(f > 0.0 and f >= KERNEL_GAP * d for d, f in pairs)
     print(
         f"range test ({len(nearest)} examples not yet peeled; bias-gradient scales off by "
         f"{float(np.median(errors)) if errors else math.nan:.1e} median, "
