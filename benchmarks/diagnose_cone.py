@@ -17,7 +17,8 @@ fact 13), and at that residual, against the true features entering ``fc1``, prin
 * **range test**: at the scale the bias gradient gives each example not yet peeled,
   how far the nearest and the next direction of the residual's column space lie from the
   range of the Jacobian of the model after the layer, against the range tolerance and
-  the gap one direction must clear (:meth:`spear.downstream.Downstream.intersections`);
+  the gap one direction must clear (:meth:`spear.downstream.Downstream.intersections`,
+  :func:`spear.downstream.nearest_directions`);
   and again how many show one direction at a gap of ``KERNEL_GAP``.
 
 Every count is over the examples within ``1e-3`` of the row space, the range test's over
@@ -41,7 +42,7 @@ import torch
 import spear
 from bench_cnn import build_case
 from spear.client import layer_truth
-from spear.downstream import range_tolerance
+from spear.downstream import nearest_directions, range_tolerance
 from spear.inversion.problem import Problem
 from spear.inversion.state import SearchState
 from spear.inversion.steps import cone
@@ -142,10 +143,7 @@ def range_test(first: FirstRound, truth: torch.Tensor, near: list[int]) -> None:
             continue
         errors.append(error)
         _, jac = problem.downstream.logits_and_jacobians(x[None])
-        jac_range = problem.downstream.ranges_at(jac)[0]
-        u = torch.linalg.svd(basis.T @ jac_range, full_matrices=False)[0]
-        vecs = basis @ u
-        dist = (vecs - jac_range @ (jac_range.T @ vecs)).norm(dim=0)
+        _, dist = nearest_directions(basis, problem.downstream.ranges_at(jac)[0])
         nearest.append(float(dist[0]))
         following.append(float(dist[1]) if dist.numel() > 1 else math.inf)
     limit = range_tolerance(problem.tol.zero_tol)

@@ -14,7 +14,13 @@ from tests.test_conv_features import _assert_exact, _batch
 import spear
 from spear.client import fedsgd_update, layer_truth
 from spear.data import rgb_patches, sample_batch
-from spear.downstream import Downstream, label_columns, own_columns, range_tolerance
+from spear.downstream import (
+    Downstream,
+    label_columns,
+    nearest_directions,
+    own_columns,
+    range_tolerance,
+)
 from spear.input_cone import (
     cone_vertex,
     directions_from_inputs,
@@ -562,3 +568,26 @@ def test_the_bias_gradient_scales_a_vertex_to_the_updates_precision(trained: boo
         coord, grad = mixed
         assert float((grad - columns[:, 0]).norm()) > 1e-2 * float(columns[:, 0].norm())
         assert float((grad - columns[:, 1]).norm()) > 1e-2 * float(columns[:, 1].norm())
+
+
+def test_nearest_directions_give_the_shared_vector_first() -> None:
+    """Two subspaces that share one direction: it comes first, at distance 0, and the
+    other principal vectors of the first subspace lie farther, in ascending order."""
+    gen = torch.Generator().manual_seed(0)
+    m = 12
+    shared = torch.randn(m, generator=gen, dtype=torch.float64)
+    own = torch.randn(m, 3, generator=gen, dtype=torch.float64)
+    other = torch.randn(m, 2, generator=gen, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.cat([shared[:, None], own], dim=1))[0]  # (m, 4)
+    span = torch.linalg.qr(torch.cat([shared[:, None], other], dim=1))[0]  # (m, 3)
+    vectors, distances = nearest_directions(basis, span)
+    assert vectors.shape == (m, 3)
+    assert distances.shape == (3,)
+    assert float(distances[0]) < 1e-12
+    cosine = float(vectors[:, 0] @ shared) / float(shared.norm())
+    assert abs(abs(cosine) - 1.0) < 1e-12
+    assert float(distances[1]) > 0.1
+    assert bool((distances[1:] >= distances[:-1]).all())
+    # every vector lies in span(basis), with unit norm
+    assert torch.allclose(basis @ (basis.T @ vectors), vectors, atol=1e-12)
+    assert torch.allclose(vectors.norm(dim=0), torch.ones(3, dtype=torch.float64), atol=1e-12)

@@ -42,6 +42,7 @@ __all__ = [
     "held_tolerances",
     "implied_whole",
     "label_columns",
+    "nearest_directions",
     "other_divisor",
     "own_columns",
     "range_tolerance",
@@ -474,9 +475,7 @@ class Downstream:
             if span.shape[1] == 0:
                 out.append(None)
                 continue
-            u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)  # (r, c)
-            vecs = basis @ u  # (m, c) unit vectors of span(basis), nearest first
-            dist = (vecs - span @ (span.T @ vecs)).norm(dim=0)
+            vecs, dist = nearest_directions(basis, span)
             inside = int((dist <= tol).sum())
             clear = dist.numel() < 2 or float(dist[1]) > KERNEL_GAP * tol
             if inside == 1 and clear:
@@ -493,6 +492,24 @@ class Downstream:
         cut = RANGE_RANK_ULPS * float(torch.finfo(self.dtype).eps)
         keep = s > cut * s[:, :1].clamp_min(torch.finfo(torch.float64).tiny)
         return [u[i][:, keep[i]] for i in range(jac.shape[0])]
+
+
+def nearest_directions(
+    basis: torch.Tensor, span: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The principal vectors of ``span(basis)`` ``(m, r)`` towards ``span(span)``
+    ``(m, c)`` (both orthonormal columns), nearest first, and their distances from it.
+
+    Returns
+    -------
+    vectors:
+        ``(m, min(r, c))`` unit vectors of ``span(basis)``.
+    distances:
+        ``(min(r, c),)`` each vector's distance from ``span(span)``, ascending.
+    """
+    u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)  # (r, min(r, c))
+    vectors = basis @ u
+    return vectors, (vectors - span @ (span.T @ vectors)).norm(dim=0)
 
 
 def _own_column(

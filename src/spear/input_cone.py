@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from spear.downstream import Downstream, label_columns
+from spear.downstream import Downstream, label_columns, nearest_directions
 from spear.linalg import (
     GRAM_THRESHOLD,
     kernel,
@@ -439,8 +439,7 @@ def _meeting(downstream: Downstream, basis: torch.Tensor, jac: torch.Tensor) -> 
     span = downstream.ranges_at(jac[None])[0]  # (m, c)
     if span.shape[1] == 0:
         return None
-    u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)
-    return basis @ u[:, :1]
+    return nearest_directions(basis, span)[0][:, :1]
 
 
 def _refine_scale(

@@ -22,7 +22,7 @@ import time
 import torch
 
 from spear.candidates import residual_svd, unknown_subspace_from
-from spear.downstream import Downstream, range_tolerance
+from spear.downstream import Downstream, nearest_directions, range_tolerance
 from spear.inversion.checks import verified_indices
 from spear.inversion.pool import same_direction
 from spear.inversion.problem import Problem
@@ -143,9 +143,7 @@ def _shared_spans(
     for span in downstream.ranges(inputs[rest]):
         if span.shape[1] == 0:
             continue
-        u, _, _ = torch.linalg.svd(basis.T @ span, full_matrices=False)
-        vecs = basis @ u
-        dist = (vecs - span @ (span.T @ vecs)).norm(dim=0)
+        vecs, dist = nearest_directions(basis, span)
         if int((dist <= tol).sum()) != 2:
             continue
         pair = vecs[:, :2]
