@@ -131,7 +131,7 @@ def range_test(first: FirstRound, truth: torch.Tensor, near: list[int]) -> None:
         return
     right = problem.layer.right  # (r, n)
     wanted = problem.rank - first.found
-    basis = torch.linalg.svd(left, full_matrices=False)[0][:, :wanted]
+    basis = cone._truncated_svd(left, wanted)[0]  # (m, wanted), as the input side's
     phi = least_squares(left, first.bias[:, None])[:, 0]
     nearest, following, errors = [], [], []
     for k in near:
