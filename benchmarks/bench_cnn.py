@@ -19,10 +19,13 @@ an attack that reads zero sets could recover. Examples::
     python benchmarks/bench_cnn.py --batch-sizes 32 --dtypes float64 --seed 1 --singled-out
     python benchmarks/bench_cnn.py --models flower-cnn --batch-sizes 32 --attack-seeds 0-9
 
-``--attack-seeds`` attacks each update once per attack seed and prints the spread: the
-features exact (median and worst), how many attacks gave every example exactly and were
-verified, and the seconds (median, 90th percentile, worst). Which vertices and samples
-the search draws decides how far it gets within the budget.
+``--told-batch-size`` gives the attack the batch size (``batch_size=b``), as a Flower
+server knows it from the client's ``num_examples``; without it the attack reads the
+batch size off the update. ``--attack-seeds`` attacks each update once per attack seed
+and prints the spread: the features exact (median and worst), how many attacks gave
+every example exactly and were verified, and the seconds (median, 90th percentile,
+worst). Which vertices and samples the search draws decides how far it gets within the
+budget.
 """
 
 from __future__ import annotations
@@ -86,9 +89,11 @@ def attack_case(
     truth: torch.Tensor,
     attack_seed: int,
     budget: float,
+    told: bool = False,
 ) -> dict[str, Any]:
-    """One attack of ``update`` with ``attack_seed``; its measurements against the true
-    features ``truth`` ``(b, n)`` and ``labels`` ``(b,)``."""
+    """One attack of ``update`` with ``attack_seed`` (``told``: given the batch size, as
+    a Flower server is by the client's ``num_examples``); its measurements against the
+    true features ``truth`` ``(b, n)`` and ``labels`` ``(b,)``."""
     import spear
     from spear import metrics
     from spear.errors import BatchTooLargeError
@@ -98,7 +103,13 @@ def attack_case(
     start = time.perf_counter()
     try:
         rec = spear.attack(
-            net, update, seed=attack_seed, time_budget=budget, progress=False, image_budget=0
+            net,
+            update,
+            batch_size=b if told else None,
+            seed=attack_seed,
+            time_budget=budget,
+            progress=False,
+            image_budget=0,
         )
     except BatchTooLargeError as err:
         return {
@@ -145,12 +156,14 @@ def run_case(
     seed: int,
     budget: float,
     singled: bool = False,
+    told: bool = False,
 ) -> dict[str, Any]:
-    """One attack (attack seed ``seed``); its measurements, and with ``singled`` the
-    examples the true zero sets single out."""
+    """One attack (attack seed ``seed``, ``told`` the batch size or not); its
+    measurements, and with ``singled`` the examples the true zero sets single out."""
     net, update, images, labels, truth = build_case(model_name, trained, dtype_name, b, seed)
     singled_counts = singled_out_counts(net, images, labels) if singled else None
-    return {**attack_case(net, update, labels, truth, seed, budget), "singled": singled_counts}
+    found = attack_case(net, update, labels, truth, seed, budget, told)
+    return {**found, "singled": singled_counts}
 
 
 def seed_spread(
@@ -161,11 +174,12 @@ def seed_spread(
     seed: int,
     attack_seeds: list[int],
     budget: float,
+    told: bool = False,
 ) -> dict[str, Any]:
     """The update of ``seed`` attacked once per attack seed: the spread of what comes back
     (which vertices and samples the search draws decides how far it gets in the budget)."""
     net, update, _, labels, truth = build_case(model_name, trained, dtype_name, b, seed)
-    runs = [attack_case(net, update, labels, truth, s, budget) for s in attack_seeds]
+    runs = [attack_case(net, update, labels, truth, s, budget, told) for s in attack_seeds]
     exact = sorted(r["exact"] for r in runs)
     seconds = sorted(r["seconds"] for r in runs)
     return {
@@ -203,6 +217,11 @@ def main() -> None:
         help="add the examples the true zero sets single out (gradient columns / inputs / both)",
     )
     parser.add_argument(
+        "--told-batch-size",
+        action="store_true",
+        help="give the attack the batch size (batch_size=b), as a Flower server knows it",
+    )
+    parser.add_argument(
         "--attack-seeds",
         default="",
         help="attack each update once per seed ('0-9' or '0,3,5') and print the spread",
@@ -230,6 +249,7 @@ def main() -> None:
                         args.seed,
                         args.budget,
                         args.singled_out,
+                        args.told_batch_size,
                     )
                     counts = r["singled"]
                     cell = "" if counts is None else " {} / {} / {} |".format(*counts)
@@ -257,7 +277,14 @@ def print_seed_spread(args: argparse.Namespace) -> None:
             for dtype_name in args.dtypes.split(","):
                 for b in (int(v) for v in args.batch_sizes.split(",")):
                     r = seed_spread(
-                        model_name, trained == "yes", dtype_name, b, args.seed, seeds, args.budget
+                        model_name,
+                        trained == "yes",
+                        dtype_name,
+                        b,
+                        args.seed,
+                        seeds,
+                        args.budget,
+                        args.told_batch_size,
                     )
                     n = r["runs"]
                     median, p90, worst = r["seconds"]

@@ -166,16 +166,23 @@ def test_a_duplicate_is_found_with_the_batch_size_given() -> None:
 
 def test_tiny_gradients_of_a_trained_float32_cnn_are_no_duplicates() -> None:
     # trained, b = 64, float32: the examples' directions fall from 1 to 1e-7 of the
-    # largest, and the last ones sink within RANK_FLOOR units of the rounding, so no
-    # clear rank gap shows anywhere. Without the batch size the attack says so (it reads
-    # no batch size above the live units off the spectrum); told it, it reads the update
-    # as noisy, not as holding duplicates, and verifies nothing.
-    net, update, _, _ = _batch("flower-cnn", 64, torch.float32, trained=True)
+    # largest, and the last one sinks into the rounding's band (0.09 eps * s_1, the
+    # next value 0.04), so no clear rank gap shows anywhere. Without the batch size the
+    # attack says so (it reads no batch size above the live units off the spectrum);
+    # told it, it keeps the 63 directions above the rounding and reads the update as
+    # exact float32, neither noisy nor holding duplicates: what it returns is exact, and
+    # nothing is verified with examples missing.
+    net, update, truth, _ = _batch("flower-cnn", 64, torch.float32, trained=True)
     with pytest.raises(spear.BatchTooLargeError, match="confidently classified"):
         spear.attack(net, update, time_budget=10, progress=False, image_budget=0)
     rec = spear.attack(net, update, batch_size=64, time_budget=10, progress=False, image_budget=0)
     assert any("no clear rank gap below batch_size=64" in n for n in rec.notes)
-    assert not any("duplicates" in n for n in rec.notes)
+    assert any("truncating at the 63 above it" in n for n in rec.notes)
+    assert not any("duplicates" in n or "noisy update" in n for n in rec.notes)
+    k = rec.inputs.shape[0]
+    assert k >= 1
+    found = rec.inputs.reshape(k, -1).to(torch.float64)
+    assert spear.metrics.exact_rate(found, truth, rel_tol=1e-3) == k / 64
     assert not rec.verified
     assert rec.layer_result is not None and not rec.layer_result.verified
 

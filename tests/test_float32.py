@@ -171,3 +171,40 @@ def test_float32_batch_is_exact_to_float32_precision() -> None:
     flat_rec = rec.inputs.reshape(48, -1).double()
     dist = torch.cdist(flat_rec, x.reshape(48, -1).double(), p=float("inf"))
     assert float(dist.min(dim=1).values.max()) < 8 * EPS32
+
+
+def test_weak_examples_between_the_rounding_band_and_its_floor_stay_exact() -> None:
+    # eight examples of one size and four whose gradients fall by about 30 each step:
+    # the weakest direction is about 2 eps * s_1, under RANK_FLOOR units of the
+    # rounding but 30 times the rounding's band (0.07 eps * s_1), and no gap reaches
+    # MIN_RANK_GAP. Told the batch size, the layer keeps all twelve directions and reads
+    # the update as exact float32, not noisy: what it returns is exact
+    gen = torch.Generator().manual_seed(0)
+    b, n, m = 12, 60, 300
+    x = torch.rand(b, n, generator=gen, dtype=torch.float64)
+    weight = torch.randn(m, n, generator=gen, dtype=torch.float64) / n**0.5
+    bias = torch.randn(m, generator=gen, dtype=torch.float64) * 0.3 - 0.2
+    sizes = torch.tensor([1.0] * 8 + [3e-2, 1e-3, 3e-5, 1.5e-6], dtype=torch.float64)
+    upstream = torch.randn(b, m, generator=gen, dtype=torch.float64) * sizes[:, None]
+    columns = (x @ weight.T + bias > 0).double() * upstream  # (b, m)
+    dw, db = (columns.T @ x).float(), columns.sum(0).float()
+    s = torch.linalg.svdvals(dw.double())
+    assert 1.0 < float(s[b - 1] / s[0]) / EPS32 < 10.0
+    rec = spear.invert_layer(
+        dw,
+        db,
+        weight=weight.float(),
+        bias=bias.float(),
+        batch_size=b,
+        seed=0,
+        time_budget=8,
+        progress=False,
+    )
+    assert any(f"truncating at {b}" in note for note in rec.notes)
+    assert not any("noisy update" in note for note in rec.notes)
+    k = rec.inputs.shape[0]
+    assert k >= 1
+    found = rec.inputs.to(torch.float64)
+    dist = torch.cdist(found, x, p=float("inf")).min(dim=1).values
+    assert float(dist.max()) < PIXEL_TOL
+    assert not rec.verified or k == b

@@ -17,6 +17,7 @@ from spear.linalg import (
     MAX_ZERO_TOL,
     MIN_ZERO_TOL,
     Tolerances,
+    above_rounding,
     clean_rank,
     estimate_rank,
     factorise,
@@ -27,6 +28,7 @@ from spear.linalg import (
     null_vectors,
     orthonormal_basis,
     pure_kernel,
+    rounding_rank,
     unit_rows,
     zero_mask,
 )
@@ -330,3 +332,24 @@ def test_least_squares_of_a_rank_deficient_design_is_the_minimum_norm_solution()
     batched = least_squares(torch.stack([design, 2 * design]), torch.stack([target, target]))
     assert torch.allclose(batched[0], found, rtol=1e-10, atol=1e-12)
     assert torch.allclose(batched[1], found / 2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("m", "n", "r", "seed"), [(120, 400, 30, 0), (300, 784, 64, 1)])
+def test_float32_rounding_is_no_direction_and_a_weak_example_above_it_is(
+    m: int, n: int, r: int, seed: int
+) -> None:
+    # a rank-r product rounded to float32: its rounding is a band far under
+    # RANK_FLOOR * eps * s_1 whose values are not directions; one more rank-one term
+    # at 2 eps * s_1, under that floor but well above the band, is one
+    exact = _low_rank(m, n, r, seed)
+    s = torch.linalg.svdvals(exact.float().double())
+    assert rounding_rank(s, r + 10, EPS32) == r
+    assert not above_rounding(s, r + 1, EPS32)
+    g = torch.Generator().manual_seed(seed + 100)
+    u = torch.randn(m, 1, generator=g, dtype=torch.float64)
+    v = torch.randn(1, n, generator=g, dtype=torch.float64)
+    weak = u @ v / (u.norm() * v.norm()) * 2 * EPS32 * float(s[0])
+    s = torch.linalg.svdvals((exact + weak).float().double())
+    assert 1.0 < float(s[r] / s[0]) / EPS32 < 10.0
+    assert above_rounding(s, r + 1, EPS32)
+    assert rounding_rank(s, r + 10, EPS32) == r + 1

@@ -46,7 +46,7 @@ from spear.inversion.problem import HALF_PRECISIONS
 from spear.inversion.result import DROPOUT_UNVERIFIED, PARTIAL_RECOVERY
 from spear.labels import LabelResult, label_fit_tol, missing_labels, recover_labels
 from spear.layer import MIN_RANK_GAP, invert_layer
-from spear.linalg import RANK_FLOOR, estimate_rank, gap_at
+from spear.linalg import estimate_rank, gap_at, rounding_rank
 from spear.model import (
     AttackTarget,
     batch_statistics_layers,
@@ -1040,11 +1040,12 @@ def _mixed_precision(
 
 
 def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
-    """``s_b / s_{b+1}`` of ``weight_grad`` ``(m, n)`` (:func:`spear.linalg.gap_at`: ``inf``
-    past its last value or where ``s_{b+1}`` is the dtype's roundoff and ``s_b`` is not;
-    the plain ratio where ``s_b`` is roundoff too), or the gap at the
-    numerical rank where that is clear and at most ``b`` (:func:`estimate_rank`: a rank
-    below ``b`` is repeated examples, fewer distinct columns than the batch, not noise)."""
+    """``s_k / s_{k+1}`` of ``weight_grad`` ``(m, n)`` at ``k``, the last of the first
+    ``b`` directions that stands above the dtype's rounding
+    (:func:`spear.linalg.rounding_rank`; :func:`spear.linalg.gap_at`: ``inf`` past the
+    last value or where ``s_{k+1}`` is rounding), or the gap at the numerical rank where
+    that is clear and at most ``b`` (:func:`estimate_rank`: a rank below ``b`` is
+    repeated examples, fewer distinct columns than the batch, not noise)."""
     s = torch.linalg.svdvals(weight_grad.detach().to(torch.float64))
     rank, gap = estimate_rank(s, float(torch.finfo(weight_grad.dtype).eps))
     if rank <= batch_size and gap >= MIN_RANK_GAP:
@@ -1052,11 +1053,7 @@ def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
     if batch_size >= s.numel() or batch_size < 1:
         return math.inf
     eps = float(torch.finfo(weight_grad.dtype).eps)
-    if float(s[batch_size - 1]) > RANK_FLOOR * eps * float(s[0]):
-        return gap_at(s, batch_size, eps)
-    # the b-th direction is itself within the rounding: no exact gap there
-    following = float(s[batch_size])
-    return math.inf if following == 0.0 else float(s[batch_size - 1]) / following
+    return gap_at(s, max(1, rounding_rank(s, batch_size, eps)), eps)
 
 
 def _clipped(features: torch.Tensor, input_range: tuple[float, float] | None) -> torch.Tensor:

@@ -22,11 +22,13 @@ from spear.errors import BatchTooLargeError, InputError
 from spear.labels import label_fit_tol
 from spear.linalg import (
     RANK_FLOOR,
+    ROUNDING_CLEARANCE,
     Factorisation,
     Tolerances,
     factorise,
     noise_floor,
     orthonormal_basis,
+    rounding_rank,
 )
 from spear.solvers.base import Budget
 from spear.solvers.polish import live_rows
@@ -429,7 +431,8 @@ def _factorisation(
         return fac
     s = fac.singular_values
     weak = rank < batch_size and fac.gap < MIN_RANK_GAP and batch_size < min(m, n)
-    if weak and float(s[batch_size - 1]) > RANK_FLOOR * eps * float(s[0]):
+    clear = rounding_rank(s, batch_size, eps) if weak else 0
+    if weak and clear == batch_size:
         # no clear rank below the batch size, and every direction up to it stands above
         # the rounding: the weakest examples (tiny gradients of confidently classified
         # ones) come close to the noise floor, which is no sign of duplicates
@@ -442,14 +445,18 @@ def _factorisation(
         )
         rank = batch_size
     elif weak:
-        # directions up to the batch size sink into the rounding: no exact answer there
+        # the weakest directions sink into the rounding: the ones above it are exact
         notes.append(
             f"no clear rank gap below batch_size={batch_size} (largest ratio of consecutive "
-            f"singular values {fac.gap:.3g}, at rank {rank}), and the weakest of the "
-            f"{batch_size} directions lie within {RANK_FLOOR:g} units of the update's "
-            "rounding (tiny gradients of confidently classified examples, or a batch size "
-            f"larger than the batch): searching at rank {rank}, read as a noisy update."
+            f"singular values {fac.gap:.3g}), and the directions of the weakest "
+            f"{batch_size - clear} of {batch_size} examples lie in the update's rounding "
+            f"(under {RANK_FLOOR:g} units of it, and less than {ROUNDING_CLEARANCE:g} "
+            "times the value after them: tiny gradients of confidently classified "
+            "examples, examples whose gradients the rounding cannot tell apart, or a batch "
+            f"size larger than the batch): truncating at the {clear} above it; examples "
+            "whose gradients lie in the rounding cannot be recovered."
         )
+        rank = clear
     elif rank < batch_size:
         notes.append(
             f"the weight gradient has rank {rank} < batch_size={batch_size}: some "
