@@ -167,24 +167,26 @@ def test_a_duplicate_is_found_with_the_batch_size_given() -> None:
 def test_tiny_gradients_of_a_trained_float32_cnn_are_no_duplicates() -> None:
     # trained, b = 64, float32: the examples' directions fall from 1 to 1e-7 of the
     # largest, and the last one sinks into the rounding's band (0.09 eps * s_1, the
-    # next value 0.04), so no clear rank gap shows anywhere. Without the batch size the
-    # attack says so (it reads no batch size above the live units off the spectrum);
-    # told it, it keeps the 63 directions above the rounding and reads the update as
-    # exact float32, neither noisy nor holding duplicates: what it returns is exact, and
-    # nothing is verified with examples missing.
+    # next value 0.04), so no clear rank gap shows anywhere. The attack keeps the 63
+    # directions above the rounding, told the batch size or not, and reads the update as
+    # exact float32, neither noisy nor holding duplicates; the mean's divisor counts the
+    # missing example. What it returns is exact, and nothing is verified with an example
+    # missing.
     net, update, truth, _ = _batch("flower-cnn", 64, torch.float32, trained=True)
-    with pytest.raises(spear.BatchTooLargeError, match="confidently classified"):
-        spear.attack(net, update, time_budget=10, progress=False, image_budget=0)
-    rec = spear.attack(net, update, batch_size=64, time_budget=10, progress=False, image_budget=0)
-    assert any("no clear rank gap below batch_size=64" in n for n in rec.notes)
-    assert any("truncating at the 63 above it" in n for n in rec.notes)
-    assert not any("duplicates" in n or "noisy update" in n for n in rec.notes)
-    k = rec.inputs.shape[0]
-    assert k >= 1
-    found = rec.inputs.reshape(k, -1).to(torch.float64)
-    assert spear.metrics.exact_rate(found, truth, rel_tol=1e-3) == k / 64
-    assert not rec.verified
-    assert rec.layer_result is not None and not rec.layer_result.verified
+    for told, note in ((None, "values after the first 63"), (64, "truncating at the 63")):
+        rec = spear.attack(
+            net, update, batch_size=told, time_budget=10, progress=False, image_budget=0
+        )
+        assert any("no clear rank gap" in n and note in n for n in rec.notes)
+        assert not any("duplicates" in n or "noisy update" in n for n in rec.notes)
+        assert any("a mean over 64 examples and the update shows 63" in n for n in rec.notes)
+        assert rec.batch_size == 64
+        k = rec.inputs.shape[0]
+        assert k >= 1
+        found = rec.inputs.reshape(k, -1).to(torch.float64)
+        assert spear.metrics.exact_rate(found, truth, rel_tol=1e-3) == k / 64
+        assert not rec.verified
+        assert rec.layer_result is not None and not rec.layer_result.verified
 
 
 def test_layer_checks_miss_a_shifted_batch_the_jacobians_catch() -> None:

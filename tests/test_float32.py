@@ -177,8 +177,8 @@ def test_weak_examples_between_the_rounding_band_and_its_floor_stay_exact() -> N
     # eight examples of one size and four whose gradients fall by about 30 each step:
     # the weakest direction is about 2 eps * s_1, under RANK_FLOOR units of the
     # rounding but 30 times the rounding's band (0.07 eps * s_1), and no gap reaches
-    # MIN_RANK_GAP. Told the batch size, the layer keeps all twelve directions and reads
-    # the update as exact float32, not noisy: what it returns is exact
+    # MIN_RANK_GAP. Told the batch size or not, the layer keeps all twelve directions
+    # and reads the update as exact float32, not noisy: what it returns is exact
     gen = torch.Generator().manual_seed(0)
     b, n, m = 12, 60, 300
     x = torch.rand(b, n, generator=gen, dtype=torch.float64)
@@ -190,21 +190,22 @@ def test_weak_examples_between_the_rounding_band_and_its_floor_stay_exact() -> N
     dw, db = (columns.T @ x).float(), columns.sum(0).float()
     s = torch.linalg.svdvals(dw.double())
     assert 1.0 < float(s[b - 1] / s[0]) / EPS32 < 10.0
-    rec = spear.invert_layer(
-        dw,
-        db,
-        weight=weight.float(),
-        bias=bias.float(),
-        batch_size=b,
-        seed=0,
-        time_budget=8,
-        progress=False,
-    )
-    assert any(f"truncating at {b}" in note for note in rec.notes)
-    assert not any("noisy update" in note for note in rec.notes)
-    k = rec.inputs.shape[0]
-    assert k >= 1
-    found = rec.inputs.to(torch.float64)
-    dist = torch.cdist(found, x, p=float("inf")).min(dim=1).values
-    assert float(dist.max()) < PIXEL_TOL
-    assert not rec.verified or k == b
+    for told, note in ((b, f"truncating at {b}"), (None, f"values after the first {b}")):
+        rec = spear.invert_layer(
+            dw,
+            db,
+            weight=weight.float(),
+            bias=bias.float(),
+            batch_size=told,
+            seed=0,
+            time_budget=8,
+            progress=False,
+        )
+        assert any(note in n for n in rec.notes)
+        assert not any("noisy update" in n for n in rec.notes)
+        k = rec.inputs.shape[0]
+        assert k >= 1
+        found = rec.inputs.to(torch.float64)
+        dist = torch.cdist(found, x, p=float("inf")).min(dim=1).values
+        assert float(dist.max()) < PIXEL_TOL
+        assert not rec.verified or k == b

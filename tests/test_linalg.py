@@ -353,3 +353,14 @@ def test_float32_rounding_is_no_direction_and_a_weak_example_above_it_is(
     assert 1.0 < float(s[r] / s[0]) / EPS32 < 10.0
     assert above_rounding(s, r + 1, EPS32)
     assert rounding_rank(s, r + 10, EPS32) == r + 1
+
+
+def test_values_sinking_through_the_rounding_without_a_drop_give_no_rounding_rank() -> None:
+    # halving at every step from 1 to 1e-12: no value stands four times above the next,
+    # so the spectrum shows no place where the update's directions end and its rounding
+    # begins; one clean drop of 30 into a flat band shows it
+    halving = 0.5 ** torch.arange(40, dtype=torch.float64)
+    assert rounding_rank(halving, 30, EPS32) is None
+    band = torch.cat([halving[:21], torch.full((10,), float(halving[20]) / 30.0)])
+    assert float(band[20]) < 10 * EPS32  # under RANK_FLOOR units: only the drop tells
+    assert rounding_rank(band, 25, EPS32) == 21

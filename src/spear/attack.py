@@ -1040,12 +1040,13 @@ def _mixed_precision(
 
 
 def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
-    """``s_k / s_{k+1}`` of ``weight_grad`` ``(m, n)`` at ``k``, the last of the first
-    ``b`` directions that stands above the dtype's rounding
-    (:func:`spear.linalg.rounding_rank`; :func:`spear.linalg.gap_at`: ``inf`` past the
-    last value or where ``s_{k+1}`` is rounding), or the gap at the numerical rank where
-    that is clear and at most ``b`` (:func:`estimate_rank`: a rank below ``b`` is
-    repeated examples, fewer distinct columns than the batch, not noise)."""
+    """``s_k / s_{k+1}`` of ``weight_grad`` ``(m, n)`` at ``k``, where the first ``b``
+    values fall into the dtype's rounding (:func:`spear.linalg.rounding_rank`;
+    :func:`spear.linalg.gap_at`: ``inf`` past the last value or where ``s_{k+1}`` is
+    rounding; the plain ratio at ``b`` where they sink into it without a clean drop), or
+    the gap at the numerical rank where that is clear and at most ``b``
+    (:func:`estimate_rank`: a rank below ``b`` is repeated examples, fewer distinct
+    columns than the batch, not noise)."""
     s = torch.linalg.svdvals(weight_grad.detach().to(torch.float64))
     rank, gap = estimate_rank(s, float(torch.finfo(weight_grad.dtype).eps))
     if rank <= batch_size and gap >= MIN_RANK_GAP:
@@ -1053,7 +1054,12 @@ def _rank_gap(weight_grad: torch.Tensor, batch_size: int) -> float:
     if batch_size >= s.numel() or batch_size < 1:
         return math.inf
     eps = float(torch.finfo(weight_grad.dtype).eps)
-    return gap_at(s, max(1, rounding_rank(s, batch_size, eps)), eps)
+    clear = rounding_rank(s, batch_size, eps)
+    if clear is not None:
+        return gap_at(s, clear, eps)
+    # the b-th direction sinks into the rounding without a clean drop: no exact gap there
+    following = float(s[batch_size])
+    return math.inf if following == 0.0 else float(s[batch_size - 1]) / following
 
 
 def _clipped(features: torch.Tensor, input_range: tuple[float, float] | None) -> torch.Tensor:

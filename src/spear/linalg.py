@@ -351,20 +351,39 @@ def above_rounding(singular_values: torch.Tensor, count: int, eps: float) -> boo
     return following <= floor and value > max(eps * top, ROUNDING_CLEARANCE * following)
 
 
-def rounding_rank(singular_values: torch.Tensor, count: int, eps: float) -> int:
-    """How many of the first ``count`` singular values are directions of the update
-    (:func:`above_rounding`): the last of them that stands above the rounding.
+def rounding_rank(singular_values: torch.Tensor, count: int, eps: float) -> int | None:
+    """Where the first ``count`` singular values fall into the dtype's rounding: ``count``
+    where the ``count``-th stands above it (:func:`above_rounding`), else the last value
+    above it where the values drop cleanly into the rounding there (that value at least
+    :data:`ROUNDING_CLEARANCE` times the next); ``None`` where they sink into it without
+    such a drop (float64's rounding is a band that reaches above ``RANK_FLOOR``, whose
+    neighbouring values stand close together).
+
+    Parameters
+    ----------
+    singular_values:
+        ``(k,)`` descending, non-negative.
+    count:
+        ``1 <= count <= k``.
+    eps:
+        Machine epsilon of the dtype the data arrived in.
 
     Examples
     --------
     >>> s = torch.tensor([1.0, 1e-3, 1.6e-7, 1.8e-8, 1.7e-8], dtype=torch.float64)
     >>> rounding_rank(s, 4, 1.2e-7), rounding_rank(s, 2, 1.2e-7)
     (3, 2)
+    >>> band = torch.tensor([1.0, 1e-3, 2.5e-15, 2e-15, 1.8e-15], dtype=torch.float64)
+    >>> print(rounding_rank(band, 4, 2.2e-16))  # float64: its band crosses the floor
+    None
     """
-    for k in range(min(count, singular_values.numel()), 0, -1):
-        if above_rounding(singular_values, k, eps):
-            return k
-    return 0
+    s = singular_values.to(torch.float64)
+    last = next((k for k in range(count, 0, -1) if above_rounding(s, k, eps)), 0)
+    if last == count:
+        return count
+    if last == 0 or float(s[last - 1]) < ROUNDING_CLEARANCE * float(s[last]):
+        return None
+    return last
 
 
 def gap_at(singular_values: torch.Tensor, rank: int, eps: float) -> float:

@@ -419,6 +419,22 @@ def _factorisation(
                 "which leaves no low-rank part. Pass batch_size= if it is known and smaller, "
                 "or attack a wider layer."
             )
+        clear = rounding_rank(fac.singular_values, min(m, n), eps)
+        live = int(dw.any(dim=1).sum())
+        if fac.gap < MIN_RANK_GAP and clear is not None and clear < min(live, n):
+            # the values fall smoothly, then into the rounding's band: every value before
+            # the band is an example's direction (the model's rows bound the batch, so a
+            # rank of every live unit is no reading)
+            notes.append(
+                f"no clear rank gap in the weight gradient (largest ratio of consecutive "
+                f"singular values {fac.gap:.3g}), but the values after the first {clear} "
+                f"lie in the update's rounding (under {RANK_FLOOR:g} units of it, and none "
+                f"{ROUNDING_CLEARANCE:g} times the value after it): reading {clear} examples "
+                "(the gradients of confidently classified examples sink toward the "
+                "rounding, and those in it cannot be recovered; pass batch_size= if the "
+                "client's batch size is known)."
+            )
+            return factorise(dw, eps, rank=clear)
         if fac.gap < MIN_RANK_GAP:
             raise BatchTooLargeError(
                 f"no clear rank gap in the weight gradient (largest ratio of consecutive "
@@ -431,7 +447,7 @@ def _factorisation(
         return fac
     s = fac.singular_values
     weak = rank < batch_size and fac.gap < MIN_RANK_GAP and batch_size < min(m, n)
-    clear = rounding_rank(s, batch_size, eps) if weak else 0
+    clear = rounding_rank(s, batch_size, eps) if weak else None
     if weak and clear == batch_size:
         # no clear rank below the batch size, and every direction up to it stands above
         # the rounding: the weakest examples (tiny gradients of confidently classified
@@ -444,7 +460,7 @@ def _factorisation(
             f"{batch_size}."
         )
         rank = batch_size
-    elif weak:
+    elif weak and clear is not None:
         # the weakest directions sink into the rounding: the ones above it are exact
         notes.append(
             f"no clear rank gap below batch_size={batch_size} (largest ratio of consecutive "
@@ -457,6 +473,16 @@ def _factorisation(
             "whose gradients lie in the rounding cannot be recovered."
         )
         rank = clear
+    elif weak:
+        # directions up to the batch size sink into the rounding without a clean drop
+        # into it: no exact answer there
+        notes.append(
+            f"no clear rank gap below batch_size={batch_size} (largest ratio of consecutive "
+            f"singular values {fac.gap:.3g}, at rank {rank}), and the weakest of the "
+            f"{batch_size} directions sink into the update's rounding without a clear "
+            "drop into it (tiny gradients of confidently classified examples, or a batch "
+            f"size larger than the batch): searching at rank {rank}, read as a noisy update."
+        )
     elif rank < batch_size:
         notes.append(
             f"the weight gradient has rank {rank} < batch_size={batch_size}: some "
