@@ -419,23 +419,11 @@ def _factorisation(
                 "which leaves no low-rank part. Pass batch_size= if it is known and smaller, "
                 "or attack a wider layer."
             )
+        if fac.gap >= MIN_RANK_GAP:
+            return fac
         clear = rounding_rank(fac.singular_values, min(m, n), eps)
         live = int(dw.any(dim=1).sum())
-        if fac.gap < MIN_RANK_GAP and clear is not None and clear < min(live, n):
-            # the values fall smoothly, then into the rounding's band: every value before
-            # the band is an example's direction (the model's rows bound the batch, so a
-            # rank of every live unit is no reading)
-            notes.append(
-                f"no clear rank gap in the weight gradient (largest ratio of consecutive "
-                f"singular values {fac.gap:.3g}), but the values after the first {clear} "
-                f"lie in the update's rounding (under {RANK_FLOOR:g} units of it, and none "
-                f"{ROUNDING_CLEARANCE:g} times the value after it): reading {clear} examples "
-                "(the gradients of confidently classified examples sink toward the "
-                "rounding, and those in it cannot be recovered; pass batch_size= if the "
-                "client's batch size is known)."
-            )
-            return factorise(dw, eps, rank=clear)
-        if fac.gap < MIN_RANK_GAP:
+        if clear is None or clear >= min(live, n):
             raise BatchTooLargeError(
                 f"no clear rank gap in the weight gradient (largest ratio of consecutive "
                 f"singular values {fac.gap:.3g} < {MIN_RANK_GAP:g}): the update looks noisy "
@@ -444,7 +432,19 @@ def _factorisation(
                 "of confidently classified examples (a trained model) sink toward the "
                 "update's rounding. Pass batch_size= to truncate at a known size."
             )
-        return fac
+        # the values fall smoothly, then cleanly into the rounding's band: every value
+        # before the band is an example's direction (the layer's live rows bound the
+        # batch, so a rank of every live unit is no reading)
+        notes.append(
+            f"no clear rank gap in the weight gradient (largest ratio of consecutive "
+            f"singular values {fac.gap:.3g}), but the values after the first {clear} "
+            f"lie in the update's rounding (under {RANK_FLOOR:g} units of it, and none "
+            f"{ROUNDING_CLEARANCE:g} times the value after it): reading {clear} examples "
+            "(the gradients of confidently classified examples sink toward the "
+            "rounding, and those in it cannot be recovered; pass batch_size= if the "
+            "client's batch size is known)."
+        )
+        return factorise(dw, eps, rank=clear)
     s = fac.singular_values
     weak = rank < batch_size and fac.gap < MIN_RANK_GAP and batch_size < min(m, n)
     clear = rounding_rank(s, batch_size, eps) if weak else None
