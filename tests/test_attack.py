@@ -624,6 +624,35 @@ def test_most_divisors_count_examples_the_update_does_not_show() -> None:
     assert complete.unseen == 0 and complete.reduction == "mean"
 
 
+def test_float32_counts_are_read_to_the_tolerances_of_held_examples() -> None:
+    # float32, Flower's CNN, b = 16: a solved example's divisor 6.4e-4 off 16, and a pair
+    # of examples whose columns agree to rounding back as their mean, fitting
+    # cross-entropy to 1.4e-4 (the pair's columns agree no better), divisor 8: read with
+    # the tolerances the inversion holds examples to, the pair counts twice and the
+    # mean is over 16; with the strict tolerance alone nothing is read
+    from spear.labels import _interpret, label_fit_tol
+
+    divisor = torch.tensor([16.0] * 12 + [16.0103, 7.99994], dtype=torch.float64)
+    fit = torch.tensor([3e-7] * 13 + [1.4e-4], dtype=torch.float64)
+    k = divisor.numel()
+    args = (torch.zeros(k, dtype=torch.int64), divisor, fit, torch.ones(k, dtype=torch.int64))
+    tol = label_fit_tol(torch.float32)
+    held = _interpret(*args, tol=tol, missing=1, dtype=torch.float32)
+    assert held.reduction == "mean" and held.multiplicity.tolist() == [1] * 13 + [2]
+    assert _interpret(*args, tol=tol, missing=1).reduction == "unknown"
+    # a column that misses cross-entropy by far more than rounding says nothing
+    far = _interpret(
+        torch.zeros(k, dtype=torch.int64),
+        divisor,
+        torch.tensor([3e-7] * 13 + [1e-2], dtype=torch.float64),
+        torch.ones(k, dtype=torch.int64),
+        tol=tol,
+        missing=1,
+        dtype=torch.float32,
+    )
+    assert far.reduction == "unknown" and int(far.multiplicity.max()) == 1
+
+
 def test_a_loss_other_than_cross_entropy_is_named_as_such() -> None:
     # label smoothing: the labels do not fit plain cross-entropy, and the note says so
     # instead of blaming clipping, noise or FedAvg for the scales

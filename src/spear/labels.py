@@ -195,7 +195,7 @@ def recover_labels(
         divisor[i] = div / size
         denom = float(target.norm()) or 1.0
         fit[i] = float((r * div - target).norm()) / denom
-    result = _interpret(labels, divisor, fit, sign, label_fit_tol(dtype), missing)
+    result = _interpret(labels, divisor, fit, sign, label_fit_tol(dtype), missing, dtype)
     narrow = ranks < classes - 1
     if bool(narrow.any()):
         _undetermined(result, narrow, int(ranks.min()), classes)
@@ -315,6 +315,30 @@ def _weights_note(multiplicity: torch.Tensor, reduction: str) -> str:
     )
 
 
+def _count_tolerances(
+    fit: torch.Tensor, ok: torch.Tensor, tol: float, total: int, dtype: torch.dtype | None
+) -> float | None:
+    """The relative tolerance of the examples' counts, or ``None`` where they cannot be
+    read: without ``dtype``, ``tol`` where every fit is within it; with the model's
+    ``dtype``, the tolerances of an example held to the established divisor ``total``
+    (:func:`spear.downstream.held_tolerances`, never tighter than ``tol``) where some
+    fits are within ``tol`` and the rest within the held fit tolerance. Below float64
+    those are the inversion's own: examples solved after many peels carry the peels'
+    roundoff in their divisors, and two examples whose columns agree to the update's
+    rounding come back as their mean, which fits cross-entropy only as well as the two
+    columns agree (measured on Flower's CNN, float32, b = 16: a solved example's
+    divisor 6.4e-4 off, a merged pair's mean fitting to 1.4e-4 against ``tol``
+    1.2e-4)."""
+    if dtype is None:
+        return tol if bool(ok.all()) else None
+    from spear.downstream import held_tolerances  # spear.downstream imports this module
+
+    held_fit, held_divisor = held_tolerances(dtype, float(max(total, 1)))
+    if not bool(ok.any()) or not bool((fit <= max(tol, held_fit)).all()):
+        return None
+    return max(tol, held_divisor)
+
+
 def _whole_counts(ratio: torch.Tensor, mult: torch.Tensor, tol: float, *, summed: bool) -> bool:
     """Whether ``ratio`` ``(k,)`` (each example's count under a plain mean or sum) is the
     whole counts ``mult`` ``(k,)``: each at least 1, within ``tol`` of a whole number, and
@@ -337,10 +361,12 @@ def _interpret(
     sign: torch.Tensor,
     tol: float = LABEL_FIT_TOL,
     missing: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> LabelResult:
     """Reduction and multiplicities from the per-example divisors (fit tolerance ``tol``);
     ``missing`` distinct examples were not recovered, each counted at least once in a
-    mean's divisor."""
+    mean's divisor. With the model's ``dtype`` the counts are read to the tolerances of
+    an example held to an established divisor (:func:`_count_tolerances`)."""
     notes: list[str] = []
     k = labels.numel()
     ok = fit <= tol
@@ -348,12 +374,17 @@ def _interpret(
     multiplicity = torch.ones(k, dtype=torch.int64)
     reduction = "unknown"
     unseen = 0
-    if k and bool(ok.all()) and top <= MAX_DIVISOR:
+    count_tol = (
+        _count_tolerances(fit, ok, tol, round(top) if top >= 1.0 - tol else 1, dtype)
+        if k and top <= MAX_DIVISOR
+        else None
+    )
+    if count_tol is not None:
         # mean: B_i = total / multiplicity_i; sum: B_i = 1 / multiplicity_i
         total = round(top) if top >= 1.0 - tol else 1
         ratio = total / divisor
         mult = torch.round(ratio)
-        if _whole_counts(ratio, mult, tol, summed=total == 1):
+        if _whole_counts(ratio, mult, count_tol, summed=total == 1):
             multiplicity = mult.to(torch.int64)
             if total == 1:
                 reduction = "sum" if k > 1 or int(multiplicity.sum()) > 1 else "mean or sum"
