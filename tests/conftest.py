@@ -22,7 +22,7 @@ from torch import nn
 
 from spear.client import layer_truth
 from spear.downstream import Downstream
-from spear.inversion.problem import STRICT_COMPLETE_SOLVES, Problem, Request
+from spear.inversion.problem import STRICT_COMPLETE_SOLVES, MaskedModel, Problem, Request
 from spear.linalg import Factorisation, Tolerances, factorise, orthonormal_basis
 from spear.update import UpdateKind
 from spear.verify import LayerView
@@ -194,11 +194,13 @@ def problem_from(
     strict_solves: bool = STRICT_COMPLETE_SOLVES,
     downstream: Downstream | None = None,
     update_kind: UpdateKind = "gradient",
+    masked: MaskedModel | None = None,
 ) -> Problem:
     """The inversion problem of a layer's update ``(m, n)``, ``(m,)`` with its weights, as
     :func:`spear.invert_layer` builds it (batch size from the rank); ``downstream``: the
     model after the layer, as :func:`spear.attack` passes it; ``update_kind``: "delta"
-    for a FedAvg delta."""
+    for a FedAvg delta; ``masked``: read as computed with an active Dropout right after
+    the layer's ReLU (``dropout=True``), with the model and its ``p``."""
     request = Request(
         weight_grad=weight_grad,
         bias_grad=bias_grad,
@@ -217,6 +219,8 @@ def problem_from(
         search_with_weights=True,
         strict_solves=strict_solves,
         downstream=downstream,
+        dropout=masked is not None,
+        masked=masked,
     )
     return Problem.build(request, time.perf_counter())
 

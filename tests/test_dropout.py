@@ -12,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import assert_exact, fashion, match_rows
+from tests.conftest import assert_exact, fashion, match_rows, problem_from
 from torch import nn
 
 import spear
 from spear.auditor import AuditOptions, UpdateAuditor
+from spear.candidates import certified_by
 from spear.certificate import certify, verified_threshold
 from spear.client import fedavg_update
 from spear.data import rgb_patches, sample_batch
+from spear.downstream import Downstream
 from spear.dropout import direct_dropout, dropout_scales, masks_applied, refined_scales
 from spear.files import load_model
+from spear.inversion.problem import MaskedModel
+from spear.inversion.steps import cone
 from spear.labels import label_fit_tol, recover_labels
 from spear.model import dropout_layers_after, dropout_layers_before, find_target
 from spear.results import LayerReconstruction
@@ -454,3 +458,43 @@ def test_a_dropout_before_the_layer_returns_what_the_layer_saw() -> None:
     assert_exact(rec.inputs, seen[0])
     assert bool((seen[0] == 0).sum() > (x == 0).sum())  # the masks are in what it saw
     assert any("Dropout '1' comes before the attacked layer" in n for n in rec.notes)
+
+
+def test_the_input_side_checks_a_vertex_with_the_mask_its_column_shows() -> None:
+    # With a Dropout active after fc1, the model after the layer in eval mode does not
+    # reproduce the client's pass, so a true example fails its checks there; run with
+    # the mask its own column shows (units on with a zero entry dropped, the others
+    # scaled by 1 / (1 - p)) it passes, and the same example at 1.5 times its scale
+    # (the same peel, column divided by 1.5) does not
+    net = DropoutCnn()
+    x, y = sample_batch(rgb_patches(200), 8, 1)
+    x = x.to(torch.float64)
+    net.train()
+    torch.manual_seed(3)
+    params = dict(net.named_parameters())
+    loss = nn.functional.cross_entropy(net(x), y)
+    update = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    net.eval()
+    target = find_target(net)
+    assert target.after is not None and target.bias is not None
+    weight, bias = target.weight.detach(), target.bias.detach()
+    model = Downstream(target.after, weight, bias, torch.float64)
+    problem = problem_from(
+        update["fc1.weight"], update["fc1.bias"], weight, bias, masked=MaskedModel(model, 0.5)
+    )
+    assert problem.layer is not None and problem.rank == 8
+    assert problem.downstream is None and cone.has_input_side(problem)
+    truth = net.features(x).detach()
+    coords = torch.linalg.lstsq(problem.layer.right.T, truth.T).solution.T  # (b, b)
+    columns = torch.linalg.lstsq(coords.T, problem.fac.left.T).solution.T  # (m, b)
+    certify = cone._masked_certify(problem)
+    assert certify is not None
+    in_eval_mode = 0
+    for i in range(8):
+        assert certify(coords[i], columns[:, i], True, False)
+        assert not certify(1.5 * coords[i], columns[:, i] / 1.5, True, False)
+        in_eval_mode += certified_by(problem, model, coords[i], columns[:, i], True, False)
+    assert in_eval_mode < 8
+    # without p nothing checks a vertex beyond the layer: the input side does not run
+    bare = problem_from(update["fc1.weight"], update["fc1.bias"], weight, bias)
+    assert not cone.has_input_side(bare)

@@ -125,6 +125,20 @@ def test_an_infinite_budget_is_refused_with_what_to_pass_instead(
         )
 
 
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.2, math.nan, True, "0.5"])
+def test_invert_layer_refuses_a_drop_probability_outside_zero_to_one(
+    small_layer: dict[str, torch.Tensor], value: object
+) -> None:
+    with pytest.raises(InputError, match="strictly between 0 and 1") as err:
+        spear.invert_layer(
+            small_layer["weight_grad"],
+            small_layer["bias_grad"],
+            dropout=True,
+            dropout_p=value,  # type: ignore[arg-type]
+        )
+    assert "dropout_p=0.5" in str(err.value)
+
+
 def test_a_budget_must_be_a_number() -> None:
     with pytest.raises(InputError, match=r"found '60' \(str\)"):
         validate.time_budget("60")

@@ -283,6 +283,7 @@ def attack(
             device=device,
             after=target.after if kind == "gradient" and use_after else None,
             dropout=dropout,
+            dropout_p=direct.p if direct is not None else None,
         )
 
     half = (

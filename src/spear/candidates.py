@@ -248,33 +248,48 @@ def certified_alone(
     the update has shown one. Updates whose divisors are neither (duplicates, clipping,
     sums over clients) peel no single row.
     """
-    downstream, layer = problem.downstream, problem.layer
-    if downstream is None or layer is None:
+    downstream = problem.downstream
+    if downstream is None or problem.layer is None:
         return None
-    limit = range_tolerance(problem.tol.zero_tol)
 
     def certify(coord: torch.Tensor, grad: torch.Tensor, alone: bool, tally: bool) -> bool:
-        x = (coord @ layer.right)[None]
-        far, fit, divisor = downstream.checks(x, grad[:, None])
-        if float(far[0]) > limit:
-            return False
-        rank, dtype = problem.rank, downstream.dtype
-        found = float(fit[0]), float(divisor[0])
-        shown = (
-            problem.evidence.tally(*found, x[0], rank, dtype)
-            if tally
-            else implied_whole(*found, rank, dtype)
-        )
-        whole = problem.evidence.whole
-        if alone:
-            if whole is None:  # nothing established: a plain mean over the rank, or a sum
-                return shown in (float(rank), 1.0)
-            return shown == whole
-        if whole is None:
-            return True
-        return bool(fits_whole(fit, divisor, whole, rank, dtype, copies=True)[0])
+        return certified_by(problem, downstream, coord, grad, alone, tally)
 
     return certify
+
+
+def certified_by(
+    problem: Problem,
+    downstream: Downstream,
+    coord: torch.Tensor,
+    grad: torch.Tensor,
+    alone: bool,
+    tally: bool,
+) -> bool:
+    """:func:`certified_alone`'s test of the candidate at ``coord`` ``(b,)`` with its
+    column ``grad`` ``(m,)`` against the model after the layer ``downstream`` (the
+    problem's own, or one run with the example's Dropout mask)."""
+    layer = problem.layer
+    assert layer is not None
+    x = (coord @ layer.right)[None]
+    far, fit, divisor = downstream.checks(x, grad[:, None])
+    if float(far[0]) > range_tolerance(problem.tol.zero_tol):
+        return False
+    rank, dtype = problem.rank, downstream.dtype
+    found = float(fit[0]), float(divisor[0])
+    shown = (
+        problem.evidence.tally(*found, x[0], rank, dtype)
+        if tally
+        else implied_whole(*found, rank, dtype)
+    )
+    whole = problem.evidence.whole
+    if alone:
+        if whole is None:  # nothing established: a plain mean over the rank, or a sum
+            return shown in (float(rank), 1.0)
+        return shown == whole
+    if whole is None:
+        return True
+    return bool(fits_whole(fit, divisor, whole, rank, dtype, copies=True)[0])
 
 
 def unknown_subspace(state: Residual, rank: int) -> torch.Tensor:

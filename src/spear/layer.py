@@ -17,7 +17,7 @@ from spear import validate
 from spear.downstream import Downstream
 from spear.errors import InputError
 from spear.inversion.driver import invert
-from spear.inversion.problem import MIN_RANK_GAP, Problem, Request
+from spear.inversion.problem import MIN_RANK_GAP, MaskedModel, Problem, Request
 from spear.results import LayerReconstruction
 from spear.solvers import get_solver
 from spear.update import check_update_kind
@@ -113,6 +113,7 @@ def invert_layer(
     search_with_weights: bool = True,
     after: Callable[[torch.Tensor], torch.Tensor] | None = None,
     dropout: bool = False,
+    dropout_p: float | None = None,
 ) -> LayerReconstruction:
     """Rebuild the ``b`` inputs of a linear layer followed by ReLU from its gradient.
 
@@ -166,6 +167,11 @@ def invert_layer(
         used (the model after the layer does not know the masks), and the result is not
         :attr:`~spear.results.LayerReconstruction.verified` (:func:`spear.attack` checks
         the whole update with the masks read off the columns, :mod:`spear.dropout`).
+    dropout_p:
+        With ``dropout``, the Dropout's drop probability ``p`` (``0 < p < 1``), where
+        known. With it and ``after``, an example the input side finds (fact 13) is checked
+        against the model after the layer run with the mask its column shows (its units
+        on with a zero entry dropped, the others scaled by ``1 / (1 - p)``).
 
     Returns
     -------
@@ -184,6 +190,7 @@ def invert_layer(
     start = time.perf_counter()
     validate.batch_size(batch_size)
     validate.time_budget(time_budget)
+    validate.drop_probability(dropout_p)
     validate.device(device)
     _validate(weight_grad, bias_grad, weight, bias)
     if solver != "auto":
@@ -215,6 +222,11 @@ def invert_layer(
         ),
         scale=scale,
         dropout=dropout,
+        masked=(
+            MaskedModel(Downstream(after, weight, bias, weight_grad.dtype), dropout_p)
+            if after is not None and weight is not None and dropout and dropout_p is not None
+            else None
+        ),
     )
     result = invert(Problem.build(request, start))
     if scale != 1.0:

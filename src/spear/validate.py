@@ -130,6 +130,25 @@ def time_budget(value: object, name: str = "time_budget") -> float:
 MAX_SEED = 2**63 - 1
 
 
+def drop_probability(value: object) -> float | None:
+    """A Dropout's drop probability ``p``: ``None``, or a real number with ``0 < p < 1``.
+
+    Raises
+    ------
+    InputError
+        When ``value`` is not a real number, or not strictly between 0 and 1.
+    """
+    if value is None:
+        return None
+    p = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    if p is None or not 0.0 < p < 1.0:
+        raise InputError(
+            f"dropout_p must be the Dropout's drop probability, a number strictly between 0 "
+            f"and 1, found {value!r}; pass e.g. dropout_p=0.5, or None where it is not known."
+        )
+    return p
+
+
 def seed(value: object) -> int:
     """A seed for the random choices: an integer in ``[0, 2**63 - 1]``.
 

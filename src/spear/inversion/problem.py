@@ -96,6 +96,19 @@ class Request:
     scale: float = 1.0
     #: A Dropout right after the layer's ReLU was active (:func:`spear.invert_layer`).
     dropout: bool = False
+    #: With ``dropout``: the model after the layer and the Dropout's ``p``, where known.
+    masked: MaskedModel | None = None
+
+
+@dataclass(frozen=True)
+class MaskedModel:
+    """The model after the layer (in eval mode) and the drop probability ``p`` of an
+    active Dropout right after the layer's ReLU: run with an example's mask (its units
+    on with a zero gradient entry dropped, the others scaled by ``1 / (1 - p)``), the
+    model reproduces the client's pass for that example (:mod:`spear.dropout`)."""
+
+    model: Downstream
+    p: float
 
 
 #: Two inputs are one example when they differ by at most this fraction of the larger's

@@ -8,11 +8,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
-from spear.candidates import certified_alone, row_ratios, scaled_grad, unknown_subspace
+from spear.candidates import (
+    certified_alone,
+    certified_by,
+    row_ratios,
+    scaled_grad,
+    unknown_subspace,
+)
 from spear.downstream import divisor_tolerance, own_columns, range_tolerance
+from spear.dropout import dropout_scales
 from spear.input_cone import (
     SCALE_STEP,
     cone_vertex,
@@ -72,8 +80,33 @@ def has_input_side(problem: Problem) -> bool:
     """Whether the input side can scale and check vertices here: the model after the
     layer is known (an exact one-step gradient with the layer's weights), whatever the
     precision; below float64 :class:`InputCone` also needs the bias gradient (the
-    complete solve fixes the scales from it)."""
-    return problem.downstream is not None and problem.layer is not None
+    complete solve fixes the scales from it). Where the update is read as computed with
+    a Dropout active right after the layer's ReLU (``dropout=True``), the model after
+    the layer in eval mode does not reproduce the client's pass; there the bias gradient
+    scales the vertices and the model run with each one's mask checks them
+    (:func:`_layer_only`)."""
+    if problem.layer is None:
+        return False
+    return problem.downstream is not None or _layer_only(problem)
+
+
+def _layer_only(problem: Problem) -> bool:
+    """Whether the input side runs without the problem's model after the layer: a
+    one-step gradient read with an active Dropout after the layer (:mod:`spear.dropout`),
+    the layer's weights and bias gradient given, and the model with the Dropout's ``p``
+    (:attr:`spear.inversion.problem.Request.masked`). The bias gradient fixes each
+    vertex's scale and the units it is off on fix its column (:func:`_bias_scaled`),
+    neither of which the masks change (a dropped unit only adds a zero to the column);
+    the model run with the mask the column shows checks it (:func:`_masked_certify`)."""
+    return (
+        problem.downstream is None
+        and problem.request.masked is not None
+        and problem.layer is not None
+        and problem.layer.bias is not None
+        and problem.bias_grad is not None
+        and not problem.delta
+        and not problem.noisy
+    )
 
 
 class InputCone:
@@ -108,7 +141,20 @@ class InputCone:
             return StepReport()
         t0 = time.perf_counter()
         stop = t0 + CONE_SHARE * max(0.0, problem.deadline - t0)
-        if exact_precision(problem.eps):
+        if problem.downstream is None:
+            if state.residual.bias is None:
+                return StepReport()
+            before = state.found
+            rows = None
+            if exact_precision(problem.eps):
+                assert problem.layer is not None  # has_input_side
+                rows = row_starts(state.residual.left, problem.layer.right, problem.tol.zero_tol)
+            tries, _ = _peel_vertices(
+                problem, state.residual, stop, state.bar.update, by_bias=True, row_queue=rows
+            )
+            found = candidates = state.found - before
+            progressed = found > 0
+        elif exact_precision(problem.eps):
             before = state.found
             if state.cone_rows_at != state.found:
                 assert problem.layer is not None  # has_input_side
@@ -196,9 +242,9 @@ def _peel_vertices(
     10 attack seeds whole within 60 s, against 7 of 10 from random starts).
     """
     downstream, layer = problem.downstream, problem.layer
-    assert downstream is not None and layer is not None
-    certify = certified_alone(problem)
-    assert certify is not None
+    assert layer is not None and (downstream is not None or by_bias)
+    certify = certified_alone(problem) if downstream is not None else _masked_certify(problem)
+    assert certify is not None  # has_input_side
     reference = _reference_norm(problem, res)
     misses = tries = pooled = 0
     tried: list[torch.Tensor] = []  # unit vertices that gave no example since a peel
@@ -229,7 +275,7 @@ def _peel_vertices(
         scaled = None
         if by_bias:
             scaled = _bias_scaled(problem, res, coord_dir)
-        else:
+        elif downstream is not None:
             for t in scale_candidates(downstream, basis, coord_dir @ layer.right, reference):
                 scaled = _plain_scale(problem, res, basis, coord_dir, t)
                 if scaled is not None:
@@ -244,7 +290,7 @@ def _peel_vertices(
         # a scale chosen to make the divisor plain is no evidence of the update's; the
         # bias gradient's is
         if not (ok and certify(coord, grad, True, by_bias)):
-            if by_bias and _pool_refused(problem, res, coord, basis):
+            if by_bias and downstream is not None and _pool_refused(problem, res, coord, basis):
                 pooled += 1
             misses += 1
             continue
@@ -257,6 +303,32 @@ def _peel_vertices(
             queue[:] = row_starts(res.left, layer.right, problem.tol.zero_tol)
         misses = 0
     return tries, pooled
+
+
+def _masked_certify(
+    problem: Problem,
+) -> Callable[[torch.Tensor, torch.Tensor, bool, bool], bool] | None:
+    """:func:`spear.candidates.certified_alone` for an update read with an active Dropout
+    right after the layer (:func:`_layer_only`): each candidate is checked against the
+    model after the layer run with the mask its own column shows
+    (:func:`spear.dropout.dropout_scales`: the units it turns on with an entry at the
+    column's noise floor dropped, the others scaled by ``1 / (1 - p)``), which is the
+    client's pass for a true example. ``None`` where that model or ``p`` is not known
+    (:func:`_layer_only` is then false: nothing would check a vertex beyond the layer,
+    whose checks alone pass vertices that are no examples)."""
+    masked, layer = problem.request.masked, problem.layer
+    if masked is None or layer is None or layer.bias is None:
+        return None
+    model, p, bias = masked.model, masked.p, layer.bias
+
+    def certify(coord: torch.Tensor, grad: torch.Tensor, alone: bool, tally: bool) -> bool:
+        pre = layer.weight_coords @ coord + bias  # (m,)
+        scales = dropout_scales(pre[None], grad[:, None], p, problem.eps)[0]
+        mask = scales.to(model.weight.device, model.weight.dtype)
+        run = replace(model, after=lambda z: model.after(z * mask))
+        return certified_by(problem, run, coord, grad, alone, tally)
+
+    return certify
 
 
 def _pool_refused(
@@ -318,7 +390,7 @@ def _bias_scaled(
     coord = coord_dir / denominator
     factors = _truncated_svd(res.left, remaining)
     grad = _exact_column(problem, factors, coord, BIAS_SCALE_MARGIN)
-    if grad is None:
+    if grad is None and problem.downstream is not None:
         grad = _model_column(problem, factors, coord)
     return None if grad is None else (coord, grad)
 
